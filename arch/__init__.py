@@ -1,0 +1,1 @@
+"""nn.Modules: the language model and its pluggable blocks (see arch.registry)."""

@@ -1,0 +1,79 @@
+"""Causal multi-head self-attention with RoPE: MHA, GQA (n_kv_heads < n_heads) and MQA (n_kv_heads=1).
+
+Legend: B batch, T query length, S key length, D d_model, H query heads, Hk key/value heads, d head dim.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from arch.layers import ForwardContext, RMSNorm, apply_rope
+
+
+class MultiHeadAttention(nn.Module):
+    """Pre-projection → RoPE → scaled dot-product attention → output projection.
+
+    Options (YAML keys): ``n_kv_heads`` (None = n_heads), ``qk_norm`` (RMSNorm on q and k per
+    head), ``bias`` (biases on the projections), ``backend`` (``sdpa`` via
+    ``F.scaled_dot_product_attention``; the Triton kernel plugs in here later).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        layer_idx: int,
+        *,
+        n_kv_heads: int | None = None,
+        qk_norm: bool = False,
+        bias: bool = False,
+        backend: Literal["sdpa"] = "sdpa",
+    ):
+        super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads={n_heads} is not divisible by attention.n_kv_heads={n_kv_heads}")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
+        self.layer_idx, self.backend = layer_idx, backend
+        self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
+        self.wkv = nn.Linear(d_model, 2 * n_kv_heads * self.head_dim, bias=bias)
+        self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        self.wo.is_residual_projection = True  # scaled init (GPT-2): std / sqrt(2 * n_layers)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
+
+    def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q_BTHd = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim)
+        k_BTHd, v_BTHd = self.wkv(x_BTD).view(B, T, 2, self.n_kv_heads, self.head_dim).unbind(2)
+        if self.q_norm is not None:
+            q_BTHd, k_BTHd = self.q_norm(q_BTHd), self.k_norm(k_BTHd)
+        q_BTHd = apply_rope(q_BTHd, ctx.cos_TF, ctx.sin_TF)
+        k_BTHd = apply_rope(k_BTHd, ctx.cos_TF, ctx.sin_TF)
+        if ctx.kv_cache is not None:
+            k_BTHd, v_BTHd = ctx.kv_cache.update(ctx.next_cache_slot(), k_BTHd, v_BTHd)
+        S = k_BTHd.shape[1]
+        # Causal with T < S (decoding): query i sits at key position S - T + i.
+        if T == S:
+            mask, is_causal = None, True
+        else:
+            mask = torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril(diagonal=S - T)
+            is_causal = False
+        out_BHTd = F.scaled_dot_product_attention(
+            q_BTHd.transpose(1, 2),
+            k_BTHd.transpose(1, 2),
+            v_BTHd.transpose(1, 2),
+            attn_mask=mask,
+            is_causal=is_causal,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.wo(out_BHTd.transpose(1, 2).reshape(B, T, -1))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token besides the projections: QKᵀ and PV over the causal span (T+1)/2."""
+        return 2 * 2 * self.n_heads * self.head_dim * (seq_len + 1) / 2

@@ -1,0 +1,23 @@
+"""The plain depth scheme: n_layers distinct blocks, run once each, in order."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from arch.layers import ForwardContext
+
+
+class PlainDepth(nn.Module):
+    """Runs ``blocks[0] … blocks[n_layers-1]``. Other depth schemes (loops, ITT, SGT) share this interface:
+    built from ``(n_layers, make_block)`` and called as ``depth(x, ctx)``."""
+
+    def __init__(self, n_layers: int, make_block: Callable[[int], nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(make_block(i) for i in range(n_layers))
+
+    def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        for block in self.blocks:
+            x_BTD = block(x_BTD, ctx)
+        return x_BTD

@@ -1,0 +1,114 @@
+"""Shared layers: RMSNorm, rotary position embedding, and the forward context blocks receive.
+
+Legend: B batch, T query length, S key length, D d_model, H heads, Hk key/value heads, d head dim.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019): x / rms(x) * weight, computed in fp32 for stability."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (Su et al. 2021) tables for positions [0, max_seq_len). Buffers are not saved in checkpoints."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        angles_TF = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos_TF", angles_TF.cos(), persistent=False)
+        self.register_buffer("sin_TF", angles_TF.sin(), persistent=False)
+        self.max_seq_len = max_seq_len
+
+    def forward(self, positions_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if int(positions_T.max()) >= self.max_seq_len:
+            raise ValueError(
+                f"position {int(positions_T.max())} is beyond model.max_seq_len={self.max_seq_len}; "
+                "raise model.max_seq_len or shorten the input"
+            )
+        return self.cos_TF[positions_T], self.sin_TF[positions_T]
+
+
+def apply_rope(x_BTHd: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) by the position angles (the LLaMA "half" layout)."""
+    x1, x2 = x_BTHd.float().chunk(2, dim=-1)
+    cos, sin = cos_TF[None, :, None, :], sin_TF[None, :, None, :]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x_BTHd)
+
+
+class KVCache:
+    """Per-call key/value cache for generation.
+
+    Each attention call in a forward pass gets the next slot, so any depth scheme that runs its
+    layers in a fixed order (plain, repeated, looped) caches correctly without knowing about it.
+    """
+
+    def __init__(self, batch_size: int, max_len: int):
+        self.batch_size, self.max_len = batch_size, max_len
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.length = 0  # tokens already cached (same for every slot)
+
+    def update(self, slot: int, k_BTHd: torch.Tensor, v_BTHd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this call's new keys/values and return all cached ones, (B, S, Hk, d)."""
+        T = k_BTHd.shape[1]
+        if slot == len(self.k):  # first forward: allocate this slot
+            shape_k = (self.batch_size, self.max_len, *k_BTHd.shape[2:])
+            shape_v = (self.batch_size, self.max_len, *v_BTHd.shape[2:])
+            self.k.append(k_BTHd.new_zeros(shape_k))
+            self.v.append(v_BTHd.new_zeros(shape_v))
+        if self.length + T > self.max_len:
+            raise ValueError(f"KV cache full: {self.length}+{T} tokens > max_len={self.max_len}")
+        self.k[slot][:, self.length : self.length + T] = k_BTHd
+        self.v[slot][:, self.length : self.length + T] = v_BTHd
+        end = self.length + T
+        return self.k[slot][:, :end], self.v[slot][:, :end]
+
+    def bytes_per_token(self) -> int:
+        return sum(t[0, 0].numel() * t.element_size() for t in self.k + self.v)
+
+
+@dataclass
+class ForwardContext:
+    """What every block sees besides its input: positions, RoPE tables, cache, and the aux-loss sink.
+
+    Sparse blocks call ``add_aux_loss`` / ``add_metric``; the model sums the losses into the
+    training loss and returns both dicts, so the trainer never needs to know about them.
+    """
+
+    cos_TF: torch.Tensor
+    sin_TF: torch.Tensor
+    positions_T: torch.Tensor
+    kv_cache: KVCache | None = None
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    _attention_calls: int = 0
+
+    def next_cache_slot(self) -> int:
+        slot = self._attention_calls
+        self._attention_calls += 1
+        return slot
+
+    def add_aux_loss(self, name: str, value: torch.Tensor) -> None:
+        """Accumulate an already-weighted auxiliary loss (summed over layers)."""
+        self.aux_losses[name] = self.aux_losses[name] + value if name in self.aux_losses else value
+
+    def add_metric(self, name: str, value: torch.Tensor) -> None:
+        """Record a detached diagnostic (averaging across layers is the caller's choice of name)."""
+        self.metrics[name] = value.detach()

@@ -1,0 +1,162 @@
+"""The language model: embeddings → depth scheme of pre-norm blocks → final norm → LM head.
+
+Reads top to bottom like nanoGPT. Attention, FFN and depth scheme are chosen by name from
+``arch.registry``; each block adds its auxiliary losses to the ForwardContext, and
+``LanguageModel.forward`` returns them beside the loss so the trainer stays block-agnostic.
+
+Legend: B batch, T tokens, D d_model, V vocab.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from arch.layers import ForwardContext, KVCache, RMSNorm, RotaryEmbedding
+from arch.registry import ATTENTION, DEPTH, FFN
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor                       # (B, T, V); only the last position when generating
+    loss: torch.Tensor | None = None           # cross-entropy + Σ aux losses (what backward sees)
+    lm_loss: torch.Tensor | None = None        # cross-entropy alone (what is reported as "loss")
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        attn_opts = _options(cfg.attention)
+        ffn_opts = _options(cfg.ffn)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = ATTENTION.build(cfg.attention["name"], cfg.d_model, cfg.n_heads, layer_idx, **attn_opts)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = FFN.build(cfg.ffn["name"], cfg.d_model, layer_idx, **ffn_opts)
+
+    def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), ctx)
+        return x_BTD + self.ffn(self.ffn_norm(x_BTD), ctx)
+
+
+class LanguageModel(nn.Module):
+    """A LLaMA-style decoder LM whose blocks come from the registries.
+
+    ``cfg`` is the ``model`` config node (see ``conf/model/*.yaml``); ``cfg.vocab_size`` must be set.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        if not cfg.vocab_size:
+            raise ValueError("model.vocab_size is unset; the trainer fills it from the tokenizer")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.rope = RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.depth = DEPTH.build(cfg.depth["name"], cfg.n_layers, lambda i: Block(cfg, i), **_options(cfg.depth))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Normal(0, 0.02); residual output projections scaled by 1/sqrt(2·n_layers) (GPT-2) so the
+        # residual stream's variance does not grow with depth.
+        std = self.cfg.init_std
+        if isinstance(module, nn.Linear):
+            scale = 1 / math.sqrt(2 * self.cfg.n_layers) if getattr(module, "is_residual_projection", False) else 1.0
+            nn.init.normal_(module.weight, 0.0, std * scale)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std)
+
+    def forward(
+        self,
+        idx_BT: torch.Tensor,
+        targets_BT: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> ModelOutput:
+        B, T = idx_BT.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        positions_T = torch.arange(start, start + T, device=idx_BT.device)
+        cos_TF, sin_TF = self.rope(positions_T)
+        ctx = ForwardContext(cos_TF=cos_TF, sin_TF=sin_TF, positions_T=positions_T, kv_cache=kv_cache)
+
+        x_BTD = self.depth(self.embed(idx_BT), ctx)
+        x_BTD = self.norm(x_BTD)
+        if kv_cache is not None:
+            kv_cache.length += T
+
+        if targets_BT is None:  # inference: only the last position's logits are needed
+            return ModelOutput(logits=self.lm_head(x_BTD[:, -1:]), aux_losses=ctx.aux_losses, metrics=ctx.metrics)
+        logits_BTV = self.lm_head(x_BTD)
+        lm_loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100)
+        loss = lm_loss + sum(ctx.aux_losses.values()) if ctx.aux_losses else lm_loss
+        return ModelOutput(logits_BTV, loss, lm_loss, ctx.aux_losses, ctx.metrics)
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Let blocks update non-gradient state (e.g. aux-loss-free router biases, loop schedulers)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "after_optimizer_step"):
+                module.after_optimizer_step(step)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once by parameters()
+        if exclude_embeddings:
+            n -= self.embed.weight.numel()
+        return n
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx_BT: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample continuations with a KV cache. temperature=0 is greedy. Returns (B, T + new)."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        B, T = idx_BT.shape
+        if T + max_new_tokens > self.cfg.max_seq_len:
+            raise ValueError(
+                f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds model.max_seq_len={self.cfg.max_seq_len}"
+            )
+        was_training = self.training
+        self.eval()
+        cache = KVCache(B, T + max_new_tokens)
+        logits = self(idx_BT, kv_cache=cache).logits
+        out = [idx_BT]
+        for _ in range(max_new_tokens):
+            next_B1 = _sample(logits[:, -1].float(), temperature, top_k, generator)
+            out.append(next_B1)
+            if eos_id is not None and bool((next_B1 == eos_id).all()):
+                break
+            logits = self(next_B1, kv_cache=cache).logits
+        self.train(was_training)
+        return torch.cat(out, dim=1)
+
+
+def _sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+    if temperature == 0:
+        return logits_BV.argmax(-1, keepdim=True)
+    logits_BV = logits_BV / temperature
+    if top_k is not None and top_k < logits_BV.shape[-1]:
+        kth_B1 = torch.topk(logits_BV, top_k).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+    probs_BV = F.softmax(logits_BV, dim=-1)
+    return torch.multinomial(probs_BV, 1, generator=generator)
+
+
+def _options(node) -> dict:
+    """A block's YAML node minus its ``name``: the keyword arguments of its constructor."""
+    return {k: v for k, v in dict(node).items() if k != "name"}

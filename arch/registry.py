@@ -1,0 +1,150 @@
+"""Name → class registries for the pluggable blocks (attention, ffn, depth scheme).
+
+A block is chosen in YAML by ``name`` (``model.attention.name: mha``); every other key of that
+YAML node is a keyword-only constructor argument of the class. Positional constructor
+arguments (``d_model``, ``n_heads``, ``layer_idx`` …) are supplied by the model, never by YAML.
+So "the YAML's keys are exactly the class's constructor arguments" is checked mechanically,
+before any tensor is allocated (see :func:`Registry.validate_options`).
+
+This module does not import torch: ``training.config`` uses it to validate configs.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import typing
+from typing import Any, Callable
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid. The message says what was wrong and what is allowed."""
+
+
+def suggest(bad: str, allowed) -> str:
+    """' Did you mean X?' when a close match exists, else ''."""
+    close = difflib.get_close_matches(str(bad), [str(a) for a in allowed], n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+class Registry:
+    """Maps block names to classes. Classes register themselves with ``@REGISTRY.register(name)``.
+
+    Entries may also be registered lazily as ``"module.path:ClassName"`` strings so that looking
+    up the valid names never requires importing torch.
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Any] = {}
+
+    def register(self, name: str) -> Callable[[type], type]:
+        def decorator(cls: type) -> type:
+            existing = self._entries.get(name)
+            if existing is not None and existing is not cls and not isinstance(existing, str):
+                raise ValueError(f"{self.kind} block {name!r} is registered twice ({existing} and {cls})")
+            self._entries[name] = cls
+            cls.registry_name = name
+            return cls
+
+        return decorator
+
+    def register_lazy(self, name: str, target: str) -> None:
+        self._entries.setdefault(name, target)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def get(self, name: str) -> type:
+        if name not in self._entries:
+            raise ConfigError(
+                f"unknown {self.kind} block {name!r}; registered {self.kind} blocks: {self.names()}."
+                + suggest(name, self.names())
+            )
+        entry = self._entries[name]
+        if isinstance(entry, str):
+            module, _, attr = entry.partition(":")
+            entry = getattr(importlib.import_module(module), attr)
+            self._entries[name] = entry
+        return entry
+
+    def options(self, name: str) -> dict[str, inspect.Parameter]:
+        """The keyword-only constructor parameters of block `name`: exactly its YAML keys."""
+        signature = inspect.signature(self.get(name).__init__)
+        return {p.name: p for p in signature.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+    def validate_options(self, name: str, options: dict, where: str) -> None:
+        """Raise ConfigError for unknown keys, missing required keys or values of the wrong type."""
+        params = self.options(name)
+        for key, value in options.items():
+            if key not in params:
+                raise ConfigError(
+                    f"{where}.{key}: {self.kind} block {name!r} has no option {key!r}; "
+                    f"its options are {sorted(params)}." + suggest(key, params)
+                )
+            _check_type(f"{where}.{key}", value, params[key].annotation, self.get(name))
+        missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in options]
+        if missing:
+            raise ConfigError(f"{where}: {self.kind} block {name!r} needs options {missing}")
+
+    def build(self, name: str, *args, **options):
+        return self.get(name)(*args, **options)
+
+
+def _check_type(where: str, value: Any, annotation: Any, owner: type) -> None:
+    """Check `value` against a simple annotation: int/float/bool/str, Optional, Literal, list/tuple."""
+    if annotation is inspect.Parameter.empty:
+        return
+    if isinstance(annotation, str):  # `from __future__ import annotations`
+        try:
+            module = importlib.import_module(owner.__module__)
+            annotation = eval(annotation, vars(module))  # noqa: S307 - our own annotations
+        except Exception:
+            return
+    if not _matches(value, annotation):
+        choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
+        allowed = f"one of {list(choices)}" if choices else f"a value of type {_type_name(annotation)}"
+        raise ConfigError(f"{where}={value!r} is invalid; expected {allowed}.")
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return True
+    if origin is typing.Literal:
+        return value in args
+    if origin is typing.Union or type(annotation).__name__ == "UnionType":
+        return any(_matches(value, a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
+        try:
+            from omegaconf import ListConfig
+
+            return isinstance(value, (list, tuple, ListConfig))
+        except ImportError:  # pragma: no cover
+            return isinstance(value, (list, tuple))
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", str(annotation))
+
+
+ATTENTION = Registry("attention")
+FFN = Registry("ffn")
+DEPTH = Registry("depth")
+
+# Lazy entries: the names are known without importing torch; the classes load on first use.
+ATTENTION.register_lazy("mha", "arch.attention.mha:MultiHeadAttention")
+FFN.register_lazy("swiglu", "arch.ffn.mlp:SwiGLUMLP")
+DEPTH.register_lazy("plain", "arch.depth.plain:PlainDepth")
+
+REGISTRIES = {"attention": ATTENTION, "ffn": FFN, "depth": DEPTH}

@@ -1,0 +1,198 @@
+"""Forward grouped expert GEMMs with the gather and the scatter fused in (ScatterMoE "scatter2scatter").
+
+Legend (shape suffixes):
+    N tokens   k slots/token   M = N·k slots   E experts   D model width   F expert hidden width
+    H = 2F (SwiGLU: [gate | up]) or F (GELU)    S valid slots, stored in the first S of M rows
+
+Rows "in sorted order" are indexed by the position p in ``Routing.sorted_slot_M``; slot
+``m = sorted_slot_M[p]`` belongs to token ``m // k``. A program owns one BLOCK_M tile of one
+expert's rows; tiles never straddle experts, so each tile multiplies by exactly one weight matrix.
+
+    _gather_act_fwd:  h_MH[p] = x_ND[tok(p)] @ w_in_EDH[e];  a_MF[p] = act(h_MH[p])
+                      (x rows are gathered inside the K loop: no permuted copy of x is made)
+    _scatter_gemm:    o_MD[slot(p)] = gate[slot(p)] · (a_MK[p] @ w_EKD[e])
+                      (rows land directly in slot order; the gate multiply is in the epilogue)
+    _combine_kernel:  y_ND[n] = Σ_j o_MD[n·k + j] over the slots with id != -1 (fixed order j)
+
+The k-way combine is a separate memory-bound pass rather than atomics so the result is
+deterministic and needs no zero-initialised fp32 buffer.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import HAS_TRITON, INTERPRET
+from kernels.moe.routing import Routing
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+
+def _gemm_configs():
+    """Block configs the autotuner may pick on a GPU. All fit sm_80's 163 KB of shared memory in
+    bf16 with the SwiGLU kernel's two weight tiles (checked by tests/kernels/test_moe_compile.py)."""
+    cfg = triton.Config
+    return [
+        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    ]
+
+
+def _interp_configs():
+    # the interpreter cannot autotune and each program costs milliseconds: one small config
+    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+
+
+if HAS_TRITON:
+    GEMM_CONFIGS = _gemm_configs()
+    ACTIVE_CONFIGS = _interp_configs() if INTERPRET else GEMM_CONFIGS
+
+    @triton.jit
+    def _expert_tile(t, counts_ptr, offsets_ptr, E, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Map tile id t → (expert, first row, end row, valid). Computed in-kernel from the counts,
+        so the grid can be an upper bound (cdiv(M, BLOCK_M) + E) and no host sync is needed."""
+        e_idx = tl.arange(0, E_POW2)
+        counts = tl.load(counts_ptr + e_idx, mask=e_idx < E, other=0)
+        tiles = (counts + BLOCK_M - 1) // BLOCK_M
+        cum = tl.cumsum(tiles, 0)
+        valid = t < tl.sum(tiles, 0)
+        e = tl.minimum(tl.sum((cum <= t).to(tl.int32), 0), E - 1)
+        first_tile = tl.sum(tl.where(e_idx == e, cum - tiles, 0), 0)
+        start = tl.load(offsets_ptr + e)
+        end = tl.load(offsets_ptr + e + 1)
+        return e, start + (t - first_tile) * BLOCK_M, end, valid
+
+    @triton.jit
+    def _silu(g):
+        return g * tl.sigmoid(g)
+
+    @triton.jit
+    def _gelu(h):
+        return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+
+    @triton.autotune(configs=ACTIVE_CONFIGS, key=["D", "F", "SWIGLU", "STORE_H"])
+    @triton.jit
+    def _gather_act_fwd(x_ptr, w_ptr, h_ptr, a_ptr, slot_ptr, counts_ptr, offsets_ptr,
+                        K_SLOTS, D, F, E, stride_we, stride_wd, stride_wh,
+                        SWIGLU: tl.constexpr, STORE_H: tl.constexpr, E_POW2: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        e, row0, row_end, valid = _expert_tile(tl.program_id(0), counts_ptr, offsets_ptr, E, E_POW2, BLOCK_M)
+        if valid:
+            offs_m = row0 + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < row_end
+            tok = (tl.load(slot_ptr + offs_m, mask=m_mask, other=0) // K_SLOTS).to(tl.int64)
+            offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < F
+            offs_k = tl.arange(0, BLOCK_K)
+            x_ptrs = x_ptr + tok[:, None] * D + offs_k[None, :]
+            w_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wd + offs_n[None, :] * stride_wh
+            acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_K):
+                k_mask = (offs_k + k0) < D
+                xa = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                wg = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                acc_g = tl.dot(xa, wg, acc_g)
+                if SWIGLU:
+                    wu = tl.load(w_ptrs + F * stride_wh, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                    acc_u = tl.dot(xa, wu, acc_u)
+                x_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K * stride_wd
+            H = 2 * F if SWIGLU else F
+            rows = offs_m.to(tl.int64)[:, None]
+            mask = m_mask[:, None] & n_mask[None, :]
+            if SWIGLU:
+                act = _silu(acc_g) * acc_u
+            else:
+                act = _gelu(acc_g)
+            tl.store(a_ptr + rows * F + offs_n[None, :], act.to(a_ptr.dtype.element_ty), mask=mask)
+            if STORE_H:
+                tl.store(h_ptr + rows * H + offs_n[None, :], acc_g.to(h_ptr.dtype.element_ty), mask=mask)
+                if SWIGLU:
+                    tl.store(h_ptr + rows * H + F + offs_n[None, :], acc_u.to(h_ptr.dtype.element_ty), mask=mask)
+
+    @triton.autotune(configs=ACTIVE_CONFIGS, key=["K_IN", "N_OUT", "HAS_GATE"])
+    @triton.jit
+    def _scatter_gemm(a_ptr, w_ptr, out_ptr, slot_ptr, gate_ptr, counts_ptr, offsets_ptr,
+                      K_IN, N_OUT, E, stride_we, stride_wk, stride_wn,
+                      HAS_GATE: tl.constexpr, E_POW2: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        e, row0, row_end, valid = _expert_tile(tl.program_id(0), counts_ptr, offsets_ptr, E, E_POW2, BLOCK_M)
+        if valid:
+            offs_m = row0 + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < row_end
+            slot = tl.load(slot_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+            offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N_OUT
+            offs_k = tl.arange(0, BLOCK_K)
+            a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * K_IN + offs_k[None, :]
+            w_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, K_IN, BLOCK_K):
+                k_mask = (offs_k + k0) < K_IN
+                a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                acc = tl.dot(a, w, acc)
+                a_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K * stride_wk
+            if HAS_GATE:
+                acc *= tl.load(gate_ptr + slot, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+            tl.store(out_ptr + slot[:, None] * N_OUT + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _combine_kernel(o_ptr, ids_ptr, y_ptr, K_SLOTS, D, BLOCK_D: tl.constexpr):
+        n = tl.program_id(0).to(tl.int64)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for j in range(0, K_SLOTS):
+            m = n * K_SLOTS + j
+            keep = tl.load(ids_ptr + m) >= 0  # dropped slots' rows were never written
+            acc += tl.load(o_ptr + m * D + offs_d, mask=d_mask & keep, other=0.0).to(tl.float32)
+        tl.store(y_ptr + n * D + offs_d, acc.to(y_ptr.dtype.element_ty), mask=d_mask)
+
+
+def _e_pow2(E: int) -> int:
+    return triton.next_power_of_2(E)
+
+
+def _tile_grid(M: int, E: int, ncols: int):
+    # upper bound on tiles: every expert adds at most one partial tile; extra programs exit at once
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) + E, triton.cdiv(ncols, meta["BLOCK_N"]))
+
+
+def gather_act_fwd(x_ND: torch.Tensor, w_EDH: torch.Tensor, r: Routing, k: int, swiglu: bool, store_h: bool):
+    """a_MF = act(x[tok] @ w_in[e]) in sorted order; h_MH (pre-activation) too when store_h."""
+    M, E, D, H = r.sorted_slot_M.numel(), w_EDH.shape[0], w_EDH.shape[1], w_EDH.shape[2]
+    F = H // 2 if swiglu else H
+    a_MF = torch.empty((M, F), dtype=x_ND.dtype, device=x_ND.device)
+    h_MH = torch.empty((M, H), dtype=x_ND.dtype, device=x_ND.device) if store_h else None
+    _gather_act_fwd[_tile_grid(M, E, F)](
+        x_ND, w_EDH, h_MH if store_h else a_MF, a_MF, r.sorted_slot_M, r.counts_E, r.offsets_E1,
+        k, D, F, E, *w_EDH.stride(), SWIGLU=swiglu, STORE_H=store_h, E_POW2=_e_pow2(E))
+    return h_MH, a_MF
+
+
+def scatter_gemm(a_MK: torch.Tensor, w_EKD: torch.Tensor, r: Routing, gates_M: torch.Tensor | None):
+    """o_MD[slot] = gate[slot] · (a[p] @ w[e]); w_EKD may be a strided view (e.g. w_in transposed).
+    Rows of dropped slots are left unwritten (combine() skips them)."""
+    M, E, K_in, D = r.sorted_slot_M.numel(), w_EKD.shape[0], w_EKD.shape[1], w_EKD.shape[2]
+    o_MD = torch.empty((M, D), dtype=a_MK.dtype, device=a_MK.device)
+    _scatter_gemm[_tile_grid(M, E, D)](
+        a_MK, w_EKD, o_MD, r.sorted_slot_M, gates_M if gates_M is not None else a_MK, r.counts_E, r.offsets_E1,
+        K_in, D, E, *w_EKD.stride(), HAS_GATE=gates_M is not None, E_POW2=_e_pow2(E))
+    return o_MD
+
+
+def combine(o_MD: torch.Tensor, ids_M: torch.Tensor, N: int, k: int) -> torch.Tensor:
+    """y_ND[n] = Σ_j o_MD[n·k + j] over kept slots, in fixed order (deterministic)."""
+    D = o_MD.shape[1]
+    y_ND = torch.empty((N, D), dtype=o_MD.dtype, device=o_MD.device)
+    block_d = min(triton.next_power_of_2(D), 1024)
+    _combine_kernel[(N, triton.cdiv(D, block_d))](o_MD, ids_M, y_ND, k, D, BLOCK_D=block_d)
+    return y_ND

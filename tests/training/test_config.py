@@ -1,0 +1,89 @@
+"""Config composition and validation: every bad key or value fails early with what is allowed."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training.cli import compose
+from training.config import ConfigError, validate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_default_config_composes_and_validates():
+    root = validate(compose([]))
+    assert root.model.name == "dense_tiny" and root.data.source == "embedded"
+    assert root.model.attention["name"] == "mha" and root.model.ffn["name"] == "swiglu"
+    assert root.model.max_seq_len == root.data.seq_len
+
+
+@pytest.mark.parametrize("preset", ["dense_tiny", "dense_124m"])
+def test_model_presets_validate(preset):
+    root = validate(compose([f"model={preset}"]))
+    assert root.model.name == preset
+
+
+@pytest.mark.parametrize("data", ["shakespeare", "files", "hf", "assoc_recall", "mod_add"])
+def test_data_presets_compose(data):
+    cfg = compose([f"data={data}"])
+    if data == "files":
+        with pytest.raises(ConfigError, match="data.paths"):
+            validate(cfg)
+    else:
+        validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lr=-1"], r"optim.lr=-1.* must be > 0"),
+        (["model.max_seq_len=128", "data.seq_len=512"], r"data.seq_len=512 exceeds model.max_seq_len=128"),
+        (["model.n_heads=5"], r"divisible by model.n_heads=5"),
+        (["trainer.device=tpu"], r"trainer.device='tpu' is invalid; allowed: one of \['auto', 'cpu', 'cuda'\]"),
+        (["trainer.nonfinite=ignore"], r"allowed: one of \['skip', 'abort'\]"),
+        (["model.attention.name=flash9"], r"unknown attention block 'flash9'; registered attention blocks: \['mha'"),
+        (["+model.ffn.widht=4"], r"block 'swiglu' has no option 'widht'"),
+        (["trainer.max_steps=0"], r"trainer.max_steps=0 must be a positive integer"),
+        (["+trainer.max_step=5"], r"unknown key 'trainer.max_step'.*Did you mean 'max_steps'"),
+        (["data.val_fraction=1.5"], r"data.val_fraction=1.5 must be in \(0, 1\)"),
+    ],
+)
+def test_invalid_values_are_rejected_with_allowed_choices(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose(overrides))
+
+
+def _run_train(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["trainer.max_step=5"], "unknown config key 'trainer.max_step': trainer has keys"),
+        (["optim.lr=-1"], "optim.lr=-1 must be > 0"),
+        (["model/attention=flash9"], "Could not find 'model/attention/flash9'"),
+        (["model.attention.n_kv_heads=3"], "n_kv_heads=3 must divide model.n_heads=4"),
+    ],
+)
+def test_train_py_fails_before_any_work_with_a_clear_message(tmp_path, args, expected):
+    run_dir = tmp_path / "run"
+    result = _run_train(*args, f"run_dir={run_dir}")
+    assert result.returncode != 0
+    assert expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not run_dir.exists()  # nothing was written
+
+
+def test_seq_len_longer_than_validation_split_fails_before_training(tmp_path):
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("tiny corpus. " * 400)
+    run_dir = tmp_path / "run"
+    result = _run_train(
+        "data=files", f"data.paths=[{corpus}]", "data.tokenizer.kind=bytes", "data.val_fraction=0.01",
+        "data.seq_len=128", f"data.cache_dir={tmp_path / 'cache'}", f"run_dir={run_dir}", "trainer.progress=false",
+    )
+    assert result.returncode == 2, result.stderr
+    assert "longer than the validation split" in result.stderr
+    assert not (run_dir / "metrics.jsonl").exists()

@@ -1,0 +1,244 @@
+"""The config schema and its validation. Imports neither torch nor the model code.
+
+Hydra composes ``conf/``; :func:`validate` then checks every key and value against the
+dataclasses below and against the block registries, *before* any data is read or tensor
+allocated. Every error says what was wrong and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from arch.registry import REGISTRIES, ConfigError, _matches, suggest
+
+
+@dataclass
+class ModelConfig:
+    name: str = "dense_tiny"
+    vocab_size: Optional[int] = None  # None → the tokenizer's vocabulary size
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    max_seq_len: int = 256
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    attention: dict = field(default_factory=lambda: {"name": "mha"})
+    ffn: dict = field(default_factory=lambda: {"name": "swiglu"})
+    depth: dict = field(default_factory=lambda: {"name": "plain"})
+
+
+@dataclass
+class TokenizerConfig:
+    kind: Literal["bpe", "bytes", "hf"] = "bpe"
+    vocab_size: int = 2048
+    name: Optional[str] = None
+
+
+@dataclass
+class HFDataConfig:
+    path: Optional[str] = None
+    name: Optional[str] = None
+    split: str = "train"
+    data_files: Any = None
+    streaming: bool = True
+    max_docs: Optional[int] = None
+    max_bytes: Optional[int] = 20_000_000
+
+
+@dataclass
+class SyntheticConfig:
+    task: Literal["assoc_recall", "mod_add"] = "assoc_recall"
+    num_train: int = 20000
+    num_val: int = 1000
+    n_keys: int = 16
+    modulus: int = 97
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: Literal["embedded", "files", "hf", "synthetic"] = "embedded"
+    name: str = "shakespeare"
+    seq_len: int = 256
+    val_fraction: float = 0.05
+    cache_dir: str = ".cache/data"
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    paths: list = field(default_factory=list)
+    text_field: str = "text"
+    hf: HFDataConfig = field(default_factory=HFDataConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 1e-3
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # final lr / peak lr
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 600
+    batch_size: int = 16
+    grad_accum: int = 1
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 20
+    checkpoint_every: int = 200
+    keep_last: int = 3
+    resume: str = "auto"  # auto | none | <path to a checkpoint file>
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    nonfinite: Literal["skip", "abort"] = "skip"
+    progress: bool = True
+    sample_prompt: str = "ROMEO:"
+    sample_tokens: int = 200
+    sample_temperature: float = 0.8
+    sample_top_k: Optional[int] = 50
+    export_safetensors: bool = True
+    threads: Optional[int] = None  # CPU intra-op threads; None = torch's default
+
+
+@dataclass
+class LoggerConfig:
+    name: Literal["none", "wandb"] = "none"
+    project: str = "sparse-arch"
+    entity: Optional[str] = None
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online iff an API key is configured
+    tags: list = field(default_factory=list)
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    run_dir: str = "runs/default"
+    experiment: Optional[str] = None
+
+
+# Keys Hydra adds that are not ours to validate.
+_IGNORED_ROOT_KEYS = {"hydra"}
+
+
+def validate(cfg: Any) -> RootConfig:
+    """Check a composed config (DictConfig or dict) and return it as typed dataclasses.
+
+    Raises ConfigError naming the key, the bad value and what is allowed.
+    """
+    plain = _to_plain(cfg)
+    root = _build("", plain, RootConfig)
+    _check_values(root)
+    return root
+
+
+def _to_plain(cfg: Any) -> dict:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg)
+
+
+def _build(where: str, node: Any, schema: type) -> Any:
+    """Recursively turn a dict into `schema`, rejecting unknown keys and wrongly-typed values."""
+    if not isinstance(node, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping with keys {[f.name for f in dataclasses.fields(schema)]}, got {node!r}")
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    kwargs = {}
+    for key, value in node.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            if not where and key in _IGNORED_ROOT_KEYS:
+                continue
+            raise ConfigError(f"unknown key {path!r}; allowed keys here: {sorted(fields)}." + suggest(key, fields))
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(path, value, hint)
+            continue
+        if not _matches(value, hint):
+            choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+            allowed = f"one of {list(choices)}" if choices else f"a {_hint_name(hint)}"
+            extra = suggest(value, choices) if choices else ""
+            raise ConfigError(f"{path}={value!r} is invalid; allowed: {allowed}.{extra}")
+        kwargs[key] = value
+    return schema(**kwargs)
+
+
+def _hint_name(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if args:
+        return " or ".join(_hint_name(a) for a in args)
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_values(root: RootConfig) -> None:
+    """Cross-field and range checks that a type cannot express."""
+    m, d, o, s, t = root.model, root.data, root.optim, root.schedule, root.trainer
+    for key in ("d_model", "n_layers", "n_heads", "max_seq_len"):
+        _require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be a positive integer")
+    _require(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size={m.vocab_size} must be positive or null (from the tokenizer)")
+    _require(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    _require((m.d_model // m.n_heads) % 2 == 0, f"model head dim d_model/n_heads={m.d_model // m.n_heads} must be even (RoPE)")
+    for group in ("attention", "ffn", "depth"):
+        node = getattr(m, group)
+        registry = REGISTRIES[group]
+        _require(isinstance(node, dict) and "name" in node, f"model.{group} needs a 'name'; registered: {registry.names()}")
+        registry.get(node["name"])  # unknown name → ConfigError listing the registered ones
+        registry.validate_options(node["name"], {k: v for k, v in node.items() if k != "name"}, f"model.{group}")
+    n_kv = m.attention.get("n_kv_heads")
+    if n_kv is not None:
+        _require(n_kv > 0 and m.n_heads % n_kv == 0, f"model.attention.n_kv_heads={n_kv} must divide model.n_heads={m.n_heads}")
+
+    _require(d.seq_len > 0, f"data.seq_len={d.seq_len} must be positive")
+    _require(d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len or lower data.seq_len")
+    _require(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+    _require(d.tokenizer.kind != "bpe" or d.tokenizer.vocab_size >= 257, f"data.tokenizer.vocab_size={d.tokenizer.vocab_size} must be >= 257 for a byte-level BPE")
+    _require(d.tokenizer.kind != "hf" or bool(d.tokenizer.name), "data.tokenizer.kind=hf needs data.tokenizer.name (a Hugging Face tokenizer name or path)")
+    _require(d.source != "files" or len(d.paths) > 0, "data.source=files needs data.paths: a list of globs of .txt, .jsonl or .parquet files")
+    _require(d.source != "hf" or bool(d.hf.path), "data.source=hf needs data.hf.path (e.g. roneneldan/TinyStories)")
+
+    _require(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+    _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    _require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas={o.betas} must be two numbers in [0, 1)")
+    _require(s.warmup_steps >= 0, f"schedule.warmup_steps={s.warmup_steps} must be >= 0")
+    _require(0 <= s.min_lr_ratio <= 1, f"schedule.min_lr_ratio={s.min_lr_ratio} must be in [0, 1]")
+    _require(0 < s.decay_fraction <= 1, f"schedule.decay_fraction={s.decay_fraction} must be in (0, 1]")
+
+    for key in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every", "checkpoint_every", "keep_last"):
+        _require(getattr(t, key) > 0, f"trainer.{key}={getattr(t, key)} must be a positive integer")
+    _require(t.eval_batches > 0, f"trainer.eval_batches={t.eval_batches} must be positive")
+    _require(t.sample_tokens >= 0, f"trainer.sample_tokens={t.sample_tokens} must be >= 0")
+    _require(t.sample_temperature >= 0, f"trainer.sample_temperature={t.sample_temperature} must be >= 0")
+    _require(t.threads is None or t.threads > 0, f"trainer.threads={t.threads} must be positive or null")
+    _require(bool(root.run_dir), "run_dir must be a non-empty path")

@@ -1,0 +1,326 @@
+"""The training loop: data → model → AdamW, with eval, logging, checkpoints and exact resume.
+
+``train(cfg)`` is what ``train.py`` calls after Hydra composes the config. A resumed run
+reproduces the losses of an uninterrupted one bit-for-bit on CPU: batches depend only on
+(seed, step, micro-step), the schedule only on the step, and every RNG state is checkpointed.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from arch.model import LanguageModel
+from training import checkpoint as ckpt
+from training.config import RootConfig, validate
+from training.flops import forward_flops_per_token, peak_flops
+from training.metrics import MetricsLogger, plot_losses
+from training.optim import build_optimizer, lr_at, set_lr
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised by ``trainer.nonfinite=abort``; names the step and the last good checkpoint."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(root: RootConfig, vocab_size: int) -> LanguageModel:
+    """The model for a validated config, with the vocabulary filled in from the tokenizer."""
+    model_cfg = root.model
+    if model_cfg.vocab_size is None:
+        model_cfg.vocab_size = vocab_size
+    elif model_cfg.vocab_size < vocab_size:
+        raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab_size} tokens")
+    return LanguageModel(model_cfg)
+
+
+class Trainer:
+    """Owns the model, optimizer, data sampler and run folder for one training run.
+
+    ``callbacks`` are called as ``cb(trainer, event, step)`` with event in
+    {"step_end", "checkpoint", "eval"}; tests use them to interrupt a run at a precise point.
+    """
+
+    def __init__(self, cfg: Any, callbacks: tuple[Callable, ...] = ()):
+        from training.data import WindowSampler, check_seq_len, prepare_data
+
+        self.root = cfg if isinstance(cfg, RootConfig) else validate(cfg)  # fails before any work
+        root, t = self.root, self.root.trainer
+        self.callbacks = callbacks
+        self.run_dir = Path(root.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.device = resolve_device(t.device)
+        self.autocast_dtype = torch.bfloat16 if (t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")) else None
+
+        self.data = prepare_data(root.data, progress=t.progress)
+        check_seq_len(self.data, root.data.seq_len)
+        seed_everything(root.seed)
+        self.model = build_model(root, self.data.tokenizer.vocab_size).to(self.device)
+        self.config_dict = asdict(root)
+        _write_config(self.run_dir / "config.yaml", self.config_dict)
+        self.optimizer = build_optimizer(self.model, root.optim, self.device.type)
+        self.sampler = WindowSampler(self.data.train, self.data.train_mask, root.data.seq_len, t.batch_size, root.seed)
+        self.step, self.nonfinite_skipped, self.last_checkpoint = 0, 0, None
+
+        resume_from = self._resume()
+        self.logger = MetricsLogger(self.run_dir, root.logger, self.config_dict, resume_from)
+        self.train_model = torch.compile(self.model) if t.compile else self.model
+        tokens_per_step = t.batch_size * t.grad_accum * root.data.seq_len
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = 3 * forward_flops_per_token(self.model, root.data.seq_len)
+        self.peak_flops = peak_flops(self.device)
+
+    # ----------------------------------------------------------------- resume / checkpoints
+    def _resume(self) -> int | None:
+        """Load the checkpoint named by ``trainer.resume``; return its step, or None for a fresh run."""
+        mode = self.root.trainer.resume
+        model_cfg = self.config_dict["model"]
+        if mode == "none":
+            if ckpt.list_checkpoints(self.run_dir):
+                raise ckpt.CheckpointError(
+                    f"{self.run_dir} already holds checkpoints; continue it with trainer.resume=auto, "
+                    "or start fresh in a new run_dir (nothing was overwritten)"
+                )
+            return None
+        if mode == "auto":
+            found = ckpt.find_resume_checkpoint(self.run_dir, model_cfg)
+            if found is None:
+                return None
+            path, state = found
+        else:
+            path = Path(mode)
+            state = ckpt.load_checkpoint(path)
+            ckpt.check_model_config(state, model_cfg, path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        ckpt.set_rng_state(state["rng"])
+        self.step = state["step"]
+        self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
+        self.last_checkpoint = path
+        tqdm.write(f"resumed from {path} at step {self.step}")
+        return self.step
+
+    def save(self) -> Path:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": {"name": self.root.schedule.name, "step": self.step},
+            "sampler": self.sampler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "nonfinite_skipped": self.nonfinite_skipped,
+            "config": self.config_dict,
+        }
+        self.last_checkpoint = ckpt.save_checkpoint(self.run_dir, self.step, state, self.root.trainer.keep_last)
+        self._emit("checkpoint")
+        return self.last_checkpoint
+
+    def _emit(self, event: str) -> None:
+        for callback in self.callbacks:
+            callback(self, event, self.step)
+
+    # ----------------------------------------------------------------- training
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self) -> dict[str, Any] | None:
+        """One optimizer step (with gradient accumulation). Returns the step's metrics, or None if skipped."""
+        t = self.root.trainer
+        lr = lr_at(self.step, self.root.optim.lr, t.max_steps, self.root.schedule)
+        set_lr(self.optimizer, lr)
+        lm_loss_sum = torch.zeros((), device=self.device)
+        aux_sums: dict[str, torch.Tensor] = {}
+        for micro in range(t.grad_accum):
+            x_BT, y_BT = self.sampler.get_batch(self.step, micro)
+            x_BT, y_BT = x_BT.to(self.device, non_blocking=True), y_BT.to(self.device, non_blocking=True)
+            with self._autocast():
+                out = self.train_model(x_BT, y_BT)
+            (out.loss / t.grad_accum).backward()
+            lm_loss_sum += out.lm_loss.detach()
+            for name, value in {**out.aux_losses, **out.metrics}.items():
+                aux_sums[name] = aux_sums.get(name, 0.0) + value.detach().float() / t.grad_accum
+        loss = lm_loss_sum / t.grad_accum
+        clip = self.root.optim.grad_clip if self.root.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._nonfinite(loss, grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.after_optimizer_step(self.step)
+        self.step += 1
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **aux_sums}
+
+    def _nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        what = f"loss={loss.item()} grad_norm={grad_norm.item()} at step {self.step}"
+        if self.root.trainer.nonfinite == "abort":
+            raise NonFiniteLossError(
+                f"non-finite {what}; last good checkpoint: {self.last_checkpoint or 'none written yet'}"
+            )
+        self.nonfinite_skipped += 1
+        self.step += 1  # the schedule and the batch stream move on, as if the step had happened
+        tqdm.write(f"skipped step with non-finite {what} ({self.nonfinite_skipped} skipped so far)")
+        return None
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        from training.data import iter_eval_batches
+
+        t = self.root.trainer
+        self.model.eval()
+        loss_sum, count = 0.0, 0
+        for x_BT, y_BT in iter_eval_batches(self.data.val, self.data.val_mask, self.root.data.seq_len, t.batch_size, t.eval_batches):
+            x_BT, y_BT = x_BT.to(self.device), y_BT.to(self.device)
+            with self._autocast():
+                out = self.model(x_BT, y_BT)
+            n = int((y_BT != -100).sum())
+            loss_sum += out.lm_loss.item() * n
+            count += n
+        self.model.train()
+        val_loss = loss_sum / max(count, 1)
+        return {
+            "val_loss": val_loss,
+            "val_ppl": math.exp(min(val_loss, 50.0)),
+            "val_bpb": val_loss / math.log(2) / self.data.val_bytes_per_token,
+        }
+
+    def _log_eval(self) -> dict[str, float]:
+        result = self.evaluate()
+        self.logger.log({"step": self.step, **result})
+        self._emit("eval")
+        return result
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``trainer.max_steps``; returns the run summary (also printed)."""
+        t = self.root.trainer
+        self._print_header()
+        first_eval = self._log_eval() if self.step == 0 else None
+        last_eval = first_eval
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not t.progress, desc="train", unit="step", dynamic_ncols=True)
+        # Throughput counts time spent in train steps only (not eval, checkpoints or logging).
+        window_time, window_steps, tokens_per_s = 0.0, 0, 0.0
+        while self.step < t.max_steps:
+            step_start = time.perf_counter()
+            metrics = self.train_step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            window_time += time.perf_counter() - step_start
+            bar.update(1)
+            if metrics is None:
+                continue
+            window_steps += 1
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                tokens_per_s = window_steps * self.tokens_per_step / window_time
+                self.logger.log({"step": self.step, **self._throughput(metrics, tokens_per_s, window_time / window_steps)})
+                bar.set_postfix(loss=f"{metrics['loss'].item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                window_time, window_steps = 0.0, 0
+            if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                last_eval = self._log_eval()
+                bar.write(f"step {self.step}: val_loss {last_eval['val_loss']:.4f}  bpb {last_eval['val_bpb']:.3f}")
+            if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
+                self.save()
+            self._emit("step_end")
+        bar.close()
+        if last_eval is None:
+            last_eval = self._log_eval()
+        return self._finish(first_eval, last_eval, tokens_per_s)
+
+    def _throughput(self, metrics: dict, tokens_per_s: float, step_time: float) -> dict[str, Any]:
+        row = {**metrics, "tokens_per_s": tokens_per_s, "step_time_s": step_time, "flops_per_token": self.flops_per_token}
+        achieved = tokens_per_s * self.flops_per_token
+        if self.peak_flops:
+            row["mfu"] = achieved / self.peak_flops
+        else:
+            row["gflops_per_s"] = achieved / 1e9
+        if self.device.type == "cuda":
+            row["cuda_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.nonfinite_skipped:
+            row["nonfinite_skipped"] = self.nonfinite_skipped
+        return row
+
+    def _print_header(self) -> None:
+        n_params = self.model.num_parameters()
+        tqdm.write(
+            f"run folder: {self.run_dir}\n"
+            f"data: {self.data.description}\n"
+            f"model: {self.root.model.name} — {n_params / 1e6:.2f}M parameters "
+            f"({self.model.num_parameters(exclude_embeddings=True) / 1e6:.2f}M without embeddings), "
+            f"{self.flops_per_token / 1e6:.1f} MFLOP/token (train)\n"
+            f"device: {self.device}, precision: {'bf16 autocast' if self.autocast_dtype else 'fp32'}, "
+            f"{self.tokens_per_step} tokens/step, steps {self.step} → {self.root.trainer.max_steps}"
+        )
+
+    def _finish(self, first_eval, last_eval, tokens_per_s) -> dict[str, Any]:
+        t = self.root.trainer
+        if t.export_safetensors:
+            ckpt.export_safetensors(self.model, self.run_dir / "model.safetensors")
+        plot_losses(self.run_dir)
+        sample = self.write_sample()
+        self.logger.close()
+        summary = {
+            "run_dir": str(self.run_dir),
+            "initial_val_loss": first_eval["val_loss"] if first_eval else None,
+            "final_val_loss": last_eval["val_loss"],
+            "final_val_bpb": last_eval["val_bpb"],
+            "tokens_per_s": tokens_per_s,
+            "nonfinite_skipped": self.nonfinite_skipped,
+            "checkpoint": str(self.last_checkpoint),
+        }
+        start = f"{first_eval['val_loss']:.4f} → " if first_eval else ""
+        tqdm.write(
+            f"\n── sample ──\n{sample}\n────────────\n"
+            f"run folder:     {self.run_dir}\n"
+            f"val loss:       {start}{last_eval['val_loss']:.4f} nats/token (bits per byte {last_eval['val_bpb']:.3f})\n"
+            f"throughput:     {tokens_per_s:,.0f} tokens/s\n"
+            f"checkpoint:     {self.last_checkpoint}\n"
+            f"resume/extend:  python train.py run_dir={self.run_dir} trainer.max_steps={2 * t.max_steps}\n"
+            f"sample again:   python -m training.sample {self.run_dir} --prompt \"{t.sample_prompt}\""
+        )
+        return summary
+
+    def write_sample(self) -> str:
+        from training.sample import generate_text
+
+        t = self.root.trainer
+        if t.sample_tokens == 0:
+            return ""
+        text = generate_text(self.model, self.data.tokenizer, t.sample_prompt, t.sample_tokens, t.sample_temperature, t.sample_top_k, seed=self.root.seed)
+        (self.run_dir / "sample.txt").write_text(text + "\n")
+        return text
+
+
+def _write_config(path: Path, config_dict: dict) -> None:
+    from omegaconf import OmegaConf
+
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(config_dict)))
+
+
+def train(cfg: Any, callbacks: tuple[Callable, ...] = ()) -> dict[str, Any]:
+    """Validate ``cfg``, build everything and train. The entry point of ``train.py``."""
+    return Trainer(cfg, callbacks).fit()

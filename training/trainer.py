@@ -83,7 +83,9 @@ class Trainer:
         self.config_dict = asdict(root)
         _write_config(self.run_dir / "config.yaml", self.config_dict)
         self.optimizer = build_optimizer(self.model, root.optim, self.device.type)
-        self.sampler = WindowSampler(self.data.train, self.data.train_mask, root.data.seq_len, t.batch_size, root.seed)
+        self.sampler = WindowSampler(
+            self.data.train, self.data.train_mask, root.data.seq_len, t.batch_size, root.seed, align=self.data.window_align
+        )
         self.step, self.nonfinite_skipped, self.last_checkpoint = 0, 0, None
 
         resume_from = self._resume()
@@ -310,7 +312,10 @@ class Trainer:
         t = self.root.trainer
         if t.sample_tokens == 0:
             return ""
-        text = generate_text(self.model, self.data.tokenizer, t.sample_prompt, t.sample_tokens, t.sample_temperature, t.sample_top_k, seed=self.root.seed)
+        prompt = t.sample_prompt
+        if self.root.data.source == "synthetic":  # a task prompt: the start of the first validation example
+            prompt = self.data.tokenizer.decode(self.data.val[: self.root.data.seq_len // 2].tolist())
+        text = generate_text(self.model, self.data.tokenizer, prompt, t.sample_tokens, t.sample_temperature, t.sample_top_k, seed=self.root.seed)
         (self.run_dir / "sample.txt").write_text(text + "\n")
         return text
 

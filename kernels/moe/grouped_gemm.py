@@ -158,7 +158,7 @@ if HAS_TRITON:
 
 
 def _e_pow2(E: int) -> int:
-    return triton.next_power_of_2(E)
+    return max(2, triton.next_power_of_2(E))  # 1-element aranges trip some codegen paths
 
 
 def _tile_grid(M: int, E: int, ncols: int):

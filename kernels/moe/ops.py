@@ -1,0 +1,145 @@
+"""Expert MLP op: input validation, the Triton autograd.Function, and the public ``expert_mlp``.
+
+Legend (shape suffixes):
+    N tokens   k slots/token (runtime)   M = N·k slots   E experts   D model width
+    F expert hidden width   H = 2F (SwiGLU: [gate | up]) or F (GELU)
+
+The op is a plain ``torch.autograd.Function`` (not a ``torch.library`` custom op): torch.compile
+graph-breaks around it, which costs nothing measurable next to the grouped GEMMs it launches.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import resolve_backend
+from kernels.moe.reference import expert_mlp_reference
+from kernels.moe.routing import Routing, route
+from kernels.moe.torch_backend import expert_mlp_torch
+
+BACKENDS = ("triton", "torch", "reference")
+ACTIVATIONS = ("swiglu", "gelu")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ID_DTYPES = (torch.int32, torch.int64)
+
+
+class ExpertMLPFunction(torch.autograd.Function):
+    """Triton forward (route → gather GEMM + act → scatter GEMM + gate → combine) and backward."""
+
+    @staticmethod
+    def forward(ctx, x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, swiglu: bool):
+        from kernels.moe.grouped_gemm import combine, gather_act_fwd, scatter_gemm
+
+        N, k = ids_NK.shape
+        E = w_in_EDH.shape[0]
+        ids_M, gates_M = ids_NK.reshape(-1), gates_NK.reshape(-1)
+        r = route(ids_NK, E, backend="triton")
+        need_grad = any(ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
+        h_MH, a_MF = gather_act_fwd(x_ND, w_in_EDH, r, k, swiglu, store_h=need_grad)
+        y_ND = combine(scatter_gemm(a_MF, w_out_EFD, r, gates_M), ids_M, N, k)
+        if need_grad:
+            ctx.save_for_backward(x_ND, ids_M, gates_M, w_in_EDH, w_out_EFD, h_MH, a_MF, *r)
+        ctx.swiglu, ctx.k, ctx.gate_dtype = swiglu, k, gates_NK.dtype
+        return y_ND
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy_ND):
+        from kernels.moe.grouped_gemm import combine, scatter_gemm
+        from kernels.moe.grouped_gemm_bwd import gather_act_bwd, grouped_dw
+
+        x_ND, ids_M, gates_M, w_in_EDH, w_out_EFD, h_MH, a_MF, *rt = ctx.saved_tensors
+        r, k, E, N = Routing(*rt), ctx.k, w_in_EDH.shape[0], x_ND.shape[0]
+        need_x, _, need_g, need_win, need_wout, _ = ctx.needs_input_grad
+        dy_ND = dy_ND.contiguous().to(x_ND.dtype)
+        dx = dg = dw_in = dw_out = None
+        if need_x or need_g or need_win:
+            dh_MH, dgates_M = gather_act_bwd(dy_ND, w_out_EFD, h_MH, gates_M, ids_M, r, k, ctx.swiglu)
+            if need_x:  # dx[n] = Σ_j dh[p(n,j)] @ w_in[e]ᵀ: the forward scatter GEMM on transposed weights
+                dx = combine(scatter_gemm(dh_MH, w_in_EDH.transpose(1, 2), r, None), ids_M, N, k)
+            if need_g:
+                dg = dgates_M.view(N, k).to(ctx.gate_dtype)
+            if need_win:
+                dw_in = grouped_dw(x_ND, dh_MH, r, k, E, a_gather=True, b_gather=False)
+        if need_wout:
+            dw_out = grouped_dw(a_MF, dy_ND, r, k, E, a_gather=False, b_gather=True, gates_M=gates_M)
+        return dx, None, dg, dw_in, dw_out, None
+
+
+def _fail(exc, name, msg):
+    raise exc(f"expert_mlp: {name} {msg}")
+
+
+def _check_inputs(x, expert_ids, expert_weights, w_in, w_out, activation):
+    """Validate everything before any kernel runs; every message names the argument and value."""
+    if activation not in ACTIVATIONS:
+        _fail(ValueError, "activation", f"must be one of {ACTIVATIONS}, got {activation!r}")
+    named = dict(x=x, expert_ids=expert_ids, expert_weights=expert_weights, w_in=w_in, w_out=w_out)
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            _fail(TypeError, name, f"must be a torch.Tensor, got {type(t).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        _fail(TypeError, "x", f"dtype must be one of {FLOAT_DTYPES}, got {x.dtype}")
+    if expert_ids.dtype not in ID_DTYPES:
+        _fail(TypeError, "expert_ids", f"dtype must be int32 or int64, got {expert_ids.dtype}")
+    if not expert_weights.is_floating_point():
+        _fail(TypeError, "expert_weights", f"dtype must be floating point, got {expert_weights.dtype}")
+    for name in ("w_in", "w_out"):
+        if named[name].dtype != x.dtype:
+            _fail(TypeError, name, f"dtype {named[name].dtype} must match x.dtype {x.dtype}")
+    for name, t in named.items():
+        if t.device != x.device:
+            _fail(ValueError, name, f"is on {t.device} but x is on {x.device}")
+    if x.ndim != 2:
+        _fail(ValueError, "x", f"must be 2-D (N, D), got shape {tuple(x.shape)}")
+    if expert_ids.ndim != 2 or expert_ids.shape[0] != x.shape[0] or expert_ids.shape[1] < 1:
+        _fail(ValueError, "expert_ids", f"must have shape (N={x.shape[0]}, k>=1), got {tuple(expert_ids.shape)}")
+    if expert_weights.shape != expert_ids.shape:
+        _fail(ValueError, "expert_weights", f"shape {tuple(expert_weights.shape)} must equal expert_ids shape {tuple(expert_ids.shape)}")
+    if w_in.ndim != 3 or w_in.shape[1] != x.shape[1] or min(w_in.shape) < 1:
+        _fail(ValueError, "w_in", f"must have shape (E, D={x.shape[1]}, H) with positive sizes, got {tuple(w_in.shape)}")
+    E, H = w_in.shape[0], w_in.shape[2]
+    F = H // 2 if activation == "swiglu" else H
+    if activation == "swiglu" and H % 2:
+        _fail(ValueError, "w_in", f"last dim must be 2F for swiglu (gate | up), got odd {H}")
+    if w_out.ndim != 3 or tuple(w_out.shape) != (E, F, x.shape[1]):
+        _fail(ValueError, "w_out", f"must have shape (E={E}, F={F}, D={x.shape[1]}) for {activation}, got {tuple(w_out.shape)}")
+    for name, t in named.items():
+        if not t.is_contiguous():
+            _fail(ValueError, name, f"must be contiguous (call .contiguous()); got strides {t.stride()}")
+    if expert_ids.numel():
+        lo, hi = (int(v) for v in torch.aminmax(expert_ids))  # one host sync; a bad id is never silent
+        if lo < -1 or hi >= E:
+            bad = lo if lo < -1 else hi
+            _fail(ValueError, "expert_ids", f"values must be in [0, E={E}) or -1, found {bad}")
+
+
+def expert_mlp(x, expert_ids, expert_weights, w_in, w_out, activation: str = "swiglu", backend: str = "auto"):
+    """Top-k mixture of expert MLPs: ``y[n] = Σ_j expert_weights[n, j] · expert_{expert_ids[n, j]}(x[n])``.
+
+    Args:
+        x:              (N, D) float16 / bfloat16 / float32, contiguous.
+        expert_ids:     (N, k) int32/int64, values in [0, E) or -1 (empty slot: adds nothing).
+                        k is a runtime value (elastic top-k needs no recompilation).
+        expert_weights: (N, k) floating gates; gradients flow into them.
+        w_in:           SwiGLU (E, D, 2F), columns [:F] gate and [F:] up projection, expert e computes
+                        ``(silu(x @ w_in[e][:, :F]) * (x @ w_in[e][:, F:])) @ w_out[e]``;
+                        GELU (E, D, F), ``gelu(x @ w_in[e]) @ w_out[e]`` with exact (erf) GELU.
+                        Same dtype as x.
+        w_out:          (E, F, D), same dtype as x.
+        activation:     "swiglu" | "gelu".
+        backend:        "triton" (CUDA, or CPU under TRITON_INTERPRET=1) | "torch" (sort + grouped
+                        matmuls) | "reference" (plain loop, slow) | "auto" (Triton on CUDA, torch on CPU).
+
+    Returns: y (N, D) in x's dtype. Stateless: the same weights may be used by several calls in one
+    graph (universal experts) and their gradients accumulate.
+
+    Raises: TypeError for wrong types/dtypes, ValueError for shapes, devices, contiguity, ids out of
+    range, unknown activation or backend.
+    """
+    _check_inputs(x, expert_ids, expert_weights, w_in, w_out, activation)
+    backend = resolve_backend(backend, x.device, BACKENDS, cpu_default="torch")
+    if backend == "reference":
+        return expert_mlp_reference(x, expert_ids, expert_weights, w_in, w_out, activation)
+    if backend == "torch" or x.shape[0] == 0:  # no tokens: nothing to launch
+        return expert_mlp_torch(x, expert_ids, expert_weights, w_in, w_out, activation)
+    return ExpertMLPFunction.apply(x, expert_ids, expert_weights, w_in, w_out, activation == "swiglu")

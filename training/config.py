@@ -93,12 +93,12 @@ class ScheduleConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 600
+    max_steps: int = 500
     batch_size: int = 16
     grad_accum: int = 1
     log_every: int = 10
     eval_every: int = 100
-    eval_batches: int = 20
+    eval_batches: int = 10
     checkpoint_every: int = 200
     keep_last: int = 3
     resume: str = "auto"  # auto | none | <path to a checkpoint file>

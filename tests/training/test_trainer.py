@@ -156,3 +156,33 @@ def test_metrics_rows_are_json_with_step(tmp_path):
     train(tiny_config(run, "trainer.max_steps=4", "trainer.sample_tokens=0"))
     for line in (run / "metrics.jsonl").read_text().splitlines():
         assert "step" in json.loads(line)
+
+
+def test_hydra_multirun_gives_each_job_its_own_run_folder(tmp_path):
+    from tests.helpers import DATA_CACHE, TINY
+
+    args = [a for a in TINY if not a.startswith("trainer.max_steps")]
+    proc = subprocess.run(
+        [sys.executable, "train.py", "-m", "seed=0,1", "trainer.max_steps=3", "trainer.sample_tokens=0",
+         *args, f"data.cache_dir={DATA_CACHE}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for job in ("0", "1"):
+        folder = tmp_path / "sweep" / job
+        assert (folder / "metrics.jsonl").exists() and (folder / "checkpoints" / "latest").exists()
+    import yaml
+
+    seeds = [yaml.safe_load((tmp_path / "sweep" / job / "config.yaml").read_text())["seed"] for job in "01"]
+    assert seeds == [0, 1]
+
+
+def test_wandb_logger_runs_offline_without_a_key(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    train(tiny_config(run, "logger=wandb", "trainer.max_steps=3", "trainer.sample_tokens=0"))
+    assert list((run / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
+    assert (run / "metrics.jsonl").exists()

@@ -84,6 +84,27 @@ class KVCache:
         return sum(t[0, 0].numel() * t.element_size() for t in self.k + self.v)
 
 
+@dataclass(frozen=True)
+class ElasticSetting:
+    """A sub-network of the trained model (ERNIE 5.0 §3.3 elastic training; evaluation sweeps).
+
+    ``active_layers``: indices of the blocks that run (others pass the residual through);
+    ``expert_mask_E``: bool mask of experts routing may choose (None = all); ``top_k``: experts
+    per token (None = each MoE layer's own). ``None`` everywhere is the full model.
+    """
+
+    active_layers: tuple[int, ...] | None = None
+    expert_mask_E: torch.Tensor | None = None
+    top_k: int | None = None
+
+    @property
+    def is_full(self) -> bool:
+        return self.active_layers is None and self.expert_mask_E is None and self.top_k is None
+
+
+FULL_MODEL = ElasticSetting()
+
+
 @dataclass
 class ForwardContext:
     """What every block sees besides its input: positions, RoPE tables, cache, and the aux-loss sink.
@@ -96,6 +117,7 @@ class ForwardContext:
     sin_TF: torch.Tensor
     positions_T: torch.Tensor
     kv_cache: KVCache | None = None
+    elastic: ElasticSetting = FULL_MODEL
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     _attention_calls: int = 0

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arch.layers import ForwardContext, KVCache, RMSNorm, RotaryEmbedding
+from arch.layers import FULL_MODEL, ElasticSetting, ForwardContext, KVCache, RMSNorm, RotaryEmbedding
 from arch.registry import ATTENTION, DEPTH, FFN
 
 
@@ -61,6 +61,7 @@ class LanguageModel(nn.Module):
         self.depth = DEPTH.build(cfg.depth["name"], cfg.n_layers, lambda i: Block(cfg, i), **_options(cfg.depth))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.elastic = FULL_MODEL  # the sub-network to run; see set_elastic
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -69,9 +70,11 @@ class LanguageModel(nn.Module):
         # Normal(0, 0.02); residual output projections scaled by 1/sqrt(2·n_layers) (GPT-2) so the
         # residual stream's variance does not grow with depth.
         std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        if hasattr(module, "init_parameters"):  # blocks with raw parameters (expert weight tensors …)
+            module.init_parameters(std, residual_std)
         if isinstance(module, nn.Linear):
-            scale = 1 / math.sqrt(2 * self.cfg.n_layers) if getattr(module, "is_residual_projection", False) else 1.0
-            nn.init.normal_(module.weight, 0.0, std * scale)
+            nn.init.normal_(module.weight, 0.0, residual_std if getattr(module, "is_residual_projection", False) else std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -87,7 +90,7 @@ class LanguageModel(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         positions_T = torch.arange(start, start + T, device=idx_BT.device)
         cos_TF, sin_TF = self.rope(positions_T)
-        ctx = ForwardContext(cos_TF=cos_TF, sin_TF=sin_TF, positions_T=positions_T, kv_cache=kv_cache)
+        ctx = ForwardContext(cos_TF=cos_TF, sin_TF=sin_TF, positions_T=positions_T, kv_cache=kv_cache, elastic=self.elastic)
 
         x_BTD = self.depth(self.embed(idx_BT), ctx)
         x_BTD = self.norm(x_BTD)
@@ -100,6 +103,12 @@ class LanguageModel(nn.Module):
         lm_loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100)
         loss = lm_loss + sum(ctx.aux_losses.values()) if ctx.aux_losses else lm_loss
         return ModelOutput(logits_BTV, loss, lm_loss, ctx.aux_losses, ctx.metrics)
+
+    def set_elastic(self, setting: ElasticSetting = FULL_MODEL) -> None:
+        """Run a sub-network (fewer layers, an expert subset, a different top-k) until reset."""
+        if setting.active_layers is not None and not setting.active_layers:
+            raise ValueError("an elastic setting must keep at least one layer")
+        self.elastic = setting
 
     def after_optimizer_step(self, step: int) -> None:
         """Let blocks update non-gradient state (e.g. aux-loss-free router biases, loop schedulers)."""

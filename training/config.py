@@ -125,6 +125,22 @@ class LoggerConfig:
 
 
 @dataclass
+class ElasticConfig:
+    """ERNIE-style elastic training (training/elastic.py). Probabilities are of the FULL setting."""
+
+    enabled: bool = False
+    mode: Literal["single", "full_plus_sub"] = "single"
+    depth_full_prob: float = 0.75
+    depth_min: int = 1
+    depth_drop: Literal["tail", "random"] = "tail"
+    width_full_prob: float = 0.8
+    subset_sizes: list = field(default_factory=list)  # empty: n_experts // 2
+    topk_full_prob: float = 0.8
+    topk_min: int = 1
+    topk_max: Optional[int] = None  # null: top_k - 1
+
+
+@dataclass
 class RootConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -132,6 +148,7 @@ class RootConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
     seed: int = 0
     run_dir: str = "runs/default"
     experiment: Optional[str] = None
@@ -242,3 +259,27 @@ def _check_values(root: RootConfig) -> None:
     _require(t.sample_temperature >= 0, f"trainer.sample_temperature={t.sample_temperature} must be >= 0")
     _require(t.threads is None or t.threads > 0, f"trainer.threads={t.threads} must be positive or null")
     _require(bool(root.run_dir), "run_dir must be a non-empty path")
+    _check_elastic(root)
+
+
+MOE_BLOCKS = ("moe", "emoe")
+
+
+def _check_elastic(root: RootConfig) -> None:
+    e, ffn = root.elastic, root.model.ffn
+    for key in ("depth_full_prob", "width_full_prob", "topk_full_prob"):
+        _require(0 <= getattr(e, key) <= 1, f"elastic.{key}={getattr(e, key)} must be a probability in [0, 1]")
+    if not e.enabled:
+        return
+    _require(1 <= e.depth_min <= root.model.n_layers, f"elastic.depth_min={e.depth_min} must be in [1, model.n_layers={root.model.n_layers}]")
+    sparse = ffn.get("name") in MOE_BLOCKS
+    _require(
+        sparse or (e.width_full_prob == 1 and e.topk_full_prob == 1),
+        f"elastic width/top-k need an MoE FFN (model/ffn in {list(MOE_BLOCKS)}), got model.ffn.name={ffn.get('name')!r}; "
+        "set elastic.width_full_prob=1 elastic.topk_full_prob=1 for elastic depth alone",
+    )
+    if sparse:
+        n_experts, top_k = ffn.get("n_experts", 8), ffn.get("top_k", 2)
+        _require(all(1 <= s <= n_experts for s in e.subset_sizes), f"elastic.subset_sizes={e.subset_sizes} must lie in [1, n_experts={n_experts}]")
+        _require(1 <= e.topk_min <= top_k, f"elastic.topk_min={e.topk_min} must be in [1, model.ffn.top_k={top_k}]")
+        _require(e.topk_max is None or e.topk_min <= e.topk_max <= top_k, f"elastic.topk_max={e.topk_max} must be in [topk_min={e.topk_min}, top_k={top_k}]")

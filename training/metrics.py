@@ -51,8 +51,9 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def _plain(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
+    """Tensors → Python numbers (scalars) or lists (vectors such as per-expert loads)."""
+    if hasattr(value, "numel"):
+        return value.item() if value.numel() == 1 else [round(v, 6) for v in value.flatten().tolist()]
     return value
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from training.evaluation import load_trained
+
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, seed: int = 0) -> str:
     """Prompt → prompt + continuation, sampled with the model's KV-cached ``generate``."""
@@ -26,29 +28,6 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
     return tokenizer.decode(out[0].tolist())
 
 
-def load_for_sampling(target: str | Path, device: str = "auto"):
-    """(model, tokenizer, config) from a run folder (its latest checkpoint) or a checkpoint file."""
-    from training import checkpoint as ckpt
-    from training.config import validate
-    from training.data import prepare_data
-    from training.trainer import build_model, resolve_device
-
-    target = Path(target)
-    if target.is_dir():
-        found = ckpt.find_resume_checkpoint(target)
-        if found is None:
-            raise ckpt.CheckpointError(f"no usable checkpoint in {target / ckpt.CHECKPOINT_DIR}")
-        _, state = found
-    else:
-        state = ckpt.load_checkpoint(target)
-    root = validate(state["config"])
-    data = prepare_data(root.data, progress=False)
-    model = build_model(root, data.tokenizer.vocab_size)
-    model.load_state_dict(state["model"])
-    model.to(resolve_device(device)).eval()
-    return model, data.tokenizer, root
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("target", help="a run folder (uses its latest checkpoint) or a checkpoint .pt file")
@@ -60,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args(argv)
     try:
-        model, tokenizer, _ = load_for_sampling(args.target, args.device)
+        model, data, _, _ = load_trained(args.target, args.device)
     except Exception as e:  # a clear one-line error instead of a traceback for bad input
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(generate_text(model, tokenizer, args.prompt, args.tokens, args.temperature, args.top_k, args.seed))
+    print(generate_text(model, data.tokenizer, args.prompt, args.tokens, args.temperature, args.top_k, args.seed))
     return 0
 
 

@@ -7,7 +7,6 @@ reproduces the losses of an uninterrupted one bit-for-bit on CPU: batches depend
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,9 +15,13 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from arch.layers import FULL_MODEL, ElasticSetting
 from arch.model import LanguageModel
 from training import checkpoint as ckpt
-from training.config import RootConfig, validate
+from training.config import MOE_BLOCKS, RootConfig, validate
+from training.elastic import describe as describe_elastic
+from training.evaluation import evaluate_loss
+from training.elastic import sample_setting as sample_elastic
 from training.flops import forward_flops_per_token, peak_flops
 from training.metrics import MetricsLogger, plot_losses
 from training.optim import build_optimizer, lr_at, set_lr
@@ -158,15 +161,27 @@ class Trainer:
         set_lr(self.optimizer, lr)
         lm_loss_sum = torch.zeros((), device=self.device)
         aux_sums: dict[str, torch.Tensor] = {}
+        sub_model = self._elastic_setting()
+        also_full = sub_model is not FULL_MODEL and self.root.elastic.mode == "full_plus_sub"
         for micro in range(t.grad_accum):
             x_BT, y_BT = self.sampler.get_batch(self.step, micro)
             x_BT, y_BT = x_BT.to(self.device, non_blocking=True), y_BT.to(self.device, non_blocking=True)
+            if also_full:  # the full model and the sampled sub-model share one backward
+                self.model.set_elastic(FULL_MODEL)
+                with self._autocast():
+                    full = self.train_model(x_BT, y_BT)
+                (full.loss / t.grad_accum).backward()
+            self.model.set_elastic(sub_model)
             with self._autocast():
                 out = self.train_model(x_BT, y_BT)
             (out.loss / t.grad_accum).backward()
-            lm_loss_sum += out.lm_loss.detach()
-            for name, value in {**out.aux_losses, **out.metrics}.items():
+            reported = full if also_full else out
+            lm_loss_sum += reported.lm_loss.detach()
+            for name, value in {**reported.aux_losses, **reported.metrics}.items():
                 aux_sums[name] = aux_sums.get(name, 0.0) + value.detach().float() / t.grad_accum
+        self.model.set_elastic(FULL_MODEL)
+        if self.root.elastic.enabled:
+            aux_sums.update(describe_elastic(sub_model, *self._elastic_dims()))
         loss = lm_loss_sum / t.grad_accum
         clip = self.root.optim.grad_clip if self.root.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
@@ -179,6 +194,18 @@ class Trainer:
         self.step += 1
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **aux_sums}
 
+    def _elastic_dims(self) -> tuple[int, int | None, int | None]:
+        ffn = self.root.model.ffn
+        if ffn["name"] in MOE_BLOCKS:
+            return self.root.model.n_layers, ffn.get("n_experts", 8), ffn.get("top_k", 2)
+        return self.root.model.n_layers, None, None
+
+    def _elastic_setting(self) -> ElasticSetting:
+        """This step's sub-network under elastic training (same on every rank: seeded by step)."""
+        if not self.root.elastic.enabled:
+            return FULL_MODEL
+        return sample_elastic(self.root.elastic, self.step, self.root.seed, *self._elastic_dims())
+
     def _nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         what = f"loss={loss.item()} grad_norm={grad_norm.item()} at step {self.step}"
         if self.root.trainer.nonfinite == "abort":
@@ -190,27 +217,9 @@ class Trainer:
         tqdm.write(f"skipped step with non-finite {what} ({self.nonfinite_skipped} skipped so far)")
         return None
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        from training.data import iter_eval_batches
-
         t = self.root.trainer
-        self.model.eval()
-        loss_sum, count = 0.0, 0
-        for x_BT, y_BT in iter_eval_batches(self.data.val, self.data.val_mask, self.root.data.seq_len, t.batch_size, t.eval_batches):
-            x_BT, y_BT = x_BT.to(self.device), y_BT.to(self.device)
-            with self._autocast():
-                out = self.model(x_BT, y_BT)
-            n = int((y_BT != -100).sum())
-            loss_sum += out.lm_loss.item() * n
-            count += n
-        self.model.train()
-        val_loss = loss_sum / max(count, 1)
-        return {
-            "val_loss": val_loss,
-            "val_ppl": math.exp(min(val_loss, 50.0)),
-            "val_bpb": val_loss / math.log(2) / self.data.val_bytes_per_token,
-        }
+        return evaluate_loss(self.model, self.data, self.root.data.seq_len, t.batch_size, t.eval_batches, self.device, self.autocast_dtype)
 
     def _log_eval(self) -> dict[str, float]:
         result = self.evaluate()

@@ -18,6 +18,8 @@ class PlainDepth(nn.Module):
         self.blocks = nn.ModuleList(make_block(i) for i in range(n_layers))
 
     def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        for block in self.blocks:
-            x_BTD = block(x_BTD, ctx)
+        active = ctx.elastic.active_layers  # elastic depth: skipped blocks pass the residual through
+        for i, block in enumerate(self.blocks):
+            if active is None or i in active:
+                x_BTD = block(x_BTD, ctx)
         return x_BTD

@@ -1,0 +1,192 @@
+"""Mixture-of-experts FFN: router → top-k (optionally elastic) → grouped SwiGLU experts → weighted sum.
+
+The experts run through ``kernels.moe.expert_mlp`` (Triton on GPU, grouped matmuls on CPU).
+Everything about routing is an option: scoring, renormalisation, shared experts, router noise,
+X-MoE routing, capacity, the three balancing methods, EMoE co-activation sampling and its
+hierarchical loss. ERNIE-style elastic sub-networks arrive through ``ctx.elastic``.
+
+Legend: B batch, T tokens per sequence, N = B·T, D d_model, E experts, F expert width, K top-k.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from arch.ffn.elastic import coactivation_topk, hierarchical_router_loss
+from arch.ffn.mlp import SwiGLUMLP
+from arch.ffn.router import (
+    LinearRouter,
+    XMoERouter,
+    apply_capacity,
+    routing_metrics,
+    sequence_balance_loss,
+    switch_balance_loss,
+    z_loss,
+)
+from arch.layers import ForwardContext
+from kernels.moe import expert_mlp
+
+
+class MoEFFN(nn.Module):
+    """A routed SwiGLU mixture of experts, plus optional always-on shared experts.
+
+    ``expert_hidden=None`` sizes each expert at (8/3·D)/top_k, so k experts activate about as
+    many parameters as the dense SwiGLU of the same d_model (fine-grained experts).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        layer_idx: int,
+        *,
+        n_experts: int = 8,
+        top_k: int = 2,
+        expert_hidden: int | None = None,
+        n_shared_experts: int = 0,
+        scoring: Literal["softmax", "sigmoid"] = "softmax",
+        renormalize: bool = True,
+        router: Literal["linear", "xmoe"] = "linear",
+        xmoe_dim: int = 16,
+        xmoe_temperature: float = 0.3,
+        router_noise: float = 0.0,
+        capacity_factor: float | None = None,
+        balance_loss_coef: float = 0.01,
+        seq_balance_loss_coef: float = 0.0,
+        z_loss_coef: float = 0.0,
+        bias_update_rate: float = 0.0,
+        eval_top_k: int | None = None,
+        coactivation_prob: float = 0.0,
+        k_ideal: int | None = None,
+        coactivation_mode: Literal["uniform", "proportional"] = "uniform",
+        keep_top1: bool = False,
+        hier_loss_coef: float = 0.0,
+        hier_gamma: float = 0.5,
+        backend: Literal["auto", "triton", "torch", "reference"] = "auto",
+    ):
+        super().__init__()
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"ffn.top_k={top_k} must be in [1, n_experts={n_experts}]")
+        if eval_top_k is not None and not 1 <= eval_top_k <= n_experts:
+            raise ValueError(f"ffn.eval_top_k={eval_top_k} must be in [1, n_experts={n_experts}]")
+        if k_ideal is not None and not top_k <= k_ideal <= n_experts:
+            raise ValueError(f"ffn.k_ideal={k_ideal} must be in [top_k={top_k}, n_experts={n_experts}]")
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"ffn.capacity_factor={capacity_factor} must be positive or null (dropless)")
+        if not 0 <= coactivation_prob <= 1:
+            raise ValueError(f"ffn.coactivation_prob={coactivation_prob} must be in [0, 1]")
+        if coactivation_prob > 0 and k_ideal is None:
+            raise ValueError("ffn.coactivation_prob > 0 needs ffn.k_ideal (the candidate pool size, e.g. 2·top_k)")
+        dense_hidden = 32 * math.ceil(int(8 * d_model / 3) / 32)
+        self.F = expert_hidden or max(8, round(dense_hidden / top_k))
+        self.d_model, self.layer_idx, self.E, self.top_k = d_model, layer_idx, n_experts, top_k
+        self.eval_top_k, self.scoring, self.renormalize = eval_top_k, scoring, renormalize
+        self.router_noise, self.capacity_factor, self.backend = router_noise, capacity_factor, backend
+        self.balance_loss_coef, self.seq_balance_loss_coef, self.z_loss_coef = balance_loss_coef, seq_balance_loss_coef, z_loss_coef
+        self.bias_update_rate = bias_update_rate
+        self.coactivation_prob, self.k_ideal = coactivation_prob, k_ideal or top_k
+        self.coactivation_mode, self.keep_top1 = coactivation_mode, keep_top1
+        self.hier_loss_coef, self.hier_gamma = hier_loss_coef, hier_gamma
+
+        self.router = XMoERouter(d_model, n_experts, xmoe_dim, xmoe_temperature) if router == "xmoe" else LinearRouter(d_model, n_experts)
+        self.w_in_EDH = nn.Parameter(torch.empty(n_experts, d_model, 2 * self.F))  # [:F] gate, [F:] up
+        self.w_out_EFD = nn.Parameter(torch.empty(n_experts, self.F, d_model))
+        self.shared = SwiGLUMLP(d_model, layer_idx, hidden_dim=n_shared_experts * self.F) if n_shared_experts else None
+        # Auxiliary-loss-free balancing (DeepSeek-V3): a bias that changes *selection* only.
+        self.register_buffer("expert_bias_E", torch.zeros(n_experts))
+        self.register_buffer("pending_counts_E", torch.zeros(n_experts), persistent=False)
+        self.init_parameters(0.02, 0.02)
+
+    def init_parameters(self, std: float, residual_std: float) -> None:
+        nn.init.normal_(self.w_in_EDH, 0.0, std)
+        nn.init.normal_(self.w_out_EFD, 0.0, residual_std)
+
+    # ------------------------------------------------------------------ routing
+    def active_top_k(self, ctx: ForwardContext) -> int:
+        if ctx.elastic.top_k is not None:
+            return min(ctx.elastic.top_k, self.E)
+        return self.top_k if self.training or self.eval_top_k is None else self.eval_top_k
+
+    def route(self, x_ND: torch.Tensor, ctx: ForwardContext):
+        """→ (expert ids (N, K) with -1 for dropped slots, gates (N, K), router probs (N, E), logits (N, E))."""
+        logits_NE = self.router(x_ND)
+        if self.training and self.router_noise > 0:
+            logits_NE = logits_NE + self.router_noise * torch.randn_like(logits_NE)
+        probs_NE = logits_NE.softmax(-1) if self.scoring == "softmax" else logits_NE.sigmoid()
+        selection_NE = probs_NE.detach() + self.expert_bias_E
+        if ctx.elastic.expert_mask_E is not None:  # elastic width: only the sampled subset is routable
+            selection_NE = selection_NE.masked_fill(~ctx.elastic.expert_mask_E.to(x_ND.device), float("-inf"))
+        k = self.active_top_k(ctx)
+        if ctx.elastic.expert_mask_E is not None:
+            k = min(k, int(ctx.elastic.expert_mask_E.sum()))
+        if self.training and self.coactivation_prob > 0:
+            ids_NK = coactivation_topk(selection_NE, probs_NE, k, max(self.k_ideal, k), self.coactivation_prob, self.coactivation_mode, self.keep_top1)
+        else:
+            ids_NK = selection_NE.topk(k, dim=-1).indices
+        gates_NK = probs_NE.gather(1, ids_NK)
+        if self.renormalize:
+            gates_NK = gates_NK / gates_NK.sum(-1, keepdim=True).clamp(min=1e-9)
+        return ids_NK, gates_NK, probs_NE, logits_NE
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(-1, D)
+        ids_NK, gates_NK, probs_NE, logits_NE = self.route(x_ND, ctx)
+        dropped = torch.zeros((), device=x_ND.device)
+        if self.capacity_factor is not None:
+            capacity = math.ceil(self.capacity_factor * ids_NK.numel() / self.E)
+            ids_NK, dropped = apply_capacity(ids_NK, self.E, capacity)
+        y_ND = expert_mlp(x_ND, ids_NK, gates_NK.to(x_ND.dtype), self.w_in_EDH, self.w_out_EFD, "swiglu", self.backend)
+        if self.shared is not None:
+            y_ND = y_ND + self.shared(x_ND, ctx)
+        if self.training:
+            self._add_losses(ctx, probs_NE, logits_NE, ids_NK, B, T)
+            if ctx.elastic.is_full and self.bias_update_rate > 0:
+                with torch.no_grad():
+                    self.pending_counts_E += torch.bincount(ids_NK[ids_NK >= 0], minlength=self.E).float()
+        self._add_metrics(ctx, probs_NE, ids_NK, dropped)
+        return y_ND.view(B, T, D)
+
+    def _add_losses(self, ctx, probs_NE, logits_NE, ids_NK, B, T) -> None:
+        # Balance statistics use normalised probabilities (sigmoid scores are normalised per token).
+        p_NE = probs_NE if self.scoring == "softmax" else probs_NE / probs_NE.sum(-1, keepdim=True)
+        if self.balance_loss_coef > 0:
+            ctx.add_aux_loss("balance_loss", self.balance_loss_coef * switch_balance_loss(p_NE, ids_NK, self.E))
+        if self.seq_balance_loss_coef > 0:
+            seq = sequence_balance_loss(p_NE.view(B, T, -1), ids_NK.view(B, T, -1), self.E)
+            ctx.add_aux_loss("seq_balance_loss", self.seq_balance_loss_coef * seq)
+        if self.z_loss_coef > 0:
+            ctx.add_aux_loss("z_loss", self.z_loss_coef * z_loss(logits_NE))
+        if self.hier_loss_coef > 0:
+            ctx.add_aux_loss("hier_loss", self.hier_loss_coef * hierarchical_router_loss(p_NE, self.hier_gamma))
+
+    def _add_metrics(self, ctx, probs_NE, ids_NK, dropped) -> None:
+        metrics = routing_metrics(probs_NE if self.scoring == "softmax" else probs_NE / probs_NE.sum(-1, keepdim=True), ids_NK, self.E)
+        prefix = f"moe/layer{self.layer_idx}"
+        ctx.add_metric(f"{prefix}/load", metrics["load"])
+        ctx.add_metric(f"{prefix}/max_min_load", metrics["max_min_load"])
+        ctx.add_metric(f"{prefix}/entropy", metrics["entropy"])
+        ctx.add_metric(f"{prefix}/dropped", dropped.float())
+        if ctx.kv_cache is None and not self.training:
+            self.last_ids_NK = ids_NK.detach()  # for routing analysis (evaluate.py analysis=routing)
+
+    # ------------------------------------------------------------------ aux-loss-free balancing
+    def after_optimizer_step(self, step: int) -> None:
+        """b_e += rate · sign(mean load − load_e), from the tokens of full-model steps since the last update."""
+        if self.bias_update_rate <= 0 or self.pending_counts_E.sum() == 0:
+            return
+        counts_E = self.pending_counts_E
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts_E)  # every rank applies the same update → identical biases
+        self.expert_bias_E += self.bias_update_rate * torch.sign(counts_E.mean() - counts_E)
+        self.pending_counts_E.zero_()
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Activated expert FLOPs: k experts × 3 matrices of D×F. (Router and shared experts are
+        nn.Linear layers and are counted as such by training.flops.)"""
+        return self.top_k * 2 * 3 * self.d_model * self.F

@@ -1,0 +1,100 @@
+"""Routers for mixture-of-experts layers: scores, top-k selection, balancing losses, routing metrics.
+
+Legend: N tokens (B·T), D d_model, E experts, K experts per token, R reduced router dim (X-MoE).
+
+References: Switch Transformer (Fedus et al. 2021) load-balance loss; ST-MoE (Zoph et al. 2022)
+router z-loss; DeepSeek-V3 (2024) auxiliary-loss-free bias balancing and sequence-wise balance
+loss; X-MoE (Chi et al. 2022) low-dimensional cosine routing.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LinearRouter(nn.Module):
+    """logits = x W_rᵀ: the standard dot-product router."""
+
+    def __init__(self, d_model: int, n_experts: int):
+        super().__init__()
+        self.proj = nn.Linear(d_model, n_experts, bias=False)
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        return self.proj(x_ND).float()
+
+
+class XMoERouter(nn.Module):
+    """X-MoE routing on a low-dimensional hypersphere (Chi et al., NeurIPS 2022).
+
+    logits = cos(W_red x, e_i) / τ with W_red: D → R (R=16), expert embeddings e ∈ R^{E×R} and a
+    learnable temperature τ (the paper's form; the torchscale code instead rescales the
+    embeddings to norm 1.5 and leaves tokens unnormalised). τ is stored as log τ to stay positive.
+    """
+
+    def __init__(self, d_model: int, n_experts: int, reduced_dim: int = 16, temperature: float = 0.3):
+        super().__init__()
+        self.reduce = nn.Linear(d_model, reduced_dim, bias=False)
+        self.expert_embed_ER = nn.Parameter(torch.empty(n_experts, reduced_dim))
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+        nn.init.orthogonal_(self.expert_embed_ER, gain=0.32)  # torchscale xmoe init
+
+    def init_parameters(self, std: float, residual_std: float) -> None:
+        nn.init.orthogonal_(self.expert_embed_ER, gain=0.32)
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        h_NR = F.normalize(self.reduce(x_ND).float(), dim=-1)
+        e_ER = F.normalize(self.expert_embed_ER.float(), dim=-1)
+        return h_NR @ e_ER.T / self.log_temperature.exp()
+
+
+def switch_balance_loss(probs_NE: torch.Tensor, ids_NK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """E · Σ_e f_e · P_e: f_e the fraction of routed slots on e, P_e the mean router probability."""
+    valid = ids_NK >= 0
+    counts_E = torch.zeros(n_experts, device=ids_NK.device).index_add_(
+        0, ids_NK[valid], torch.ones_like(ids_NK[valid], dtype=torch.float)
+    )
+    f_E = counts_E / valid.sum().clamp(min=1)
+    return n_experts * (f_E * probs_NE.mean(0)).sum()
+
+
+def sequence_balance_loss(probs_BTE: torch.Tensor, ids_BTK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """The Switch loss computed within each sequence, then averaged (DeepSeek-V3's sequence-wise loss)."""
+    losses = [switch_balance_loss(probs_BTE[b], ids_BTK[b], n_experts) for b in range(probs_BTE.shape[0])]
+    return torch.stack(losses).mean()
+
+
+def z_loss(logits_NE: torch.Tensor) -> torch.Tensor:
+    """mean(logsumexp(logits)²): keeps router logits small (ST-MoE)."""
+    return torch.logsumexp(logits_NE, dim=-1).square().mean()
+
+
+def apply_capacity(ids_NK: torch.Tensor, n_experts: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop slots beyond each expert's capacity (→ -1). Earlier choices (rank 0 first) win, then token order.
+
+    Returns (ids_NK with drops, number of dropped slots).
+    """
+    N, K = ids_NK.shape
+    flat_M = ids_NK.T.reshape(-1)  # rank-major: every token's first choice before any second choice
+    onehot_ME = F.one_hot(flat_M.clamp(min=0), n_experts) * (flat_M >= 0).unsqueeze(1)
+    position_M = (onehot_ME.cumsum(0) * onehot_ME).sum(1) - 1  # position in its expert's queue
+    keep_M = (position_M < capacity) & (flat_M >= 0)
+    dropped = ((flat_M >= 0) & ~keep_M).sum()
+    kept_M = torch.where(keep_M, flat_M, torch.full_like(flat_M, -1))
+    return kept_M.view(K, N).T.contiguous(), dropped
+
+
+def routing_metrics(probs_NE: torch.Tensor, ids_NK: torch.Tensor, n_experts: int) -> dict[str, torch.Tensor]:
+    """Load fraction per expert, max/min load ratio and normalised routing entropy (all detached)."""
+    with torch.no_grad():
+        valid = ids_NK >= 0
+        counts_E = torch.bincount(ids_NK[valid], minlength=n_experts).float()
+        load_E = counts_E / counts_E.sum().clamp(min=1)
+        entropy = -(probs_NE * probs_NE.clamp(min=1e-12).log()).sum(-1).mean() / math.log(n_experts)
+        return {
+            "load": load_E,
+            "max_min_load": counts_E.max() / counts_E.min().clamp(min=1),
+            "entropy": entropy,
+        }

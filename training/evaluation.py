@@ -1,0 +1,55 @@
+"""Evaluation shared by the trainer, the sampler and ``evaluate.py``: val loss and checkpoint loading."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@torch.no_grad()
+def evaluate_loss(model, data, seq_len: int, batch_size: int, max_batches: int | None, device, autocast_dtype=None) -> dict[str, float]:
+    """Mean next-token loss over deterministic val windows → val_loss, val_ppl, val_bpb."""
+    from training.data import iter_eval_batches
+
+    was_training = model.training
+    model.eval()
+    loss_sum, count = 0.0, 0
+    for x_BT, y_BT in iter_eval_batches(data.val, data.val_mask, seq_len, batch_size, max_batches):
+        x_BT, y_BT = x_BT.to(device), y_BT.to(device)
+        with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = model(x_BT, y_BT)
+        n = int((y_BT != -100).sum())
+        loss_sum += out.lm_loss.item() * n
+        count += n
+    model.train(was_training)
+    val_loss = loss_sum / max(count, 1)
+    return {
+        "val_loss": val_loss,
+        "val_ppl": math.exp(min(val_loss, 50.0)),
+        "val_bpb": val_loss / math.log(2) / data.val_bytes_per_token,
+    }
+
+
+def load_trained(target: str | Path, device: str = "auto") -> tuple[Any, Any, Any, Path]:
+    """(model in eval mode, prepared data, validated config, checkpoint path) from a run folder or .pt file."""
+    from training import checkpoint as ckpt
+    from training.config import validate
+    from training.data import prepare_data
+    from training.trainer import build_model, resolve_device
+
+    target = Path(target)
+    if target.is_dir():
+        found = ckpt.find_resume_checkpoint(target)
+        if found is None:
+            raise ckpt.CheckpointError(f"no usable checkpoint in {target / ckpt.CHECKPOINT_DIR}")
+        path, state = found
+    else:
+        path, state = target, ckpt.load_checkpoint(target)
+    root = validate(state["config"])
+    data = prepare_data(root.data, progress=False)
+    model = build_model(root, data.tokenizer.vocab_size)
+    model.load_state_dict(state["model"])
+    model.to(resolve_device(device)).eval()
+    return model, data, root, path

@@ -48,6 +48,9 @@ def _interp_configs():
 
 
 if HAS_TRITON:
+    # fp32 inputs multiply in full fp32 like torch's default matmul (no silent TF32); fp16/bf16
+    # inputs are unaffected and use the tensor cores either way
+    PRECISION = tl.constexpr("ieee")
     GEMM_CONFIGS = _gemm_configs()
     ACTIVE_CONFIGS = _interp_configs() if INTERPRET else GEMM_CONFIGS
 
@@ -96,10 +99,10 @@ if HAS_TRITON:
                 k_mask = (offs_k + k0) < D
                 xa = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
                 wg = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-                acc_g = tl.dot(xa, wg, acc_g)
+                acc_g = tl.dot(xa, wg, acc_g, input_precision=PRECISION)
                 if SWIGLU:
                     wu = tl.load(w_ptrs + F * stride_wh, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-                    acc_u = tl.dot(xa, wu, acc_u)
+                    acc_u = tl.dot(xa, wu, acc_u, input_precision=PRECISION)
                 x_ptrs += BLOCK_K
                 w_ptrs += BLOCK_K * stride_wd
             H = 2 * F if SWIGLU else F
@@ -136,7 +139,7 @@ if HAS_TRITON:
                 k_mask = (offs_k + k0) < K_IN
                 a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-                acc = tl.dot(a, w, acc)
+                acc = tl.dot(a, w, acc, input_precision=PRECISION)
                 a_ptrs += BLOCK_K
                 w_ptrs += BLOCK_K * stride_wk
             if HAS_GATE:

@@ -27,7 +27,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from kernels.moe.grouped_gemm import ACTIVE_CONFIGS, _e_pow2, _expert_tile, _tile_grid
+    from kernels.moe.grouped_gemm import ACTIVE_CONFIGS, PRECISION, _e_pow2, _expert_tile, _tile_grid
 
     # every BLOCK_N in use is a multiple of this, so each config writes every partial column
     DGATE_CHUNK = min(c.kwargs["BLOCK_N"] for c in ACTIVE_CONFIGS)
@@ -56,7 +56,7 @@ if HAS_TRITON:
                 k_mask = (offs_k + k0) < D
                 dy = tl.load(dy_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-                acc = tl.dot(dy, w, acc)
+                acc = tl.dot(dy, w, acc, input_precision=PRECISION)
                 dy_ptrs += BLOCK_K
                 w_ptrs += BLOCK_K * stride_wd
             H = 2 * F if SWIGLU else F
@@ -111,7 +111,7 @@ if HAS_TRITON:
             if B_GATE:
                 g = tl.load(gate_ptr + slot, mask=p_mask, other=0.0).to(tl.float32)
                 b = (b.to(tl.float32) * g[:, None]).to(b_ptr.dtype.element_ty)
-            acc = tl.dot(a_t, b, acc)
+            acc = tl.dot(a_t, b, acc, input_precision=PRECISION)
         out_ptrs = out_ptr + e.to(tl.int64) * I * J + offs_i[:, None] * J + offs_j[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=i_mask[:, None] & j_mask[None, :])
 

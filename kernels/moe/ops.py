@@ -18,7 +18,7 @@ from kernels.moe.torch_backend import expert_mlp_torch
 
 BACKENDS = ("triton", "torch", "reference")
 ACTIVATIONS = ("swiglu", "gelu")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: torch/reference only
 ID_DTYPES = (torch.int32, torch.int64)
 
 
@@ -117,7 +117,7 @@ def expert_mlp(x, expert_ids, expert_weights, w_in, w_out, activation: str = "sw
     """Top-k mixture of expert MLPs: ``y[n] = Σ_j expert_weights[n, j] · expert_{expert_ids[n, j]}(x[n])``.
 
     Args:
-        x:              (N, D) float16 / bfloat16 / float32, contiguous.
+        x:              (N, D) float16 / bfloat16 / float32 (float64: torch and reference only), contiguous.
         expert_ids:     (N, k) int32/int64, values in [0, E) or -1 (empty slot: adds nothing).
                         k is a runtime value (elastic top-k needs no recompilation).
         expert_weights: (N, k) floating gates; gradients flow into them.
@@ -137,7 +137,11 @@ def expert_mlp(x, expert_ids, expert_weights, w_in, w_out, activation: str = "sw
     range, unknown activation or backend.
     """
     _check_inputs(x, expert_ids, expert_weights, w_in, w_out, activation)
+    if x.dtype == torch.float64 and backend == "triton":
+        _fail(TypeError, "x", "dtype float64 is not supported by backend='triton'; use 'torch' or 'reference'")
     backend = resolve_backend(backend, x.device, BACKENDS, cpu_default="torch")
+    if x.dtype == torch.float64 and backend == "triton":  # "auto" on CUDA
+        backend = "torch"
     if backend == "reference":
         return expert_mlp_reference(x, expert_ids, expert_weights, w_in, w_out, activation)
     if backend == "torch" or x.shape[0] == 0:  # no tokens: nothing to launch

@@ -28,6 +28,7 @@ CASES = [  # (N, D, F, E, k, dtype, activation, pattern)
     (33, 24, 20, 4, 2, torch.float32, "swiglu", "empty_expert"),
     (33, 24, 20, 4, 2, torch.float16, "gelu", "one_expert"),
     (23, 40, 24, 1, 1, torch.float32, "gelu", "random"),  # a single expert
+    (20, 16, 16, 256, 4, torch.float32, "swiglu", "drop"),  # E = 256: most experts empty
 ]
 
 

@@ -1,0 +1,262 @@
+"""Triton flash-attention backward for decoupled key/value head maps (recompute P from the lse).
+
+Legend (shape suffixes):
+    B batch   T queries   S keys   H query heads   Hk key heads   Hv value heads   G heads of a group
+    d query/key head dim   dv value head dim
+
+    δ_BHT = rowsum(dO ∘ O)                         (_attn_bwd_delta)
+    P = exp(scale·QKᵀ − lse),  dP = dO Vᵀ,  dS = P ∘ (dP − δ)
+    dQ = scale · dS K                              (_attn_bwd_dq: one program per query block/head)
+    dK[g] = scale · Σ_{h: k_head[h]=g} dSₕᵀ Qₕ      (_attn_bwd_dkdv: one program per key block/group)
+    dV[g] = Σ_{h: v_head[h]=g} Pₕᵀ dOₕ
+
+Many query heads share one key (value) head, so dK (dV) is a sum over query heads. We reduce it
+*inside* one program that owns a key block of one key head and loops over that head's query
+heads (a CSR list: heads sorted by map, plus offsets). This is deterministic and needs neither
+atomics nor a per-query-head fp32 buffer. When k_head == v_head (MHA / GQA / MQA) one launch
+computes dK and dV together; with decoupled maps the groups differ, so dK (grouped by k_head)
+and dV (grouped by v_head) are two launches, and the dV launch recomputes QKᵀ (5 matmuls per
+tile pair instead of 4).
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import HAS_TRITON, INTERPRET
+from kernels.attention.flash import LOG2E, _strides, block_dim, last_dim_contiguous
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from kernels.attention.flash import _load_rows, _query_positions
+
+DELTA_BLOCK_M = 16 if INTERPRET else 64
+
+
+def _dq_configs():
+    cfg = triton.Config
+    return [
+        cfg({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),  # small: fp32 at d=128 fits here
+    ]
+
+
+def _dkdv_configs():
+    cfg = triton.Config
+    return [
+        cfg({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        cfg({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),  # small: fp32 at d=128 fits here
+    ]
+
+
+def _interp_configs():
+    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+
+
+if HAS_TRITON:
+    DQ_CONFIGS, DKDV_CONFIGS = _dq_configs(), _dkdv_configs()
+    ACTIVE_DQ_CONFIGS = _interp_configs() if INTERPRET else DQ_CONFIGS
+    ACTIVE_DKDV_CONFIGS = _interp_configs() if INTERPRET else DKDV_CONFIGS
+
+    @triton.jit
+    def _attn_bwd_delta(o_ptr, do_ptr, delta_ptr, T, H,
+                        stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
+                        DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Grid (cdiv(T, BLOCK_M), B·H): δ_BHT = Σ_dv O·dO in fp32."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        mask = (offs_m < T)[:, None] & (offs_dv < DV)[None, :]
+        o = tl.load(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_dv[None, :],
+                    mask=mask, other=0.0)
+        do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_dv[None, :],
+                     mask=mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(delta_ptr + pid_bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+
+    @triton.autotune(configs=ACTIVE_DQ_CONFIGS, key=["D", "DV", "CAUSAL", "HAS_POS"])
+    @triton.jit
+    def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, pos_ptr, k_head_ptr, v_head_ptr,
+                     scale_log2, scale, T, S, H,
+                     stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
+                     stride_vb, stride_vs, stride_vh, stride_dob, stride_dot, stride_doh,
+                     stride_dqb, stride_dqt, stride_dqh,
+                     D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Grid (cdiv(T, BLOCK_M), B·H): dq_BTHd for one query block of one head."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = pid_bh % H
+        kh = tl.load(k_head_ptr + h).to(tl.int64)
+        vh = tl.load(v_head_ptr + h).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        row_ok = offs_m < T
+        q = _load_rows(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                       row_ok, offs_d < D, True, D != BLOCK_D)
+        do = _load_rows(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_dv[None, :],
+                        row_ok, offs_dv < DV, True, DV != BLOCK_DV)
+        lse2 = tl.load(lse_ptr + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+        pos = _query_positions(pos_ptr, b, offs_m, row_ok, T, S, HAS_POS)
+        if CAUSAL:
+            hi = tl.minimum(tl.max(tl.where(row_ok, pos, 0), 0) + 1, S)
+        else:
+            hi = S
+        k_base = k_ptr + b * stride_kb + kh * stride_kh
+        v_base = v_ptr + b * stride_vb + vh * stride_vh
+
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(0, hi, BLOCK_N):
+            cols = start_n + offs_n
+            col_ok = cols < S
+            k = _load_rows(k_base + cols[:, None] * stride_ks + offs_d[None, :], col_ok, offs_d < D,
+                           True, D != BLOCK_D)
+            v = _load_rows(v_base + cols[:, None] * stride_vs + offs_dv[None, :], col_ok, offs_dv < DV,
+                           True, DV != BLOCK_DV)
+            ok = col_ok[None, :]
+            if CAUSAL:
+                ok = ok & (cols[None, :] <= pos[:, None])
+            p = tl.where(ok, tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+        dq_ptrs = dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
+        tl.store(dq_ptrs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d < D)[None, :])
+
+    @triton.autotune(configs=ACTIVE_DKDV_CONFIGS, key=["D", "DV", "CAUSAL", "HAS_POS", "DO_DK", "DO_DV"])
+    @triton.jit
+    def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, pos_ptr,
+                       k_head_ptr, v_head_ptr, order_ptr, offsets_ptr,
+                       scale_log2, scale, T, S, H, G,
+                       stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
+                       stride_vb, stride_vs, stride_vh, stride_dob, stride_dot, stride_doh,
+                       stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+                       D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
+                       DO_DK: tl.constexpr, DO_DV: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Grid (cdiv(S, BLOCK_N), B·G): dK and/or dV rows of one key block of group g, summed over
+        the query heads order[offsets[g]:offsets[g+1]] mapped to g."""
+        pid_n = tl.program_id(0)
+        pid_bg = tl.program_id(1)
+        b = (pid_bg // G).to(tl.int64)
+        g = (pid_bg % G).to(tl.int64)
+        start_n = pid_n * BLOCK_N
+        cols = start_n + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        col_ok = cols < S
+        # default positions are increasing (S - T + i): query blocks before m_lo see none of these keys
+        if CAUSAL and not HAS_POS:
+            m_lo = tl.maximum(start_n - (S - T), 0) // BLOCK_M * BLOCK_M
+        else:
+            m_lo = 0
+
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+        h_lo = tl.load(offsets_ptr + g)
+        h_hi = tl.load(offsets_ptr + g + 1)
+        for i in range(h_lo, h_hi):
+            h = tl.load(order_ptr + i).to(tl.int64)
+            kh = tl.load(k_head_ptr + h).to(tl.int64)
+            k = _load_rows(k_ptr + b * stride_kb + kh * stride_kh + cols[:, None] * stride_ks + offs_d[None, :],
+                           col_ok, offs_d < D, True, D != BLOCK_D)
+            if DO_DK:  # dP needs the value head of this query head
+                vh = tl.load(v_head_ptr + h).to(tl.int64)
+                v = _load_rows(v_ptr + b * stride_vb + vh * stride_vh + cols[:, None] * stride_vs + offs_dv[None, :],
+                               col_ok, offs_dv < DV, True, DV != BLOCK_DV)
+            bh = b * H + h
+            q_base = q_ptr + b * stride_qb + h * stride_qh
+            do_base = do_ptr + b * stride_dob + h * stride_doh
+            for start_m in range(m_lo, T, BLOCK_M):
+                rows = start_m + offs_m
+                row_ok = rows < T
+                q = _load_rows(q_base + rows[:, None] * stride_qt + offs_d[None, :], row_ok, offs_d < D,
+                               True, D != BLOCK_D)
+                do = _load_rows(do_base + rows[:, None] * stride_dot + offs_dv[None, :], row_ok, offs_dv < DV,
+                                True, DV != BLOCK_DV)
+                lse2 = tl.load(lse_ptr + bh * T + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+                ok = col_ok[:, None] & row_ok[None, :]
+                if CAUSAL:
+                    pos = _query_positions(pos_ptr, b, rows, row_ok, T, S, HAS_POS)
+                    ok = ok & (cols[:, None] <= pos[None, :])
+                # transposed tiles (keys × queries) so dK, dV come out of one matmul each
+                p_t = tl.where(ok, tl.exp2(tl.dot(k, tl.trans(q)) * scale_log2 - lse2[None, :]), 0.0)
+                if DO_DV:
+                    dv += tl.dot(p_t.to(do.dtype), do)
+                if DO_DK:
+                    delta = tl.load(delta_ptr + bh * T + rows, mask=row_ok, other=0.0)
+                    ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+                    dk += tl.dot(ds_t.to(q.dtype), q)
+        if DO_DK:
+            dk_ptrs = dk_ptr + b * stride_dkb + g * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
+            tl.store(dk_ptrs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None] & (offs_d < D)[None, :])
+        if DO_DV:
+            dv_ptrs = dv_ptr + b * stride_dvb + g * stride_dvh + cols[:, None] * stride_dvs + offs_dv[None, :]
+            tl.store(dv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None] & (offs_dv < DV)[None, :])
+
+
+def head_groups(map_H: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR of query heads by group: order_H (heads sorted by map, stable), offsets_G1 (int32).
+    Computed on the device without a host sync; groups no head maps to get an empty range."""
+    order_H = torch.argsort(map_H, stable=True).to(torch.int32)
+    counts_G = torch.bincount(map_H.long(), minlength=n_groups)
+    offsets_G1 = torch.zeros(n_groups + 1, dtype=torch.int32, device=map_H.device)
+    offsets_G1[1:] = torch.cumsum(counts_G, 0)
+    return order_H, offsets_G1
+
+
+def flash_bwd(do_BTHdv, q_BTHd, k_BSHkd, v_BSHvdv, out_BTHdv, lse_BHT, k_head_H, v_head_H, pos_BT,
+              causal: bool, scale: float, shared_map: bool):
+    """Launch the backward; returns dq_BTHd, dk_BSHkd, dv_BSHvdv in the inputs' dtypes.
+
+    `shared_map`: k_head == v_head elementwise (and Hk == Hv), so dK and dV share one launch.
+    """
+    do_BTHdv, q_BTHd, k_BSHkd, v_BSHvdv = (last_dim_contiguous(x) for x in (do_BTHdv, q_BTHd, k_BSHkd, v_BSHvdv))
+    B, T, H, d = q_BTHd.shape
+    S, Hk, Hv, dv = k_BSHkd.shape[1], k_BSHkd.shape[2], v_BSHvdv.shape[2], v_BSHvdv.shape[3]
+    dq_BTHd = torch.empty_like(q_BTHd)
+    dk_BSHkd = torch.empty(B, S, Hk, d, device=k_BSHkd.device, dtype=k_BSHkd.dtype)
+    dv_BSHvdv = torch.empty(B, S, Hv, dv, device=v_BSHvdv.device, dtype=v_BSHvdv.dtype)
+    if B == 0 or T == 0:
+        return dq_BTHd.zero_(), dk_BSHkd.zero_(), dv_BSHvdv.zero_()
+    has_pos = pos_BT is not None
+    pos_arg = pos_BT if has_pos else k_head_H  # never read when HAS_POS is False
+    shapes = dict(D=d, DV=dv, CAUSAL=causal, HAS_POS=has_pos, BLOCK_D=block_dim(d), BLOCK_DV=block_dim(dv))
+
+    delta_BHT = torch.empty(B, H, T, device=q_BTHd.device, dtype=torch.float32)
+    _attn_bwd_delta[(triton.cdiv(T, DELTA_BLOCK_M), B * H)](
+        out_BTHdv, do_BTHdv, delta_BHT, T, H, *_strides(out_BTHdv), *_strides(do_BTHdv),
+        DV=dv, BLOCK_DV=block_dim(dv), BLOCK_M=DELTA_BLOCK_M)
+
+    _attn_bwd_dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
+        q_BTHd, k_BSHkd, v_BSHvdv, do_BTHdv, dq_BTHd, lse_BHT, delta_BHT, pos_arg, k_head_H, v_head_H,
+        scale * LOG2E, scale, T, S, H,
+        *_strides(q_BTHd), *_strides(k_BSHkd), *_strides(v_BSHvdv), *_strides(do_BTHdv), *_strides(dq_BTHd),
+        **shapes)
+
+    launches = [(k_head_H, Hk, True, True)] if shared_map else [(k_head_H, Hk, True, False), (v_head_H, Hv, False, True)]
+    for map_H, G, do_dk, do_dv in launches:
+        order_H, offsets_G1 = head_groups(map_H, G)
+        _attn_bwd_dkdv[lambda meta, G=G: (triton.cdiv(S, meta["BLOCK_N"]), B * G)](
+            q_BTHd, k_BSHkd, v_BSHvdv, do_BTHdv, dk_BSHkd, dv_BSHvdv, lse_BHT, delta_BHT, pos_arg,
+            k_head_H, v_head_H, order_H, offsets_G1,
+            scale * LOG2E, scale, T, S, H, G,
+            *_strides(q_BTHd), *_strides(k_BSHkd), *_strides(v_BSHvdv), *_strides(do_BTHdv),
+            *_strides(dk_BSHkd), *_strides(dv_BSHvdv),
+            DO_DK=do_dk, DO_DV=do_dv, **shapes)
+    return dq_BTHd, dk_BSHkd, dv_BSHvdv

@@ -105,7 +105,7 @@ def framework_runner(shape, run_dir):
 
     d, n_layers, n_heads, seq_len, batch, vocab = shape
     cfg = compose([
-        f"model.d_model={d}", f"model.n_layers={n_layers}", f"model.n_heads={n_heads}",
+        "model=dense_tiny", f"model.d_model={d}", f"model.n_layers={n_layers}", f"model.n_heads={n_heads}",
         f"data.seq_len={seq_len}", f"data.tokenizer.vocab_size={vocab}", f"trainer.batch_size={batch}",
         "trainer.progress=false", f"run_dir={run_dir}", "logger=none", "trainer.max_steps=100000",
     ])

@@ -10,6 +10,7 @@ from training.cli import compose
 DATA_CACHE = Path(os.environ.get("SPARSE_TEST_DATA_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "test-data"))
 
 TINY = [
+    "model=dense_tiny",
     "model.d_model=32",
     "model.n_layers=2",
     "model.n_heads=2",

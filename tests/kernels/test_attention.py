@@ -28,6 +28,7 @@ POSITIONS = {
     "decode": (5, 23, True, "default"),
     "subset": (7, 29, True, "subset"),
     "full": (11, 17, False, "default"),
+    "cross": (13, 6, False, "default"),  # non-causal with T > S
 }
 TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-3, 1e-2)}  # (relative RMS, max abs / max |ref|)
 
@@ -121,9 +122,10 @@ def test_triton_fp16_matches_reference(map_name, pos_name, poisoned_empty):
     check_against_reference(map_name, pos_name, torch.float16)
 
 
-@pytest.mark.parametrize("d,dv", [(24, 40), (32, 32), (8, 16)])
+@pytest.mark.parametrize("d,dv", [(24, 40), (8, 16), (64, 64), (128, 128)])
 def test_triton_padded_and_unequal_head_dims(d, dv, poisoned_empty):
-    """d, dv below or between the power-of-2 tiles (masked loads); dv != d."""
+    """The model's head dims 64 / 128, and d, dv below or between the power-of-2 tiles
+    (masked loads) with dv != d."""
     check_against_reference("decoupled", "causal", torch.float32, d=d, dv=dv, B=1, seed=1)
 
 
@@ -139,14 +141,21 @@ def test_triton_many_blocks_and_heads_per_group(poisoned_empty):
 
 
 def test_strided_inputs_and_scale(poisoned_empty):
-    """k, v as views of one packed tensor (as the attention module makes them), custom scale."""
+    """k, v as views of one packed tensor (as the attention module makes them), a transposed
+    upstream gradient, a custom scale, and return_lse=False."""
     g = torch.Generator().manual_seed(3)
     B, T, H, Hk, d = 2, 13, 4, 2, 16
     q = torch.randn(B, T, H, d, generator=g)
-    k, v = torch.randn(B, T, 2, Hk, d, generator=g).unbind(2)
-    out = attention(q, k, v, softmax_scale=0.3, backend="triton")
-    ref = attention(q, k, v, softmax_scale=0.3, backend="reference")
-    assert_close(out, ref, torch.float32, "out")
+    kv = torch.randn(B, T, 2, Hk, d, generator=g)
+    do = torch.randn(B, H, T, d, generator=g).transpose(1, 2)  # (B, T, H, d) view, non-contiguous
+    grads = {}
+    for backend in ("triton", "reference"):
+        q_, kv_ = q.clone().requires_grad_(), kv.clone().requires_grad_()
+        k, v = kv_.unbind(2)
+        out = attention(q_, k, v, softmax_scale=0.3, backend=backend)
+        grads[backend] = (out.detach(), *torch.autograd.grad(out, (q_, kv_), do))
+    for name, a, b in zip(("out", "dq", "dkv"), grads["triton"], grads["reference"]):
+        assert_close(a, b, torch.float32, name)
 
 
 @pytest.mark.parametrize("map_name,pos_name", [("decoupled", "subset"), ("gqa", "decode"), ("mha", "full")])

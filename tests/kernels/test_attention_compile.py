@@ -43,7 +43,8 @@ def _sig(fn, dt: str, ints: tuple[str, ...], fp32_ptrs: tuple[str, ...]) -> dict
 
 def _specs():
     """(name, kernel, signature, constexprs, options, must_fit) for every compile."""
-    from kernels.attention import flash as fw, flash_bwd as bw
+    from kernels.attention import flash as fw
+    from kernels.attention import flash_bwd as bw
 
     out = []
     kernels = [
@@ -58,7 +59,8 @@ def _specs():
             if i == 0:
                 runs += [("bf16", d, flags) for d in EXTRA_DIMS]
                 if kname == "dkdv":  # the decoupled-map launches: dK only, dV only
-                    runs += [("bf16", 128, {"DO_DK": True, "DO_DV": False}), ("bf16", 128, {"DO_DK": False, "DO_DV": True})]
+                    runs += [("bf16", 128, {"DO_DK": True, "DO_DV": False}),
+                             ("bf16", 128, {"DO_DK": False, "DO_DV": True})]
             if i == len(configs) - 1:
                 runs.append(("fp32", 128, flags))
             for dt, d, fl in runs:
@@ -86,7 +88,8 @@ def _compile_all(cc: int) -> dict:
         # At launch the JIT marks 16-aligned pointers and multiple-of-16 ints (strides of 16-wide
         # heads) as such, which enables vectorised loads and cp.async pipelining: mimic that here.
         names = list(fn.arg_names)
-        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in sig if a.endswith("_ptr") or a.startswith("stride_")}
+        attrs = {(names.index(a),): [["tt.divisibility", 16]]
+                 for a in sig if a.endswith("_ptr") or a.startswith("stride_")}
         full_sig = dict(sig, **{k: "constexpr" for k in consts})
         try:
             src = ASTSource(fn=fn, signature=full_sig, constexprs=consts, attrs=attrs)

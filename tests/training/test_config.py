@@ -13,15 +13,21 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_default_config_composes_and_validates():
     root = validate(compose([]))
-    assert root.model.name == "dense_tiny" and root.data.source == "embedded"
-    assert root.model.attention["name"] == "mha" and root.model.ffn["name"] == "swiglu"
+    assert root.model.name == "moe_tiny" and root.data.source == "embedded"  # the default is sparse
+    assert root.model.attention["name"] == "mha" and root.model.ffn["name"] == "moe"
     assert root.model.max_seq_len == root.data.seq_len
 
 
-@pytest.mark.parametrize("preset", ["dense_tiny", "dense_124m"])
+@pytest.mark.parametrize("preset", ["dense_tiny", "dense_124m", "moe_tiny"])
 def test_model_presets_validate(preset):
     root = validate(compose([f"model={preset}"]))
     assert root.model.name == preset
+
+
+@pytest.mark.parametrize("experiment", ["dense_baseline", "moe_vs_dense", "emoe", "ernie_elastic"])
+def test_experiment_presets_validate_and_accept_overrides(experiment):
+    root = validate(compose([f"experiment={experiment}", "trainer.max_steps=7", "seed=3", "run_dir=/tmp/x"]))
+    assert (root.experiment, root.trainer.max_steps, root.seed, root.run_dir) == (experiment, 7, 3, "/tmp/x")
 
 
 @pytest.mark.parametrize("data", ["shakespeare", "files", "hf", "assoc_recall", "mod_add"])
@@ -43,7 +49,8 @@ def test_data_presets_compose(data):
         (["trainer.device=tpu"], r"trainer.device='tpu' is invalid; allowed: one of \['auto', 'cpu', 'cuda'\]"),
         (["trainer.nonfinite=ignore"], r"allowed: one of \['skip', 'abort'\]"),
         (["model.attention.name=flash9"], r"unknown attention block 'flash9'; registered attention blocks: \['mha'"),
-        (["+model.ffn.widht=4"], r"block 'swiglu' has no option 'widht'"),
+        (["+model.ffn.widht=4"], r"block 'moe' has no option 'widht'"),
+        (["model=dense_tiny", "+model.ffn.top_k=2"], r"block 'swiglu' has no option 'top_k'"),
         (["trainer.max_steps=0"], r"trainer.max_steps=0 must be a positive integer"),
         (["+trainer.max_step=5"], r"unknown key 'trainer.max_step'.*Did you mean 'max_steps'"),
         (["data.val_fraction=1.5"], r"data.val_fraction=1.5 must be in \(0, 1\)"),

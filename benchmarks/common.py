@@ -34,3 +34,22 @@ def write_csv(name: str, rows: list[dict]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def save_boxplot(groups: dict[str, list[float]], ylabel: str, title: str, name: str) -> Path:
+    """Box plot of repeated measurements, one box per group → benchmarks/results/<name>.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.boxplot(list(groups.values()), tick_labels=list(groups))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

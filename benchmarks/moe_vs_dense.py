@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from benchmarks.common import RESULTS, environment, write_csv
+from benchmarks.common import environment, save_boxplot, write_csv
 
 
 def make_step(model: str, run_dir: str, d_model: int, n_layers: int):
@@ -67,27 +67,13 @@ def main(argv=None) -> float:
            "moe_step_s": round(moe_s, 5), "dense_step_s": round(dense_s, 5), "moe_over_dense_time": round(ratio, 4), **env}
     kind = "cuda" if torch.cuda.is_available() else "cpu"
     path = write_csv(f"moe_vs_dense_{kind}", [row])
-    _plot(moe_times, dense_times, ratio, env, RESULTS / f"moe_vs_dense_{kind}.png")
+    save_boxplot({"MoE top-2/8": [t * 1e3 for t in moe_times], "dense (equal active)": [t * 1e3 for t in dense_times]},
+                 "ms per training step", f"MoE / dense step time = {ratio:.3f}\n{env['device']}", f"moe_vs_dense_{kind}")
     print(f"device: {env['device']}  torch {env['torch']}")
     print(f"MoE   (8 experts, top-2): {moe_params / 1e6:.2f}M params, {moe_s * 1e3:.1f} ms/step")
     print(f"dense (same activated):   {dense_params / 1e6:.2f}M params, {dense_s * 1e3:.1f} ms/step")
     print(f"step time ratio MoE / dense = {ratio:.3f}  → {path}")
     return ratio
-
-
-def _plot(moe, dense, ratio, env, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.boxplot([[t * 1e3 for t in moe], [t * 1e3 for t in dense]], tick_labels=["MoE top-2/8", "dense (equal active)"])
-    ax.set_ylabel("ms per training step")
-    ax.set_title(f"MoE / dense step time = {ratio:.3f}\n{env['device']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

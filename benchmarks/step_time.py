@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.common import RESULTS, environment, write_csv
+from benchmarks.common import environment, save_boxplot, write_csv
 
 # (name, d_model, n_layers, n_heads, seq_len, batch_size, vocab)
 SHAPES = {
@@ -150,27 +150,13 @@ def main(argv=None):
            "batch_size": shape[4], "vocab": shape[5], "framework_tokens_per_s": round(fw, 1),
            "hand_written_tokens_per_s": round(hw, 1), "ratio": round(ratio, 4), **env}
     path = write_csv(f"step_time_{args.shape}", [row])
-    _plot(framework, hand, args.shape, ratio, env)
+    save_boxplot({"framework": framework, "hand-written": hand}, "training tokens/s",
+                 f"{args.shape}: ratio {ratio:.3f}\n{env['device']}", f"step_time_{args.shape}")
     print(f"device: {env['device']}  torch {env['torch']}")
     print(f"framework:     {fw:,.0f} tokens/s  (repeats: {[round(v) for v in framework]})")
     print(f"hand-written:  {hw:,.0f} tokens/s  (repeats: {[round(v) for v in hand]})")
     print(f"ratio framework / hand-written = {ratio:.3f}  (target >= 0.9)  → {path}")
     return ratio
-
-
-def _plot(framework, hand, shape, ratio, env):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.boxplot([framework, hand], tick_labels=["framework", "hand-written"])
-    ax.set_ylabel("training tokens/s")
-    ax.set_title(f"{shape}: ratio {ratio:.3f}\n{env['device']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"step_time_{shape}.png", dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

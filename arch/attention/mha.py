@@ -8,17 +8,18 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from arch.layers import ForwardContext, RMSNorm, apply_rope
+from kernels.attention import attention
 
 
 class MultiHeadAttention(nn.Module):
     """Pre-projection → RoPE → scaled dot-product attention → output projection.
 
     Options (YAML keys): ``n_kv_heads`` (None = n_heads), ``qk_norm`` (RMSNorm on q and k per
-    head), ``bias`` (biases on the projections), ``backend`` (``sdpa`` via
-    ``F.scaled_dot_product_attention``; the Triton kernel plugs in here later).
+    head), ``bias`` (biases on the projections), ``backend`` (via
+    ``kernels.attention.attention``: ``auto`` = the Triton flash kernel on CUDA, SDPA on CPU;
+    ``sdpa``, ``triton``, ``flash_attn``, ``reference``).
     """
 
     def __init__(
@@ -30,7 +31,7 @@ class MultiHeadAttention(nn.Module):
         n_kv_heads: int | None = None,
         qk_norm: bool = False,
         bias: bool = False,
-        backend: Literal["sdpa"] = "sdpa",
+        backend: Literal["auto", "sdpa", "triton", "flash_attn", "reference"] = "auto",
     ):
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
@@ -57,22 +58,9 @@ class MultiHeadAttention(nn.Module):
         k_BTHd = apply_rope(k_BTHd, ctx.cos_TF, ctx.sin_TF)
         if ctx.kv_cache is not None:
             k_BTHd, v_BTHd = ctx.kv_cache.update(ctx.next_cache_slot(), k_BTHd, v_BTHd)
-        S = k_BTHd.shape[1]
-        # Causal with T < S (decoding): query i sits at key position S - T + i.
-        if T == S:
-            mask, is_causal = None, True
-        else:
-            mask = torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril(diagonal=S - T)
-            is_causal = False
-        out_BHTd = F.scaled_dot_product_attention(
-            q_BTHd.transpose(1, 2),
-            k_BTHd.transpose(1, 2),
-            v_BTHd.transpose(1, 2),
-            attn_mask=mask,
-            is_causal=is_causal,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
-        return self.wo(out_BHTd.transpose(1, 2).reshape(B, T, -1))
+        # T < S (decoding with a cache): query i sits at key position S - T + i, the kernel's default.
+        out_BTHd = attention(q_BTHd, k_BTHd, v_BTHd, causal=True, backend=self.backend)
+        return self.wo(out_BTHd.reshape(B, T, -1))
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token besides the projections: QKᵀ and PV over the causal span (T+1)/2."""

@@ -120,11 +120,12 @@ class MoEFFN(nn.Module):
         selection_NE = probs_NE.detach() + self.expert_bias_E
         if ctx.elastic.expert_mask_E is not None:  # elastic width: only the sampled subset is routable
             selection_NE = selection_NE.masked_fill(~ctx.elastic.expert_mask_E.to(x_ND.device), float("-inf"))
-        k = self.active_top_k(ctx)
-        if ctx.elastic.expert_mask_E is not None:
-            k = min(k, int(ctx.elastic.expert_mask_E.sum()))
+        k, k_ideal = self.active_top_k(ctx), max(self.k_ideal, self.active_top_k(ctx))
+        if ctx.elastic.expert_mask_E is not None:  # never pick (or sample from) a masked expert
+            routable = int(ctx.elastic.expert_mask_E.sum())
+            k, k_ideal = min(k, routable), min(k_ideal, routable)
         if self.training and self.coactivation_prob > 0:
-            ids_NK = coactivation_topk(selection_NE, probs_NE, k, max(self.k_ideal, k), self.coactivation_prob, self.coactivation_mode, self.keep_top1)
+            ids_NK = coactivation_topk(selection_NE, probs_NE, k, k_ideal, self.coactivation_prob, self.coactivation_mode, self.keep_top1)
         else:
             ids_NK = selection_NE.topk(k, dim=-1).indices
         gates_NK = probs_NE.gather(1, ids_NK)

@@ -5,7 +5,13 @@ Public API (attention blocks and tests call exactly this):
               softmax_scale=None, return_lse=False, backend="auto") -> out (or (out, lse))
     last_row_attention_entropy(q, k, *, k_head=None, softmax_scale=None, backend="auto") -> ent (B, H)
 """
-from kernels.attention.ops import BACKENDS, ENTROPY_BACKENDS, FlashAttentionFunction, attention, last_row_attention_entropy
+from kernels.attention.ops import (
+    BACKENDS,
+    ENTROPY_BACKENDS,
+    FlashAttentionFunction,
+    attention,
+    last_row_attention_entropy,
+)
 from kernels.attention.reference import attention_reference, last_row_entropy_reference
 
 __all__ = [

@@ -20,28 +20,33 @@ def _visible_mask(pos_BT: torch.Tensor, S: int) -> torch.Tensor:
 
 
 def attention_sdpa(q_BTHd, k_BSHkd, v_BSHvdv, k_head_H, v_head_H, pos_BT, causal: bool, scale: float,
-                   default_positions: bool, return_lse: bool):
+                   default_positions: bool, return_lse: bool, plain_gqa: bool = False):
     """Expand K/V to one head per query head with ``index_select`` (H/Hk times K's memory), then
-    ``F.scaled_dot_product_attention``. Correct for every map and position set.
+    ``F.scaled_dot_product_attention``. Correct for every map and position set. With the default
+    (contiguous GQA) maps, ``plain_gqa`` skips the copy and lets SDPA broadcast (``enable_gqa``).
 
     The lse is not exposed by SDPA, so ``return_lse`` recomputes it from explicit scores (T×S per
     head in memory); it is meant for checks, not for speed.
     """
     T, S = q_BTHd.shape[1], k_BSHkd.shape[1]
     q_BHTd = q_BTHd.transpose(1, 2)
-    k_BHSd = k_BSHkd.index_select(2, k_head_H).transpose(1, 2)
-    v_BHSdv = v_BSHvdv.index_select(2, v_head_H).transpose(1, 2)
+    if plain_gqa:
+        k_BHSd, v_BHSdv = k_BSHkd.transpose(1, 2), v_BSHvdv.transpose(1, 2)
+    else:
+        k_BHSd = k_BSHkd.index_select(2, k_head_H).transpose(1, 2)
+        v_BHSdv = v_BSHvdv.index_select(2, v_head_H).transpose(1, 2)
     mask_B1TS, is_causal = None, False
     if causal and default_positions and T == S:
         is_causal = True  # lets SDPA pick its flash / memory-efficient kernels
     elif causal:
         mask_B1TS = _visible_mask(pos_BT, S)
     out_BHTdv = F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSdv, attn_mask=mask_B1TS, is_causal=is_causal,
-                                               scale=scale)
+                                               scale=scale, enable_gqa=k_BHSd.shape[1] != q_BHTd.shape[1])
     out_BTHdv = out_BHTdv.transpose(1, 2)
     if not return_lse:
         return out_BTHdv, None
-    scores_BHTS = scale * (q_BHTd.float() @ k_BHSd.float().transpose(-1, -2))
+    k_lse_BHSd = k_BSHkd.index_select(2, k_head_H).transpose(1, 2) if plain_gqa else k_BHSd
+    scores_BHTS = scale * (q_BHTd.float() @ k_lse_BHSd.float().transpose(-1, -2))
     if causal:
         scores_BHTS = scores_BHTS.masked_fill(~_visible_mask(pos_BT, S), float("-inf"))
     return out_BTHdv, torch.logsumexp(scores_BHTS, dim=-1)

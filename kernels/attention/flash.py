@@ -18,8 +18,6 @@ Only pointer arithmetic is used (no ``tl.make_block_ptr``: removed in newer Trit
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from kernels import HAS_TRITON, INTERPRET
@@ -193,7 +191,3 @@ def flash_fwd(q_BTHd, k_BSHkd, v_BSHvdv, k_head_H, v_head_H, pos_BT, causal: boo
         D=d, DV=dv, CAUSAL=causal, HAS_POS=has_pos, BLOCK_D=block_dim(d), BLOCK_DV=block_dim(dv),
     )
     return out_BTHdv, lse_BHT
-
-
-def default_scale(d: int) -> float:
-    return 1.0 / math.sqrt(d)

@@ -249,7 +249,10 @@ def flash_bwd(do_BTHdv, q_BTHd, k_BSHkd, v_BSHvdv, out_BTHdv, lse_BHT, k_head_H,
         *_strides(q_BTHd), *_strides(k_BSHkd), *_strides(v_BSHvdv), *_strides(do_BTHdv), *_strides(dq_BTHd),
         **shapes)
 
-    launches = [(k_head_H, Hk, True, True)] if shared_map else [(k_head_H, Hk, True, False), (v_head_H, Hv, False, True)]
+    # (map, groups, DO_DK, DO_DV): one fused launch, or dK grouped by k_head then dV by v_head
+    launches = [(k_head_H, Hk, True, True)]
+    if not shared_map:
+        launches = [(k_head_H, Hk, True, False), (v_head_H, Hv, False, True)]
     for map_H, G, do_dk, do_dv in launches:
         order_H, offsets_G1 = head_groups(map_H, G)
         _attn_bwd_dkdv[lambda meta, G=G: (triton.cdiv(S, meta["BLOCK_N"]), B * G)](

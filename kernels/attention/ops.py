@@ -173,7 +173,7 @@ def attention(q, k, v, *, causal=True, k_head=None, v_head=None, q_positions=Non
         out, lse = _attention_triton(q, k, v, a, causal)
     elif backend == "sdpa":
         out, lse = attention_sdpa(q, k, v, a.k_head_H, a.v_head_H, a.positions(B, T, S, q.device), causal, a.scale,
-                                  a.pos_BT is None, return_lse)
+                                  a.pos_BT is None, return_lse, plain_gqa=a.default_k and a.default_v and k.shape[2] == v.shape[2])
     elif backend == "flash_attn":
         for name, is_default in (("k_head", a.default_k), ("v_head", a.default_v), ("q_positions", a.pos_BT is None)):
             if not is_default:

@@ -143,7 +143,7 @@ def test_registry_lists_names_and_rejects_unknown_options():
         ATTENTION.get("flash9")
     with pytest.raises(ConfigError, match=r"has no option 'kv_heads'.*n_kv_heads"):
         ATTENTION.validate_options("mha", {"kv_heads": 2}, "model.attention")
-    with pytest.raises(ConfigError, match=r"model.attention.backend='cuda' is invalid; expected one of \['sdpa'\]"):
+    with pytest.raises(ConfigError, match=r"model.attention.backend='cuda' is invalid; expected one of \['auto', 'sdpa', 'triton', 'flash_attn', 'reference'\]"):
         ATTENTION.validate_options("mha", {"backend": "cuda"}, "model.attention")
     with pytest.raises(ConfigError, match="expected a value of type int"):
         FFN.validate_options("swiglu", {"hidden_dim": "wide"}, "model.ffn")
@@ -165,3 +165,21 @@ def test_every_block_yaml_matches_its_constructor():
             node = yaml.safe_load(f.read_text())
             assert node["name"] == f.stem
             assert set(node) - {"name"} == set(registry.options(f.stem)), f
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_attention_backends_agree_inside_the_model(backend, n_kv_heads):
+    """The model's attention through the Triton kernel (interpreter on CPU) equals the SDPA path."""
+    torch.manual_seed(0)
+    sdpa = tiny_model(attention={"name": "mha", "n_kv_heads": n_kv_heads, "backend": "sdpa"})
+    other = tiny_model(attention={"name": "mha", "n_kv_heads": n_kv_heads, "backend": backend})
+    other.load_state_dict(sdpa.state_dict())
+    idx = torch.randint(0, 97, (2, 9))
+    a, b = sdpa(idx, idx), other(idx, idx)
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-4)
+    a.loss.backward()
+    b.loss.backward()
+    torch.testing.assert_close(other.embed.weight.grad, sdpa.embed.weight.grad, rtol=1e-3, atol=1e-5)
+    prompt = idx[:, :4]
+    assert torch.equal(other.generate(prompt, 3, temperature=0), sdpa.generate(prompt, 3, temperature=0))

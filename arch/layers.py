@@ -5,6 +5,7 @@ Legend: B batch, T query length, S key length, D d_model, H heads, Hk key/value 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -105,12 +106,33 @@ class ElasticSetting:
 FULL_MODEL = ElasticSetting()
 
 
+class ModelShared(nn.Module):
+    """Model-wide facts and modules that several layers share, passed to every block's constructor.
+
+    ``n_layers`` lets a layer know the depth (e.g. to place rotational windows); ``get_or_create``
+    hands every caller the same module (e.g. one expert pool used by all layers, registered once
+    here so its parameters are counted and stored once).
+    """
+
+    def __init__(self, d_model: int, n_layers: int, n_heads: int):
+        super().__init__()
+        self.d_model, self.n_layers, self.n_heads = d_model, n_layers, n_heads
+        self.modules_by_name = nn.ModuleDict()
+
+    def get_or_create(self, name: str, factory) -> nn.Module:
+        if name not in self.modules_by_name:
+            self.modules_by_name[name] = factory()
+        return self.modules_by_name[name]
+
+
 @dataclass
 class ForwardContext:
     """What every block sees besides its input: positions, RoPE tables, cache, and the aux-loss sink.
 
     Sparse blocks call ``add_aux_loss`` / ``add_metric``; the model sums the losses into the
-    training loss and returns both dicts, so the trainer never needs to know about them.
+    training loss and returns both dicts, so the trainer never needs to know about them. A loss
+    that needs statistics pooled over all layers accumulates them in ``state`` and registers a
+    finalizer, which the model calls once after the last layer.
     """
 
     cos_TF: torch.Tensor
@@ -120,6 +142,8 @@ class ForwardContext:
     elastic: ElasticSetting = FULL_MODEL
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)  # per-forward state carried across layers
+    finalizers: list[Callable[["ForwardContext"], None]] = field(default_factory=list)  # run after the last layer
     _attention_calls: int = 0
 
     def next_cache_slot(self) -> int:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arch.layers import FULL_MODEL, ElasticSetting, ForwardContext, KVCache, RMSNorm, RotaryEmbedding
+from arch.layers import FULL_MODEL, ElasticSetting, ForwardContext, KVCache, ModelShared, RMSNorm, RotaryEmbedding
 from arch.registry import ATTENTION, DEPTH, FFN
 
 
@@ -31,14 +31,12 @@ class ModelOutput:
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, cfg, layer_idx: int):
+    def __init__(self, cfg, layer_idx: int, shared: ModelShared):
         super().__init__()
-        attn_opts = _options(cfg.attention)
-        ffn_opts = _options(cfg.ffn)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = ATTENTION.build(cfg.attention["name"], cfg.d_model, cfg.n_heads, layer_idx, **attn_opts)
+        self.attn = ATTENTION.build(cfg.attention["name"], cfg.d_model, cfg.n_heads, layer_idx, shared, **_options(cfg.attention))
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = FFN.build(cfg.ffn["name"], cfg.d_model, layer_idx, **ffn_opts)
+        self.ffn = FFN.build(cfg.ffn["name"], cfg.d_model, layer_idx, shared, **_options(cfg.ffn))
 
     def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), ctx)
@@ -58,7 +56,8 @@ class LanguageModel(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.rope = RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
-        self.depth = DEPTH.build(cfg.depth["name"], cfg.n_layers, lambda i: Block(cfg, i), **_options(cfg.depth))
+        self.shared = ModelShared(cfg.d_model, cfg.n_layers, cfg.n_heads)  # built before the blocks that use it
+        self.depth = DEPTH.build(cfg.depth["name"], cfg.n_layers, lambda i: Block(cfg, i, self.shared), self.shared, **_options(cfg.depth))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.elastic = FULL_MODEL  # the sub-network to run; see set_elastic
@@ -93,6 +92,8 @@ class LanguageModel(nn.Module):
         ctx = ForwardContext(cos_TF=cos_TF, sin_TF=sin_TF, positions_T=positions_T, kv_cache=kv_cache, elastic=self.elastic)
 
         x_BTD = self.depth(self.embed(idx_BT), ctx)
+        for finalize in ctx.finalizers:  # losses over statistics pooled across layers
+            finalize(ctx)
         x_BTD = self.norm(x_BTD)
         if kv_cache is not None:
             kv_cache.length += T

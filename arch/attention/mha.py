@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from arch.layers import ForwardContext, RMSNorm, apply_rope
+from arch.layers import ForwardContext, ModelShared, RMSNorm, apply_rope
 from kernels.attention import attention
 
 
@@ -27,6 +27,7 @@ class MultiHeadAttention(nn.Module):
         d_model: int,
         n_heads: int,
         layer_idx: int,
+        shared: ModelShared | None = None,
         *,
         n_kv_heads: int | None = None,
         qk_norm: bool = False,

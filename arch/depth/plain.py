@@ -6,14 +6,14 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from arch.layers import ForwardContext
+from arch.layers import ForwardContext, ModelShared
 
 
 class PlainDepth(nn.Module):
     """Runs ``blocks[0] … blocks[n_layers-1]``. Other depth schemes (loops, ITT, SGT) share this interface:
-    built from ``(n_layers, make_block)`` and called as ``depth(x, ctx)``."""
+    built from ``(n_layers, make_block, shared)`` and called as ``depth(x, ctx)``."""
 
-    def __init__(self, n_layers: int, make_block: Callable[[int], nn.Module]):
+    def __init__(self, n_layers: int, make_block: Callable[[int], nn.Module], shared: ModelShared | None = None):
         super().__init__()
         self.blocks = nn.ModuleList(make_block(i) for i in range(n_layers))
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arch.layers import ForwardContext
+from arch.layers import ForwardContext, ModelShared
 
 
 class SwiGLUMLP(nn.Module):
@@ -17,7 +17,7 @@ class SwiGLUMLP(nn.Module):
     Options: ``hidden_dim`` (None → 8/3·D rounded up to ``multiple_of``), ``bias``.
     """
 
-    def __init__(self, d_model: int, layer_idx: int, *, hidden_dim: int | None = None, multiple_of: int = 32, bias: bool = False):
+    def __init__(self, d_model: int, layer_idx: int, shared: ModelShared | None = None, *, hidden_dim: int | None = None, multiple_of: int = 32, bias: bool = False):
         super().__init__()
         if hidden_dim is None:
             hidden_dim = multiple_of * -(-int(8 * d_model / 3) // multiple_of)

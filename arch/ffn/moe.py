@@ -28,7 +28,7 @@ from arch.ffn.router import (
     switch_balance_loss,
     z_loss,
 )
-from arch.layers import ForwardContext
+from arch.layers import ForwardContext, ModelShared
 from kernels.moe import expert_mlp
 
 
@@ -43,6 +43,7 @@ class MoEFFN(nn.Module):
         self,
         d_model: int,
         layer_idx: int,
+        shared: ModelShared | None = None,
         *,
         n_experts: int = 8,
         top_k: int = 2,
@@ -95,7 +96,7 @@ class MoEFFN(nn.Module):
         self.router = XMoERouter(d_model, n_experts, xmoe_dim, xmoe_temperature) if router == "xmoe" else LinearRouter(d_model, n_experts)
         self.w_in_EDH = nn.Parameter(torch.empty(n_experts, d_model, 2 * self.F))  # [:F] gate, [F:] up
         self.w_out_EFD = nn.Parameter(torch.empty(n_experts, self.F, d_model))
-        self.shared = SwiGLUMLP(d_model, layer_idx, hidden_dim=n_shared_experts * self.F) if n_shared_experts else None
+        self.shared_experts = SwiGLUMLP(d_model, layer_idx, hidden_dim=n_shared_experts * self.F) if n_shared_experts else None
         # Auxiliary-loss-free balancing (DeepSeek-V3): a bias that changes *selection* only.
         self.register_buffer("expert_bias_E", torch.zeros(n_experts))
         self.register_buffer("pending_counts_E", torch.zeros(n_experts), persistent=False)
@@ -143,8 +144,8 @@ class MoEFFN(nn.Module):
             capacity = math.ceil(self.capacity_factor * ids_NK.numel() / self.E)
             ids_NK, dropped = apply_capacity(ids_NK, self.E, capacity)
         y_ND = expert_mlp(x_ND, ids_NK, gates_NK.to(x_ND.dtype), self.w_in_EDH, self.w_out_EFD, "swiglu", self.backend)
-        if self.shared is not None:
-            y_ND = y_ND + self.shared(x_ND, ctx)
+        if self.shared_experts is not None:
+            y_ND = y_ND + self.shared_experts(x_ND, ctx)
         if self.training:
             self._add_losses(ctx, probs_NE, logits_NE, ids_NK, B, T)
             if ctx.elastic.is_full and self.bias_update_rate > 0:

@@ -45,13 +45,13 @@ def test_gates_are_renormalised_over_selected_experts(scoring):
 
 def test_shared_experts_are_always_active_and_add_parameters():
     plain, shared = moe(), moe(n_shared_experts=1)
-    assert shared.shared is not None
+    assert shared.shared_experts is not None
     assert sum(p.numel() for p in shared.parameters()) - sum(p.numel() for p in plain.parameters()) == 3 * 16 * 12
     shared.load_state_dict(plain.state_dict(), strict=False)  # same router and experts
     x = torch.randn(1, 3, 16)
     assert not torch.allclose(shared(x, ctx()), plain(x, ctx()))
     with torch.no_grad():
-        shared.shared.w_down.weight.zero_()
+        shared.shared_experts.w_down.weight.zero_()
     torch.testing.assert_close(shared(x, ctx()), plain(x, ctx()))  # the difference was the shared branch
 
 

@@ -160,9 +160,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def export_safetensors(model: torch.nn.Module, path: str | Path) -> Path:
-    """Write the model weights as safetensors (tied weights stored once)."""
-    from safetensors.torch import save_model
+    """Write the model's tensors as safetensors: tied weights once, non-tensor extra state left out."""
+    from safetensors.torch import save_file
 
     path = Path(path)
-    save_model(model, str(path))
+    tensors, seen = {}, set()
+    for name, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            continue  # get_extra_state() payloads (schedules etc.) live in the checkpoint only
+        key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        if key in seen:
+            continue  # a tied weight (e.g. lm_head = embed) is stored once
+        seen.add(key)
+        tensors[name] = value.detach().contiguous()
+    save_file(tensors, str(path))
     return path

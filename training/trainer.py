@@ -263,6 +263,8 @@ class Trainer:
         return self._finish(first_eval, last_eval, tokens_per_s)
 
     def _throughput(self, metrics: dict, tokens_per_s: float, step_time: float) -> dict[str, Any]:
+        # Recomputed each log row: growing/looped depth schemes change their FLOPs during training.
+        self.flops_per_token = 3 * forward_flops_per_token(self.model, self.root.data.seq_len)
         row = {**metrics, "tokens_per_s": tokens_per_s, "step_time_s": step_time, "flops_per_token": self.flops_per_token}
         achieved = tokens_per_s * self.flops_per_token
         if self.peak_flops:

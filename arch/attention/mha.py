@@ -57,6 +57,8 @@ class MultiHeadAttention(nn.Module):
             q_BTHd, k_BTHd = self.q_norm(q_BTHd), self.k_norm(k_BTHd)
         q_BTHd = apply_rope(q_BTHd, ctx.cos_TF, ctx.sin_TF)
         k_BTHd = apply_rope(k_BTHd, ctx.cos_TF, ctx.sin_TF)
+        if ctx.state.get("sgt_stash_qk"):  # SGT's entropy statistic reuses this pass's q (last row) and k
+            ctx.state[("sgt_qk", self.layer_idx)] = (q_BTHd[:, -1:].detach(), k_BTHd.detach())
         if ctx.kv_cache is not None:
             k_BTHd, v_BTHd = ctx.kv_cache.update(ctx.next_cache_slot(), k_BTHd, v_BTHd)
         # T < S (decoding with a cache): query i sits at key position S - T + i, the kernel's default.

@@ -1,0 +1,123 @@
+"""Triton group-gated GEMMs over column blocks (the MoHD sub-dimension kernels).
+
+Legend (shape suffixes):
+    N tokens (rows)   K input width   M output width   G groups   b block width (K/G or M/G)
+
+A group e owns one contiguous column block of width b. ``gate_NG`` is dense (zero = group off):
+
+    _gated_in_kernel:   y_NM[n]        = Σ_e gate[n, e] · x_NK[n, blk(e)] @ w_KM[blk(e), :]
+                        (gathers the active column blocks of x and the matching row blocks of w)
+    _gated_out_kernel:  y_NM[n, blk(e)] = gate[n, e] · (x_NK[n] @ w_KM[:, blk(e)])
+                        (computes only the active column blocks of w; the others are written as 0)
+
+Rows of a tile usually activate different groups, so a tile cannot gather one weight block for
+all its rows (that needs the token sort of kernels.moe). Instead a tile visits each group once and
+skips the group's GEMM when no row of the tile uses it: the work saved grows with the locality
+of routing over consecutive tokens (MoHD's "activation flow"), and is zero for i.i.d. routing.
+The per-group partial product is scaled in fp32 after the dot, so gates never round the inputs.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import HAS_TRITON, INTERPRET
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+
+def _gemm_configs():
+    """Block configs the autotuner may pick on a GPU (checked to fit sm_80/sm_90 shared memory by
+    tests/kernels/test_mohd_compile.py). BLOCK_K is small because group blocks are narrow (b ≈ 32–128)."""
+    cfg = triton.Config
+    return [
+        cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    ]
+
+
+def _interp_configs():
+    # the interpreter cannot autotune and each program costs milliseconds: one small config
+    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+
+
+if HAS_TRITON:
+    # fp32 inputs multiply in full fp32 like torch's default matmul (no silent TF32)
+    PRECISION = tl.constexpr("ieee")
+    GEMM_CONFIGS = _gemm_configs()
+    ACTIVE_CONFIGS = _interp_configs() if INTERPRET else GEMM_CONFIGS
+
+    @triton.autotune(configs=ACTIVE_CONFIGS, key=["K", "M", "G"])
+    @triton.jit
+    def _gated_in_kernel(x_ptr, w_ptr, gate_ptr, y_ptr, N, K, M, G, B_IN, stride_wk, stride_wm,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask, n_mask = offs_m < N, offs_n < M
+        rows = offs_m.to(tl.int64)
+        arange_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for e in range(0, G):
+            g = tl.load(gate_ptr + rows * G + e, mask=m_mask, other=0.0).to(tl.float32)
+            if tl.max(tl.abs(g), 0) > 0:  # some row of the tile uses group e
+                part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for k0 in range(0, B_IN, BLOCK_K):
+                    in_blk = (k0 + arange_k) < B_IN
+                    offs_k = e * B_IN + k0 + arange_k
+                    xa = tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & in_blk[None, :], other=0.0)
+                    wt = tl.load(w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wm,
+                                 mask=in_blk[:, None] & n_mask[None, :], other=0.0)
+                    part = tl.dot(xa, wt, part, input_precision=PRECISION)
+                acc += part * g[:, None]
+        tl.store(y_ptr + rows[:, None] * M + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.autotune(configs=ACTIVE_CONFIGS, key=["K", "M", "G"])
+    @triton.jit
+    def _gated_out_kernel(x_ptr, w_ptr, gate_ptr, y_ptr, N, K, M, G, B_OUT, stride_wk, stride_wm,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        n_tiles = tl.cdiv(B_OUT, BLOCK_N)  # column tiles per group: tiles never straddle groups
+        e = tl.program_id(1) // n_tiles
+        col = (tl.program_id(1) % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = e * B_OUT + col
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask, n_mask = offs_m < N, col < B_OUT
+        rows = offs_m.to(tl.int64)
+        arange_k = tl.arange(0, BLOCK_K)
+        g = tl.load(gate_ptr + rows * G + e, mask=m_mask, other=0.0).to(tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if tl.max(tl.abs(g), 0) > 0:  # else the tile's outputs are all zero: skip the GEMM
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + arange_k
+                k_mask = offs_k < K
+                xa = tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                wt = tl.load(w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wm,
+                             mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                acc = tl.dot(xa, wt, acc, input_precision=PRECISION)
+        acc = acc * g[:, None]
+        tl.store(y_ptr + rows[:, None] * M + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
+
+
+def gated_in(x_NK: torch.Tensor, gate_NG: torch.Tensor, w_KM: torch.Tensor) -> torch.Tensor:
+    """y = Σ_e gate[:, e] · x[:, blk(e)] @ w[blk(e), :]. x contiguous; w any strides; gate fp32 contiguous."""
+    N, K = x_NK.shape
+    M, G = w_KM.shape[1], gate_NG.shape[1]
+    y_NM = torch.empty((N, M), dtype=x_NK.dtype, device=x_NK.device)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(M, meta["BLOCK_N"]))  # noqa: E731
+    _gated_in_kernel[grid](x_NK, w_KM, gate_NG, y_NM, N, K, M, G, K // G, *w_KM.stride())
+    return y_NM
+
+
+def gated_out(x_NK: torch.Tensor, gate_NG: torch.Tensor, w_KM: torch.Tensor) -> torch.Tensor:
+    """y[:, blk(e)] = gate[:, e] · (x @ w[:, blk(e)]). x contiguous; w any strides; gate fp32 contiguous."""
+    N, K = x_NK.shape
+    M, G = w_KM.shape[1], gate_NG.shape[1]
+    b = M // G
+    y_NM = torch.empty((N, M), dtype=x_NK.dtype, device=x_NK.device)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), G * triton.cdiv(b, meta["BLOCK_N"]))  # noqa: E731
+    _gated_out_kernel[grid](x_NK, w_KM, gate_NG, y_NM, N, K, M, G, b, *w_KM.stride())
+    return y_NM

@@ -1,0 +1,84 @@
+"""Ahead-of-time GPU compile check for the MoHD group-gated GEMM kernels (no GPU needed).
+
+Mirrors tests/kernels/test_moe_compile.py: every kernel is compiled for sm_80 and sm_90 at every
+block config the autotuner can pick on a GPU (bf16, plus fp32 at the smallest config), in a
+subprocess with TRITON_INTERPRET=0, and its shared memory must fit the device.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ARCHS = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per block, bytes
+
+
+def _specs():
+    """(name, kernel, signature, constexprs, options) for both kernels × GPU configs × weight layouts."""
+    from kernels.mohd import gated_gemm as gg
+
+    out = []
+    last = len(gg.GEMM_CONFIGS) - 1
+    variants = [(i, cfg, "bf16") for i, cfg in enumerate(gg.GEMM_CONFIGS)] + [(last, gg.GEMM_CONFIGS[last], "fp32")]
+    for i, cfg, dt in variants:
+        opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        for kname, kern, width in (("gated_in", gg._gated_in_kernel, "B_IN"), ("gated_out", gg._gated_out_kernel, "B_OUT")):
+            sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "gate_ptr": "*fp32", "y_ptr": f"*{dt}",
+                   "N": "i32", "K": "i32", "M": "i32", "G": "i32", width: "i32"}
+            # forward: w row-major (stride_wm = 1); backward: w transposed (stride_wk = 1)
+            for unit, other in (("stride_wm", "stride_wk"), ("stride_wk", "stride_wm")):
+                out.append((f"{kname}[{unit}=1,cfg{i},{dt}]", kern.fn, dict(sig, **{other: "i32"}),
+                            {unit: 1, **cfg.kwargs}, opts))
+    return out
+
+
+def _compile_all(cc: int) -> dict:
+    """Compile every spec for compute capability `cc`; returns name → {shared, wgmma} or {error}."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    results = {}
+    for name, fn, sig, consts, opts in _specs():
+        names = list(fn.arg_names)  # the JIT marks 16-aligned pointers / multiple-of-16 ints: mimic it
+        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in sig}
+        sig = dict(sig, **{k: "constexpr" for k in consts})
+        try:
+            src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+            k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
+            results[name] = {"shared": k.metadata.shared, "wgmma": "wgmma" in k.asm["ptx"]}
+        except Exception as exc:  # reported per kernel by the test
+            results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+    return results
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def compiled(request):
+    cc = request.param
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    code = f"import json; from tests.kernels.test_mohd_compile import _compile_all; print(json.dumps(_compile_all({cc})))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cc, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_every_kernel_compiles_and_fits_shared_memory(compiled):
+    cc, results = compiled
+    assert len(results) == len(_specs())
+    errors = {name: r["error"] for name, r in results.items() if "error" in r}
+    assert not errors, f"sm_{cc} compile failures: {errors}"
+    too_big = {name: r["shared"] for name, r in results.items() if r["shared"] > ARCHS[cc]}
+    assert not too_big, f"sm_{cc} shared memory over {ARCHS[cc]} bytes: {too_big}"
+
+
+def test_hopper_matmuls_use_wgmma(compiled):
+    cc, results = compiled
+    if cc != 90:
+        pytest.skip("wgmma is Hopper-only")
+    gemms = {name: r for name, r in results.items() if "bf16]" in name and "error" not in r}  # fp32 (ieee) uses FMA
+    assert gemms and all(r["wgmma"] for r in gemms.values()), {n: r["wgmma"] for n, r in gemms.items()}

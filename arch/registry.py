@@ -147,6 +147,7 @@ ATTENTION.register_lazy("mha", "arch.attention.mha:MultiHeadAttention")
 FFN.register_lazy("swiglu", "arch.ffn.mlp:SwiGLUMLP")
 FFN.register_lazy("moe", "arch.ffn.moe:MoEFFN")
 FFN.register_lazy("emoe", "arch.ffn.moe:MoEFFN")  # same class; conf/model/ffn/emoe.yaml turns EMoE on
+FFN.register_lazy("moue", "arch.ffn.universal:UniversalMoEFFN")  # Mixture of Universal Experts (reconstruction)
 FFN.register_lazy("mohd", "arch.ffn.mohd:MoHDFFN")
 ATTENTION.register_lazy("mohd_mha", "arch.attention.mohd_attention:MoHDAttention")
 DEPTH.register_lazy("plain", "arch.depth.plain:PlainDepth")

@@ -132,10 +132,22 @@ class LanguageModel(nn.Module):
         top_k: int | None = None,
         eos_id: int | None = None,
         generator: torch.Generator | None = None,
+        sampler: str = "sequential",
+        **sampler_options,
     ) -> torch.Tensor:
-        """Sample continuations with a KV cache. temperature=0 is greedy. Returns (B, T + new)."""
+        """Sample continuations with a KV cache. temperature=0 is greedy. Returns (B, T + new).
+
+        ``sampler="parallel"``: the diffusion-style sampler of recurrent-depth models
+        (``arch.depth.sampler.generate_parallel``, METHODS.md §8.6), which takes ``sampler_options``.
+        """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if sampler == "parallel":
+            from arch.depth.sampler import generate_parallel
+
+            return generate_parallel(self, idx_BT, max_new_tokens, temperature, top_k, eos_id, generator, **sampler_options)
+        if sampler != "sequential" or sampler_options:
+            raise ValueError(f"sampler={sampler!r} with options {sorted(sampler_options)}: use 'sequential' (no options) or 'parallel'")
         B, T = idx_BT.shape
         if T + max_new_tokens > self.cfg.max_seq_len:
             raise ValueError(

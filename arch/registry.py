@@ -151,6 +151,9 @@ FFN.register_lazy("moue", "arch.ffn.universal:UniversalMoEFFN")  # Mixture of Un
 FFN.register_lazy("mohd", "arch.ffn.mohd:MoHDFFN")
 ATTENTION.register_lazy("mohd_mha", "arch.attention.mohd_attention:MoHDAttention")
 DEPTH.register_lazy("plain", "arch.depth.plain:PlainDepth")
+DEPTH.register_lazy("loop", "arch.depth.loop:LoopDepth")
+DEPTH.register_lazy("recurrent", "arch.depth.loop:RecurrentDepth")
+DEPTH.register_lazy("itt", "arch.depth.itt:ITTDepth")
 DEPTH.register_lazy("sgt", "arch.depth.sgt:SGTDepth")
 
 REGISTRIES = {"attention": ATTENTION, "ffn": FFN, "depth": DEPTH}

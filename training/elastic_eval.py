@@ -13,8 +13,8 @@ from training.evaluation import evaluate_loss, load_trained
 
 
 def run_evaluation(cfg) -> dict[str, Path]:
-    if cfg.analysis not in ("elastic", "routing", "all"):
-        raise ConfigError(f"analysis={cfg.analysis!r} is not one of ['elastic', 'routing', 'all']")
+    if cfg.analysis not in ("elastic", "routing", "depth", "all"):
+        raise ConfigError(f"analysis={cfg.analysis!r} is not one of ['elastic', 'routing', 'depth', 'all']")
     model, data, root, path = load_trained(cfg.ckpt, cfg.device)
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "eval"
@@ -25,6 +25,10 @@ def run_evaluation(cfg) -> dict[str, Path]:
         outputs.update(elastic_sweep(model, data, root, cfg, out_dir))
     if cfg.analysis in ("routing", "all"):
         outputs.update(routing_analysis(model, data, root, cfg, out_dir))
+    if cfg.analysis in ("depth", "all") or (cfg.analysis == "elastic" and root.model.depth["name"] != "plain"):
+        from training.depth_eval import depth_sweeps  # iteration counts / ITT selection ratios
+
+        outputs.update(depth_sweeps(model, data, root, cfg, out_dir))
     for name, file in outputs.items():
         print(f"{name}: {file}")
     return outputs

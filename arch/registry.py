@@ -144,6 +144,7 @@ DEPTH = Registry("depth")
 
 # Lazy entries: the names are known without importing torch; the classes load on first use.
 ATTENTION.register_lazy("mha", "arch.attention.mha:MultiHeadAttention")
+ATTENTION.register_lazy("dha", "arch.attention.dha:DecoupledHeadAttention")
 FFN.register_lazy("swiglu", "arch.ffn.mlp:SwiGLUMLP")
 FFN.register_lazy("moe", "arch.ffn.moe:MoEFFN")
 FFN.register_lazy("emoe", "arch.ffn.moe:MoEFFN")  # same class; conf/model/ffn/emoe.yaml turns EMoE on

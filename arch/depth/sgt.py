@@ -52,6 +52,11 @@ class SGTDepth(nn.Module):
     ):
         super().__init__()
         self.blocks = nn.ModuleList(make_block(i) for i in range(n_layers))
+        from arch.attention.mha import MultiHeadAttention
+
+        if not all(isinstance(b.attn, MultiHeadAttention) for b in self.blocks):
+            name = getattr(type(self.blocks[0].attn), "registry_name", type(self.blocks[0].attn).__name__)
+            raise ValueError(f"depth=sgt loops the layer's own MHA projections; it cannot be combined with attention={name!r} (use attention=mha)")
         n_heads = self.blocks[0].attn.n_heads
         candidates = [i for i in range(n_layers) if i not in set(exclude_layers)]
         if not 1 <= num_keep_heads <= n_heads:

@@ -3,7 +3,14 @@
 The experts run through ``kernels.moe.expert_mlp`` (Triton on GPU, grouped matmuls on CPU).
 Everything about routing is an option: scoring, renormalisation, shared experts, router noise,
 X-MoE routing, capacity, the three balancing methods, EMoE co-activation sampling and its
-hierarchical loss. ERNIE-style elastic sub-networks arrive through ``ctx.elastic``.
+hierarchical loss, MoEC expert clusters. ERNIE-style elastic sub-networks arrive through ``ctx.elastic``.
+
+MoEC (Xie et al., AAAI 2023, METHODS.md §8.3; only the abstract was available, so both pieces are
+reconstructions [RECON]): ``n_clusters`` contiguous groups of E/C experts, an intra-cluster variance
+penalty Σ_c Var_{e∈c}(P_e) on batch-mean router probabilities (``cluster_var_loss_coef``), and
+cluster-level expert dropout in training (``cluster_dropout``): experts are dropped per token before
+top-k, so tokens fall back on surviving experts (every cluster keeps one, every token keeps k), and
+the gate probabilities are renormalised over the survivors.
 
 Legend: B batch, T tokens per sequence, N = B·T, D d_model, E experts, F expert width, K top-k.
 """
@@ -23,6 +30,8 @@ from arch.ffn.router import (
     LinearRouter,
     XMoERouter,
     apply_capacity,
+    cluster_dropout_mask,
+    cluster_variance_loss,
     routing_metrics,
     sequence_balance_loss,
     switch_balance_loss,
@@ -67,6 +76,9 @@ class MoEFFN(nn.Module):
         keep_top1: bool = False,
         hier_loss_coef: float = 0.0,
         hier_gamma: float = 0.5,
+        n_clusters: int = 1,
+        cluster_var_loss_coef: float = 0.0,
+        cluster_dropout: float = 0.0,
         backend: Literal["auto", "triton", "torch", "reference"] = "auto",
     ):
         super().__init__()
@@ -82,6 +94,10 @@ class MoEFFN(nn.Module):
             raise ValueError(f"ffn.coactivation_prob={coactivation_prob} must be in [0, 1]")
         if coactivation_prob > 0 and k_ideal is None:
             raise ValueError("ffn.coactivation_prob > 0 needs ffn.k_ideal (the candidate pool size, e.g. 2·top_k)")
+        if n_clusters < 1 or n_experts % n_clusters:
+            raise ValueError(f"ffn.n_clusters={n_clusters} must divide n_experts={n_experts}")
+        if not 0 <= cluster_dropout < 1:
+            raise ValueError(f"ffn.cluster_dropout={cluster_dropout} must be in [0, 1)")
         dense_hidden = 32 * math.ceil(int(8 * d_model / 3) / 32)
         self.F = expert_hidden or max(8, round(dense_hidden / top_k))
         self.d_model, self.layer_idx, self.E, self.top_k = d_model, layer_idx, n_experts, top_k
@@ -92,6 +108,7 @@ class MoEFFN(nn.Module):
         self.coactivation_prob, self.k_ideal = coactivation_prob, k_ideal or top_k
         self.coactivation_mode, self.keep_top1 = coactivation_mode, keep_top1
         self.hier_loss_coef, self.hier_gamma = hier_loss_coef, hier_gamma
+        self.n_clusters, self.cluster_var_loss_coef, self.cluster_dropout = n_clusters, cluster_var_loss_coef, cluster_dropout
 
         self.router = XMoERouter(d_model, n_experts, xmoe_dim, xmoe_temperature) if router == "xmoe" else LinearRouter(d_model, n_experts)
         self.w_in_EDH = nn.Parameter(torch.empty(n_experts, d_model, 2 * self.F))  # [:F] gate, [F:] up
@@ -125,11 +142,18 @@ class MoEFFN(nn.Module):
         if ctx.elastic.expert_mask_E is not None:  # never pick (or sample from) a masked expert
             routable = int(ctx.elastic.expert_mask_E.sum())
             k, k_ideal = min(k, routable), min(k_ideal, routable)
+        gate_probs_NE = probs_NE
+        if self.training and self.cluster_dropout > 0 and ctx.elastic.expert_mask_E is None:
+            drop_NE = cluster_dropout_mask(x_ND.shape[0], self.E, self.n_clusters, k_ideal, self.cluster_dropout, x_ND.device)
+            selection_NE = selection_NE.masked_fill(drop_NE, float("-inf"))
+            gate_probs_NE = probs_NE.masked_fill(drop_NE, 0.0)
+            if self.scoring == "softmax":  # a distribution over the survivors (sigmoid scores are per expert)
+                gate_probs_NE = gate_probs_NE / gate_probs_NE.sum(-1, keepdim=True).clamp(min=1e-9)
         if self.training and self.coactivation_prob > 0:
             ids_NK = coactivation_topk(selection_NE, probs_NE, k, k_ideal, self.coactivation_prob, self.coactivation_mode, self.keep_top1)
         else:
             ids_NK = selection_NE.topk(k, dim=-1).indices
-        gates_NK = probs_NE.gather(1, ids_NK)
+        gates_NK = gate_probs_NE.gather(1, ids_NK)
         if self.renormalize:
             gates_NK = gates_NK / gates_NK.sum(-1, keepdim=True).clamp(min=1e-9)
         return ids_NK, gates_NK, probs_NE, logits_NE
@@ -166,6 +190,8 @@ class MoEFFN(nn.Module):
             ctx.add_aux_loss("z_loss", self.z_loss_coef * z_loss(logits_NE))
         if self.hier_loss_coef > 0:
             ctx.add_aux_loss("hier_loss", self.hier_loss_coef * hierarchical_router_loss(p_NE, self.hier_gamma))
+        if self.cluster_var_loss_coef > 0:
+            ctx.add_aux_loss("cluster_var_loss", self.cluster_var_loss_coef * cluster_variance_loss(p_NE, self.n_clusters))
 
     def _add_metrics(self, ctx, probs_NE, ids_NK, dropped) -> None:
         metrics = routing_metrics(probs_NE if self.scoring == "softmax" else probs_NE / probs_NE.sum(-1, keepdim=True), ids_NK, self.E)

@@ -98,3 +98,29 @@ def routing_metrics(probs_NE: torch.Tensor, ids_NK: torch.Tensor, n_experts: int
             "max_min_load": counts_E.max() / counts_E.min().clamp(min=1),
             "entropy": entropy,
         }
+
+
+def cluster_variance_loss(probs_NE: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    """MoEC intra-cluster variance constraint [RECON]: Σ_c Var_{e∈c}(P_e) on batch-mean probabilities P_e.
+
+    Experts are clustered contiguously (cluster c = experts [c·E/C, (c+1)·E/C)). Pulling the mean
+    routing probabilities of a cluster's experts together makes the cluster share its data
+    (Xie et al., AAAI 2023; only the abstract was available, METHODS.md §8.3).
+    """
+    P_CS = probs_NE.mean(0).view(n_clusters, -1)
+    return P_CS.var(dim=-1, unbiased=False).sum()
+
+
+def cluster_dropout_mask(n_tokens: int, n_experts: int, n_clusters: int, k: int, rate: float, device=None) -> torch.Tensor:
+    """MoEC cluster-level expert dropout [RECON]: (N, E) bool, True = expert dropped for that token.
+
+    Each expert is dropped with probability ``rate`` independently per token, except that every
+    cluster keeps at least one expert and every token keeps at least k experts, so routing can
+    always fall back on a surviving expert of the same cluster and never loses a token's experts.
+    """
+    keys_NE = torch.rand(n_tokens, n_experts, device=device)
+    drop_NE = keys_NE < rate
+    keys_NCS = keys_NE.view(n_tokens, n_clusters, n_experts // n_clusters)
+    keep_NE = F.one_hot(keys_NCS.argmax(-1), n_experts // n_clusters).bool().view(n_tokens, n_experts)
+    keep_NE |= torch.zeros_like(drop_NE).scatter(1, keys_NE.topk(k, dim=-1).indices, True)
+    return drop_NE & ~keep_NE

@@ -145,17 +145,17 @@ DEPTH = Registry("depth")
 # Lazy entries: the names are known without importing torch; the classes load on first use.
 ATTENTION.register_lazy("mha", "arch.attention.mha:MultiHeadAttention")
 ATTENTION.register_lazy("dha", "arch.attention.dha:DecoupledHeadAttention")
+ATTENTION.register_lazy("mohd_mha", "arch.attention.mohd_attention:MoHDAttention")
 FFN.register_lazy("swiglu", "arch.ffn.mlp:SwiGLUMLP")
 FFN.register_lazy("moe", "arch.ffn.moe:MoEFFN")
 FFN.register_lazy("emoe", "arch.ffn.moe:MoEFFN")  # same class; conf/model/ffn/emoe.yaml turns EMoE on
+FFN.register_lazy("mhmoe", "arch.ffn.mhmoe:MultiHeadMoEFFN")  # Multi-Head MoE (sub-token routing)
 FFN.register_lazy("moue", "arch.ffn.universal:UniversalMoEFFN")  # Mixture of Universal Experts (reconstruction)
+FFN.register_lazy("mohd", "arch.ffn.mohd:MoHDFFN")
 DEPTH.register_lazy("plain", "arch.depth.plain:PlainDepth")
 DEPTH.register_lazy("loop", "arch.depth.loop:LoopDepth")
 DEPTH.register_lazy("recurrent", "arch.depth.loop:RecurrentDepth")
 DEPTH.register_lazy("itt", "arch.depth.itt:ITTDepth")
-FFN.register_lazy("mohd", "arch.ffn.mohd:MoHDFFN")
-ATTENTION.register_lazy("mohd_mha", "arch.attention.mohd_attention:MoHDAttention")
 DEPTH.register_lazy("sgt", "arch.depth.sgt:SGTDepth")
-FFN.register_lazy("mhmoe", "arch.ffn.mhmoe:MultiHeadMoEFFN")  # Multi-Head MoE (sub-token routing)
 
 REGISTRIES = {"attention": ATTENTION, "ffn": FFN, "depth": DEPTH}

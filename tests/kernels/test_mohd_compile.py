@@ -6,16 +6,9 @@ subprocess with TRITON_INTERPRET=0, and its shared memory must fit the device.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-ARCHS = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per block, bytes
+from tests.kernels.aot import ARCHS, compile_in_subprocess, compile_specs
 
 
 def _specs():
@@ -38,33 +31,12 @@ def _specs():
 
 
 def _compile_all(cc: int) -> dict:
-    """Compile every spec for compute capability `cc`; returns name → {shared, wgmma} or {error}."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    results = {}
-    for name, fn, sig, consts, opts in _specs():
-        names = list(fn.arg_names)  # the JIT marks 16-aligned pointers / multiple-of-16 ints: mimic it
-        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in sig}
-        sig = dict(sig, **{k: "constexpr" for k in consts})
-        try:
-            src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-            k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
-            results[name] = {"shared": k.metadata.shared, "wgmma": "wgmma" in k.asm["ptx"]}
-        except Exception as exc:  # reported per kernel by the test
-            results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
-    return results
+    return compile_specs(_specs(), cc)
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))
 def compiled(request):
-    cc = request.param
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    code = f"import json; from tests.kernels.test_mohd_compile import _compile_all; print(json.dumps(_compile_all({cc})))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return cc, json.loads(proc.stdout.strip().splitlines()[-1])
+    return request.param, compile_in_subprocess("tests.kernels.test_mohd_compile", request.param)
 
 
 def test_every_kernel_compiles_and_fits_shared_memory(compiled):

@@ -22,7 +22,6 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from arch.ffn.elastic import coactivation_topk, hierarchical_router_loss
 from arch.ffn.mlp import SwiGLUMLP

@@ -6,28 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from arch.model import LanguageModel
 from arch.registry import ConfigError
+from tests.arch.depth_helpers import model
 from tests.helpers import tiny_config
-from training.config import ModelConfig
 from training.flops import forward_flops_per_token
 from training.trainer import train
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: extra intra-op threads only add contention on the shared 2-core CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
-def model(depth: dict, seed: int = 0, **overrides) -> LanguageModel:
-    torch.manual_seed(seed)
-    options = dict(vocab_size=97, d_model=32, n_layers=4, n_heads=4, max_seq_len=64, depth=depth)
-    return LanguageModel(ModelConfig(**{**options, **overrides}))
 
 
 IDX = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))

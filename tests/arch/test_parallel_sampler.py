@@ -6,16 +6,6 @@ from arch.model import LanguageModel
 from training.config import ModelConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: extra intra-op threads only add contention on the shared 2-core CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
 def recurrent_model(seed: int = 0, **depth) -> LanguageModel:
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=4, n_heads=4, max_seq_len=64,

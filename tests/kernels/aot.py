@@ -44,3 +44,18 @@ def compile_in_subprocess(module: str, cc: int) -> dict:
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def assert_compiled_and_fit(results: dict, cc: int, n_specs: int) -> None:
+    """Every spec compiled for sm_<cc> and its shared memory fits the device."""
+    assert len(results) == n_specs
+    errors = {name: r["error"] for name, r in results.items() if "error" in r}
+    assert not errors, f"sm_{cc} compile failures: {errors}"
+    too_big = {name: r["shared"] for name, r in results.items() if r["shared"] > ARCHS[cc]}
+    assert not too_big, f"sm_{cc} shared memory over {ARCHS[cc]} bytes: {too_big}"
+
+
+def assert_bf16_gemms_use_wgmma(results: dict) -> None:
+    """On sm_90 the bf16 matmul kernels must lower to wgmma (fp32 'ieee' kernels use FMA)."""
+    gemms = {name: r for name, r in results.items() if "bf16]" in name and "error" not in r}
+    assert gemms and all(r["wgmma"] for r in gemms.values()), {n: r["wgmma"] for n, r in gemms.items()}

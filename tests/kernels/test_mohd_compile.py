@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.kernels.aot import ARCHS, compile_in_subprocess, compile_specs
+from tests.kernels.aot import ARCHS, assert_bf16_gemms_use_wgmma, assert_compiled_and_fit, compile_in_subprocess, compile_specs
 
 
 def _specs():
@@ -41,16 +41,11 @@ def compiled(request):
 
 def test_every_kernel_compiles_and_fits_shared_memory(compiled):
     cc, results = compiled
-    assert len(results) == len(_specs())
-    errors = {name: r["error"] for name, r in results.items() if "error" in r}
-    assert not errors, f"sm_{cc} compile failures: {errors}"
-    too_big = {name: r["shared"] for name, r in results.items() if r["shared"] > ARCHS[cc]}
-    assert not too_big, f"sm_{cc} shared memory over {ARCHS[cc]} bytes: {too_big}"
+    assert_compiled_and_fit(results, cc, len(_specs()))
 
 
 def test_hopper_matmuls_use_wgmma(compiled):
     cc, results = compiled
     if cc != 90:
         pytest.skip("wgmma is Hopper-only")
-    gemms = {name: r for name, r in results.items() if "bf16]" in name and "error" not in r}  # fp32 (ieee) uses FMA
-    assert gemms and all(r["wgmma"] for r in gemms.values()), {n: r["wgmma"] for n, r in gemms.items()}
+    assert_bf16_gemms_use_wgmma(results)

@@ -53,3 +53,35 @@ def save_boxplot(groups: dict[str, list[float]], ylabel: str, title: str, name: 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def save_mode_bars(rows: list[dict], key, label, value: str, ylabel: str, title: str, name: str, dpi: int = 110) -> Path:
+    """Grouped bars, one panel per mode (fwd, fwd+bwd): ``value`` per method for every ``key(row)``
+    (x tick text ``label(key)``) → benchmarks/results/<name>.png, titled with the device and versions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(dict.fromkeys(key(r) for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2 * len(keys) * 2), 4.5))
+    width = 0.8 / len(methods)
+    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
+        for i, method in enumerate(methods):
+            vals = [next((r[value] for r in rows if r["method"] == method and r["mode"] == mode and key(r) == k), 0)
+                    for k in keys]
+            ax.bar([j + i * width for j in range(len(keys))], vals, width, label=method)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
+        ax.set_xticklabels([label(k) for k in keys], fontsize=7)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title} {mode}")
+        ax.legend(fontsize=8)
+    env = environment()
+    fig.suptitle(f"{env['device']} | torch {env['torch']} | triton {env['triton']}", fontsize=9)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

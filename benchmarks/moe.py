@@ -22,7 +22,7 @@ import statistics
 import torch
 import torch.nn.functional as Fn
 
-from benchmarks.common import RESULTS, environment, write_csv
+from benchmarks.common import environment, save_mode_bars, write_csv
 from kernels.moe import expert_mlp
 from kernels.moe.torch_backend import expert_mlp_torch
 
@@ -153,32 +153,9 @@ def run_gpu(quick: bool) -> list[dict]:
 
 
 def plot(rows, name):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shapes = list(dict.fromkeys((r["N"], r["D"], r["F"], r["E"], r["k"]) for r in rows))
-    meths = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(shapes) * 2), 4.5))
-    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
-        width = 0.8 / len(meths)
-        for i, m in enumerate(meths):
-            vals = [next((r["tflops"] for r in rows if r["method"] == m and r["mode"] == mode
-                          and (r["N"], r["D"], r["F"], r["E"], r["k"]) == s), 0) for s in shapes]
-            ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=m)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
-        ax.set_xticklabels(["N{}\nD{} F{}\nE{} k{}".format(*s) for s in shapes], fontsize=7)
-        ax.set_ylabel("TFLOP/s")
-        ax.set_title(f"expert MLP {mode} ({rows[0]['dtype']})")
-        ax.legend(fontsize=8)
-    env = environment()
-    fig.suptitle(f"{env['device']} | torch {env['torch']} | triton {env['triton']}", fontsize=9)
-    fig.tight_layout()
-    path = RESULTS / f"{name}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_mode_bars(
+        rows, key=lambda r: (r["N"], r["D"], r["F"], r["E"], r["k"]), label=lambda s: "N{}\nD{} F{}\nE{} k{}".format(*s),
+        value="tflops", ylabel="TFLOP/s", title=f"expert MLP ({rows[0]['dtype']})", name=name, dpi=120)
 
 
 def main():

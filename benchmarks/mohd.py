@@ -24,7 +24,7 @@ import statistics
 import torch
 import torch.nn.functional as Fn
 
-from benchmarks.common import RESULTS, environment, write_csv
+from benchmarks.common import environment, save_mode_bars, write_csv
 from kernels.mohd import group_in_matmul, group_out_matmul
 from kernels.moe import expert_mlp
 
@@ -140,32 +140,9 @@ def run(device, quick: bool, rounds: int) -> list[dict]:
 
 
 def plot(rows, name):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = list(dict.fromkeys((r["D"], r["g"], r["routing"]) for r in rows))
-    meths = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(keys) * 2), 4.5))
-    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
-        width = 0.8 / len(meths)
-        for i, m in enumerate(meths):
-            vals = [next(r["ms"] for r in rows if r["method"] == m and r["mode"] == mode and (r["D"], r["g"], r["routing"]) == k)
-                    for k in keys]
-            ax.bar([j + i * width for j in range(len(keys))], vals, width, label=m)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
-        ax.set_xticklabels([f"D{d} g{g}\n{rt}" for d, g, rt in keys], fontsize=7)
-        ax.set_ylabel("ms (median)")
-        ax.set_title(f"MoHD FFN {mode} ({rows[0]['dtype']}, N={rows[0]['N']})")
-        ax.legend(fontsize=8)
-    env = environment()
-    fig.suptitle(f"{env['device']} | torch {env['torch']} | triton {env['triton']}", fontsize=9)
-    fig.tight_layout()
-    path = RESULTS / f"{name}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_mode_bars(
+        rows, key=lambda r: (r["D"], r["g"], r["routing"]), label=lambda k: "D{} g{}\n{}".format(*k),
+        value="ms", ylabel="ms (median)", title=f"MoHD FFN ({rows[0]['dtype']}, N={rows[0]['N']})", name=name)
 
 
 def main():

@@ -3,7 +3,9 @@
 Layout inside a run folder::
 
     checkpoints/step_00000200.pt   model, optimizer, schedule, step, RNG states, sampler, config
-    checkpoints/latest             the file name of the newest complete checkpoint (written last)
+    checkpoints/step_00000400/     the same as a sharded torch.distributed.checkpoint folder
+                                   (several processes; see training/dist_checkpoint.py)
+    checkpoints/latest             the name of the newest complete checkpoint (written last)
 
 A checkpoint is written to a temporary file, fsynced and renamed, then ``latest`` is updated the
 same way, so a crash at any moment leaves the previous checkpoint intact and pointed to.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ import torch
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
-_NAME = re.compile(r"^step_(\d{8,})\.pt$")
+_NAME = re.compile(r"^step_(\d{8,})(\.pt)?$")
 FORMAT_VERSION = 1
 
 
@@ -60,14 +63,22 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep_
     path = folder / f"step_{step:08d}.pt"
     payload = {"format_version": FORMAT_VERSION, "step": step, **state}
     _atomic_write(path, lambda f: torch.save(payload, f))
-    _atomic_write(folder / LATEST, lambda f: f.write(path.name.encode()))
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        old.unlink(missing_ok=True)
+    point_latest_and_prune(run_dir, path, keep_last)
     return path
 
 
+def point_latest_and_prune(run_dir: str | Path, path: Path, keep_last: int) -> None:
+    """Point ``latest`` at a checkpoint that is complete on disk, then keep only the newest ``keep_last``."""
+    _atomic_write(checkpoint_dir(run_dir) / LATEST, lambda f: f.write(path.name.encode()))
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Checkpoint files in ``run_dir``, oldest first (by step number)."""
+    """Checkpoints (files and sharded folders) in ``run_dir``, oldest first (by step number)."""
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return []
@@ -76,8 +87,16 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint safely (weights only). Truncated/corrupt/foreign files raise CheckpointError."""
+    """Load a checkpoint safely (weights only). Truncated/corrupt/foreign files raise CheckpointError.
+
+    For a sharded (DCP) folder this returns its ``extra.pt`` (step, sampler, RNG, config) with
+    ``"sharded": path``; the tensors are read later, straight into the (possibly sharded) model.
+    """
     path = Path(path)
+    if path.is_dir():
+        from training.dist_checkpoint import read_extra
+
+        return {**read_extra(path), "sharded": path}
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -159,13 +178,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def export_safetensors(model: torch.nn.Module, path: str | Path) -> Path:
-    """Write the model's tensors as safetensors: tied weights once, non-tensor extra state left out."""
+def export_safetensors(model: torch.nn.Module | dict[str, Any], path: str | Path) -> Path:
+    """Write a model's (or a full state dict's) tensors as safetensors: tied weights once, extra state left out."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tensors, seen = {}, set()
-    for name, value in model.state_dict().items():
+    state = model if isinstance(model, dict) else model.state_dict()
+    for name, value in state.items():
         if not isinstance(value, torch.Tensor):
             continue  # get_extra_state() payloads (schedules etc.) live in the checkpoint only
         key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))

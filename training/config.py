@@ -113,6 +113,11 @@ class TrainerConfig:
     sample_top_k: Optional[int] = 50
     export_safetensors: bool = True
     threads: Optional[int] = None  # CPU intra-op threads; None = torch's default
+    # Several processes (torchrun / SLURM): training/distributed.py.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    expert_parallel: int = 1  # experts split over this many ranks (must divide the process count)
+    checkpoint_format: Literal["auto", "torch", "dcp"] = "auto"  # auto: dcp with several processes
+    checkpoint_async: bool = False  # dcp only: write in the background while training continues
 
 
 @dataclass
@@ -258,11 +263,18 @@ def _check_values(root: RootConfig) -> None:
     _require(t.sample_tokens >= 0, f"trainer.sample_tokens={t.sample_tokens} must be >= 0")
     _require(t.sample_temperature >= 0, f"trainer.sample_temperature={t.sample_temperature} must be >= 0")
     _require(t.threads is None or t.threads > 0, f"trainer.threads={t.threads} must be positive or null")
+    _require(t.expert_parallel >= 1, f"trainer.expert_parallel={t.expert_parallel} must be >= 1 (1 = no expert parallelism)")
+    _require(t.expert_parallel == 1 or root.model.ffn.get("name") in EXPERT_PARALLEL_BLOCKS,
+             f"trainer.expert_parallel={t.expert_parallel} needs an expert FFN (model/ffn in {list(EXPERT_PARALLEL_BLOCKS)}), "
+             f"got model.ffn.name={root.model.ffn.get('name')!r}")
+    _require(not t.checkpoint_async or t.checkpoint_format != "torch",
+             "trainer.checkpoint_async=true needs trainer.checkpoint_format=dcp or auto (torch.save is synchronous)")
     _require(bool(root.run_dir), "run_dir must be a non-empty path")
     _check_elastic(root)
 
 
 MOE_BLOCKS = ("moe", "emoe")
+EXPERT_PARALLEL_BLOCKS = ("moe", "emoe", "mhmoe", "moue")  # blocks whose experts route through arch/ffn/expert_parallel.py
 
 
 def _check_elastic(root: RootConfig) -> None:

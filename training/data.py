@@ -234,10 +234,15 @@ class WindowSampler:
 
     The starts of batch (step, micro_step) come from numpy's rng seeded with (seed, step, micro_step),
     so a batch depends only on those integers. `align` > 1 makes starts multiples of it.
+    `batch_size` is the global batch; with `world` > 1 processes, rank `rank` gets rows
+    [rank·b, (rank+1)·b) of it, b = batch_size / world, so the ranks together see exactly the batch
+    one process would (and a run can be resumed on a different number of processes).
     """
 
     def __init__(self, tokens: np.ndarray, mask: np.ndarray | None, seq_len: int, batch_size: int, seed: int,
-                 align: int = 1):
+                 align: int = 1, rank: int = 0, world: int = 1):
+        if batch_size % world:
+            raise ValueError(f"batch_size={batch_size} (global) must be divisible by the number of processes {world}")
         if mask is not None and len(mask) != len(tokens):
             raise ValueError(f"mask length {len(mask)} != tokens length {len(tokens)}")
         if len(tokens) < seq_len + 1:
@@ -245,12 +250,14 @@ class WindowSampler:
         self.tokens, self.mask = tokens, mask
         self.seq_len, self.batch_size, self.seed, self.align = int(seq_len), int(batch_size), int(seed), int(align)
         self.num_starts = (len(tokens) - (seq_len + 1)) // self.align + 1
+        self.rank, self.local_batch = int(rank), int(batch_size) // int(world)
         self.position = -1
 
     def get_batch(self, step: int, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y: (batch_size, seq_len) int64; y is x shifted by one, -100 where the mask says unscored."""
         rng = np.random.default_rng([self.seed, int(step), int(micro_step)])
         starts = rng.integers(0, self.num_starts, size=self.batch_size) * self.align
+        starts = starts[self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
         self.position = int(step)
         return _windows(self.tokens, self.mask, starts, self.seq_len)
 

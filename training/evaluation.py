@@ -40,7 +40,7 @@ def load_trained(target: str | Path, device: str = "auto") -> tuple[Any, Any, An
     from training.trainer import build_model, resolve_device
 
     target = Path(target)
-    if target.is_dir():
+    if target.is_dir() and not (target / ".metadata").exists():  # a run folder (not a sharded checkpoint)
         found = ckpt.find_resume_checkpoint(target)
         if found is None:
             raise ckpt.CheckpointError(f"no usable checkpoint in {target / ckpt.CHECKPOINT_DIR}")
@@ -50,6 +50,11 @@ def load_trained(target: str | Path, device: str = "auto") -> tuple[Any, Any, An
     root = validate(state["config"])
     data = prepare_data(root.data, progress=False)
     model = build_model(root, data.tokenizer.vocab_size)
-    model.load_state_dict(state["model"])
+    if "sharded" in state:
+        from training.dist_checkpoint import load_model_weights
+
+        load_model_weights(state["sharded"], model)
+    else:
+        model.load_state_dict(state["model"])
     model.to(resolve_device(device)).eval()
     return model, data, root, path

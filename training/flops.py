@@ -4,6 +4,10 @@ Forward FLOPs per token = 2 × (parameters used by a token in matmuls) + attenti
 FLOPs; training = 3 × forward (backward ≈ 2 × forward). Blocks with data-dependent compute
 (experts, loops) report their own matmul FLOPs through ``flops_per_token(seq_len)``; plain
 linear layers are counted from their weights.
+
+The full per-token accounting (total and active parameters, attention FLOPs, KV-cache bytes,
+elastic sub-networks, training FLOPs with no-grad recurrence) is ``training.accounting``; this
+walker remains the block-level helper the depth schemes' ``flops_per_token`` use.
 """
 from __future__ import annotations
 

@@ -18,11 +18,13 @@ from tqdm.auto import tqdm
 from arch.layers import FULL_MODEL, ElasticSetting
 from arch.model import LanguageModel
 from training import checkpoint as ckpt
+from training import distributed as dist_utils
 from training.config import MOE_BLOCKS, RootConfig, validate
 from training.elastic import describe as describe_elastic
 from training.evaluation import evaluate_loss
 from training.elastic import sample_setting as sample_elastic
-from training.flops import forward_flops_per_token, peak_flops
+from training.accounting import account, format_accounting
+from training.flops import peak_flops
 from training.metrics import MetricsLogger, plot_losses
 from training.optim import build_optimizer, lr_at, set_lr
 
@@ -73,31 +75,55 @@ class Trainer:
         root, t = self.root, self.root.trainer
         self.callbacks = callbacks
         self.run_dir = Path(root.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.device = resolve_device(t.device)
+        device = resolve_device(t.device)
+        self.parallel = dist_utils.setup_parallel(t, device)  # one process: Parallel() and nothing happens
+        self.device = dist_utils.device_for(self.parallel, device)
+        self._check_parallel()
+        self.is_main = self.parallel.is_main
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.autocast_dtype = torch.bfloat16 if (t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")) else None
 
-        self.data = prepare_data(root.data, progress=t.progress)
+        self.data = prepare_data(root.data, progress=t.progress and self.is_main)
         check_seq_len(self.data, root.data.seq_len)
-        seed_everything(root.seed)
+        seed_everything(root.seed)  # the same on every rank: identical initial weights everywhere
         self.model = build_model(root, self.data.tokenizer.vocab_size).to(self.device)
+        self.accounting = account(self.model, root.data.seq_len)  # before sharding: the whole model
+        dist_utils.shard_experts(self.model, self.parallel)
+        find_unused = root.elastic.enabled or root.model.depth["name"] != "plain"
+        self.train_model = dist_utils.wrap_model(self.model, t.parallel, self.parallel, self.device, find_unused)
         self.config_dict = asdict(root)
-        _write_config(self.run_dir / "config.yaml", self.config_dict)
+        if self.is_main:
+            _write_config(self.run_dir / "config.yaml", self.config_dict)
         self.optimizer = build_optimizer(self.model, root.optim, self.device.type)
+        # Every rank draws the same global batch and keeps its own rows of it (disjoint slices).
         self.sampler = WindowSampler(
-            self.data.train, self.data.train_mask, root.data.seq_len, t.batch_size, root.seed, align=self.data.window_align
+            self.data.train, self.data.train_mask, root.data.seq_len, t.batch_size, root.seed, align=self.data.window_align,
+            rank=self.parallel.rank, world=self.parallel.world,
         )
         self.step, self.nonfinite_skipped, self.last_checkpoint = 0, 0, None
+        self.sharded_checkpoints = t.checkpoint_format == "dcp" or (t.checkpoint_format == "auto" and self.parallel.enabled)
+        self.dcp_writer = None
 
         resume_from = self._resume()
-        self.logger = MetricsLogger(self.run_dir, root.logger, self.config_dict, resume_from)
-        self.train_model = torch.compile(self.model) if t.compile else self.model
-        tokens_per_step = t.batch_size * t.grad_accum * root.data.seq_len
+        self.logger = MetricsLogger(self.run_dir, root.logger, self.config_dict, resume_from) if self.is_main else _NullLogger()
+        if t.compile:
+            self.train_model = torch.compile(self.train_model)
+        tokens_per_step = t.batch_size * t.grad_accum * root.data.seq_len  # global: all ranks together
         self.tokens_per_step = tokens_per_step
-        self.flops_per_token = 3 * forward_flops_per_token(self.model, root.data.seq_len)
+        self.flops_per_token = self.accounting.train_flops_per_token
         self.peak_flops = peak_flops(self.device)
+
+    def _check_parallel(self) -> None:
+        t, world = self.root.trainer, self.parallel.world
+        if t.batch_size % world:
+            raise ValueError(f"trainer.batch_size={t.batch_size} is the global batch and must be divisible by the "
+                             f"{world} processes (each rank takes batch_size/{world} rows)")
+        sharded_model = t.parallel == "fsdp" or self.parallel.ep > 1
+        if self.parallel.enabled and sharded_model and t.checkpoint_format == "torch":
+            raise ValueError("trainer.checkpoint_format=torch writes one file from rank 0 and cannot hold a sharded "
+                             "model (trainer.parallel=fsdp or expert_parallel>1); use checkpoint_format=auto or dcp")
 
     # ----------------------------------------------------------------- resume / checkpoints
     def _resume(self) -> int | None:
@@ -120,29 +146,56 @@ class Trainer:
             path = Path(mode)
             state = ckpt.load_checkpoint(path)
             ckpt.check_model_config(state, model_cfg, path)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "sharded" in state:  # a DCP folder, resharded to this run's world size
+            from training.dist_checkpoint import load_dcp
+
+            load_dcp(state["sharded"], self.model, self.optimizer, self.parallel)
+        elif self.parallel.enabled:  # a single-file checkpoint continued by several processes
+            from training.dist_checkpoint import load_full_state
+
+            load_full_state(self.model, self.optimizer, state, self.parallel)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         ckpt.set_rng_state(state["rng"])
         self.step = state["step"]
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
         self.last_checkpoint = path
-        tqdm.write(f"resumed from {path} at step {self.step}")
+        if self.is_main:
+            tqdm.write(f"resumed from {path} at step {self.step}")
         return self.step
 
     def save(self) -> Path:
+        t = self.root.trainer
         state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "schedule": {"name": self.root.schedule.name, "step": self.step},
             "sampler": self.sampler.state_dict(),
-            "rng": ckpt.rng_state(),
+            "rng": ckpt.rng_state(),  # the same on every rank (same seed, same draws)
             "nonfinite_skipped": self.nonfinite_skipped,
             "config": self.config_dict,
         }
-        self.last_checkpoint = ckpt.save_checkpoint(self.run_dir, self.step, state, self.root.trainer.keep_last)
+        if self.sharded_checkpoints:
+            from training.dist_checkpoint import DCPWriter
+
+            if self.dcp_writer is None:
+                self.dcp_writer = DCPWriter(self.parallel, t.checkpoint_async)
+            path = ckpt.checkpoint_dir(self.run_dir) / f"step_{self.step:08d}"
+            extra = {"format_version": ckpt.FORMAT_VERSION, "step": self.step, **state}
+            self.dcp_writer.save(path, self.model, self.optimizer, extra, self._checkpoint_durable)
+        else:
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **state}
+            if self.is_main:
+                self.last_checkpoint = ckpt.save_checkpoint(self.run_dir, self.step, state, t.keep_last)
+            self.parallel.barrier()
         self._emit("checkpoint")
         return self.last_checkpoint
+
+    def _checkpoint_durable(self, path: Path) -> None:
+        """A sharded checkpoint is fully on disk: point ``latest`` at it and prune old ones (rank 0)."""
+        if self.is_main:
+            ckpt.point_latest_and_prune(self.run_dir, path, self.root.trainer.keep_last)
+        self.last_checkpoint = path
 
     def _emit(self, event: str) -> None:
         for callback in self.callbacks:
@@ -180,11 +233,14 @@ class Trainer:
             for name, value in {**reported.aux_losses, **reported.metrics}.items():
                 aux_sums[name] = aux_sums.get(name, 0.0) + value.detach().float() / t.grad_accum
         self.model.set_elastic(FULL_MODEL)
+        dist_utils.sync_expert_grads(self.parallel)
+        # Reported numbers are means over ranks (each rank saw its own rows of the global batch).
+        reduced = self.parallel.all_reduce_mean({"loss": lm_loss_sum / t.grad_accum, **aux_sums})
+        loss, aux_sums = reduced.pop("loss"), reduced
         if self.root.elastic.enabled:
             aux_sums.update(describe_elastic(sub_model, *self._elastic_dims()))
-        loss = lm_loss_sum / t.grad_accum
         clip = self.root.optim.grad_clip if self.root.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = dist_utils.clip_grad_norm(self.model, clip, self.parallel)
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             return self._nonfinite(loss, grad_norm)
@@ -209,15 +265,18 @@ class Trainer:
     def _nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         what = f"loss={loss.item()} grad_norm={grad_norm.item()} at step {self.step}"
         if self.root.trainer.nonfinite == "abort":
+            self._wait_for_checkpoint()
             raise NonFiniteLossError(
                 f"non-finite {what}; last good checkpoint: {self.last_checkpoint or 'none written yet'}"
             )
         self.nonfinite_skipped += 1
         self.step += 1  # the schedule and the batch stream move on, as if the step had happened
-        tqdm.write(f"skipped step with non-finite {what} ({self.nonfinite_skipped} skipped so far)")
+        if self.is_main:
+            tqdm.write(f"skipped step with non-finite {what} ({self.nonfinite_skipped} skipped so far)")
         return None
 
     def evaluate(self) -> dict[str, float]:
+        """Validation loss. Every rank evaluates the same batches (sharded models need all ranks in the forward)."""
         t = self.root.trainer
         return evaluate_loss(self.model, self.data, self.root.data.seq_len, t.batch_size, t.eval_batches, self.device, self.autocast_dtype)
 
@@ -231,9 +290,11 @@ class Trainer:
         """Train to ``trainer.max_steps``; returns the run summary (also printed)."""
         t = self.root.trainer
         self._print_header()
+        if self.step == 0:
+            self.logger.log({"step": 0, **{f"acct/{k}": v for k, v in self.accounting.to_dict().items()}})
         first_eval = self._log_eval() if self.step == 0 else None
         last_eval = first_eval
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not t.progress, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not (t.progress and self.is_main), desc="train", unit="step", dynamic_ncols=True)
         # Throughput counts time spent in train steps only (not eval, checkpoints or logging).
         window_time, window_steps, tokens_per_s = 0.0, 0, 0.0
         while self.step < t.max_steps:
@@ -253,24 +314,33 @@ class Trainer:
                 window_time, window_steps = 0.0, 0
             if self.step % t.eval_every == 0 or self.step == t.max_steps:
                 last_eval = self._log_eval()
-                bar.write(f"step {self.step}: val_loss {last_eval['val_loss']:.4f}  bpb {last_eval['val_bpb']:.3f}")
+                if self.is_main:
+                    bar.write(f"step {self.step}: val_loss {last_eval['val_loss']:.4f}  bpb {last_eval['val_bpb']:.3f}")
             if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
                 self.save()
             self._emit("step_end")
         bar.close()
         if last_eval is None:
             last_eval = self._log_eval()
+        self._wait_for_checkpoint()
         return self._finish(first_eval, last_eval, tokens_per_s)
+
+    def _wait_for_checkpoint(self) -> None:
+        if self.dcp_writer is not None:
+            self.dcp_writer.wait()
 
     def _throughput(self, metrics: dict, tokens_per_s: float, step_time: float) -> dict[str, Any]:
         # Recomputed each log row: growing/looped depth schemes change their FLOPs during training.
-        self.flops_per_token = 3 * forward_flops_per_token(self.model, self.root.data.seq_len)
-        row = {**metrics, "tokens_per_s": tokens_per_s, "step_time_s": step_time, "flops_per_token": self.flops_per_token}
-        achieved = tokens_per_s * self.flops_per_token
+        self.flops_per_token = account(self.model, self.root.data.seq_len, training=True).train_flops_per_token
+        # tokens_per_s counts all ranks together; MFU is per GPU (achieved per device / its peak).
+        world = self.parallel.world
+        row = {**metrics, "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / world,
+               "step_time_s": step_time, "flops_per_token": self.flops_per_token}
+        achieved_per_device = tokens_per_s / world * self.flops_per_token
         if self.peak_flops:
-            row["mfu"] = achieved / self.peak_flops
+            row["mfu"] = achieved_per_device / self.peak_flops
         else:
-            row["gflops_per_s"] = achieved / 1e9
+            row["gflops_per_s_per_device"] = achieved_per_device / 1e9
         if self.device.type == "cuda":
             row["cuda_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if self.nonfinite_skipped:
@@ -278,23 +348,31 @@ class Trainer:
         return row
 
     def _print_header(self) -> None:
+        if not self.is_main:
+            return
         n_params = self.model.num_parameters()
+        p = self.parallel
+        layout = (f", {p.world} processes ({self.root.trainer.parallel}, expert_parallel={p.ep})" if p.enabled else "")
         tqdm.write(
             f"run folder: {self.run_dir}\n"
             f"data: {self.data.description}\n"
             f"model: {self.root.model.name} — {n_params / 1e6:.2f}M parameters "
             f"({self.model.num_parameters(exclude_embeddings=True) / 1e6:.2f}M without embeddings), "
             f"{self.flops_per_token / 1e6:.1f} MFLOP/token (train)\n"
-            f"device: {self.device}, precision: {'bf16 autocast' if self.autocast_dtype else 'fp32'}, "
+            f"device: {self.device}{layout}, precision: {'bf16 autocast' if self.autocast_dtype else 'fp32'}, "
             f"{self.tokens_per_step} tokens/step, steps {self.step} → {self.root.trainer.max_steps}"
         )
+        tqdm.write(format_accounting(self.accounting))
 
     def _finish(self, first_eval, last_eval, tokens_per_s) -> dict[str, Any]:
         t = self.root.trainer
         if t.export_safetensors:
-            ckpt.export_safetensors(self.model, self.run_dir / "model.safetensors")
-        plot_losses(self.run_dir)
-        sample = self.write_sample()
+            full_state = dist_utils.full_model_state(self.model, self.parallel)  # collective when sharded
+            if self.is_main:
+                ckpt.export_safetensors(full_state, self.run_dir / "model.safetensors")
+        if self.is_main:
+            plot_losses(self.run_dir)
+        sample = self.write_sample()  # every rank generates (sharded forwards); rank 0 writes
         self.logger.close()
         summary = {
             "run_dir": str(self.run_dir),
@@ -305,6 +383,8 @@ class Trainer:
             "nonfinite_skipped": self.nonfinite_skipped,
             "checkpoint": str(self.last_checkpoint),
         }
+        if not self.is_main:
+            return summary
         start = f"{first_eval['val_loss']:.4f} → " if first_eval else ""
         tqdm.write(
             f"\n── sample ──\n{sample}\n────────────\n"
@@ -327,8 +407,19 @@ class Trainer:
         if self.root.data.source == "synthetic":  # a task prompt: the start of the first validation example
             prompt = self.data.tokenizer.decode(self.data.val[: self.root.data.seq_len // 2].tolist())
         text = generate_text(self.model, self.data.tokenizer, prompt, t.sample_tokens, t.sample_temperature, t.sample_top_k, seed=self.root.seed)
-        (self.run_dir / "sample.txt").write_text(text + "\n")
+        if self.is_main:
+            (self.run_dir / "sample.txt").write_text(text + "\n")
         return text
+
+
+class _NullLogger:
+    """What ranks other than 0 log to: nothing (rank 0 writes metrics.jsonl, wandb and plots)."""
+
+    def log(self, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _write_config(path: Path, config_dict: dict) -> None:

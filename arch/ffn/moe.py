@@ -37,7 +37,7 @@ from arch.ffn.router import (
     z_loss,
 )
 from arch.layers import ForwardContext, ModelShared
-from kernels.moe import expert_mlp
+from arch.ffn.expert_parallel import expert_compute
 
 
 class MoEFFN(nn.Module):
@@ -166,7 +166,8 @@ class MoEFFN(nn.Module):
         if self.capacity_factor is not None:
             capacity = math.ceil(self.capacity_factor * ids_NK.numel() / self.E)
             ids_NK, dropped = apply_capacity(ids_NK, self.E, capacity)
-        y_ND = expert_mlp(x_ND, ids_NK, gates_NK.to(x_ND.dtype), self.w_in_EDH, self.w_out_EFD, "swiglu", self.backend)
+        y_ND = expert_compute(x_ND, ids_NK, gates_NK.to(x_ND.dtype), self.w_in_EDH, self.w_out_EFD, "swiglu", self.backend,
+                              getattr(self, "expert_shard", None))
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND, ctx)
         if self.training:
@@ -201,6 +202,10 @@ class MoEFFN(nn.Module):
         ctx.add_metric(f"{prefix}/dropped", dropped.float())
         if ctx.kv_cache is None and not self.training:
             self.last_ids_NK = ids_NK.detach()  # for routing analysis (evaluate.py analysis=routing)
+
+    def expert_parallel_params(self) -> tuple[str, ...]:
+        """Expert banks (dim 0 = expert) that ``trainer.expert_parallel`` splits over ranks."""
+        return ("w_in_EDH", "w_out_EFD")
 
     # ------------------------------------------------------------------ aux-loss-free balancing
     def after_optimizer_step(self, step: int) -> None:

@@ -45,7 +45,7 @@ from arch.ffn.universal_topology import (
     window_members,
 )
 from arch.layers import ForwardContext, ModelShared
-from kernels.moe import expert_mlp
+from arch.ffn.expert_parallel import expert_compute
 
 POOL_NAME = "moue_pool"
 _STATS, _TRAJECTORY = "moue/stats", "moue/trajectory_NZ"
@@ -75,6 +75,10 @@ class UniversalPool(nn.Module):
             nn.init.normal_(self.embed_MZ, 0.0, 1.0)
         if self.router_MI is not None:
             nn.init.normal_(self.router_MI, 0.0, std)
+
+    def expert_parallel_params(self) -> tuple[str, ...]:
+        """The shared expert banks (dim 0 = expert), split over ranks by ``trainer.expert_parallel``."""
+        return ("w_in_MDH", "w_out_MFD")
 
     def after_optimizer_step(self, step: int) -> None:
         self.window_size = widened_size(step + 1, self.base_window, self.widen_to, self.widen_start, self.widen_steps)
@@ -156,6 +160,10 @@ class UniversalMoEFFN(nn.Module):
         self._layouts: dict[tuple[int, str], _Layout] = {}
         self.init_parameters(0.02, 0.02)
 
+    def expert_parallel_params(self) -> tuple[str, ...]:
+        """This layer's own experts (if any), split over ranks by ``trainer.expert_parallel``."""
+        return ("w_in_LDH", "w_out_LFD") if self.n_local else ()
+
     @property
     def pool(self) -> UniversalPool:
         return self._pool[0]
@@ -223,10 +231,12 @@ class UniversalMoEFFN(nn.Module):
         ids_NK, gates_NK, probs_NX, logits_NX = self.route(x_ND, ctx, z_NZ if self.trajectory_dim else None)
         gates_NK = gates_NK.to(x_ND.dtype)
         pool_ids_NK = torch.where(ids_NK < self.M, ids_NK, -1)  # -1: slot handled by the local experts
-        y_ND = expert_mlp(x_ND, pool_ids_NK, gates_NK, self.pool.w_in_MDH, self.pool.w_out_MFD, "swiglu", self.backend)
+        y_ND = expert_compute(x_ND, pool_ids_NK, gates_NK, self.pool.w_in_MDH, self.pool.w_out_MFD, "swiglu", self.backend,
+                              getattr(self.pool, "expert_shard", None))
         if self.n_local:
             local_ids_NK = torch.where(ids_NK >= self.M, ids_NK - self.M, -1)
-            y_ND = y_ND + expert_mlp(x_ND, local_ids_NK, gates_NK, self.w_in_LDH, self.w_out_LFD, "swiglu", self.backend)
+            y_ND = y_ND + expert_compute(x_ND, local_ids_NK, gates_NK, self.w_in_LDH, self.w_out_LFD, "swiglu",
+                                         self.backend, getattr(self, "expert_shard", None))
         if self.trajectory_dim:
             ctx.state[_TRAJECTORY] = self._next_trajectory(z_NZ, ids_NK, gates_NK)
         self._record(ctx, probs_NX, logits_NX, ids_NK)

@@ -1,0 +1,135 @@
+"""Multi-process training on CPU with gloo and 2 processes under torchrun (issue: scale-out).
+
+Each test launches ``torchrun --standalone --nproc_per_node=2 train.py ...`` (or a check script) as
+a subprocess and compares against single-process runs of the same global batch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import DATA_CACHE, TINY
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = Path(__file__).resolve().parent / "distributed_scripts"
+STEPS = ["trainer.max_steps=5", "trainer.eval_every=5", "trainer.checkpoint_every=5", "trainer.sample_tokens=0"]
+MOE = ["model=moe_tiny", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.ffn.n_experts=4",
+       "model.ffn.balance_loss_coef=0"]  # the balance loss is per-rank by design; without it the objective is the same
+
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+
+
+def launch(args: list[str], nproc: int, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """``train.py`` (or a script path as args[0]) with ``nproc`` processes (1 = plain python)."""
+    target = args if args and args[0].endswith(".py") else [str(REPO / "train.py"), *args]
+    if nproc == 1:
+        cmd = [sys.executable, *target]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target]
+    result = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def train_args(run_dir: Path, *overrides: str) -> list[str]:
+    return [*TINY, f"data.cache_dir={DATA_CACHE}", f"run_dir={run_dir}", *STEPS, *overrides]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def assert_same_losses(a: dict[int, float], b: dict[int, float], steps) -> None:
+    assert all(s in a and s in b for s in steps), (sorted(a), sorted(b))
+    np.testing.assert_allclose([a[s] for s in steps], [b[s] for s in steps], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def single_dense(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    launch(train_args(run_dir), 1, run_dir.parent)
+    return run_dir
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path, single_dense, strategy):
+    run_dir = tmp_path / "run"
+    launch(train_args(run_dir, f"trainer.parallel={strategy}"), 2, tmp_path)
+    assert_same_losses(losses(run_dir), losses(single_dense), range(1, 6))
+    # Only rank 0 writes logs: one row per step, no duplicates; the sharded checkpoint is complete.
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4, 5]
+    assert (run_dir / "checkpoints" / "step_00000005" / ".metadata").is_file()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000005"
+
+
+def test_expert_parallel_layer_matches_the_unsharded_layer(tmp_path):
+    """Outputs and gradients, incl. a step where one rank's experts receive no tokens, elastic top-k,
+    an expert-subset mask and universal experts (see the script's cases)."""
+    result = launch([str(SCRIPTS / "expert_parallel_check.py")], 2, tmp_path)
+    for case in ("moe top-2", "one rank's experts get no tokens", "elastic top-1", "expert subset", "universal experts"):
+        assert case in result.stdout, result.stdout
+
+
+def test_expert_parallel_training_matches_one_process(tmp_path):
+    single, parallel = tmp_path / "single", tmp_path / "ep"
+    launch(train_args(single, *MOE), 1, tmp_path)
+    launch(train_args(parallel, *MOE, "trainer.expert_parallel=2"), 2, tmp_path)
+    assert_same_losses(losses(parallel), losses(single), range(1, 6))
+
+
+@pytest.mark.parametrize(
+    "first, second, extra",
+    [
+        (2, 1, ["trainer.parallel=fsdp"]),  # sharded DCP checkpoint → one process
+        (1, 2, []),  # single-file checkpoint → two processes (DDP)
+        (2, 1, [*MOE, "trainer.expert_parallel=2"]),  # expert-sharded DCP checkpoint → one process
+    ],
+    ids=["fsdp2-to-1", "1-to-ddp2", "ep2-to-1"],
+)
+def test_resume_on_a_different_number_of_processes(tmp_path, first, second, extra):
+    # A constant schedule: the interrupted run (max_steps=5) and the straight one (10) share the lr at every step.
+    extra = [*extra, "schedule=constant"]
+    extra_single = [x for x in extra if not x.startswith("trainer.")]
+    straight = tmp_path / "straight"
+    launch(train_args(straight, *extra_single, "trainer.max_steps=10", "trainer.eval_every=10"), 1, tmp_path)
+
+    run_dir = tmp_path / "run"
+    first_extra = extra if first == 2 else extra_single
+    launch(train_args(run_dir, *first_extra), first, tmp_path)  # stops after the step-5 checkpoint
+    second_extra = extra if second == 2 else extra_single
+    result = launch(train_args(run_dir, *second_extra, "trainer.max_steps=10", "trainer.eval_every=10"), second, tmp_path)
+    assert "resumed from" in result.stdout + result.stderr
+    assert_same_losses(losses(run_dir), losses(straight), range(1, 11))
+
+
+def test_consolidated_checkpoint_equals_the_exported_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    launch(train_args(run_dir, "trainer.parallel=fsdp"), 2, tmp_path)
+    out = tmp_path / "consolidated.safetensors"
+    subprocess.run([sys.executable, "-m", "training.dist_checkpoint", "consolidate",
+                    str(run_dir / "checkpoints" / "step_00000005"), str(out)], cwd=REPO, env=_env(), check=True)
+    consolidated, exported = load_file(str(out)), load_file(str(run_dir / "model.safetensors"))
+    for name, tensor in exported.items():
+        torch.testing.assert_close(consolidated[name], tensor, rtol=0, atol=0)
+
+
+def test_every_rank_agrees_on_the_stamped_run_dir(tmp_path):
+    args = [a for a in train_args(tmp_path / "unused") if not a.startswith("run_dir=")]
+    launch(args, 2, tmp_path)
+    stamped = list((tmp_path / "runs").iterdir())
+    assert len(stamped) == 1, f"ranks created different run folders: {stamped}"
+    assert (stamped[0] / "metrics.jsonl").is_file() and (stamped[0] / ".hydra" / "config.yaml").is_file()

@@ -63,10 +63,11 @@ def single_dense(tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one_on_the_same_global_batch(tmp_path, single_dense, strategy):
+@pytest.mark.parametrize("overrides", [["trainer.parallel=ddp"], ["trainer.parallel=fsdp", "trainer.checkpoint_async=true"]],
+                         ids=["ddp", "fsdp-async-checkpoint"])
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path, single_dense, overrides):
     run_dir = tmp_path / "run"
-    launch(train_args(run_dir, f"trainer.parallel={strategy}"), 2, tmp_path)
+    launch(train_args(run_dir, *overrides), 2, tmp_path)
     assert_same_losses(losses(run_dir), losses(single_dense), range(1, 6))
     # Only rank 0 writes logs: one row per step, no duplicates; the sharded checkpoint is complete.
     assert sorted(losses(run_dir)) == [1, 2, 3, 4, 5]
@@ -83,9 +84,11 @@ def test_expert_parallel_layer_matches_the_unsharded_layer(tmp_path):
 
 
 def test_expert_parallel_training_matches_one_process(tmp_path):
+    """With the auxiliary-loss-free bias on: its load counts must be reduced over both ranks to match."""
+    moe = [*MOE, "model.ffn.bias_update_rate=0.05"]
     single, parallel = tmp_path / "single", tmp_path / "ep"
-    launch(train_args(single, *MOE), 1, tmp_path)
-    launch(train_args(parallel, *MOE, "trainer.expert_parallel=2"), 2, tmp_path)
+    launch(train_args(single, *moe), 1, tmp_path)
+    launch(train_args(parallel, *moe, "trainer.expert_parallel=2"), 2, tmp_path)
     assert_same_losses(losses(parallel), losses(single), range(1, 6))
 
 
@@ -133,3 +136,68 @@ def test_every_rank_agrees_on_the_stamped_run_dir(tmp_path):
     stamped = list((tmp_path / "runs").iterdir())
     assert len(stamped) == 1, f"ranks created different run folders: {stamped}"
     assert (stamped[0] / "metrics.jsonl").is_file() and (stamped[0] / ".hydra" / "config.yaml").is_file()
+
+
+# ----------------------------------------------------------------------------- without processes
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_read_disjoint_rows_that_make_up_the_global_batch(world):
+    from training.data import WindowSampler
+
+    tokens = np.arange(10_000, dtype=np.int64)
+    whole_x, _ = WindowSampler(tokens, None, 16, 8, seed=3).get_batch(7, 1)
+    parts = [WindowSampler(tokens, None, 16, 8, seed=3, rank=r, world=world).get_batch(7, 1)[0] for r in range(world)]
+    assert all(p.shape == (8 // world, 16) for p in parts)
+    torch.testing.assert_close(torch.cat(parts), whole_x)
+
+
+def test_parallel_options_are_validated_before_any_work(tmp_path):
+    from tests.helpers import tiny_config
+    from training.config import ConfigError, validate
+    from training.trainer import Trainer
+
+    with pytest.raises(ConfigError, match="expert_parallel=2 needs an expert FFN"):
+        validate(tiny_config(tmp_path / "a", "trainer.expert_parallel=2"))
+    with pytest.raises(ConfigError, match="checkpoint_async=true needs"):
+        validate(tiny_config(tmp_path / "b", "trainer.checkpoint_async=true", "trainer.checkpoint_format=torch"))
+    with pytest.raises(ValueError, match="needs 2 or a multiple of 2 processes"):
+        Trainer(tiny_config(tmp_path / "c", *MOE, "trainer.expert_parallel=2"))
+    assert not (tmp_path / "c").exists()  # nothing written
+
+
+def test_slurm_launcher_preset_composes_without_a_cluster():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True,
+                      overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4",
+                                 "hydra.launcher.partition=gpu"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node, launcher.partition) == (2, 4, 4, "gpu")
+    assert launcher.timeout_min > 0 and launcher.max_num_timeout > 0
+
+
+def test_slurm_task_variables_become_torchrun_variables(monkeypatch):
+    from training import distributed_env
+
+    # A private copy of the environment: the translation writes RANK, WORLD_SIZE, … into it.
+    torchrun_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in torchrun_keys})
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "node[1-2]")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "node[1-2]")
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")  # what submitit sets in the jobs it launches
+    try:
+        assert distributed_env.env_world() == (5, 1, 8)
+    except (FileNotFoundError, RuntimeError) as e:  # submitit absent and no scontrol on this machine
+        pytest.skip(f"needs submitit or scontrol: {e}")
+    assert os.environ["MASTER_ADDR"] and os.environ["MASTER_PORT"]

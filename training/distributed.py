@@ -97,11 +97,6 @@ class Parallel:
         stacked /= self.world
         return {**values, **dict(zip(keys, stacked.unbind()))}
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-
 
 def setup_parallel(trainer_cfg, device: torch.device) -> Parallel:
     """Join the process group (if launched with several processes) and build the (dp, ep) mesh."""
@@ -209,10 +204,10 @@ def clip_grad_norm(model: nn.Module, max_norm: float, parallel: Parallel) -> tor
     """Global gradient norm (clipped to ``max_norm``) over replicated, FSDP-sharded and expert-sharded grads."""
     from torch.distributed.tensor import DTensor
 
-    expert_ids = {id(p) for p in parallel.expert_params}
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not parallel.enabled:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    expert_ids = {id(p) for p in parallel.expert_params}
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
     replicated_sq, sharded_sq = None, None
     for p in model.parameters():
         if p.grad is None:

@@ -1,11 +1,7 @@
-"""Block tests use tiny tensors: extra intra-op threads only add contention on the 2-core CI machine."""
+"""Block tests use tiny tensors: run them all on one intra-op thread (see tests/conftest.py)."""
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _blocks_on_one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)

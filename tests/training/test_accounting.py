@@ -30,12 +30,7 @@ HEAD_FLOPS = 2 * D * V                    # 6400
 KV_LAYER = 2 * 32 * 2                     # K and V, H·d = 32 each, bf16: 128 bytes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(**overrides) -> ModelConfig:

@@ -26,5 +26,11 @@ test: setup
 bench: setup
 	$(PY) -m benchmarks.step_time $(ARGS)
 
+# Every method's small preset against its baseline over 3 seeds on CPU (~1 h on 2 cores; resumable)
+# → benchmarks/results/reproduce/REPORT.md. ARGS="--dry-run" prints the plan, "--methods emoe,sgt --seeds 1" a subset.
+.PHONY: reproduce
+reproduce: setup
+	$(PY) -m benchmarks.reproduce $(ARGS)
+
 clean:
 	rm -rf $(VENV) runs multirun outputs .pytest_cache

@@ -83,12 +83,13 @@ def test_expert_parallel_layer_matches_the_unsharded_layer(tmp_path):
         assert case in result.stdout, result.stdout
 
 
-def test_expert_parallel_training_matches_one_process(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_expert_parallel_training_matches_one_process(tmp_path, strategy):
     """With the auxiliary-loss-free bias on: its load counts must be reduced over both ranks to match."""
     moe = [*MOE, "model.ffn.bias_update_rate=0.05"]
     single, parallel = tmp_path / "single", tmp_path / "ep"
     launch(train_args(single, *moe), 1, tmp_path)
-    launch(train_args(parallel, *moe, "trainer.expert_parallel=2"), 2, tmp_path)
+    launch(train_args(parallel, *moe, "trainer.expert_parallel=2", f"trainer.parallel={strategy}"), 2, tmp_path)
     assert_same_losses(losses(parallel), losses(single), range(1, 6))
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ import torch
 import torch.nn as nn
 
 EXTRA = "extra.pt"
+# DCP warns on every single-process save/load (also from the background thread of an async save);
+# for us one process is a supported mode, not a mistake.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 METADATA = ".metadata"
 
 
@@ -137,7 +141,7 @@ class DCPWriter:
             future = dcp.async_save(state, checkpoint_id=str(path), process_group=self.group)
             self.pending = (future, path, on_durable)
         else:
-            dcp.save(state, checkpoint_id=str(path))
+            dcp.save(state, checkpoint_id=str(path), no_dist=_single_process())
             on_durable(path)
 
     def wait(self) -> None:
@@ -149,6 +153,13 @@ class DCPWriter:
         future.result()
         self.parallel.barrier()
         on_durable(path)
+
+
+def _single_process() -> bool:
+    """No process group: DCP reads and writes every shard itself."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized())
 
 
 def read_extra(path: Path) -> dict[str, Any]:
@@ -167,7 +178,7 @@ def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, par
     import torch.distributed.checkpoint as dcp
 
     state = sharded_state(model, optimizer, parallel)
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, checkpoint_id=str(path), no_dist=_single_process())
     apply_state(model, optimizer, state, parallel)
 
 
@@ -176,7 +187,7 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
     import torch.distributed.checkpoint as dcp
 
     model_sd = model.state_dict()
-    dcp.load({"model": model_sd}, checkpoint_id=str(path))
+    dcp.load({"model": model_sd}, checkpoint_id=str(path), no_dist=_single_process())
     model.load_state_dict(model_sd)
 
 

@@ -202,3 +202,16 @@ def test_slurm_task_variables_become_torchrun_variables(monkeypatch):
     except (FileNotFoundError, RuntimeError) as e:  # submitit absent and no scontrol on this machine
         pytest.skip(f"needs submitit or scontrol: {e}")
     assert os.environ["MASTER_ADDR"] and os.environ["MASTER_PORT"]
+
+
+def test_one_process_can_write_and_resume_sharded_checkpoints(tmp_path):
+    """trainer.checkpoint_format=dcp (async) without a process group: same losses as .pt checkpoints."""
+    straight, run_dir = tmp_path / "straight", tmp_path / "run"
+    launch(train_args(straight, "schedule=constant", "trainer.max_steps=10", "trainer.eval_every=10"), 1, tmp_path)
+    dcp = ["schedule=constant", "trainer.checkpoint_format=dcp", "trainer.checkpoint_async=true"]
+    launch(train_args(run_dir, *dcp), 1, tmp_path)
+    assert (run_dir / "checkpoints" / "step_00000005" / ".metadata").is_file()
+    result = launch(train_args(run_dir, *dcp, "trainer.max_steps=10", "trainer.eval_every=10"), 1, tmp_path)
+    assert "resumed from" in result.stdout + result.stderr
+    assert "torch.distributed is disabled" not in result.stderr
+    assert_same_losses(losses(run_dir), losses(straight), range(1, 11))

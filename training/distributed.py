@@ -92,7 +92,8 @@ class Parallel:
         keys = [k for k, v in values.items() if isinstance(v, torch.Tensor) and v.numel() == 1]
         if not keys:
             return values
-        stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys])
+        device = values[keys[0]].device  # metrics may mix devices (e.g. a CPU-side counter)
+        stacked = torch.stack([values[k].detach().float().reshape(()).to(device) for k in keys])
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
         stacked /= self.world
         return {**values, **dict(zip(keys, stacked.unbind()))}

@@ -225,8 +225,13 @@ class RecurrentDepth(nn.Module):
         return self.coda(s_BTD, ctx)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs at r̄ iterations in training, at ``eval_iterations`` in eval mode."""
-        r = self.mean_recurrence if self.training else self.eval_iterations
+        """Forward FLOPs at the sampler's expected iteration count in training (r̄ + 1 for the
+        log-normal Poisson sampler, r̄ when fixed), at ``eval_iterations`` in eval mode. Training
+        FLOPs, where the no-grad iterations cost forward only, come from ``training.accounting``."""
+        from training.accounting_blocks import expected_iterations  # arch does not import training at load
+
+        r = sum(expected_iterations(self.mean_recurrence, self.mean_backprop_depth, self.sigma, self.sampler)) \
+            if self.training else self.eval_iterations
         once = sum(block_flops(b, seq_len) for i, b in enumerate(self.blocks) if not self.n_prelude <= i < self.n_prelude + self.n_core)
         core = sum(block_flops(b, seq_len) for b in self.blocks[self.n_prelude : self.n_prelude + self.n_core])
         adapter = block_flops(self.adapter, seq_len) if self.adapter is not None else 0.0

@@ -273,8 +273,7 @@ CONFIGS = {
 def test_meta_config_matches_the_real_model_and_the_flops_walker(name):
     real = account(build(**CONFIGS[name]), T)
     assert account_config(config(**CONFIGS[name]), T).to_dict() == real.to_dict()
-    if name != "recurrent":  # the walker takes r̄ iterations; the accounting the sampler's expectation
-        assert real.forward_flops_per_token == pytest.approx(forward_flops_per_token(build(**CONFIGS[name]), T))
+    assert real.forward_flops_per_token == pytest.approx(forward_flops_per_token(build(**CONFIGS[name]), T))
 
 
 def test_account_config_accepts_a_model_dict_and_a_composed_root():

@@ -85,6 +85,11 @@ class Parallel:
         if self.enabled:
             dist.barrier()
 
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
     def all_reduce_mean(self, values: dict[str, Any]) -> dict[str, Any]:
         """Average scalar metrics over ranks in one collective; non-tensors pass through."""
         if not self.enabled:

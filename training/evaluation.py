@@ -9,14 +9,23 @@ import torch
 
 
 @torch.no_grad()
-def evaluate_loss(model, data, seq_len: int, batch_size: int, max_batches: int | None, device, autocast_dtype=None) -> dict[str, float]:
-    """Mean next-token loss over deterministic val windows → val_loss, val_ppl, val_bpb."""
+def evaluate_loss(model, data, seq_len: int, batch_size: int, max_batches: int | None, device, autocast_dtype=None,
+                  split: tuple[int, int, Any] | None = None) -> dict[str, float]:
+    """Mean next-token loss over deterministic val windows → val_loss, val_ppl, val_bpb.
+
+    ``split=(rank, world, sum_over_ranks)``: this process scores batches rank, rank+world, …, and
+    ``sum_over_ranks`` (a float64 tensor in, summed tensor out) combines the totals. Only for
+    models whose forward has no collectives (DDP replicas); sharded ones evaluate every batch.
+    """
     from training.data import iter_eval_batches
 
+    rank, world, sum_over_ranks = split or (0, 1, None)
     was_training = model.training
     model.eval()
     loss_sum, count = 0.0, 0
-    for x_BT, y_BT in iter_eval_batches(data.val, data.val_mask, seq_len, batch_size, max_batches):
+    for index, (x_BT, y_BT) in enumerate(iter_eval_batches(data.val, data.val_mask, seq_len, batch_size, max_batches)):
+        if index % world != rank:
+            continue
         x_BT, y_BT = x_BT.to(device), y_BT.to(device)
         with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = model(x_BT, y_BT)
@@ -24,6 +33,8 @@ def evaluate_loss(model, data, seq_len: int, batch_size: int, max_batches: int |
         loss_sum += out.lm_loss.item() * n
         count += n
     model.train(was_training)
+    if sum_over_ranks is not None:
+        loss_sum, count = sum_over_ranks(torch.tensor([loss_sum, count], dtype=torch.float64, device=device)).tolist()
     val_loss = loss_sum / max(count, 1)
     return {
         "val_loss": val_loss,

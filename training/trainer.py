@@ -276,9 +276,12 @@ class Trainer:
         return None
 
     def evaluate(self) -> dict[str, float]:
-        """Validation loss. Every rank evaluates the same batches (sharded models need all ranks in the forward)."""
-        t = self.root.trainer
-        return evaluate_loss(self.model, self.data, self.root.data.seq_len, t.batch_size, t.eval_batches, self.device, self.autocast_dtype)
+        """Validation loss. DDP replicas split the batches; sharded models (FSDP, expert parallel) need
+        every rank in every forward, so there each rank evaluates all batches."""
+        t, p = self.root.trainer, self.parallel
+        split = (p.rank, p.world, p.all_reduce_sum) if p.enabled and t.parallel == "ddp" and p.ep == 1 else None
+        return evaluate_loss(self.model, self.data, self.root.data.seq_len, t.batch_size, t.eval_batches, self.device,
+                             self.autocast_dtype, split)
 
     def _log_eval(self) -> dict[str, float]:
         result = self.evaluate()

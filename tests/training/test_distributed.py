@@ -215,3 +215,16 @@ def test_one_process_can_write_and_resume_sharded_checkpoints(tmp_path):
     assert "resumed from" in result.stdout + result.stderr
     assert "torch.distributed is disabled" not in result.stderr
     assert_same_losses(losses(run_dir), losses(straight), range(1, 11))
+
+
+def test_ddp_ranks_split_the_validation_batches_and_agree_with_one_process(tmp_path):
+    """3 batches over 2 ranks (2 + 1): the summed totals give the single-process val loss."""
+    run_dir, single = tmp_path / "run", tmp_path / "single"
+    launch(train_args(run_dir, "trainer.parallel=ddp", "trainer.eval_batches=3"), 2, tmp_path)
+    launch(train_args(single, "trainer.eval_batches=3"), 1, tmp_path)
+    np.testing.assert_allclose(val_losses(run_dir), val_losses(single), rtol=1e-6)
+
+
+def val_losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["val_loss"] for r in rows if "val_loss" in r]

@@ -154,6 +154,22 @@ def find_resume_checkpoint(run_dir: str | Path, model_config: dict | None = None
     return None
 
 
+def checkpoint_to_resume(run_dir: str | Path, mode: str, model_config: dict) -> tuple[Path, dict] | None:
+    """What ``trainer.resume`` (auto | none | a path) asks to continue from, checked against the model config."""
+    if mode == "none":
+        if list_checkpoints(run_dir):
+            raise CheckpointError(
+                f"{run_dir} already holds checkpoints; continue it with trainer.resume=auto, "
+                "or start fresh in a new run_dir (nothing was overwritten)"
+            )
+        return None
+    if mode == "auto":
+        return find_resume_checkpoint(run_dir, model_config)
+    state = load_checkpoint(mode)
+    check_model_config(state, model_config, mode)
+    return Path(mode), state
+
+
 def rng_state() -> dict[str, Any]:
     """Python, numpy, torch (and CUDA) RNG states as weights_only-loadable types."""
     py_version, py_state, py_gauss = random.getstate()

@@ -81,6 +81,17 @@ def apply_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
 
 
+def load_model_and_optimizer(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, parallel) -> None:
+    """Weights and optimizer state from any checkpoint (``load_checkpoint``'s result) into this run's layout."""
+    if "sharded" in state:  # a DCP folder, resharded to this run's world size
+        load_dcp(state["sharded"], model, optimizer, parallel)
+    elif parallel.enabled:  # a single-file checkpoint continued by several processes
+        load_full_state(model, optimizer, state, parallel)
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+
+
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], parallel) -> None:
     """Load a single-file (``.pt``) checkpoint into a possibly sharded model: 1 → N processes."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict

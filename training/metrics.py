@@ -35,6 +35,16 @@ class MetricsLogger:
             self.wandb_run.finish()
 
 
+class NullLogger:
+    """What ranks other than 0 log to: nothing (rank 0 writes metrics.jsonl, wandb and plots)."""
+
+    def log(self, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def truncate_after(path: Path, step: int) -> None:
     """Drop rows logged after ``step`` (a resumed run re-logs them), atomically."""
     if not path.exists():

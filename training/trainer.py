@@ -25,7 +25,7 @@ from training.evaluation import evaluate_loss
 from training.elastic import sample_setting as sample_elastic
 from training.accounting import account, format_accounting
 from training.flops import peak_flops
-from training.metrics import MetricsLogger, plot_losses
+from training.metrics import MetricsLogger, NullLogger, plot_losses
 from training.optim import build_optimizer, lr_at, set_lr
 
 
@@ -107,7 +107,7 @@ class Trainer:
         self.dcp_writer = None
 
         resume_from = self._resume()
-        self.logger = MetricsLogger(self.run_dir, root.logger, self.config_dict, resume_from) if self.is_main else _NullLogger()
+        self.logger = MetricsLogger(self.run_dir, root.logger, self.config_dict, resume_from) if self.is_main else NullLogger()
         if t.compile:
             self.train_model = torch.compile(self.train_model)
         tokens_per_step = t.batch_size * t.grad_accum * root.data.seq_len  # global: all ranks together
@@ -128,35 +128,13 @@ class Trainer:
     # ----------------------------------------------------------------- resume / checkpoints
     def _resume(self) -> int | None:
         """Load the checkpoint named by ``trainer.resume``; return its step, or None for a fresh run."""
-        mode = self.root.trainer.resume
-        model_cfg = self.config_dict["model"]
-        if mode == "none":
-            if ckpt.list_checkpoints(self.run_dir):
-                raise ckpt.CheckpointError(
-                    f"{self.run_dir} already holds checkpoints; continue it with trainer.resume=auto, "
-                    "or start fresh in a new run_dir (nothing was overwritten)"
-                )
+        from training.dist_checkpoint import load_model_and_optimizer
+
+        found = ckpt.checkpoint_to_resume(self.run_dir, self.root.trainer.resume, self.config_dict["model"])
+        if found is None:
             return None
-        if mode == "auto":
-            found = ckpt.find_resume_checkpoint(self.run_dir, model_cfg)
-            if found is None:
-                return None
-            path, state = found
-        else:
-            path = Path(mode)
-            state = ckpt.load_checkpoint(path)
-            ckpt.check_model_config(state, model_cfg, path)
-        if "sharded" in state:  # a DCP folder, resharded to this run's world size
-            from training.dist_checkpoint import load_dcp
-
-            load_dcp(state["sharded"], self.model, self.optimizer, self.parallel)
-        elif self.parallel.enabled:  # a single-file checkpoint continued by several processes
-            from training.dist_checkpoint import load_full_state
-
-            load_full_state(self.model, self.optimizer, state, self.parallel)
-        else:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+        path, state = found
+        load_model_and_optimizer(state, self.model, self.optimizer, self.parallel)
         self.sampler.load_state_dict(state["sampler"])
         ckpt.set_rng_state(state["rng"])
         self.step = state["step"]
@@ -413,16 +391,6 @@ class Trainer:
         if self.is_main:
             (self.run_dir / "sample.txt").write_text(text + "\n")
         return text
-
-
-class _NullLogger:
-    """What ranks other than 0 log to: nothing (rank 0 writes metrics.jsonl, wandb and plots)."""
-
-    def log(self, row: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _write_config(path: Path, config_dict: dict) -> None:

@@ -83,13 +83,14 @@ def test_expert_parallel_layer_matches_the_unsharded_layer(tmp_path):
         assert case in result.stdout, result.stdout
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_expert_parallel_training_matches_one_process(tmp_path, strategy):
-    """With the auxiliary-loss-free bias on: its load counts must be reduced over both ranks to match."""
+@pytest.mark.parametrize("strategy, nproc", [("ddp", 2), ("fsdp", 2), ("ddp", 4)], ids=["ddp-ep2", "fsdp-ep2", "dp2xep2"])
+def test_expert_parallel_training_matches_one_process(tmp_path, strategy, nproc):
+    """With the auxiliary-loss-free bias on: its load counts must be reduced over all ranks to match.
+    4 processes = a (dp 2, ep 2) mesh: expert gradients are also summed over the dp replicas."""
     moe = [*MOE, "model.ffn.bias_update_rate=0.05"]
     single, parallel = tmp_path / "single", tmp_path / "ep"
     launch(train_args(single, *moe), 1, tmp_path)
-    launch(train_args(parallel, *moe, "trainer.expert_parallel=2", f"trainer.parallel={strategy}"), 2, tmp_path)
+    launch(train_args(parallel, *moe, "trainer.expert_parallel=2", f"trainer.parallel={strategy}"), nproc, tmp_path)
     assert_same_losses(losses(parallel), losses(single), range(1, 6))
 
 

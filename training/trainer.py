@@ -81,6 +81,9 @@ class Trainer:
         self.parallel = dist_utils.setup_parallel(t, device)  # one process: Parallel() and nothing happens
         self.device = dist_utils.device_for(self.parallel, device)
         self._check_parallel()
+        if t.resume not in ("auto", "none") and not Path(t.resume).exists():  # before anything is written
+            raise ckpt.CheckpointError(f"trainer.resume={t.resume}: no such checkpoint (give a step_XXXXXXXX.pt file or "
+                                       "folder, or auto / none)")
         self.is_main = self.parallel.is_main
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.autocast_dtype = torch.bfloat16 if (t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")) else None

@@ -84,3 +84,14 @@ def test_safetensors_export_round_trip(tmp_path):
     path = ckpt.export_safetensors(model, tmp_path / "m.safetensors")
     loaded = load_file(str(path))
     assert torch.equal(loaded["0.weight"], model[0].weight.detach())
+
+
+def test_a_missing_resume_path_fails_before_the_run_folder_is_written(tmp_path):
+    from tests.helpers import tiny_config
+    from training.checkpoint import CheckpointError
+    from training.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        Trainer(tiny_config(run_dir, f"trainer.resume={tmp_path / 'nope.pt'}"))
+    assert not run_dir.exists()

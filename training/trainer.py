@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -61,6 +61,17 @@ def build_model(root: RootConfig, vocab_size: int) -> LanguageModel:
     return LanguageModel(model_cfg)
 
 
+def check_model_builds(root: RootConfig) -> None:
+    """Build the model on the meta device (no memory, no data: a placeholder vocabulary) so that an
+    option only a block's constructor can judge is reported before any data is prepared. Failures
+    that are the meta device's, not the config's, are left for the real build."""
+    try:
+        with torch.device("meta"):
+            LanguageModel(replace(root.model, vocab_size=root.model.vocab_size or 257))
+    except (NotImplementedError, RuntimeError):
+        pass
+
+
 class Trainer:
     """Owns the model, optimizer, data sampler and run folder for one training run.
 
@@ -77,6 +88,7 @@ class Trainer:
         self.run_dir = Path(root.run_dir)
         if t.threads:
             torch.set_num_threads(t.threads)
+        check_model_builds(root)  # block options only a constructor can judge: fail before anything is written
         device = resolve_device(t.device)
         self.parallel = dist_utils.setup_parallel(t, device)  # one process: Parallel() and nothing happens
         self.device = dist_utils.device_for(self.parallel, device)

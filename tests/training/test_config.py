@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import tiny_config
 from training.cli import compose
 from training.config import ConfigError, validate
 
@@ -94,3 +95,12 @@ def test_seq_len_longer_than_validation_split_fails_before_training(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "longer than the validation split" in result.stderr
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_a_block_option_only_its_constructor_can_judge_fails_before_anything_is_written(tmp_path):
+    from training.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"ffn.top_k=99 must be in \[1, n_experts=8\]"):
+        Trainer(tiny_config(run_dir, "model=moe_tiny", "model.ffn.top_k=99"))
+    assert not run_dir.exists()

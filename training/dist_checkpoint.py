@@ -32,10 +32,6 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 METADATA = ".metadata"
 
 
-def is_dcp_checkpoint(path: Path) -> bool:
-    return path.is_dir()
-
-
 def is_complete(path: Path) -> bool:
     return (path / METADATA).is_file() and (path / EXTRA).is_file()
 
@@ -44,6 +40,18 @@ def is_complete(path: Path) -> bool:
 def _expert_fqns(model: nn.Module, parallel) -> set[str]:
     expert_ids = {id(p) for p in parallel.expert_params}
     return {name for name, p in model.named_parameters() if id(p) in expert_ids}
+
+
+def _map_expert_tensors(model_sd: dict, optim_sd: dict, fqns: set[str], fn) -> None:
+    """Apply ``fn`` to every expert bank's weight and its per-parameter optimizer tensors (not ``step``).
+
+    The optimizer's inner dicts are replaced, never edited: they may be the optimizer's live state.
+    """
+    for fqn in fqns:
+        model_sd[fqn] = fn(model_sd[fqn])
+        if fqn in optim_sd["state"]:
+            optim_sd["state"][fqn] = {key: fn(value) if isinstance(value, torch.Tensor) and value.dim() > 0 else value
+                                      for key, value in optim_sd["state"][fqn].items()}
 
 
 def _as_ep_dtensor(local: torch.Tensor, parallel):
@@ -57,12 +65,7 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, parallel) 
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    experts = _expert_fqns(model, parallel)
-    for fqn in experts:
-        model_sd[fqn] = _as_ep_dtensor(model_sd[fqn], parallel)
-        if fqn in optim_sd["state"]:  # a new dict: the inner one may be the optimizer's live state
-            optim_sd["state"][fqn] = {key: _as_ep_dtensor(value, parallel) if isinstance(value, torch.Tensor) and value.dim() > 0 else value
-                                      for key, value in optim_sd["state"][fqn].items()}
+    _map_expert_tensors(model_sd, optim_sd, _expert_fqns(model, parallel), lambda t: _as_ep_dtensor(t, parallel))
     return {"model": model_sd, "optim": optim_sd}
 
 
@@ -71,13 +74,10 @@ def apply_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[
     from torch.distributed.checkpoint.state_dict import set_state_dict
     from torch.distributed.tensor import DTensor
 
-    experts = _expert_fqns(model, parallel)
     model_sd, optim_sd = state["model"], state["optim"]
-    for fqn in experts:  # back to the plain local slices the parameters are
-        model_sd[fqn] = model_sd[fqn].to_local() if isinstance(model_sd[fqn], DTensor) else model_sd[fqn]
-        if fqn in optim_sd["state"]:
-            optim_sd["state"][fqn] = {key: value.to_local() if isinstance(value, DTensor) else value
-                                      for key, value in optim_sd["state"][fqn].items()}
+    # back to the plain local slices the expert parameters are
+    _map_expert_tensors(model_sd, optim_sd, _expert_fqns(model, parallel),
+                        lambda t: t.to_local() if isinstance(t, DTensor) else t)
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
 
 
@@ -100,11 +100,7 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: d
     optim_sd = optimizer_state_by_name(state["optimizer"], model, optimizer)
     if parallel.ep > 1:
         ep_rank = parallel.mesh["ep"].get_local_rank()
-        for fqn in _expert_fqns(model, parallel):
-            model_sd[fqn] = _ep_slice(model_sd[fqn], parallel.ep, ep_rank)
-            if fqn in optim_sd["state"]:
-                optim_sd["state"][fqn] = {key: _ep_slice(value, parallel.ep, ep_rank) if isinstance(value, torch.Tensor) and value.dim() > 0 else value
-                                          for key, value in optim_sd["state"][fqn].items()}
+        _map_expert_tensors(model_sd, optim_sd, _expert_fqns(model, parallel), lambda t: _ep_slice(t, parallel.ep, ep_rank))
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                    options=StateDictOptions(full_state_dict=True))
 

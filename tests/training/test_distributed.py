@@ -100,8 +100,9 @@ def test_expert_parallel_training_matches_one_process(tmp_path, strategy, nproc)
         (2, 1, ["trainer.parallel=fsdp"]),  # sharded DCP checkpoint → one process
         (1, 2, []),  # single-file checkpoint → two processes (DDP)
         (2, 1, [*MOE, "trainer.expert_parallel=2"]),  # expert-sharded DCP checkpoint → one process
+        (2, 2, [*MOE, "trainer.expert_parallel=2"]),  # expert-sharded DCP checkpoint → expert-sharded again
     ],
-    ids=["fsdp2-to-1", "1-to-ddp2", "ep2-to-1"],
+    ids=["fsdp2-to-1", "1-to-ddp2", "ep2-to-1", "ep2-to-ep2"],
 )
 def test_resume_on_a_different_number_of_processes(tmp_path, first, second, extra):
     # A constant schedule: the interrupted run (max_steps=5) and the straight one (10) share the lr at every step.

@@ -22,7 +22,7 @@ def compile_specs(specs, cc: int) -> dict:
     from triton.compiler import ASTSource
 
     results = {}
-    for name, fn, sig, consts, opts in specs:
+    for name, fn, sig, consts, opts, _must_fit in specs:
         # At launch the JIT marks 16-aligned pointers and multiple-of-16 ints as such, which is what
         # enables cp.async/TMA pipelining (and the largest shared-memory use): mimic that here.
         names = list(fn.arg_names)

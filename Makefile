@@ -30,7 +30,7 @@ bench: setup
 # → benchmarks/results/reproduce/REPORT.md. ARGS="--dry-run" prints the plan, "--methods emoe,sgt --seeds 1" a subset.
 .PHONY: reproduce
 reproduce: setup
-	$(PY) -m benchmarks.reproduce $(ARGS)
+	$(PY) -m recipes.reproduce.suite $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs multirun outputs .pytest_cache

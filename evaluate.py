@@ -16,7 +16,7 @@ from training.cli import report_errors
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from training.elastic_eval import run_evaluation
+    from training.eval.elastic_sweeps import run_evaluation
 
     with report_errors():
         run_evaluation(cfg)

@@ -6,7 +6,7 @@ Examples::
     python train.py model=dense_124m data=hf data.hf.path=roneneldan/TinyStories trainer.device=cuda
     python train.py -m optim.lr=1e-3,3e-3 seed=0,1    # a sweep; one run folder per job under multirun/
     python train.py run_dir=runs/my_run               # re-running the same run_dir resumes it
-    torchrun --nproc_per_node=2 train.py trainer.parallel=fsdp   # several processes (training/distributed.py)
+    torchrun --nproc_per_node=2 train.py trainer.parallel=fsdp   # several processes (training/distributed/parallel.py)
 
 Before Hydra runs anything, the command-line keys are checked against the config so that a
 typo is reported with the keys that are allowed there (see ``training.cli``).
@@ -34,12 +34,12 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    from training.distributed_env import env_world
+    from training.distributed.env import env_world
 
     check_overrides(sys.argv[1:])
     rank, _, world = env_world()
     if world > 1:
-        from training.distributed import share_launch_stamp
+        from training.distributed.parallel import share_launch_stamp
 
         share_launch_stamp()  # every rank must resolve the same run_dir
         if rank > 0:  # only rank 0 writes the run folder's .hydra/ snapshot

@@ -82,9 +82,9 @@ def _fail(message: str) -> None:
 @contextlib.contextmanager
 def report_errors():
     """Turn the errors a user can fix (config, checkpoint, data) into one line and exit status 2."""
-    from training.checkpoint import CheckpointError
+    from training.errors import CheckpointError
     from training.config import ConfigError
-    from training.trainer import NonFiniteLossError
+    from training.errors import NonFiniteLossError
 
     try:
         yield

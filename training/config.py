@@ -113,7 +113,7 @@ class TrainerConfig:
     sample_top_k: Optional[int] = 50
     export_safetensors: bool = True
     threads: Optional[int] = None  # CPU intra-op threads; None = torch's default
-    # Several processes (torchrun / SLURM): training/distributed.py.
+    # Several processes (torchrun / SLURM): training/distributed/parallel.py.
     parallel: Literal["ddp", "fsdp"] = "ddp"
     expert_parallel: int = 1  # experts split over this many ranks (must divide the process count)
     checkpoint_format: Literal["auto", "torch", "dcp"] = "auto"  # auto: dcp with several processes

@@ -17,59 +17,18 @@ from tqdm.auto import tqdm
 
 from arch.layers import FULL_MODEL, ElasticSetting
 from arch.model import LanguageModel
-from training import checkpoint as ckpt
-from training import distributed as dist_utils
+from training.checkpoint import files as ckpt
+from training.distributed import parallel as dist_utils
 from training.config import MOE_BLOCKS, RootConfig, validate
 from training.elastic import describe as describe_elastic
-from training.evaluation import evaluate_loss
+from training.eval.loss import evaluate_loss
 from training.elastic import sample_setting as sample_elastic
-from training.accounting import account, format_accounting
-from training.flops import peak_flops
+from training.accounting.account import account, format_accounting
+from training.accounting.flops import peak_flops
 from training.metrics import MetricsLogger, NullLogger, plot_losses
+from training.build import build_model, check_model_builds, resolve_device, seed_everything
+from training.errors import NonFiniteLossError
 from training.optim import build_optimizer, lr_at, set_lr
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised by ``trainer.nonfinite=abort``; names the step and the last good checkpoint."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_model(root: RootConfig, vocab_size: int) -> LanguageModel:
-    """The model for a validated config, with the vocabulary filled in from the tokenizer."""
-    model_cfg = root.model
-    if model_cfg.vocab_size is None:
-        model_cfg.vocab_size = vocab_size
-    elif model_cfg.vocab_size < vocab_size:
-        raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab_size} tokens")
-    return LanguageModel(model_cfg)
-
-
-def check_model_builds(root: RootConfig) -> None:
-    """Build the model on the meta device (no memory, no data: a placeholder vocabulary) so that an
-    option only a block's constructor can judge is reported before any data is prepared. Failures
-    that are the meta device's, not the config's, are left for the real build."""
-    try:
-        with torch.device("meta"):
-            LanguageModel(replace(root.model, vocab_size=root.model.vocab_size or 257))
-    except (NotImplementedError, RuntimeError):
-        pass
 
 
 class Trainer:
@@ -80,7 +39,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: Any, callbacks: tuple[Callable, ...] = ()):
-        from training.data import WindowSampler, check_seq_len, prepare_data
+        from training.data.shards import WindowSampler, check_seq_len, prepare_data
 
         self.root = cfg if isinstance(cfg, RootConfig) else validate(cfg)  # fails before any work
         root, t = self.root, self.root.trainer
@@ -143,7 +102,7 @@ class Trainer:
     # ----------------------------------------------------------------- resume / checkpoints
     def _resume(self) -> int | None:
         """Load the checkpoint named by ``trainer.resume``; return its step, or None for a fresh run."""
-        from training.dist_checkpoint import load_model_and_optimizer
+        from training.checkpoint.sharded import load_model_and_optimizer
 
         found = ckpt.checkpoint_to_resume(self.run_dir, self.root.trainer.resume, self.config_dict["model"])
         if found is None:
@@ -169,7 +128,7 @@ class Trainer:
             "config": self.config_dict,
         }
         if self.sharded_checkpoints:
-            from training.dist_checkpoint import DCPWriter
+            from training.checkpoint.sharded import DCPWriter
 
             if self.dcp_writer is None:
                 self.dcp_writer = DCPWriter(self.parallel, t.checkpoint_async)
@@ -389,12 +348,12 @@ class Trainer:
             f"throughput:     {tokens_per_s:,.0f} tokens/s\n"
             f"checkpoint:     {self.last_checkpoint}\n"
             f"resume/extend:  python train.py run_dir={self.run_dir} trainer.max_steps={2 * t.max_steps}\n"
-            f"sample again:   python -m training.sample {self.run_dir} --prompt \"{t.sample_prompt}\""
+            f"sample again:   python -m training.eval.sample {self.run_dir} --prompt \"{t.sample_prompt}\""
         )
         return summary
 
     def write_sample(self) -> str:
-        from training.sample import generate_text
+        from training.eval.sample import generate_text
 
         t = self.root.trainer
         if t.sample_tokens == 0:

@@ -6,7 +6,7 @@ key head ``k_map[h]`` and value head ``v_map[h]``; the maps need not be contiguo
 maps go to ``kernels.attention.attention`` as ``k_head`` / ``v_head``, so the Triton path never
 expands K or V, and the KV cache holds only the g_K + g_V shared heads.
 
-``HeadFusionAttention`` is the fusion stage of the MHA → DHA conversion (``training/dha_fusion.py``).
+``HeadFusionAttention`` is the fusion stage of the MHA → DHA conversion (``recipes/dha/fusion.py``).
 
 Legend: B batch, T query length, S key length, D d_model, H query heads, Gk key heads (g_K),
 Gv value heads (g_V), d head dim, c fusion-weight channels (1 or d).

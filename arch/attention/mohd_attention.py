@@ -69,7 +69,7 @@ class MoHDAttention(nn.Module):
         return self.fusion(o_NGg, r.active_NG).reshape(B, T, D)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Activated FLOPs beyond what training.flops counts itself (the router and the MHA's
+        """Activated FLOPs beyond what training.accounting.flops counts itself (the router and the MHA's
         Linears, in full): fusion, minus the projection rows/columns of the inactive groups."""
         a = self.attn
         proj_in = a.wq.out_features + a.wkv.out_features

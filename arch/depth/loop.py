@@ -23,7 +23,7 @@ _STREAM = 0x100B  # separates the iteration-count RNG stream from the data and e
 
 def block_flops(module: nn.Module, seq_len: int) -> float:
     """Forward FLOPs per token of one block (its Linears plus its blocks' own ``flops_per_token``)."""
-    from training.flops import forward_flops_per_token  # torch-free helper; arch does not import training at load
+    from training.accounting.flops import forward_flops_per_token  # torch-free helper; arch does not import training at load
 
     return forward_flops_per_token(module, seq_len)
 
@@ -227,8 +227,8 @@ class RecurrentDepth(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs at the sampler's expected iteration count in training (r̄ + 1 for the
         log-normal Poisson sampler, r̄ when fixed), at ``eval_iterations`` in eval mode. Training
-        FLOPs, where the no-grad iterations cost forward only, come from ``training.accounting``."""
-        from training.accounting_blocks import expected_iterations  # arch does not import training at load
+        FLOPs, where the no-grad iterations cost forward only, come from ``training.accounting.account``."""
+        from training.accounting.blocks import expected_iterations  # arch does not import training at load
 
         r = sum(expected_iterations(self.mean_recurrence, self.mean_backprop_depth, self.sigma, self.sampler)) \
             if self.training else self.eval_iterations

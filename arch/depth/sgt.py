@@ -261,7 +261,7 @@ class SGTDepth(nn.Module):
     # ------------------------------------------------------------------ accounting
     def flops_per_token(self, seq_len: int) -> float:
         """Extra forward FLOPs of the loops at the current structure (the base blocks count elsewhere)."""
-        from training.flops import forward_flops_per_token
+        from training.accounting.flops import forward_flops_per_token
 
         total = 0.0
         for i, depth in enumerate(self.loop_depth):

@@ -93,6 +93,6 @@ class MultiHeadMoEFFN(MoEFFN):
 
     def flops_per_token(self, seq_len: int) -> float:
         """h sub-tokens × k experts × 3 matrices of (D/h)×F, plus the router's h−1 extra calls per token
-        (training.flops counts each nn.Linear, the router and the projections, once per token)."""
+        (training.accounting.flops counts each nn.Linear, the router and the projections, once per token)."""
         router_linears = sum(2 * m.in_features * m.out_features for m in self.router.modules() if isinstance(m, nn.Linear))
         return self.n_heads * super().flops_per_token(seq_len) + (self.n_heads - 1) * router_linears

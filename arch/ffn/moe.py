@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from arch.ffn.elastic import coactivation_topk, hierarchical_router_loss
+from arch.ffn.emoe import coactivation_topk, hierarchical_router_loss
 from arch.ffn.mlp import SwiGLUMLP
 from arch.ffn.router import (
     LinearRouter,
@@ -220,5 +220,5 @@ class MoEFFN(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Activated expert FLOPs: k experts × 3 matrices of D×F. (Router and shared experts are
-        nn.Linear layers and are counted as such by training.flops.)"""
+        nn.Linear layers and are counted as such by training.accounting.flops.)"""
         return self.top_k * 2 * 3 * self.d_model * self.F

@@ -288,7 +288,7 @@ class UniversalMoEFFN(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Activated expert FLOPs (k × 3 matrices of D×F, the same as MoEFFN), plus the shared router
-        (an nn.Linear is counted by training.flops; a shared Parameter is not) and the trajectory EMA."""
+        (an nn.Linear is counted by training.accounting.flops; a shared Parameter is not) and the trajectory EMA."""
         shared_router = 2 * self.pool.router_MI.numel() if self.pool.router_MI is not None else 0
         return self.top_k * 2 * 3 * self.d_model * self.F + shared_router + 2 * self.top_k * self.trajectory_dim
 

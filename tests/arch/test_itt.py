@@ -4,7 +4,7 @@ import torch
 
 from arch.model import LanguageModel
 from arch.registry import ATTENTION, ConfigError
-from training.flops import forward_flops_per_token
+from training.accounting.flops import forward_flops_per_token
 from tests.arch.depth_helpers import model
 
 

@@ -9,7 +9,7 @@ import torch
 from arch.registry import ConfigError
 from tests.arch.depth_helpers import model
 from tests.helpers import tiny_config
-from training.flops import forward_flops_per_token
+from training.accounting.flops import forward_flops_per_token
 from training.trainer import train
 
 
@@ -117,7 +117,7 @@ def test_recurrent_bad_options_fail_clearly():
 def test_every_looped_preset_trains_and_its_sweep_runs(tmp_path: Path, experiment):
     from omegaconf import OmegaConf
 
-    from training.elastic_eval import run_evaluation
+    from training.eval.elastic_sweeps import run_evaluation
 
     run_dir = tmp_path / experiment
     cfg = tiny_config(run_dir, f"experiment={experiment}", "model.n_layers=4", "trainer.max_steps=16",

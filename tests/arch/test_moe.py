@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from arch.ffn.elastic import coactivation_topk, hierarchical_router_loss
+from arch.ffn.emoe import coactivation_topk, hierarchical_router_loss
 from arch.ffn.moe import MoEFFN
 from arch.ffn.router import apply_capacity, routing_metrics
 from arch.layers import ElasticSetting, ForwardContext

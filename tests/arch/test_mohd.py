@@ -14,7 +14,7 @@ from arch.layers import ForwardContext
 from tests.helpers import tiny_config
 from training.cli import compose
 from training.config import validate
-from training.flops import forward_flops_per_token
+from training.accounting.flops import forward_flops_per_token
 from training.metrics import read_metrics
 from training.trainer import train
 

@@ -20,7 +20,7 @@ from arch.model import LanguageModel
 from kernels.moe import expert_mlp_reference
 from training.cli import compose
 from training.config import ModelConfig, validate
-from training.flops import forward_flops_per_token
+from training.accounting.flops import forward_flops_per_token
 
 D = 16
 MOUE = {"name": "moue", "n_universal": 10, "window_size": 4, "window_stride": 3, "top_k": 2, "expert_hidden": 8, "backend": "torch"}

@@ -1,0 +1,291 @@
+"""Convert a trained MHA checkpoint to DHA or GQA, continue pretraining, and the dha_vs_gqa recipe.
+
+    python -m recipes.dha.convert mha_to_dha ckpt=runs/mha out=runs/mha_dha budget=0.25 [similarity=params|activations
+        calib_batches=4 allocation=dp|uniform fusion_steps=300 fusion_tol=0.01 granularity=scalar|channel ...]
+    python -m recipes.dha.convert mha_to_gqa ckpt=runs/mha out=runs/mha_gqa budget=0.25
+    python -m recipes.dha.convert continue run=runs/mha_dha [steps=300]     # continued pretraining (CPT)
+    python -m recipes.dha.convert dha_vs_gqa run_dir=runs/dha_vs_gqa [budget=0.25 ...] [hydra overrides of the MHA run]
+
+A conversion writes a fresh run folder: ``checkpoints/step_00000000.pt`` holds the converted model,
+its full config (model.attention = the DHA / GQA node), a fresh optimizer and ``trainer.max_steps
+= cpt_steps``; ``continue`` (or ``Trainer`` on that folder) trains it from step 0, logging the
+val loss right after conversion as the step-0 eval. ``conversion.json`` records the search, the
+fusion history, the val losses and the KV-cache bytes per token. METHODS.md §4.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import get_type_hints
+
+from arch.registry import ConfigError, suggest
+
+
+@dataclass
+class ConvertOptions:
+    ckpt: str = ""                  # MHA run folder or checkpoint file
+    out: str = ""                   # the new run folder
+    budget: float = 0.25            # fraction of MHA's KV heads kept (Σ g^K + g^V ≤ budget·2·L·H)
+    cpt_steps: int = 0              # trainer.max_steps of the converted run; 0 = the source run's
+    device: str = "auto"
+    # mha_to_dha only
+    similarity: str = "params"      # params | activations (calibration batches from the train split)
+    calib_batches: int = 4
+    allocation: str = "dp"          # dp (per-layer counts by redundancy) | uniform
+    fusion_steps: int = 300
+    fusion_tol: float = 0.01
+    fusion_lr: float = 1e-3
+    omega_lr: float = 1e-2
+    rho_init: float = 1.0
+    rho_growth: float = 2.0
+    al_every: int = 10
+    granularity: str = "scalar"     # scalar | channel fusion weights
+    train_base: bool = True
+
+
+@dataclass
+class RecipeOptions:
+    run_dir: str = ""
+    budget: float = 0.25
+    cpt_steps: int = 0              # 0 = the MHA run's trainer.max_steps ("the same number of steps")
+    similarity: str = "params"
+    allocation: str = "dp"
+    fusion_steps: int = 300
+    fusion_tol: float = 0.01
+    granularity: str = "scalar"
+
+
+def _parse(argv: list[str], schema: type, extra_ok: bool = False):
+    """key=value arguments → schema instance (values coerced to the field types), plus unknown keys if extra_ok."""
+    hints, known = get_type_hints(schema), {f.name for f in dataclasses.fields(schema)}
+    values, extra = {}, []
+    for arg in argv:
+        key, eq, raw = arg.partition("=")
+        if not eq:
+            raise ConfigError(f"argument {arg!r} is not key=value")
+        if key not in known:
+            if extra_ok:
+                extra.append(arg)
+                continue
+            raise ConfigError(f"unknown option {key!r}; allowed: {sorted(known)}." + suggest(key, known))
+        kind = hints[key]
+        try:
+            if kind is bool:
+                if raw.lower() not in ("true", "false"):
+                    raise ValueError
+                values[key] = raw.lower() == "true"
+            else:
+                values[key] = kind(raw)
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r} is invalid; expected a {kind.__name__}") from None
+    return (schema(**values), extra) if extra_ok else schema(**values)
+
+
+def _fusion_config(o: ConvertOptions, batch_size: int, seed: int):
+    from recipes.dha.fusion import FusionConfig
+
+    if o.granularity not in ("scalar", "channel"):
+        raise ConfigError(f"granularity={o.granularity!r} is invalid; allowed: ['scalar', 'channel']")
+    return FusionConfig(steps=o.fusion_steps, tol=o.fusion_tol, lr=o.fusion_lr, omega_lr=o.omega_lr, rho_init=o.rho_init,
+                        rho_growth=o.rho_growth, al_every=o.al_every, granularity=o.granularity, train_base=o.train_base,
+                        batch_size=batch_size, seed=seed + 1)
+
+
+def _val_loss(model, data, root) -> float:
+    from training.eval.loss import evaluate_loss
+
+    t = root.trainer
+    device = next(model.parameters()).device
+    return evaluate_loss(model, data, root.data.seq_len, t.batch_size, t.eval_batches, device)["val_loss"]
+
+
+def mha_to_dha(o: ConvertOptions) -> dict:
+    """Search → fusion → collapse → a fresh run folder for CPT. Returns the conversion report."""
+    from arch.attention.dha import kv_bytes_per_token
+    from recipes.dha.fusion import collapse, fuse, wrap_for_fusion
+    from recipes.dha.search import search
+    from training.eval.loss import load_trained
+
+    _require_paths(o)
+    model, data, root, path = load_trained(o.ckpt, o.device)
+    calib = None
+    if o.similarity == "activations":
+        from training.data.shards import WindowSampler
+
+        sampler = WindowSampler(data.train, data.train_mask, root.data.seq_len, root.trainer.batch_size, root.seed + 2,
+                                align=data.window_align)
+        calib = [sampler.get_batch(i)[0].to(next(model.parameters()).device) for i in range(o.calib_batches)]
+    result = search(model, o.budget, o.similarity, o.allocation, calib)
+    fusion_cfg = _fusion_config(o, root.trainer.batch_size, root.seed)
+    fused = wrap_for_fusion(model, result, o.granularity)
+    start = _val_loss(fused, data, root)
+    history = fuse(fused, data, root.data.seq_len, fusion_cfg)
+    dha = collapse(fused)
+    report = {
+        "method": "dha", "source": str(path), "budget": o.budget, "budget_heads": result.budget_heads,
+        "k_heads": result.counts["k"], "v_heads": result.counts["v"],
+        "k_maps": result.groups["k"], "v_maps": result.groups["v"], "search_cost": result.total_cost,
+        "val_loss_mha": _val_loss(model, data, root), "val_loss_fusion_start": start,
+        "val_loss_fused": _val_loss(fused, data, root), "val_loss_converted": _val_loss(dha, data, root),
+        "fusion_steps": history[-1]["step"], "fusion_disagreement": history[-1]["disagreement"],
+        "kv_bytes_per_token_bf16": kv_bytes_per_token(dha), "kv_bytes_per_token_mha_bf16": kv_bytes_per_token(model),
+        "similarity": {kind: [layer.similarity_HH for layer in result.layers[kind]] for kind in result.layers},
+        "fusion_history": history,
+    }
+    write_run(o.out, root, dha, data, o.cpt_steps, report)
+    return report
+
+
+def mha_to_gqa(o: ConvertOptions) -> dict:
+    """GQA baseline at the same budget: mean-pool contiguous groups, no fusion stage."""
+    from arch.attention.dha import kv_bytes_per_token
+    from recipes.dha.fusion import mean_pool_gqa
+    from recipes.dha.search import budget_heads
+    from training.eval.loss import load_trained
+
+    _require_paths(o)
+    model, data, root, path = load_trained(o.ckpt, o.device)
+    L, H = root.model.n_layers, root.model.n_heads
+    n_kv = budget_heads(o.budget, L, H) // (2 * L)
+    gqa = mean_pool_gqa(model, n_kv)
+    report = {"method": "gqa", "source": str(path), "budget": o.budget, "n_kv_heads": n_kv,
+              "val_loss_mha": _val_loss(model, data, root), "val_loss_converted": _val_loss(gqa, data, root),
+              "kv_bytes_per_token_bf16": kv_bytes_per_token(gqa), "kv_bytes_per_token_mha_bf16": kv_bytes_per_token(model)}
+    write_run(o.out, root, gqa, data, o.cpt_steps, report)
+    return report
+
+
+def _require_paths(o: ConvertOptions) -> None:
+    if not o.ckpt or not o.out:
+        raise ConfigError("conversion needs ckpt=<MHA run folder or checkpoint> and out=<new run folder>")
+    if Path(o.out, "checkpoints").exists():
+        raise ConfigError(f"out={o.out} already holds checkpoints; pick a new folder (nothing was overwritten)")
+
+
+def write_run(out: str, root, model, data, cpt_steps: int, report: dict) -> Path:
+    """A run folder whose step-0 checkpoint is ``model`` with fresh optimizer state, ready for CPT."""
+    from training.checkpoint import files as ckpt
+    from training.data.shards import WindowSampler
+    from omegaconf import OmegaConf
+
+    from training.optim import build_optimizer
+
+    config = asdict(root)
+    config["model"]["attention"] = dict(model.cfg.attention)
+    config["run_dir"] = str(out)
+    config["seed"] = root.seed + 1  # CPT draws windows other than the source run's
+    config["trainer"]["resume"] = "auto"
+    config["trainer"]["max_steps"] = cpt_steps or root.trainer.max_steps
+    sampler = WindowSampler(data.train, data.train_mask, root.data.seq_len, root.trainer.batch_size, config["seed"],
+                            align=data.window_align)
+    optimizer = build_optimizer(model, root.optim, next(model.parameters()).device.type)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
+             "schedule": {"name": root.schedule.name, "step": 0}, "rng": ckpt.rng_state(), "nonfinite_skipped": 0,
+             "config": config}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    (Path(out) / "conversion.json").write_text(json.dumps(report, indent=1))
+    return ckpt.save_checkpoint(out, 0, state, keep_last=root.trainer.keep_last)
+
+
+def continue_training(run: str, steps: int = 0) -> dict:
+    """CPT of a converted run folder (its config is the one stored in its checkpoint)."""
+    from training.checkpoint import files as ckpt
+    from training.trainer import train
+
+    found = ckpt.find_resume_checkpoint(run)
+    if found is None:
+        raise ckpt.CheckpointError(f"no checkpoint in {run}; run mha_to_dha / mha_to_gqa with out={run} first")
+    config = found[1]["config"]
+    if steps:
+        config["trainer"]["max_steps"] = steps
+    return train(config)
+
+
+def dha_vs_gqa(o: RecipeOptions, overrides: list[str]) -> dict:
+    """Train MHA (experiment=dha_vs_gqa), convert both ways at o.budget, CPT both, plot and summarise."""
+    from training.cli import compose
+    from training.metrics import read_metrics
+    from training.trainer import train
+
+    if not o.run_dir:
+        raise ConfigError("dha_vs_gqa needs run_dir=<folder for the three runs>")
+    root_dir = Path(o.run_dir)
+    mha = train(compose(["experiment=dha_vs_gqa", f"run_dir={root_dir / 'mha'}", *overrides]))
+    common = dict(ckpt=str(root_dir / "mha"), budget=o.budget, cpt_steps=o.cpt_steps)
+    reports = {
+        "dha": mha_to_dha(ConvertOptions(out=str(root_dir / "dha"), similarity=o.similarity, allocation=o.allocation,
+                                         fusion_steps=o.fusion_steps, fusion_tol=o.fusion_tol, granularity=o.granularity,
+                                         **common)),
+        "gqa": mha_to_gqa(ConvertOptions(out=str(root_dir / "gqa"), **common)),
+    }
+    summary = {"mha_val_loss": mha["final_val_loss"], "budget": o.budget,
+               "kv_bytes_per_token_bf16": {"mha": reports["dha"]["kv_bytes_per_token_mha_bf16"]["total"]}}
+    for name, report in reports.items():
+        cpt = continue_training(str(root_dir / name))
+        curve = [(r["step"], r["val_loss"]) for r in read_metrics(root_dir / name) if "val_loss" in r]
+        summary[name] = {"val_loss_converted": report["val_loss_converted"], "val_loss_after_cpt": cpt["final_val_loss"],
+                         "curve": curve}
+        summary["kv_bytes_per_token_bf16"][name] = report["kv_bytes_per_token_bf16"]["total"]
+    summary["dha"].update({k: reports["dha"][k] for k in ("k_heads", "v_heads", "fusion_steps", "fusion_disagreement", "val_loss_fused")})
+    summary["plot"] = str(plot_comparison(root_dir, summary))
+    (root_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def plot_comparison(root_dir: Path, summary: dict) -> Path:
+    """Val loss of DHA and GQA during CPT, with the MHA model's val loss as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fusion = summary["dha"].get("fusion_steps", 0)
+    for name, style in (("dha", "o-"), ("gqa", "s-")):
+        steps, losses = zip(*summary[name]["curve"])
+        label = f"DHA (after {fusion} fusion steps)" if name == "dha" else "GQA (mean-pooled)"
+        ax.plot(steps, losses, style, label=label)
+    ax.axhline(summary["mha_val_loss"], color="k", ls="--", label="MHA (source)")
+    ax.set_xlabel("continued-pretraining step")
+    ax.set_ylabel("val loss (nats/token)")
+    ax.set_title(f"MHA → DHA vs GQA at {summary['budget']:.0%} KV budget")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = root_dir / "dha_vs_gqa.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+COMMANDS = ("mha_to_dha", "mha_to_gqa", "continue", "dha_vs_gqa")
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] not in COMMANDS:
+        raise ConfigError(f"usage: python -m recipes.dha.convert {{{'|'.join(COMMANDS)}}} key=value ...")
+    command, args = argv[0], argv[1:]
+    if command == "continue":
+        opts = dict(a.partition("=")[::2] for a in args)
+        unknown = set(opts) - {"run", "steps"}
+        if unknown or "run" not in opts:
+            raise ConfigError(f"continue takes run=<converted run folder> [steps=N]; got {sorted(opts)}")
+        print(json.dumps(continue_training(opts["run"], int(opts.get("steps", 0))), indent=1))
+    elif command == "dha_vs_gqa":
+        summary = dha_vs_gqa(*_parse(args, RecipeOptions, extra_ok=True))
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("dha", "gqa")} | {
+            m: {k: v for k, v in summary[m].items() if k != "curve"} for m in ("dha", "gqa")}, indent=1))
+    else:
+        report = (mha_to_dha if command == "mha_to_dha" else mha_to_gqa)(_parse(args, ConvertOptions))
+        print(json.dumps({k: v for k, v in report.items() if k not in ("similarity", "fusion_history")}, indent=1))
+
+
+if __name__ == "__main__":
+    from training.cli import report_errors
+
+    with report_errors():
+        main(sys.argv[1:])

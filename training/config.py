@@ -229,6 +229,7 @@ def _check_values(root: RootConfig) -> None:
     m, d, o, s, t = root.model, root.data, root.optim, root.schedule, root.trainer
     _check_finite("", dataclasses.asdict(root))
     _require(0 <= root.seed < 2**32, f"seed={root.seed} must be in [0, 2**32) (numpy's seed range)")
+    _require(d.seq_len > 0, f"data.seq_len={d.seq_len} must be positive")  # first: model.max_seq_len defaults to it
     for key in ("d_model", "n_layers", "n_heads", "max_seq_len"):
         _require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be a positive integer")
     for key in ("norm_eps", "rope_theta", "init_std"):
@@ -247,7 +248,6 @@ def _check_values(root: RootConfig) -> None:
     if n_kv is not None:
         _require(n_kv > 0 and m.n_heads % n_kv == 0, f"model.attention.n_kv_heads={n_kv} must divide model.n_heads={m.n_heads}")
 
-    _require(d.seq_len > 0, f"data.seq_len={d.seq_len} must be positive")
     _require(d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len or lower data.seq_len")
     _require(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
     _require(d.tokenizer.kind != "bpe" or d.tokenizer.vocab_size >= 257, f"data.tokenizer.vocab_size={d.tokenizer.vocab_size} must be >= 257 for a byte-level BPE")

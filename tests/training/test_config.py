@@ -71,7 +71,7 @@ def _run_train(*args, cwd=ROOT):
     [
         (["trainer.max_step=5"], "unknown config key 'trainer.max_step': trainer has keys"),
         (["optim.lr=-1"], "optim.lr=-1 must be > 0"),
-        (["model/attention=flash9"], "Could not find 'model/attention/flash9'"),
+        (["model/attention=flash9"], "model/attention=flash9: no such option in config group 'model/attention'; choices: dha, mha, mohd_mha"),
         (["model.attention.n_kv_heads=3"], "n_kv_heads=3 must divide model.n_heads=4"),
     ],
 )

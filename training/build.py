@@ -10,9 +10,9 @@ from arch.model import LanguageModel
 from training.config import ConfigError, RootConfig
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device=cuda but no CUDA device is visible; allowed here: trainer.device=auto or cpu")
+        raise ConfigError(f"{key}=cuda but no CUDA device is visible; allowed here: {key}=auto or cpu")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

@@ -74,7 +74,7 @@ def check_group_options(overrides: list[str]) -> None:
                               f"{', '.join(choices)}.{suggest(value, choices)}")
 
 
-def explain_override_error(error: Exception, overrides: list[str]) -> str:
+def explain_override_error(error: Exception, overrides: list[str], compose_fn=None) -> str:
     """Hydra's composition error as one line: the key, the value and what is allowed there."""
     from omegaconf import DictConfig
 
@@ -104,18 +104,23 @@ def explain_override_error(error: Exception, overrides: list[str]) -> str:
     key = (match.group(1) or match.group(2)).lstrip("+~")
     others = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
     try:
-        cfg = compose(others, with_hydra=key.startswith("hydra"))
+        cfg = compose_fn(others) if compose_fn else compose(others, with_hydra=key.startswith("hydra"))
     except Exception:  # noqa: BLE001 - the plain message is still useful
         return first
-    parent_path, _, leaf = key.rpartition(".")
-    node = cfg
-    for part in filter(None, parent_path.split(".")):
-        node = node.get(part) if isinstance(node, DictConfig) else None
+    # Walk down to the first part of the key that does not exist and list the keys at that level.
+    node, parents, leaf = cfg, [], key
+    for part in key.split("."):
+        if not isinstance(node, DictConfig):
+            return first
+        if part not in node:
+            leaf = part
+            break
+        node, parents = node.get(part), [*parents, part]
     if not isinstance(node, DictConfig):
         return first
     from arch.registry import suggest
 
-    where = parent_path or "the top level"
+    where = ".".join(parents) or "the top level"
     return f"unknown config key {key!r}: {where} has keys {sorted(node.keys())}.{suggest(leaf, list(node.keys()))}"
 
 
@@ -206,6 +211,50 @@ def _sweep_jobs(overrides: list[str], limit: int = 256) -> list[list[str]]:
     if not jobs or len(jobs) > limit:
         return [[o.input_line for o in parsed if not o.is_sweep_override()]]
     return jobs
+
+
+EVALUATE_ANALYSES = ("elastic", "routing", "depth", "all")
+
+
+def check_evaluate_arguments(argv: list[str]) -> None:
+    """``evaluate.py``'s command line: known keys, a checkpoint that exists, values in range (exit 2)."""
+    if any(a in _INFO_FLAGS for a in argv):
+        return
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from training.config import ConfigError
+
+    def compose_evaluate(overrides):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name="evaluate", overrides=overrides)
+
+    overrides = _key_overrides(argv)
+    with report_errors():
+        try:
+            cfg = compose_evaluate(overrides)
+        except Exception as e:  # noqa: BLE001 - composition errors: unknown key, bad syntax
+            message = explain_override_error(e, overrides, compose_evaluate)
+            raise ConfigError(message.replace("unknown config key", "unknown evaluate.py key")) from None
+        if OmegaConf.is_missing(cfg, "ckpt"):
+            raise ConfigError("ckpt is required: python evaluate.py ckpt=<run folder or checkpoint .pt>")
+        if not Path(str(cfg.ckpt)).expanduser().exists():
+            raise ConfigError(f"ckpt={cfg.ckpt}: no such run folder or checkpoint file")
+        if cfg.analysis not in EVALUATE_ANALYSES:
+            raise ConfigError(f"analysis={cfg.analysis!r} is invalid; allowed: one of {list(EVALUATE_ANALYSES)}")
+        for key in ("batch_size", "eval_batches", "sweep.subset_draws"):
+            value = OmegaConf.select(cfg, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{key}={value!r} must be a positive integer")
+        if cfg.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device={cfg.device!r} is invalid; allowed: one of ['auto', 'cpu', 'cuda']")
+        if cfg.device == "cuda":
+            from training.build import resolve_device
+
+            resolve_device("cuda", key="device")
 
 
 def check_overrides(argv: list[str]) -> None:

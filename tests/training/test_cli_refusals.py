@@ -214,3 +214,31 @@ def test_python_train_py_refuses_the_same_way(tmp_path, extra, expected):
                             text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert _problems(result.returncode, result.stderr, expected, run_dir) == [], result.stderr
+
+
+def test_a_bad_data_file_is_named_before_the_run_folder_exists(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good.write_text("plenty of text here\n" * 200)
+    bad.write_bytes(b"fine first line\nthen caf\xe9\n")
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli(_argv(run_dir, ["data=files", f"data.paths=[{good},{bad}]", "data.tokenizer.kind=bytes",
+                                  f"data.cache_dir={tmp_path / 'cache'}"]))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert _problems(2, err, f"{bad}:2: not UTF-8", run_dir) == [], err
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["ckpt=/nonexistent/run"], "ckpt=/nonexistent/run: no such run folder or checkpoint file"),
+        (["ckpt=.", "analysis=heatmap"], "analysis='heatmap' is invalid; allowed: one of ['elastic', 'routing', 'depth', 'all']"),
+        (["ckpt=.", "sweep.topk=[1]"], "unknown evaluate.py key 'sweep.topk'"),
+        (["ckpt=.", "batch_size=0"], "batch_size=0 must be a positive integer"),
+    ],
+)
+def test_evaluate_py_checks_its_arguments_first(args, expected):
+    result = subprocess.run([sys.executable, "evaluate.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -1,6 +1,7 @@
 """What every entry point needs before training or loading: the device, seeding, and the model for a config."""
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -68,9 +69,9 @@ def check_runtime(root: RootConfig, world: int = 1) -> None:
     """
     t = root.trainer
     resolve_device(t.device)
-    if t.resume not in ("auto", "none") and not Path(t.resume).expanduser().exists():
-        raise ConfigError(f"trainer.resume={t.resume}: no such checkpoint; allowed: auto, none, or an existing "
-                          "step_XXXXXXXX.pt file or checkpoint folder")
+    check_writable_folder("run_dir", root.run_dir)
+    check_writable_folder("data.cache_dir", root.data.cache_dir)
+    _check_resume(t.resume, root.run_dir)
     if t.batch_size % world:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is the global batch and must be divisible by the "
                           f"{world} processes")
@@ -85,3 +86,37 @@ def check_runtime(root: RootConfig, world: int = 1) -> None:
         except ImportError:
             raise ConfigError("logger=wandb needs the wandb package (pip install wandb); allowed without it: logger=none") from None
     check_model_builds(root)
+
+
+def check_writable_folder(key: str, folder: str) -> None:
+    """ConfigError unless `folder` is, or can be created as, a folder this process may write in."""
+    path = Path(folder).expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ConfigError(f"{key}={folder}: {existing} is a file, not a folder; allowed: a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={folder}: {existing} is not writable by this user; allowed: a folder you can write in")
+
+
+def _check_resume(resume: str, run_dir: str) -> None:
+    """trainer.resume: auto, none (refused when run_dir already holds checkpoints), or a readable checkpoint."""
+    from training.checkpoint import files as ckpt
+    from training.errors import CheckpointError
+
+    if resume == "auto":
+        return  # the trainer picks the latest valid checkpoint of run_dir (training/checkpoint/files.py)
+    if resume == "none":
+        found = ckpt.list_checkpoints(run_dir)
+        if found:
+            raise ConfigError(f"trainer.resume=none but run_dir={run_dir} already holds checkpoints ({found[-1].name} ...); "
+                              "allowed: trainer.resume=auto to continue it, or a new run_dir (nothing was overwritten)")
+        return
+    if not Path(resume).expanduser().exists():
+        raise ConfigError(f"trainer.resume={resume}: no such checkpoint; allowed: auto, none, or an existing "
+                          "step_XXXXXXXX.pt file or checkpoint folder")
+    try:
+        ckpt.load_checkpoint(Path(resume).expanduser())  # the one safe loader: refuses what it cannot verify
+    except CheckpointError as e:
+        raise ConfigError(f"trainer.resume={resume}: {e}") from None

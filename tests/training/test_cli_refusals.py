@@ -16,6 +16,7 @@ import pytest
 from tests.helpers import DATA_CACHE, TINY
 
 ROOT = Path(__file__).resolve().parents[2]
+THIS_FILE = Path(__file__).resolve()
 import train  # noqa: E402  (the entry point itself, imported as a module)
 
 
@@ -113,6 +114,9 @@ CASES: list[tuple[list[str], str]] = [
     (["trainer.eval_batches=0"], "trainer.eval_batches=0"),
     (["trainer.max_step=5"], "trainer.max_step"),
     (["trainer.sample_tokens=-1"], "trainer.sample_tokens=-1"),
+    ([f"trainer.resume={THIS_FILE}"], f"trainer.resume={THIS_FILE}: checkpoint"),  # exists, is no checkpoint
+    ([f"run_dir={THIS_FILE}/run"], f"run_dir={THIS_FILE}/run: {THIS_FILE} is a file, not a folder"),
+    ([f"data.cache_dir={THIS_FILE}/cache"], f"data.cache_dir={THIS_FILE}/cache"),
     (["trainer=nope"], "trainer=nope"),
     # logger
     (["logger=nope"], "logger=nope"),
@@ -178,6 +182,18 @@ def test_every_invalid_command_line_is_refused_before_anything_is_written(tmp_pa
         if problems:
             failures.append(f"{' '.join(extra)}: {', '.join(problems)}\n    stderr: {err.strip()[-300:]}")
     assert not failures, f"{len(failures)} of {len(CASES)} command lines not refused cleanly:\n" + "\n".join(failures)
+
+
+def test_resume_none_in_a_run_folder_with_checkpoints_is_refused_before_hydra_writes_into_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000010.pt").write_bytes(b"an earlier run's checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli(_argv(run_dir, ["trainer.resume=none"]))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "trainer.resume=none" in err and "step_00000010.pt" in err, err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]  # no .hydra/ snapshot overwritten
 
 
 def test_a_valid_command_line_passes_the_preflight_and_trains(tmp_path, monkeypatch, capsys):

@@ -156,8 +156,6 @@ def preflight(argv: list[str], *, data: bool = True) -> None:
         return
     multirun = any(a in ("-m", "--multirun") for a in argv)
     overrides = _key_overrides(argv, hydra_keys=True)
-    from training.config import ConfigError
-
     with report_errors():
         if multirun:
             for job in _sweep_jobs(overrides):

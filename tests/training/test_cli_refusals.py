@@ -214,6 +214,7 @@ def test_a_sweep_with_one_bad_grid_point_is_refused_before_the_sweep_folder(tmp_
     assert not sweep_dir.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra, expected",
     [

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from training.data.errors import DataError
+from training.data.errors import DataError, SourceUnavailable
 from training.data.tokenizer import _cfg_get
 
 SOURCES = ("embedded", "files", "hf", "synthetic")
@@ -211,7 +211,7 @@ def hf_documents(data_cfg, progress: bool = True) -> list[str]:
             hf["path"], hf["name"], split=hf["split"], data_files=hf["data_files"], streaming=hf["streaming"]
         )
     except Exception as err:
-        raise RuntimeError(
+        raise SourceUnavailable(
             f"datasets.load_dataset({hf['path']!r}, {hf['name']!r}, split={hf['split']!r}) failed: {err}. "
             "Hub datasets need network access or a local cache (check HF_DATASETS_OFFLINE / HF_HUB_OFFLINE)."
         ) from err

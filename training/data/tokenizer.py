@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from training.data.cache import temp_name, writing
+from training.data.errors import SourceUnavailable
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_KINDS = ("bpe", "bytes", "hf")
@@ -305,7 +306,7 @@ def load_hf_tokenizer(name_or_path: str, display_name: str | None = None) -> HFT
         backend = _Backend.from_pretrained(name_or_path)
     except Exception as err:  # the hub raises several types (offline, 404, connection)
         offline = os.environ.get("HF_HUB_OFFLINE", "0")
-        raise RuntimeError(
+        raise SourceUnavailable(
             f"could not load Hugging Face tokenizer {name_or_path!r} ({type(err).__name__}: {err}). "
             f"It must be in the local hub cache or reachable online (HF_HUB_OFFLINE={offline}; "
             "unset HF_HUB_OFFLINE to download it), or pass a local folder holding tokenizer.json."

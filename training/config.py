@@ -326,7 +326,7 @@ BLOCK_OPTION_RANGES: dict[str, tuple] = {
         "n_clusters", "n_groups", "n_active", "n_universal", "window_size", "window_stride", "widen_to",
         "trajectory_dim", "n_kv_heads", "n_heads", "steps", "repeats", "mean_recurrence", "mean_backprop_depth",
         "core_layers", "first_selection_step", "top_k_layers", "max_selected_layers", "max_loop_depth",
-        "num_keep_heads",
+        "num_keep_heads", "k_heads", "v_heads",
     ), _AT_LEAST_1),
     **dict.fromkeys(("xmoe_temperature", "width_multiplier", "sigma", "state_std", "capacity_factor"), _POSITIVE),
     **dict.fromkeys((
@@ -351,7 +351,7 @@ def _check_block_ranges(where: str, node: dict) -> None:
 
 
 _NULLABLE_OPTIONS = {"expert_hidden", "hidden_dim", "eval_top_k", "k_ideal", "window_stride", "widen_to", "n_kv_heads",
-                     "state_std", "capacity_factor"}
+                     "state_std", "capacity_factor", "k_heads", "v_heads"}
 
 
 MOE_BLOCKS = ("moe", "emoe")
@@ -364,8 +364,10 @@ def _check_elastic(root: RootConfig) -> None:
         _require(0 <= getattr(e, key) <= 1, f"elastic.{key}={getattr(e, key)} must be a probability in [0, 1]")
     _require(all(isinstance(s, int) and not isinstance(s, bool) for s in e.subset_sizes),
              f"elastic.subset_sizes={e.subset_sizes} must be a list of integers (expert-subset sizes)")
-    _require(isinstance(e.topk_min, int) and (e.topk_max is None or e.topk_max >= 1),
-             f"elastic.topk_max={e.topk_max} must be >= 1 or null (top_k - 1)")
+    # Single-option ranges hold even while elastic training is off (the preset may turn it on later).
+    _require(e.depth_min >= 1, f"elastic.depth_min={e.depth_min} must be >= 1 (layers kept)")
+    _require(e.topk_min >= 1, f"elastic.topk_min={e.topk_min} must be >= 1")
+    _require(e.topk_max is None or e.topk_max >= 1, f"elastic.topk_max={e.topk_max} must be >= 1 or null (top_k - 1)")
     if not e.enabled:
         return
     _require(1 <= e.depth_min <= root.model.n_layers, f"elastic.depth_min={e.depth_min} must be in [1, model.n_layers={root.model.n_layers}]")

@@ -185,15 +185,17 @@ def _write_text(tmp: Path, data_cfg, cache_dir: Path, corpus_id: str, val_fracti
     n_val, val_file, val_range = _write_split(tmp / "val.bin", val_docs, tok, dtype, "tokenizing val", progress)
     id_range = {"train": train_range, "val": val_range}
     _check_written_range(id_range, tok.vocab_size, tmp)
+    files = {"train.bin": train_file, "val.bin": val_file}
     if isinstance(tok, HFTokenizer):
         with writing(tmp / "tokenizer.json"):
             (tmp / "tokenizer.json").write_text(tok.to_json())
+        files["tokenizer.json"] = {"sha256": sha256_file(tmp / "tokenizer.json"), "bytes": (tmp / "tokenizer.json").stat().st_size}
     val_bytes = sum(len(doc.encode("utf-8")) for doc in val_docs)
     kind = _cfg_get(tok_cfg, "kind", "bpe")
     return {
         "n_train": n_train, "n_val": n_val, "dtype": dtype.name, "has_mask": False, "window_align": 1,
         "tokenizer": tok.spec(), "vocab_size": tok.vocab_size, "id_range": id_range,
-        "files": {"train.bin": train_file, "val.bin": val_file},
+        "files": files,
         "val_bytes_per_token": val_bytes / max(n_val, 1),
         "documents": [len(train_docs), len(val_docs)],
         "description": f"{_count(n_train)} train / {_count(n_val)} val tokens "
@@ -302,7 +304,10 @@ def open_shards(folder: Path) -> TokenData:
     for split in ("train", "val"):
         n = meta[f"n_{split}"]
         masks[split] = _memmap(folder / f"{split}_mask.bin", np.uint8, n) if meta["has_mask"] else None
-    tokenizer = tokenizer_from_spec(meta["tokenizer"], folder / "tokenizer.json")
+    try:
+        tokenizer = tokenizer_from_spec(meta["tokenizer"], folder / "tokenizer.json")
+    except (OSError, ValueError, KeyError) as err:
+        raise ShardError(f"{folder / 'tokenizer.json'}: cannot rebuild the shards' tokenizer ({type(err).__name__}: {err})") from None
     if tokenizer.vocab_size != int(meta["vocab_size"]):
         raise ShardError(f"{folder / 'tokenizer.json'}: vocabulary of {tokenizer.vocab_size} tokens, the shards were "
                          f"written with {meta['vocab_size']}")

@@ -160,6 +160,18 @@ def test_a_damaged_shard_is_refused_by_name_and_rebuilt_from_the_source(tmp_path
     assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == []
 
 
+def test_a_bpe_shard_folder_with_a_damaged_tokenizer_is_rebuilt(tmp_path, capsys):
+    cfg, data = _prepared(tmp_path, tokenizer={"kind": "bpe", "vocab_size": 300})
+    folder, good = data.cache_path, np.asarray(data.train).copy()
+    meta = json.loads((folder / "meta.json").read_text())
+    assert "tokenizer.json" in meta["files"]
+    (folder / "tokenizer.json").write_text((folder / "tokenizer.json").read_text().replace('"', "'", 3))
+    with pytest.raises(ShardError, match=r"tokenizer.json: sha256 does not match"):
+        open_shards(folder)
+    np.testing.assert_array_equal(np.asarray(prepare_data(cfg, progress=False).train), good)
+    assert "rebuilding" in capsys.readouterr().err
+
+
 def test_stale_temp_folders_of_killed_writers_are_swept(tmp_path):
     cfg, data = _prepared(tmp_path)
     cache = data.cache_path.parent

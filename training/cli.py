@@ -59,8 +59,8 @@ def check_group_options(overrides: list[str]) -> None:
     Hydra only says so for mandatory groups, and in several lines; ``experiment`` is optional, so
     ``experiment=nope`` would otherwise train the default model without a word.
     """
-    from training.config import ConfigError
     from arch.registry import suggest
+    from training.config import ConfigError
 
     for override in overrides:
         key, _, value = override.partition("=")

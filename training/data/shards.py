@@ -22,9 +22,21 @@ import torch
 from tqdm.auto import tqdm
 
 from training.data import synthetic
-from training.data.cache import ShardWriter, sha256_file, sweep_stale_temp, temp_name, writing
+from training.data.cache import (
+    ShardWriter,
+    sha256_file,
+    sweep_stale_temp,
+    temp_name,
+    writing,
+)
 from training.data.errors import DataError
-from training.data.sources import SOURCES, hash_identity, load_documents, source_identity, split_documents
+from training.data.sources import (
+    SOURCES,
+    hash_identity,
+    load_documents,
+    source_identity,
+    split_documents,
+)
 from training.data.tokenizer import (
     HFTokenizer,
     Tokenizer,

@@ -188,7 +188,9 @@ def _hf_cfg(data_cfg) -> dict:
     keys = ("path", "name", "split", "data_files", "streaming", "max_docs", "max_bytes")
     out = {k: _cfg_get(hf, k) for k in keys}
     if out["data_files"] is not None and not isinstance(out["data_files"], (str, list, dict)):
-        from omegaconf import OmegaConf  # a ListConfig/DictConfig: datasets wants plain containers
+        from omegaconf import (
+            OmegaConf,  # a ListConfig/DictConfig: datasets wants plain containers
+        )
 
         out["data_files"] = OmegaConf.to_container(out["data_files"])
     out["split"] = out["split"] or "train"

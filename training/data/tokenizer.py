@@ -152,7 +152,7 @@ def _find_eos_id(backend) -> int | None:
 # into pieces of at most MAX_TRAIN_WORD_CHARS (each piece its own training text, so merges never
 # span a cut). Encoding still sees the whole text: decode(encode(s)) == s is unaffected.
 MAX_TRAIN_WORD_CHARS = 256
-_LONG_RUN = re.compile(r"\S{%d}" % MAX_TRAIN_WORD_CHARS)
+_LONG_RUN = re.compile(rf"\S{{{MAX_TRAIN_WORD_CHARS}}}")
 
 
 def training_pieces(text: str) -> Iterator[str]:
@@ -175,8 +175,9 @@ def _train_bpe(texts: Iterable[str], vocab_size: int, progress: bool = False):
 
     Words longer than MAX_TRAIN_WORD_CHARS are cut for training (bounded time on pathological lines).
     """
+    from tokenizers import Tokenizer as _Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
     from tqdm.auto import tqdm
-    from tokenizers import Tokenizer as _Backend, decoders, models, pre_tokenizers, trainers
 
     backend = _Backend(models.BPE())
     # add_prefix_space=False keeps the text unchanged; use_regex keeps GPT-2's word splitting.

@@ -20,7 +20,11 @@ from tests.training.data.test_data import DOCS, make_cfg, write_corpus
 from training.data import cache as cache_mod
 from training.data.errors import DataError
 from training.data.shards import ShardError, open_shards, prepare_data
-from training.data.tokenizer import MAX_TRAIN_WORD_CHARS, build_tokenizer, training_pieces
+from training.data.tokenizer import (
+    MAX_TRAIN_WORD_CHARS,
+    build_tokenizer,
+    training_pieces,
+)
 
 
 def _files_cfg(tmp_path, *paths, **overrides):
@@ -175,7 +179,7 @@ def test_a_bpe_shard_folder_with_a_damaged_tokenizer_is_rebuilt(tmp_path, capsys
 def test_stale_temp_folders_of_killed_writers_are_swept(tmp_path):
     cfg, data = _prepared(tmp_path)
     cache = data.cache_path.parent
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     dead_pid = int(dead.stdout)  # a process that has exited
     stale = cache / f".tmp-files-0123-{cache_mod._HOST}-{dead_pid}"
     (stale / "sub").mkdir(parents=True)

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ train: setup
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)
+
+# ruff: lint (pyflakes, pycodestyle, bugbear, pyupgrade), import order, and formatting (config in pyproject.toml)
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 bench: setup
 	$(PY) -m benchmarks.step_time $(ARGS)

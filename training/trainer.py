@@ -28,7 +28,7 @@ from training.accounting.flops import peak_flops
 from training.metrics import MetricsLogger, NullLogger, plot_losses
 from training.build import build_model, check_model_builds, resolve_device, seed_everything
 from training.errors import NonFiniteLossError
-from training.optim import build_optimizer, lr_at, set_lr
+from training.optim import build_optimizer, lr_at, set_lr, warmup_warning
 
 
 class Trainer:
@@ -318,6 +318,9 @@ class Trainer:
             f"{self.tokens_per_step} tokens/step, steps {self.step} → {self.root.trainer.max_steps}"
         )
         tqdm.write(format_accounting(self.accounting))
+        warning = warmup_warning(self.root.schedule, self.root.trainer.max_steps)
+        if warning:
+            tqdm.write(warning)
 
     def _finish(self, first_eval, last_eval, tokens_per_s) -> dict[str, Any]:
         t = self.root.trainer

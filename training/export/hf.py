@@ -50,7 +50,8 @@ KNOWN_OPTIONS = {
     "mha": {"n_kv_heads", "qk_norm", "bias", "backend"},
     "swiglu": {"hidden_dim", "multiple_of", "bias"},
     "moe": {"n_experts", "top_k", "expert_hidden", "n_shared_experts", "scoring", "renormalize", "router", "xmoe_dim",
-            "xmoe_temperature", "router_noise", "capacity_factor", "balance_loss_coef", "seq_balance_loss_coef",
+            "xmoe_temperature", "second_expert_drop", "router_noise", "capacity_factor", "eval_capacity_fraction",
+            "balance_loss_counts", "balance_loss_coef", "seq_balance_loss_coef",
             "z_loss_coef", "bias_update_rate", "eval_top_k", "coactivation_prob", "k_ideal", "coactivation_mode",
             "keep_top1", "hier_loss_coef", "hier_gamma", "n_clusters", "cluster_var_loss_coef", "cluster_dropout", "backend"},
     "plain": set(),
@@ -101,7 +102,8 @@ def check_exportable(model) -> str:
 def _mixtral_problems(model, ffn: dict) -> list[str]:
     """The settings of an MoE FFN that change inference away from Mixtral's routing."""
     problems = []
-    wanted = {"scoring": "softmax", "renormalize": True, "router": "linear", "n_shared_experts": 0, "capacity_factor": None}
+    wanted = {"scoring": "softmax", "renormalize": True, "router": "linear", "n_shared_experts": 0, "capacity_factor": None,
+              "eval_capacity_fraction": None}
     for key, value in wanted.items():
         if key in ffn and ffn[key] != value:
             problems.append(f"model.ffn.{key}={ffn[key]!r} (Mixtral needs {json.dumps(value)})")

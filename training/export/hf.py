@@ -1,6 +1,6 @@
 """Export a trained checkpoint as a Hugging Face ``transformers`` model folder.
 
-    python -m training.export.hf RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype fp32|bf16]
+    python -m training.export.hf RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype fp32|bf16] [--format auto|native|remote_code]
 
 writes ``config.json``, ``model.safetensors``, ``generation_config.json`` (via ``save_pretrained``)
 and the tokenizer (``tokenizer.json`` + ``tokenizer_config.json``), so that
@@ -11,7 +11,9 @@ Only architectures that a stock ``transformers`` class computes *exactly* are ex
 - dense: attention=mha, ffn=swiglu, depth=plain → ``LlamaForCausalLM``
 - MoE: attention=mha (no bias), ffn=moe/emoe with Mixtral's routing, depth=plain → ``MixtralForCausalLM``
 
-Anything else raises :class:`UnsupportedArchitectureError` naming every offending setting.
+Anything else raises :class:`UnsupportedArchitectureError` naming every offending setting with
+``--format native``; the default ``--format auto`` then writes the package of
+``training.export.remote_code`` instead (our own modelling code, loaded with ``trust_remote_code=True``).
 
 Conventions checked against transformers' Llama/Mixtral code (and by tests/training/export/test_hf_export.py):
 - RoPE: ``arch.layers.apply_rope`` rotates the halves (x[:d/2], x[d/2:]), which is HF's
@@ -298,14 +300,48 @@ def export_model(model, out_dir: str | Path, tokenizer=None, dtype: torch.dtype 
     return out_dir
 
 
-def export_checkpoint(target: str | Path, out_dir: str | Path, dtype: str = "fp32") -> Path:
-    """Load a run folder (its newest checkpoint) or a .pt file and export it; see :func:`export_model`."""
+FORMATS = ("auto", "native", "remote_code")
+
+
+def export_checkpoint(target: str | Path, out_dir: str | Path, dtype: str = "fp32", format: str = "auto") -> Path:
+    """Load a run folder (its newest checkpoint) or a .pt file and export it.
+
+    ``format=native``: a stock Llama / Mixtral folder (:func:`export_model`; refused for other blocks);
+    ``remote_code``: the package of ``training.export.remote_code`` (any block, ``trust_remote_code=True``);
+    ``auto``: native when the architecture allows it, else remote_code."""
+    from dataclasses import asdict
+
     from training.eval.loss import load_trained
+    from training.export.remote_code import export_remote_code
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
-    model, data, _, _ = load_trained(target, device="cpu")
-    return export_model(model, out_dir, data.tokenizer, DTYPES[dtype])
+    if format not in FORMATS:
+        raise ValueError(f"--format {format!r} is not one of {list(FORMATS)}")
+    model, data, root, path = load_trained(target, device="cpu")
+    if format == "native" or (format == "auto" and _natively_exportable(model)):
+        return export_model(model, out_dir, data.tokenizer, DTYPES[dtype])
+    return export_remote_code(model, out_dir, data.tokenizer, DTYPES[dtype], run_config=asdict(root),
+                              final_metrics=_final_metrics(Path(path)))
+
+
+def _natively_exportable(model) -> bool:
+    try:
+        check_exportable(model)
+        return True
+    except UnsupportedArchitectureError:
+        return False
+
+
+def _final_metrics(checkpoint: Path) -> dict:
+    """The last eval row of the run whose checkpoint this is (for the model card), if its folder has one."""
+    from training.metrics import read_metrics
+
+    for run_dir in (checkpoint.parent.parent, checkpoint.parent):
+        if (run_dir / "metrics.jsonl").is_file():
+            evals = [r for r in read_metrics(run_dir) if "val_loss" in r]
+            return {k: evals[-1][k] for k in ("step", "val_loss", "val_ppl", "val_bpb") if k in evals[-1]} if evals else {}
+    return {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,13 +351,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("target", help="a run folder (uses its newest checkpoint) or a checkpoint .pt file")
     parser.add_argument("out_dir", help="folder to write config.json, model.safetensors and the tokenizer into")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the saved weights")
+    parser.add_argument("--format", default="auto", choices=FORMATS,
+                        help="native: Llama/Mixtral classes; remote_code: our own modelling code (any block); auto: native if possible")
     args = parse(parser, argv)
     try:
-        out = export_checkpoint(args.target, args.out_dir, args.dtype)
+        out = export_checkpoint(args.target, args.out_dir, args.dtype, args.format)
     except Exception as e:  # one clear line instead of a traceback for bad input
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {args.target} → {out} (load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    remote = (Path(out) / "modeling_sparse_arch.py").exists()
+    how = f"from_pretrained({str(out)!r}" + (", trust_remote_code=True)" if remote else ")")
+    print(f"exported {args.target} → {out} (load with transformers.AutoModelForCausalLM.{how})")
     return 0
 
 

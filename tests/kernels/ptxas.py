@@ -80,6 +80,13 @@ def package_of(spec) -> str:
     return module.split(".")[1] if module.startswith("kernels.") else module
 
 
+def tiles_of(spec) -> str:
+    """The autotune config in words: tile constexprs, warps, stages ("BLOCK_M=128,BLOCK_N=64,w4,s3")."""
+    tiles = [f"{k}={v}" for k, v in spec.constexprs.items() if k.startswith(("BLOCK", "GROUP"))]
+    opts = [f"{tag}{spec.options[k]}" for k, tag in (("num_warps", "w"), ("num_stages", "s")) if k in spec.options]
+    return ",".join(tiles + opts)
+
+
 def spec_key(spec, cc: int) -> str:
     """Cache key of one (spec, arch) compile; changes whenever the kernel or its inputs change."""
     import triton
@@ -120,7 +127,7 @@ def records_for_specs(specs, cc: int, use_cache: bool = True) -> list[dict]:
                 tmp.write_text(json.dumps(record))
                 os.replace(tmp, path)  # atomic: parallel runs never read half a file
         rows.append({"name": spec.name, "package": package_of(spec), "must_fit": bool(spec.must_fit), "cc": cc,
-                     "cached": cached, **record})
+                     "cached": cached, "tiles": tiles_of(spec), **record})
     return rows
 
 

@@ -27,7 +27,8 @@ COLUMNS = ["kernel", "config", "dtype", "arch", "registers", "spill_store_bytes"
            "wgmma", "mma_sync", "cp_async", "autotune_choosable", "tma", "error"]
 DTYPES = ("bf16", "fp16", "fp32")
 # Shapes of issue 18: the traffic model runs at Mixtral-like, saved activations at both
-SHAPES = {"MoE-A": {"D": 2048, "F": 1024, "E": 64, "k": 8, "N": 16384}, "Mixtral-like": {"D": 4096, "F": 14336, "E": 8, "k": 2, "N": 16384}}
+SHAPES = {"MoE-A": {"D": 2048, "F": 1024, "E": 64, "k": 8, "N": 16384},
+          "Mixtral-like": {"D": 4096, "F": 14336, "E": 8, "k": 2, "N": 16384}}
 TILE = {"tile_m": 128, "tile_n": 128, "tile_k": 64}
 GEMMS = ("fwd_in", "fwd_out", "dx_out", "dx_in", "dw_in", "dw_out")  # used when traffic.py names none
 

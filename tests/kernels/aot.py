@@ -36,12 +36,17 @@ def divisibility_attrs(fn, signature: dict, sizes: bool = True) -> dict:
     return {(names.index(a),): [["tt.divisibility", 16]] for a in marked}
 
 
-def compile_one(spec, cc: int, sizes_divisible: bool = True) -> tuple[dict, str]:
-    """Compile one spec for sm_<cc>: (record, ptx). The record holds shared bytes and PTX features.
+def compile_one(spec, cc: int, sizes_divisible: bool = True) -> tuple[dict, str, str | None]:
+    """Compile one spec for sm_<cc>: (record, ptx, ptxas log or None).
 
-    ``has_dot``: the kernel issues a matrix multiply (``tt.dot`` in its Triton IR), so on Hopper in
-    bf16 it should lower to ``wgmma``; ``tma``: bulk tensor copies (a subset of ``cp_async``).
+    The record holds shared bytes and PTX features. ``has_dot``: the kernel issues a matrix multiply
+    (``tt.dot`` in its Triton IR), so on Hopper in bf16 it should lower to ``wgmma``; ``tma``: bulk
+    tensor copies (a subset of ``cp_async``). The log is Triton's own ``ptxas -v`` output (same
+    flags as a GPU build), captured when Triton actually ran ptxas, i.e. not on a Triton cache hit.
     """
+    import contextlib
+    import io
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -49,11 +54,23 @@ def compile_one(spec, cc: int, sizes_divisible: bool = True) -> tuple[dict, str]
     attrs = divisibility_attrs(spec.fn, spec.signature, sizes_divisible)
     sig = dict(spec.signature, **{k: "constexpr" for k in spec.constexprs})
     src = ASTSource(fn=spec.fn, signature=sig, constexprs=spec.constexprs, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(spec.options))
+    knobs = getattr(getattr(triton, "knobs", None), "nvidia", None)
+    dump = knobs is not None and hasattr(knobs, "dump_ptxas_log")
+    out = io.StringIO()
+    saved = knobs.dump_ptxas_log if dump else None
+    try:
+        if dump:  # make_cubin prints its `ptxas -v` log instead of deleting it: saves a second ptxas run
+            knobs.dump_ptxas_log = True
+        with contextlib.redirect_stdout(out):
+            k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(spec.options))
+    finally:
+        if dump:
+            knobs.dump_ptxas_log = saved
+    log = out.getvalue()
     ptx = k.asm["ptx"]
     record = {"shared": int(k.metadata.shared), "wgmma": "wgmma" in ptx, "mma_sync": "mma.sync" in ptx,
               "cp_async": "cp.async" in ptx, "tma": "cp.async.bulk" in ptx, "has_dot": "tt.dot" in k.asm["ttir"]}
-    return record, ptx
+    return record, ptx, (log if "Used" in log and "registers" in log else None)
 
 
 def compile_specs(specs, cc: int) -> dict:

@@ -3,7 +3,10 @@
 For each ``KernelSpec`` of ``kernels.{moe,mohd,attention}.aot_specs.aot_specs()`` and each arch
 (sm_90a, sm_80) this records registers per thread, spill store/load bytes, shared memory
 (``metadata.shared``) and whether the PTX uses wgmma / mma.sync / cp.async. Compiles run in one
-subprocess per arch with TRITON_INTERPRET=0 (``python -m tests.kernels.ptxas --cc 90``).
+subprocess per arch with TRITON_INTERPRET=0 (``python -m tests.kernels.ptxas --cc 90``). The
+numbers come from the ``ptxas -v`` log of Triton's own cubin build (captured through
+``triton.knobs.nvidia.dump_ptxas_log``, so the flags are exactly a GPU build's); when Triton serves
+the kernel from its cache, the wheel's ptxas is run on the PTX with the same flags instead.
 
 Results are cached on disk under ``<repo>/.cache/static-gates/`` (``.cache/`` is git-ignored;
 override with ``SPARSE_ARCH_STATIC_CACHE``), one JSON file per key; the key hashes the kernel's
@@ -104,8 +107,8 @@ def spec_key(spec, cc: int) -> str:
 def _record(spec, cc: int) -> dict:
     """Compile + ptxas one spec (no cache); errors become {'error': ...} so one bad kernel is reported, not fatal."""
     try:
-        record, ptx = compile_one(spec, cc, SIZES_DIVISIBLE.get(package_of(spec), True))
-        record.update(run_ptxas(ptx, cc))
+        record, ptx, log = compile_one(spec, cc, SIZES_DIVISIBLE.get(package_of(spec), True))
+        record.update(parse_ptxas(log) if log else run_ptxas(ptx, cc))
     except Exception as exc:  # noqa: BLE001 - reported per kernel by the gate
         record = {"error": f"{type(exc).__name__}: {str(exc)[:600]}"}
     return record

@@ -107,16 +107,20 @@ def print_traffic() -> None:
         print("\n(kernels.moe.traffic has no modelled_dram_bytes)")
         return
     shape = SHAPES["Mixtral-like"]
+    ideal = getattr(traffic, "ideal_dram_bytes", None)
     print(f"\nModelled DRAM bytes per grouped GEMM, Mixtral-like {shape}, tiles {TILE}, bf16:")
-    print(f"{'gemm':<10} {'column_major':>16} {'grouped':>16} {'ratio':>7}")
+    print(f"{'gemm':<12} {'column_major':>16} {'grouped':>16} {'grouped/old':>11} {'ideal':>16} {'old/ideal':>9} "
+          f"{'grouped/ideal':>13}")
     for gemm in getattr(traffic, "GEMMS", GEMMS):
         try:
-            old, new = (_call_with(traffic.modelled_dram_bytes, dict(gemm=gemm, order=order, dtype_bytes=2,
-                                                                      **shape, **TILE))
+            values = {**shape, **TILE, "gemm": gemm, "dtype_bytes": 2}
+            old, new = (_call_with(traffic.modelled_dram_bytes, {**values, "order": order})
                         for order in ("column_major", "grouped"))
-            print(f"{gemm:<10} {old:>16,} {new:>16,} {new / old:>7.2f}")
+            best = _call_with(ideal, values) if ideal else None
+            tail = f"{best:>16,} {old / best:>9.2f} {new / best:>13.2f}" if best else ""
+            print(f"{gemm:<12} {old:>16,} {new:>16,} {new / old:>11.2f} {tail}")
         except Exception as exc:  # noqa: BLE001 - the model is optional; show why a row is missing
-            print(f"{gemm:<10} error: {type(exc).__name__}: {exc}")
+            print(f"{gemm:<12} error: {type(exc).__name__}: {exc}")
 
 
 def print_saved_activations() -> None:
@@ -131,10 +135,13 @@ def print_saved_activations() -> None:
         fn = next((getattr(mod, n) for n in ("saved_activation_bytes", "saved_bytes") if hasattr(mod, n)), None)
         if fn is None:
             continue
-        print(f"\nSaved-activation bytes per MoE layer ({module}.{fn.__name__}):")
+        versions = ("before", "after") if "version" in inspect.signature(fn).parameters else (None,)
+        print(f"\nSaved-activation bytes per MoE layer, bf16 ({module}.{fn.__name__}):")
         for name, shape in SHAPES.items():
             try:
-                print(f"  {name}: {_call_with(fn, dict(dtype=torch.bfloat16, dtype_bytes=2, **shape))}")
+                got = {v: _call_with(fn, {"dtype": torch.bfloat16, "dtype_bytes": 2, "version": v, **shape})
+                       for v in versions}
+                print(f"  {name}: " + ", ".join(f"{v or 'bytes'} {b:,} ({b / 2**20:,.0f} MiB)" for v, b in got.items()))
             except Exception as exc:  # noqa: BLE001
                 print(f"  {name}: error: {type(exc).__name__}: {exc}")
         return

@@ -284,6 +284,7 @@ class HostReads:
 
     def __enter__(self):
         self.count, self._saved = 0, {n: getattr(torch.Tensor, n) for n in self.NAMES}
+        self._own = {n for n in self.NAMES if n in vars(torch.Tensor)}  # the rest are inherited from TensorBase
         self._nonzero = torch.nonzero
         for n, orig in self._saved.items():
             setattr(torch.Tensor, n, self._wrap(orig))
@@ -298,7 +299,10 @@ class HostReads:
 
     def __exit__(self, *exc):
         for n, orig in self._saved.items():
-            setattr(torch.Tensor, n, orig)
+            if n in self._own:
+                setattr(torch.Tensor, n, orig)
+            else:
+                delattr(torch.Tensor, n)
         torch.nonzero = self._nonzero
 
 

@@ -239,7 +239,7 @@ def _timed_rows(suite, kernel, fns, flops, baselines) -> list[dict]:
         try:
             ms[method] = suite.bench_ms(_fwd_bwd(fn, leaves))
             rows.append({"kernel": kernel, "method": method, "mode": "fwd+bwd", "ms": ms[method],
-                             "tflops": flops / ms[method] / 1e9, "flops": flops})
+                         "tflops": flops / ms[method] / 1e9, "flops": flops})
         except Exception as exc:  # noqa: BLE001 - a baseline that does not apply here must not lose the rest
             rows.append({"kernel": kernel, "method": method, "mode": "fwd+bwd",
                          "error": f"{type(exc).__name__}: {str(exc)[:200]}"})

@@ -191,7 +191,7 @@ def main(argv=None) -> dict:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
-    from benchmarks.common import RESULTS
+    from benchmarks.common import RESULTS, local_results
 
     device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not args.dry_run:
@@ -205,7 +205,7 @@ def main(argv=None) -> dict:
     print_summary(suite)
     for row in check_targets(suite):
         print(f"target {row['target']}: {row['value']} (>= {row['threshold']}) → {row['status']}")
-    out = args.out or (RESULTS / "local" / "gpu_suite_dry" if args.dry_run else RESULTS / "gpu_suite")
+    out = args.out or (local_results() / "gpu_suite_dry" if args.dry_run else RESULTS / "gpu_suite")
     for path in write_csvs(suite, out):
         print(f"wrote {path}")
     print(f"total {time.perf_counter() - t0:.1f} s")

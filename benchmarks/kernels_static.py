@@ -18,7 +18,7 @@ import importlib
 import inspect
 from pathlib import Path
 
-from benchmarks.common import RESULTS, environment
+from benchmarks.common import RESULTS, environment, local_results
 from tests.kernels.aot import ARCHS
 from tests.kernels.ptxas import gpu_name, static_records
 
@@ -49,9 +49,9 @@ def to_row(r: dict) -> dict:
 
 
 def write(rows: list[dict], out: Path) -> Path:
+    if out.resolve() == LOCAL.resolve():
+        local_results()  # the scratch folder, kept out of git
     out.mkdir(parents=True, exist_ok=True)
-    if out.resolve() == LOCAL.resolve():  # keep the local scratch folder out of git without touching .gitignore
-        (out / ".gitignore").write_text("*\n")
     path = out / "kernels_static.csv"
     env = environment()
     with open(path, "w", newline="") as f:

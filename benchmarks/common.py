@@ -123,11 +123,3 @@ def save_mode_bars(rows: list[dict], key, label, value: str, ylabel: str, title:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
-
-
-def local_results() -> Path:
-    """benchmarks/results/local/: scratch output kept out of git by its own ``.gitignore`` (``*``)."""
-    local = RESULTS / "local"
-    local.mkdir(parents=True, exist_ok=True)
-    (local / ".gitignore").write_text("*\n")
-    return local

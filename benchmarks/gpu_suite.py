@@ -22,6 +22,7 @@ forward 4·B·H·T·S·d/2 causal, fwd+bwd 3.5× forward; model 3 × forward FLO
 Writes gpu_suite_<section>.csv (device name, torch and triton versions in every row) to --out
 (default benchmarks/results/gpu_suite/, --dry-run: benchmarks/results/local/gpu_suite_dry/).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,17 @@ ATTN_SHAPES = {f"d{d}-T4096": {"B": 4, "T": 4096, "H": 32, "Hk": 8, "d": d} for 
 ACC_MOE = {"N": 4096, "D": 1024, "F": 512, "E": 16, "k": 4}
 ACC_ATTN = {"B": 2, "T": 1024, "H": 8, "Hk": 2, "d": 128}
 # dense_124m's shape (conf/model/dense_124m.yaml) with the default MoE FFN: ~124M activated parameters
-MFU_MODEL = {"d_model": 768, "n_layers": 12, "n_heads": 12, "vocab": 50304, "seq_len": 1024, "batch": 16,
-             "E": 8, "k": 2, "steps": 8}
+MFU_MODEL = {
+    "d_model": 768,
+    "n_layers": 12,
+    "n_heads": 12,
+    "vocab": 50304,
+    "seq_len": 1024,
+    "batch": 16,
+    "E": 8,
+    "k": 2,
+    "steps": 8,
+}
 SYNC_MODEL = dict(MFU_MODEL, n_layers=2, batch=4)
 # run in this order; pytest last, it gets what it is given (450 s in all: under 8 minutes with start-up)
 BUDGET_S = {"accuracy": 45, "perf": 180, "syncs": 30, "graph_breaks": 45, "mfu": 60, "tests": 90}
@@ -53,17 +63,51 @@ DRY = {
     "ATTN_SHAPES": {"tiny": {"B": 1, "T": 64, "H": 4, "Hk": 2, "d": 32}},
     "ACC_MOE": {"N": 48, "D": 32, "F": 16, "E": 4, "k": 2},
     "ACC_ATTN": {"B": 1, "T": 40, "H": 4, "Hk": 2, "d": 32},
-    "MFU_MODEL": {"d_model": 64, "n_layers": 2, "n_heads": 4, "vocab": 256, "seq_len": 32, "batch": 2, "E": 4, "k": 2,
-                  "steps": 1},
-    "SYNC_MODEL": {"d_model": 64, "n_layers": 1, "n_heads": 4, "vocab": 256, "seq_len": 16, "batch": 2, "E": 4, "k": 2,
-                   "steps": 1},
+    "MFU_MODEL": {
+        "d_model": 64,
+        "n_layers": 2,
+        "n_heads": 4,
+        "vocab": 256,
+        "seq_len": 32,
+        "batch": 2,
+        "E": 4,
+        "k": 2,
+        "steps": 1,
+    },
+    "SYNC_MODEL": {
+        "d_model": 64,
+        "n_layers": 1,
+        "n_heads": 4,
+        "vocab": 256,
+        "seq_len": 16,
+        "batch": 2,
+        "E": 4,
+        "k": 2,
+        "steps": 1,
+    },
 }
 TARGETS = [  # (name, section, selector, value column, threshold)
-    ("MoE expert MLP fwd+bwd vs dense GEMMs (MoE-A)", "perf", {"kernel": "expert_mlp", "shape": "MoE-A"}, "vs_dense", 0.9),
-    ("MoE expert MLP fwd+bwd vs torch._grouped_mm (MoE-A)", "perf", {"kernel": "expert_mlp", "shape": "MoE-A"},
-     "vs_grouped_mm", 1.2),
-    ("attention fwd+bwd vs SDPA flash (d 128, T 4096)", "perf", {"kernel": "attention", "shape": "d128-T4096"},
-     "vs_sdpa_flash", 1.0),
+    (
+        "MoE expert MLP fwd+bwd vs dense GEMMs (MoE-A)",
+        "perf",
+        {"kernel": "expert_mlp", "shape": "MoE-A"},
+        "vs_dense",
+        0.9,
+    ),
+    (
+        "MoE expert MLP fwd+bwd vs torch._grouped_mm (MoE-A)",
+        "perf",
+        {"kernel": "expert_mlp", "shape": "MoE-A"},
+        "vs_grouped_mm",
+        1.2,
+    ),
+    (
+        "attention fwd+bwd vs SDPA flash (d 128, T 4096)",
+        "perf",
+        {"kernel": "attention", "shape": "d128-T4096"},
+        "vs_sdpa_flash",
+        1.0,
+    ),
     ("MoE LM training MFU", "mfu", {"precision": "bf16 weights"}, "mfu", 0.35),
 ]
 
@@ -147,8 +191,11 @@ def check_targets(suite: Suite) -> list[dict]:
     for name, section, sel, column, threshold in TARGETS:
         match = [r for r in suite.rows.get(section, []) if all(r.get(k) == v for k, v in sel.items()) and column in r]
         value = match[0][column] if match else None
-        status = "n/a (dry run)" if suite.dry else ("not measured" if value is None else
-                                                     ("met" if value >= threshold else "not met"))
+        status = (
+            "n/a (dry run)"
+            if suite.dry
+            else ("not measured" if value is None else ("met" if value >= threshold else "not met"))
+        )
         rows.append(suite.add("targets", target=name, value=value, threshold=threshold, status=status))
     return rows
 
@@ -191,21 +238,31 @@ def main(argv=None) -> dict:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
-    from benchmarks.common import RESULTS, local_results
+    from benchmarks.common import LOCAL_RESULTS, RESULTS
 
     device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not args.dry_run:
         parser.error("no CUDA device: run on the GPU machine, or pass --dry-run")
     suite = Suite(device, torch.float16 if args.dry_run else torch.bfloat16, args.dry_run)
-    shapes = DRY if args.dry_run else {"MOE_SHAPES": MOE_SHAPES, "ATTN_SHAPES": ATTN_SHAPES, "ACC_MOE": ACC_MOE,
-                                           "ACC_ATTN": ACC_ATTN, "MFU_MODEL": MFU_MODEL, "SYNC_MODEL": SYNC_MODEL}
+    shapes = (
+        DRY
+        if args.dry_run
+        else {
+            "MOE_SHAPES": MOE_SHAPES,
+            "ATTN_SHAPES": ATTN_SHAPES,
+            "ACC_MOE": ACC_MOE,
+            "ACC_ATTN": ACC_ATTN,
+            "MFU_MODEL": MFU_MODEL,
+            "SYNC_MODEL": SYNC_MODEL,
+        }
+    )
     t0 = time.perf_counter()
     for name in args.sections:
         suite.section(name, BUDGET_S[name] * args.budget_scale, lambda s, n=name: getattr(sections, n)(s, shapes))
     print_summary(suite)
     for row in check_targets(suite):
         print(f"target {row['target']}: {row['value']} (>= {row['threshold']}) → {row['status']}")
-    out = args.out or (local_results() / "gpu_suite_dry" if args.dry_run else RESULTS / "gpu_suite")
+    out = args.out or (LOCAL_RESULTS / "gpu_suite_dry" if args.dry_run else RESULTS / "gpu_suite")
     for path in write_csvs(suite, out):
         print(f"wrote {path}")
     print(f"total {time.perf_counter() - t0:.1f} s")

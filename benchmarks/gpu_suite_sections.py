@@ -4,6 +4,7 @@ through ``suite.case``; kernels are imported inside the functions so --dry-run c
 Legend: N tokens, k slots/token, E experts, D model width, F expert hidden width; B batch, T queries,
 S keys, H query heads, Hk key/value heads, d head dim.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,6 +56,7 @@ def grads_of(fn, inputs, dy):
 # ----------------------------------------------------------------------------- tests
 def tests(suite, shapes):
     """The GPU-marked pytest lane in a subprocess (collect-only in the dry run)."""
+
     def run():
         try:
             import pytest  # noqa: F401
@@ -66,7 +68,14 @@ def tests(suite, shapes):
         budget = max(10.0, suite.deadline - time.perf_counter())
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=budget, check=False)
         summary = (proc.stdout.strip().splitlines() or [""])[-1]
-        return [{"result": summary, "returncode": proc.returncode, "failed_tail": proc.stdout[-800:] if proc.returncode else ""}]
+        return [
+            {
+                "result": summary,
+                "returncode": proc.returncode,
+                "failed_tail": proc.stdout[-800:] if proc.returncode else "",
+            }
+        ]
+
     suite.case("tests", "pytest -m gpu tests/kernels", run)
 
 
@@ -87,8 +96,10 @@ def accuracy(suite, shapes):
         ref = grads_of(run("torch"), leaves, dy)
         base = grads_of(run("torch"), [t.to(dt) for t in leaves], dy.to(dt))
         got = grads_of(run("triton"), [t.to(dt) for t in leaves], dy.to(dt))
-        return [_rule_row("expert_mlp", name, g, b, r) for name, g, b, r in zip(("y", "dx", "dgates", "dw_in", "dw_out"),
-                                                                               got, base, ref)]
+        return [
+            _rule_row("expert_mlp", name, g, b, r)
+            for name, g, b, r in zip(("y", "dx", "dgates", "dw_in", "dw_out"), got, base, ref)
+        ]
 
     def attn():
         from kernels.attention import attention
@@ -107,7 +118,9 @@ def accuracy(suite, shapes):
         low = [t.to(dt) for t in (q, k, v)]
         base = grads_of(plain, low, do.to(dt))
         got = grads_of(lambda q, k, v: attention(q, k, v, backend="triton"), low, do.to(dt))
-        return [_rule_row("attention", name, g, b, r) for name, g, b, r in zip(("out", "dq", "dk", "dv"), got, base, ref)]
+        return [
+            _rule_row("attention", name, g, b, r) for name, g, b, r in zip(("out", "dq", "dk", "dv"), got, base, ref)
+        ]
 
     suite.case("accuracy", "expert_mlp", moe)
     suite.case("accuracy", "attention", attn)
@@ -116,8 +129,14 @@ def accuracy(suite, shapes):
 def _rule_row(kernel, name, got, base, ref) -> dict:
     err, err_torch = rel_rms(got, ref), rel_rms(base, ref)
     ok = bool(torch.isfinite(got).all()) and err <= 2 * err_torch + 1e-6
-    return {"kernel": kernel, "tensor": name, "dtype": str(got.dtype).replace("torch.", ""), "rel_rms": err,
-                "torch_rel_rms": err_torch, "passed": ok}
+    return {
+        "kernel": kernel,
+        "tensor": name,
+        "dtype": str(got.dtype).replace("torch.", ""),
+        "rel_rms": err,
+        "torch_rel_rms": err_torch,
+        "passed": ok,
+    }
 
 
 # ----------------------------------------------------------------------------- perf
@@ -125,6 +144,7 @@ def _fwd_bwd(fn, leaves):
     def run():
         y = fn()
         torch.autograd.grad(y, leaves, torch.ones_like(y))
+
     return run
 
 
@@ -147,8 +167,10 @@ def dense_ffn(x_ND, w1_DH, w2_FD):
     return (Fn.silu(g) * u) @ w2_FD
 
 
-WINNER_MODULES = {"expert_mlp": ("kernels.moe.grouped_gemm", "kernels.moe.grouped_gemm_bwd"),
-                  "attention": ("kernels.attention.flash", "kernels.attention.flash_bwd")}
+WINNER_MODULES = {
+    "expert_mlp": ("kernels.moe.grouped_gemm", "kernels.moe.grouped_gemm_bwd"),
+    "attention": ("kernels.attention.flash", "kernels.attention.flash_bwd"),
+}
 
 
 def autotune_winners(kernel: str) -> str:
@@ -185,8 +207,10 @@ def perf(suite, shapes):
         w1 = (torch.randn(D, 2 * k * F, device=dev) / D**0.5).to(dt).requires_grad_()
         w2 = (torch.randn(k * F, D, device=dev) / (k * F) ** 0.5).to(dt).requires_grad_()
         xd = x.detach().clone().requires_grad_()
-        fns = {"triton": (lambda: expert_mlp(x, ids, gates, w_in, w_out, "swiglu", backend="triton"), leaves),
-               "dense": (lambda: dense_ffn(xd, w1, w2), [xd, w1, w2])}
+        fns = {
+            "triton": (lambda: expert_mlp(x, ids, gates, w_in, w_out, "swiglu", backend="triton"), leaves),
+            "dense": (lambda: dense_ffn(xd, w1, w2), [xd, w1, w2]),
+        }
         if hasattr(torch, "_grouped_mm"):
             fns["grouped_mm"] = (lambda: grouped_mm_mlp(x, ids, gates, w_in, w_out), leaves)
         return _timed_rows(suite, "expert_mlp", fns, flops, ("dense", "grouped_mm"))
@@ -200,8 +224,11 @@ def perf(suite, shapes):
         flops = 3.5 * 4 * B * H * T * T * d / 2  # causal, fwd+bwd = 3.5 × fwd
         q, k, v, _ = (t.requires_grad_() for t in attn_inputs(**s, dtype=dt, device=dev))
         fns = {"triton": (lambda: attention(q, k, v, backend="triton"), [q, k, v])}
-        backends = ({"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}
-                    if dev.type == "cuda" else {"sdpa_math": SDPBackend.MATH})
+        backends = (
+            {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}
+            if dev.type == "cuda"
+            else {"sdpa_math": SDPBackend.MATH}
+        )
         for name, backend in backends.items():
             fns[name] = (_sdpa(backend, sdpa_kernel, q, k, v, H // Hk), [q, k, v])
         return _timed_rows(suite, "attention", fns, flops, tuple(backends))
@@ -212,18 +239,21 @@ def perf(suite, shapes):
     for pair in zip(cases, attn_cases):
         for kernel, name, s, fn in pair:
             suite.case("perf", f"{kernel} {name}", lambda s=s, n=name, fn=fn: [{"shape": n, **r} for r in fn(s)])
-    for kernel, name, s, fn in cases[len(attn_cases):] + attn_cases[len(cases):]:
+    for kernel, name, s, fn in cases[len(attn_cases) :] + attn_cases[len(cases) :]:
         suite.case("perf", f"{kernel} {name}", lambda s=s, n=name, fn=fn: [{"shape": n, **r} for r in fn(s)])
 
 
 def _sdpa(backend, sdpa_kernel, q, k, v, group):
     """SDPA pinned to one backend with enable_gqa; if that backend refuses GQA, K/V are expanded instead
     (the expansion is then part of the timed work, as it would be in a model)."""
+
     def run(gqa):
         with sdpa_kernel([backend]):
             ke, ve = (k, v) if gqa else (k.repeat_interleave(group, 2), v.repeat_interleave(group, 2))
-            return Fn.scaled_dot_product_attention(q.transpose(1, 2), ke.transpose(1, 2), ve.transpose(1, 2),
-                                                   is_causal=True, enable_gqa=gqa)
+            return Fn.scaled_dot_product_attention(
+                q.transpose(1, 2), ke.transpose(1, 2), ve.transpose(1, 2), is_causal=True, enable_gqa=gqa
+            )
+
     try:
         with torch.no_grad():
             run(True)
@@ -238,11 +268,25 @@ def _timed_rows(suite, kernel, fns, flops, baselines) -> list[dict]:
     for method, (fn, leaves) in fns.items():
         try:
             ms[method] = suite.bench_ms(_fwd_bwd(fn, leaves))
-            rows.append({"kernel": kernel, "method": method, "mode": "fwd+bwd", "ms": ms[method],
-                         "tflops": flops / ms[method] / 1e9, "flops": flops})
+            rows.append(
+                {
+                    "kernel": kernel,
+                    "method": method,
+                    "mode": "fwd+bwd",
+                    "ms": ms[method],
+                    "tflops": flops / ms[method] / 1e9,
+                    "flops": flops,
+                }
+            )
         except Exception as exc:  # noqa: BLE001 - a baseline that does not apply here must not lose the rest
-            rows.append({"kernel": kernel, "method": method, "mode": "fwd+bwd",
-                         "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            rows.append(
+                {
+                    "kernel": kernel,
+                    "method": method,
+                    "mode": "fwd+bwd",
+                    "error": f"{type(exc).__name__}: {str(exc)[:200]}",
+                }
+            )
         if method == "triton":
             winners = autotune_winners(kernel)
         suite.sync()
@@ -264,10 +308,17 @@ def build_moe_lm(m: dict, device, backend="auto"):
     from arch.model import LanguageModel
     from training.config import ModelConfig
 
-    cfg = ModelConfig(name="moe_124m", vocab_size=m["vocab"], d_model=m["d_model"], n_layers=m["n_layers"],
-                      n_heads=m["n_heads"], max_seq_len=m["seq_len"], attention={"name": "mha"},
-                      ffn={"name": "moe", "n_experts": m["E"], "top_k": m["k"], "backend": backend},
-                      depth={"name": "plain"})
+    cfg = ModelConfig(
+        name="moe_124m",
+        vocab_size=m["vocab"],
+        d_model=m["d_model"],
+        n_layers=m["n_layers"],
+        n_heads=m["n_heads"],
+        max_seq_len=m["seq_len"],
+        attention={"name": "mha"},
+        ffn={"name": "moe", "n_experts": m["E"], "top_k": m["k"], "backend": backend},
+        depth={"name": "plain"},
+    )
     return LanguageModel(cfg).to(device)
 
 
@@ -295,6 +346,7 @@ class HostReads:
         def counted(*a, **kw):
             self.count += 1
             return orig(*a, **kw)
+
         return counted
 
     def __exit__(self, *exc):
@@ -343,10 +395,21 @@ def syncs(suite, shapes):
                     suite.sync()
                 if step == 1:
                     msgs = sorted({str(w.message)[:120] for w in caught if "synchroniz" in str(w.message)})
-                    rows.append({"phase": phase, "sync_warnings": sum("synchroniz" in str(w.message) for w in caught),
-                                     "host_reads": reads.count, "first_messages": " | ".join(msgs[:3])})
-        rows.append({"phase": "step total", "sync_warnings": sum(r["sync_warnings"] for r in rows),
-                         "host_reads": sum(r["host_reads"] for r in rows)})
+                    rows.append(
+                        {
+                            "phase": phase,
+                            "sync_warnings": sum("synchroniz" in str(w.message) for w in caught),
+                            "host_reads": reads.count,
+                            "first_messages": " | ".join(msgs[:3]),
+                        }
+                    )
+        rows.append(
+            {
+                "phase": "step total",
+                "sync_warnings": sum(r["sync_warnings"] for r in rows),
+                "host_reads": sum(r["host_reads"] for r in rows),
+            }
+        )
         return rows
 
     suite.case("syncs", f"MoE LM train step ({m['n_layers']} layers, E {m['E']}, k {m['k']})", run)
@@ -389,7 +452,7 @@ def graph_breaks(suite, shapes):
 
 def mfu(suite, shapes):
     """Tokens/s and MFU of full training steps (forward, backward, AdamW) with random tokens."""
-    from training.flops import forward_flops_per_token, peak_flops
+    from training.accounting.flops import forward_flops_per_token, peak_flops
 
     m, dev = shapes["MFU_MODEL"], suite.device
     precisions = {"bf16 weights": {"cast": _perf_dtype(suite), "autocast": False}}
@@ -421,10 +484,19 @@ def mfu(suite, shapes):
         fwd_per_token = forward_flops_per_token(model, m["seq_len"])
         peak = peak_flops(dev)
         achieved = 3 * fwd_per_token * tokens / seconds
-        return [{"precision": name_of(p), "params": sum(t.numel() for t in model.parameters()),
-                     "fwd_flops_per_token": fwd_per_token, "tokens_per_step": tokens, "step_ms": seconds * 1e3,
-                     "tokens_per_s": tokens / seconds, "tflops": achieved / 1e12,
-                     "mfu": (achieved / peak) if peak else None, "peak_tflops": (peak / 1e12) if peak else None}]
+        return [
+            {
+                "precision": name_of(p),
+                "params": sum(t.numel() for t in model.parameters()),
+                "fwd_flops_per_token": fwd_per_token,
+                "tokens_per_step": tokens,
+                "step_ms": seconds * 1e3,
+                "tokens_per_s": tokens / seconds,
+                "tflops": achieved / 1e12,
+                "mfu": (achieved / peak) if peak else None,
+                "peak_tflops": (peak / 1e12) if peak else None,
+            }
+        ]
 
     name_of = lambda p: next(n for n, q in precisions.items() if q is p)
     for name, p in precisions.items():

@@ -10,6 +10,7 @@ them, it also prints the modelled DRAM bytes per grouped GEMM at the Mixtral-lik
 vs grouped tile order; ``kernels.moe.traffic.modelled_dram_bytes``) and the saved-activation bytes
 per MoE layer. ``tests/kernels/test_static_gates.py`` turns the same rows into pass/fail gates.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,17 +19,32 @@ import importlib
 import inspect
 from pathlib import Path
 
-from benchmarks.common import RESULTS, environment, local_results
+from benchmarks.common import LOCAL_RESULTS, environment
 from tests.kernels.aot import ARCHS
 from tests.kernels.ptxas import gpu_name, static_records
 
-LOCAL = RESULTS / "local"
-COLUMNS = ["kernel", "config", "dtype", "arch", "registers", "spill_store_bytes", "spill_load_bytes", "shared_bytes",
-           "wgmma", "mma_sync", "cp_async", "autotune_choosable", "tma", "error"]
+COLUMNS = [
+    "kernel",
+    "config",
+    "dtype",
+    "arch",
+    "registers",
+    "spill_store_bytes",
+    "spill_load_bytes",
+    "shared_bytes",
+    "wgmma",
+    "mma_sync",
+    "cp_async",
+    "autotune_choosable",
+    "tma",
+    "error",
+]
 DTYPES = ("bf16", "fp16", "fp32")
 # Shapes of issue 18: the traffic model runs at Mixtral-like, saved activations at both
-SHAPES = {"MoE-A": {"D": 2048, "F": 1024, "E": 64, "k": 8, "N": 16384},
-          "Mixtral-like": {"D": 4096, "F": 14336, "E": 8, "k": 2, "N": 16384}}
+SHAPES = {
+    "MoE-A": {"D": 2048, "F": 1024, "E": 64, "k": 8, "N": 16384},
+    "Mixtral-like": {"D": 4096, "F": 14336, "E": 8, "k": 2, "N": 16384},
+}
 TILE = {"tile_m": 128, "tile_n": 128, "tile_k": 64}
 GEMMS = ("fwd_in", "fwd_out", "dx_out", "dx_in", "dw_in", "dw_out")  # used when traffic.py names none
 
@@ -39,18 +55,29 @@ def to_row(r: dict) -> dict:
     tags = [t for t in tags.rstrip("]").split(",") if t]
     dtype = next((t for t in tags if t in DTYPES), "")
     config = ",".join(t for t in tags if t not in DTYPES)
-    row = {"kernel": f"{r['package']}.{base}", "config": f"{config} ({r['tiles']})".strip() if r.get("tiles") else config,
-           "dtype": dtype, "arch": gpu_name(r["cc"]), "autotune_choosable": r["must_fit"], "error": r.get("error", "")}
+    row = {
+        "kernel": f"{r['package']}.{base}",
+        "config": f"{config} ({r['tiles']})".strip() if r.get("tiles") else config,
+        "dtype": dtype,
+        "arch": gpu_name(r["cc"]),
+        "autotune_choosable": r["must_fit"],
+        "error": r.get("error", ""),
+    }
     if "error" not in r:
-        row.update(registers=r["registers"], spill_store_bytes=r["spill_store_bytes"],
-                   spill_load_bytes=r["spill_load_bytes"], shared_bytes=r["shared"], wgmma=r["wgmma"],
-                   mma_sync=r["mma_sync"], cp_async=r["cp_async"], tma=r["tma"])
+        row.update(
+            registers=r["registers"],
+            spill_store_bytes=r["spill_store_bytes"],
+            spill_load_bytes=r["spill_load_bytes"],
+            shared_bytes=r["shared"],
+            wgmma=r["wgmma"],
+            mma_sync=r["mma_sync"],
+            cp_async=r["cp_async"],
+            tma=r["tma"],
+        )
     return row
 
 
 def write(rows: list[dict], out: Path) -> Path:
-    if out.resolve() == LOCAL.resolve():
-        local_results()  # the scratch folder, kept out of git
     out.mkdir(parents=True, exist_ok=True)
     path = out / "kernels_static.csv"
     env = environment()
@@ -66,8 +93,10 @@ def _short(config: str) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"{'kernel':<24} {'config':<62} {'dtype':<5} {'arch':<6} {'regs':>4} {'spill st/ld B':>13} {'smem B':>7} " \
-           f"{'wgmma':<5} {'mma':<5} {'cp.as':<5} {'pick':<4}"
+    head = (
+        f"{'kernel':<24} {'config':<62} {'dtype':<5} {'arch':<6} {'regs':>4} {'spill st/ld B':>13} {'smem B':>7} "
+        f"{'wgmma':<5} {'mma':<5} {'cp.as':<5} {'pick':<4}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -76,9 +105,12 @@ def print_table(rows: list[dict]) -> None:
             continue
         spill = f"{r['spill_store_bytes']}/{r['spill_load_bytes']}"
         flag = "  <-- spills" if r["autotune_choosable"] and (r["spill_store_bytes"] or r["spill_load_bytes"]) else ""
-        print(f"{r['kernel']:<24} {_short(r['config']):<62} {r['dtype']:<5} {r['arch']:<6} {r['registers']:>4} {spill:>13} "
-              f"{r['shared_bytes']:>7} {r['wgmma']!s:<5} {r['mma_sync']!s:<5} {r['cp_async']!s:<5} "
-              f"{r['autotune_choosable']!s:<4}{flag}")
+        print(
+            f"{r['kernel']:<24} {_short(r['config']):<62} {r['dtype']:<5} {r['arch']:<6} "
+            f"{r['registers']:>4} {spill:>13} "
+            f"{r['shared_bytes']:>7} {r['wgmma']!s:<5} {r['mma_sync']!s:<5} {r['cp_async']!s:<5} "
+            f"{r['autotune_choosable']!s:<4}{flag}"
+        )
 
 
 def summary(rows: list[dict]) -> None:
@@ -109,13 +141,17 @@ def print_traffic() -> None:
     shape = SHAPES["Mixtral-like"]
     ideal = getattr(traffic, "ideal_dram_bytes", None)
     print(f"\nModelled DRAM bytes per grouped GEMM, Mixtral-like {shape}, tiles {TILE}, bf16:")
-    print(f"{'gemm':<12} {'column_major':>16} {'grouped':>16} {'grouped/old':>11} {'ideal':>16} {'old/ideal':>9} "
-          f"{'grouped/ideal':>13}")
+    print(
+        f"{'gemm':<12} {'column_major':>16} {'grouped':>16} {'grouped/old':>11} {'ideal':>16} {'old/ideal':>9} "
+        f"{'grouped/ideal':>13}"
+    )
     for gemm in getattr(traffic, "GEMMS", GEMMS):
         try:
             values = {**shape, **TILE, "gemm": gemm, "dtype_bytes": 2}
-            old, new = (_call_with(traffic.modelled_dram_bytes, {**values, "order": order})
-                        for order in ("column_major", "grouped"))
+            old, new = (
+                _call_with(traffic.modelled_dram_bytes, {**values, "order": order})
+                for order in ("column_major", "grouped")
+            )
             best = _call_with(ideal, values) if ideal else None
             tail = f"{best:>16,} {old / best:>9.2f} {new / best:>13.2f}" if best else ""
             print(f"{gemm:<12} {old:>16,} {new:>16,} {new / old:>11.2f} {tail}")
@@ -139,8 +175,10 @@ def print_saved_activations() -> None:
         print(f"\nSaved-activation bytes per MoE layer, bf16 ({module}.{fn.__name__}):")
         for name, shape in SHAPES.items():
             try:
-                got = {v: _call_with(fn, {"dtype": torch.bfloat16, "dtype_bytes": 2, "version": v, **shape})
-                       for v in versions}
+                got = {
+                    v: _call_with(fn, {"dtype": torch.bfloat16, "dtype_bytes": 2, "version": v, **shape})
+                    for v in versions
+                }
                 print(f"  {name}: " + ", ".join(f"{v or 'bytes'} {b:,} ({b / 2**20:,.0f} MiB)" for v, b in got.items()))
             except Exception as exc:  # noqa: BLE001
                 print(f"  {name}: error: {type(exc).__name__}: {exc}")
@@ -150,7 +188,9 @@ def print_saved_activations() -> None:
 
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=LOCAL, help="output folder (benchmarks/results = the tracked one)")
+    parser.add_argument(
+        "--out", type=Path, default=LOCAL_RESULTS, help="output folder (benchmarks/results = the tracked one)"
+    )
     parser.add_argument("--arch", type=int, nargs="+", default=sorted(ARCHS, reverse=True), choices=sorted(ARCHS))
     parser.add_argument("--no-cache", action="store_true", help="recompile everything")
     args = parser.parse_args(argv)

@@ -1,5 +1,6 @@
 """The prepared GPU suite cannot rot: its --dry-run runs every section on CPU (Triton interpreter, tiny
 shapes) and must produce each CSV with no error rows; the target bookkeeping is checked on made-up rows."""
+
 from __future__ import annotations
 
 import csv
@@ -22,8 +23,15 @@ def _read(out: Path, section: str) -> list[dict]:
 
 def test_dry_run_runs_every_section(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--dry-run", "--out", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_suite", "--dry-run", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {s: _read(tmp_path, s) for s in (*BUDGET_S, "targets")}
     errors = {s: [(r["case"], r["error"]) for r in rs if r.get("error")] for s, rs in rows.items()}
@@ -51,10 +59,12 @@ def test_targets_met_and_not_met():
     suite.add("perf", kernel="expert_mlp", shape="MoE-A", method="triton", vs_dense=0.95, vs_grouped_mm=1.1)
     suite.add("mfu", precision="bf16 weights", mfu=0.41)
     status = {r["target"]: r["status"] for r in check_targets(suite)}
-    assert status == {"MoE expert MLP fwd+bwd vs dense GEMMs (MoE-A)": "met",
-                      "MoE expert MLP fwd+bwd vs torch._grouped_mm (MoE-A)": "not met",
-                      "attention fwd+bwd vs SDPA flash (d 128, T 4096)": "not measured",
-                      "MoE LM training MFU": "met"}
+    assert status == {
+        "MoE expert MLP fwd+bwd vs dense GEMMs (MoE-A)": "met",
+        "MoE expert MLP fwd+bwd vs torch._grouped_mm (MoE-A)": "not met",
+        "attention fwd+bwd vs SDPA flash (d 128, T 4096)": "not measured",
+        "MoE LM training MFU": "met",
+    }
 
 
 def test_a_failing_case_is_recorded_and_the_budget_skips_the_rest():

@@ -8,6 +8,7 @@ otherwise stub the compiler and shrink the kernels' config lists to one tiny con
 static-gate cache (tests/kernels/ptxas.py), so the compile tests and the ptxas gate compile each
 kernel once per arch between them.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,11 @@ def divisibility_attrs(fn, signature: dict, sizes: bool = True) -> dict:
     Float scalars never carry the attr.
     """
     names = list(fn.arg_names)
-    marked = [a for a, ty in signature.items()
-              if ty.startswith("*") or a.startswith("stride_") or (sizes and ty in ("i32", "i64"))]
+    marked = [
+        a
+        for a, ty in signature.items()
+        if ty.startswith("*") or a.startswith("stride_") or (sizes and ty in ("i32", "i64"))
+    ]
     return {(names.index(a),): [["tt.divisibility", 16]] for a in marked}
 
 
@@ -68,8 +72,14 @@ def compile_one(spec, cc: int, sizes_divisible: bool = True) -> tuple[dict, str,
             knobs.dump_ptxas_log = saved
     log = out.getvalue()
     ptx = k.asm["ptx"]
-    record = {"shared": int(k.metadata.shared), "wgmma": "wgmma" in ptx, "mma_sync": "mma.sync" in ptx,
-              "cp_async": "cp.async" in ptx, "tma": "cp.async.bulk" in ptx, "has_dot": "tt.dot" in k.asm["ttir"]}
+    record = {
+        "shared": int(k.metadata.shared),
+        "wgmma": "wgmma" in ptx,
+        "mma_sync": "mma.sync" in ptx,
+        "cp_async": "cp.async" in ptx,
+        "tma": "cp.async.bulk" in ptx,
+        "has_dot": "tt.dot" in k.asm["ttir"],
+    }
     return record, ptx, (log if "Used" in log and "registers" in log else None)
 
 
@@ -84,7 +94,9 @@ def compile_in_subprocess(module: str, cc: int) -> dict:
     """Run ``<module>._compile_all(cc)`` in a fresh interpreter without TRITON_INTERPRET."""
     env = dict(os.environ, TRITON_INTERPRET="0")
     code = f"import json; from {module} import _compile_all; print(json.dumps(_compile_all({cc})))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -14,6 +14,7 @@ Triton cache key (its source, its ``@triton.jit`` callees' sources and the const
 reads), the signature, constexprs, divisibility attrs, options, triton version, arch and ptxas
 flags, so a re-run with unchanged kernels only reads files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,16 +64,25 @@ def parse_ptxas(log: str) -> dict:
     spills = [(int(s), int(ld)) for s, ld in _SPILL.findall(log)]
     if not regs:
         raise ValueError(f"ptxas log has no 'Used N registers' line: {log[-500:]!r}")
-    return {"registers": max(regs), "spill_store_bytes": sum(s for s, _ in spills),
-            "spill_load_bytes": sum(ld for _, ld in spills), "stack_bytes": sum(int(m) for m in _STACK.findall(log))}
+    return {
+        "registers": max(regs),
+        "spill_store_bytes": sum(s for s, _ in spills),
+        "spill_load_bytes": sum(ld for _, ld in spills),
+        "stack_bytes": sum(int(m) for m in _STACK.findall(log)),
+    }
 
 
 def run_ptxas(ptx: str, cc: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
-        proc = subprocess.run([str(ptxas_path()), *ptxas_flags(cc), str(src), "-o", str(Path(tmp) / "k.cubin")],
-                              capture_output=True, text=True, timeout=300, check=False)
+        proc = subprocess.run(
+            [str(ptxas_path()), *ptxas_flags(cc), str(src), "-o", str(Path(tmp) / "k.cubin")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
     if proc.returncode != 0:
         raise RuntimeError(f"ptxas exit {proc.returncode}: {proc.stderr[-1000:]}")
     return parse_ptxas(proc.stdout + proc.stderr)
@@ -96,11 +106,18 @@ def spec_key(spec, cc: int) -> str:
     import triton
 
     sizes = SIZES_DIVISIBLE.get(package_of(spec), True)
-    parts = {"fn": spec.fn.cache_key, "fn_name": spec.fn.__name__, "signature": spec.signature,
-             "constexprs": {k: repr(v) for k, v in sorted(spec.constexprs.items())},
-             "attrs": sorted((k[0], repr(v)) for k, v in divisibility_attrs(spec.fn, spec.signature, sizes).items()),
-             "options": sorted(spec.options.items()), "triton": triton.__version__, "cc": cc,
-             "ptxas": ptxas_flags(cc), "record": RECORD_VERSION}
+    parts = {
+        "fn": spec.fn.cache_key,
+        "fn_name": spec.fn.__name__,
+        "signature": spec.signature,
+        "constexprs": {k: repr(v) for k, v in sorted(spec.constexprs.items())},
+        "attrs": sorted((k[0], repr(v)) for k, v in divisibility_attrs(spec.fn, spec.signature, sizes).items()),
+        "options": sorted(spec.options.items()),
+        "triton": triton.__version__,
+        "cc": cc,
+        "ptxas": ptxas_flags(cc),
+        "record": RECORD_VERSION,
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()[:32]
 
 
@@ -130,8 +147,17 @@ def records_for_specs(specs, cc: int, use_cache: bool = True) -> list[dict]:
                 tmp = path.with_suffix(f".{os.getpid()}.tmp")
                 tmp.write_text(json.dumps(record))
                 os.replace(tmp, path)  # atomic: parallel runs never read half a file
-        rows.append({"name": spec.name, "package": package_of(spec), "must_fit": bool(spec.must_fit), "cc": cc,
-                     "cached": cached, "tiles": tiles_of(spec), **record})
+        rows.append(
+            {
+                "name": spec.name,
+                "package": package_of(spec),
+                "must_fit": bool(spec.must_fit),
+                "cc": cc,
+                "cached": cached,
+                "tiles": tiles_of(spec),
+                **record,
+            }
+        )
     return rows
 
 
@@ -147,10 +173,11 @@ def all_specs(packages=PACKAGES) -> list:
     return specs
 
 
-def static_records(ccs=CCS, packages=PACKAGES, use_cache: bool = True,
-                   timeout: float = 900) -> list[dict]:
+def static_records(ccs=CCS, packages=PACKAGES, use_cache: bool = True, timeout: float = 900) -> list[dict]:
     """Rows for every spec × arch, one subprocess per arch running in parallel (compiles are single-threaded)."""
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
     procs = {}
     for cc in ccs:
         cmd = [sys.executable, "-m", "tests.kernels.ptxas", "--cc", str(cc), "--packages", *packages]

@@ -6,6 +6,7 @@ in one subprocess per arch (tests/kernels/ptxas.py); results are cached under .c
 by kernel source hash, so a re-run with unchanged kernels takes seconds. The table behind these
 assertions: ``python -m benchmarks.kernels_static``.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -28,8 +29,11 @@ def _by_cc(rows, cc):
 
 
 def _table(bad) -> str:
-    return "\n".join(f"  {r['package']}.{r['name']}: {r.get('registers')} regs, {r.get('spill_store_bytes')} B spill "
-                     f"stores / {r.get('spill_load_bytes')} B loads, {r.get('shared')} B shared" for r in bad)
+    return "\n".join(
+        f"  {r['package']}.{r['name']}: {r.get('registers')} regs, {r.get('spill_store_bytes')} B spill "
+        f"stores / {r.get('spill_load_bytes')} B loads, {r.get('shared')} B shared"
+        for r in bad
+    )
 
 
 @pytest.mark.parametrize("cc", sorted(ARCHS))
@@ -44,8 +48,11 @@ def test_every_spec_compiles_and_assembles(rows, cc):
 def test_choosable_configs_do_not_spill(rows, cc):
     if cc == 80 and not FAIL_ON_SM80_SPILLS:
         pytest.skip("sm_80 spills are reported only (FAIL_ON_SM80_SPILLS = False)")
-    bad = [r for r in _by_cc(rows, cc) if r["must_fit"] and "error" not in r
-           and (r["spill_store_bytes"] or r["spill_load_bytes"])]
+    bad = [
+        r
+        for r in _by_cc(rows, cc)
+        if r["must_fit"] and "error" not in r and (r["spill_store_bytes"] or r["spill_load_bytes"])
+    ]
     assert not bad, f"{len(bad)} autotune-choosable configs spill registers on {gpu_name(cc)}:\n{_table(bad)}"
 
 
@@ -71,10 +78,12 @@ def test_rerun_is_served_from_the_cache(rows):
 
 
 def test_parse_ptxas_log():
-    log = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
-           "ptxas info    : Function properties for k\n"
-           "    640 bytes stack frame, 736 bytes spill stores, 712 bytes spill loads\n"
-           "ptxas info    : Used 255 registers, used 1 barriers, 640 bytes cumulative stack size\n")
+    log = (
+        "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+        "ptxas info    : Function properties for k\n"
+        "    640 bytes stack frame, 736 bytes spill stores, 712 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers, 640 bytes cumulative stack size\n"
+    )
     assert parse_ptxas(log) == {"registers": 255, "spill_store_bytes": 736, "spill_load_bytes": 712, "stack_bytes": 640}
     with pytest.raises(ValueError, match="registers"):
         parse_ptxas("ptxas fatal : garbage")

@@ -232,6 +232,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--sections", nargs="+", default=list(BUDGET_S), choices=list(BUDGET_S))
     parser.add_argument("--budget-scale", type=float, default=1.0, help="multiply every section's time budget")
+    parser.add_argument("--check", action="store_true", help="exit non-zero when a measured target is not met")
     args = parser.parse_args(argv)
     if args.dry_run:
         # must be set before any kernel module imports triton (sections import kernels lazily)
@@ -260,12 +261,15 @@ def main(argv=None) -> dict:
     for name in args.sections:
         suite.section(name, BUDGET_S[name] * args.budget_scale, lambda s, n=name: getattr(sections, n)(s, shapes))
     print_summary(suite)
-    for row in check_targets(suite):
+    targets = check_targets(suite)
+    for row in targets:
         print(f"target {row['target']}: {row['value']} (>= {row['threshold']}) → {row['status']}")
     out = args.out or (LOCAL_RESULTS / "gpu_suite_dry" if args.dry_run else RESULTS / "gpu_suite")
     for path in write_csvs(suite, out):
         print(f"wrote {path}")
     print(f"total {time.perf_counter() - t0:.1f} s")
+    if args.check and any(r["status"] == "not met" for r in targets):
+        raise SystemExit("--check: a target was not met")
     return suite.rows
 
 

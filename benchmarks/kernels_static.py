@@ -1,6 +1,6 @@
 """Static kernel report (no GPU): registers, spills, shared memory and PTX features per kernel config.
 
-    python -m benchmarks.kernels_static [--out DIR] [--arch 90 80] [--no-cache]
+    python -m benchmarks.kernels_static [--out DIR] [--arch 90 80] [--no-cache] [--check]
 
 Compiles every ``KernelSpec`` of kernels.{moe,mohd,attention}.aot_specs for sm_90a and sm_80 and
 runs the triton wheel's ``ptxas -v`` (tests/kernels/ptxas.py; cached under .cache/static-gates/),
@@ -8,7 +8,8 @@ writes ``kernels_static.csv`` to DIR (default benchmarks/results/local/, git-ign
 ``--out benchmarks/results`` writes the tracked table) and prints it. When the MoE package offers
 them, it also prints the modelled DRAM bytes per grouped GEMM at the Mixtral-like shape (column-major
 vs grouped tile order; ``kernels.moe.traffic.modelled_dram_bytes``) and the saved-activation bytes
-per MoE layer. ``tests/kernels/test_static_gates.py`` turns the same rows into pass/fail gates.
+per MoE layer. ``--check`` exits non-zero when an autotune-choosable config spills (on either arch);
+``tests/kernels/test_static_gates.py`` turns the same rows into pass/fail gates.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import importlib
 import inspect
 from pathlib import Path
 
-from benchmarks.common import LOCAL_RESULTS, environment
+from benchmarks.common import add_output_options, environment
 from tests.kernels.aot import ARCHS
 from tests.kernels.ptxas import gpu_name, static_records
 
@@ -188,9 +189,7 @@ def print_saved_activations() -> None:
 
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--out", type=Path, default=LOCAL_RESULTS, help="output folder (benchmarks/results = the tracked one)"
-    )
+    add_output_options(parser)  # --out (default the git-ignored benchmarks/results/local), --check
     parser.add_argument("--arch", type=int, nargs="+", default=sorted(ARCHS, reverse=True), choices=sorted(ARCHS))
     parser.add_argument("--no-cache", action="store_true", help="recompile everything")
     args = parser.parse_args(argv)
@@ -199,8 +198,13 @@ def main(argv=None) -> Path:
     summary(rows)
     print_traffic()
     print_saved_activations()
-    path = write(rows, args.out)
+    path = write(rows, Path(args.out))
     print(f"\nwrote {path}")
+    spilling = [
+        r for r in rows if r["autotune_choosable"] and (r["error"] or r["spill_store_bytes"] or r["spill_load_bytes"])
+    ]
+    if args.check and spilling:
+        raise SystemExit(f"--check: {len(spilling)} autotune-choosable configs spill or failed to compile")
     return path
 
 

@@ -3,7 +3,7 @@
     python -m benchmarks.kernels_static [--out DIR] [--arch 90 80] [--no-cache] [--check]
 
 Compiles every ``KernelSpec`` of kernels.{moe,mohd,attention}.aot_specs for sm_90a and sm_80 and
-runs the triton wheel's ``ptxas -v`` (tests/kernels/ptxas.py; cached under .cache/static-gates/),
+runs the triton wheel's ``ptxas -v`` (kernels/aot/ptxas.py; cached under .cache/static-gates/),
 writes ``kernels_static.csv`` to DIR (default benchmarks/results/local/, git-ignored;
 ``--out benchmarks/results`` writes the tracked table) and prints it. When the MoE package offers
 them, it also prints the modelled DRAM bytes per grouped GEMM at the Mixtral-like shape (column-major
@@ -21,8 +21,8 @@ import inspect
 from pathlib import Path
 
 from benchmarks.common import add_output_options, environment
-from tests.kernels.aot import ARCHS
-from tests.kernels.ptxas import gpu_name, static_records
+from kernels.aot.compile import ARCHS
+from kernels.aot.ptxas import gpu_name, static_records
 
 COLUMNS = [
     "kernel",

@@ -2,7 +2,7 @@
 spill-free, fit shared memory, and (bf16 matmuls on Hopper) use wgmma, per the wheel's ``ptxas -v``.
 
 Every ``KernelSpec`` of kernels.{moe,mohd,attention}.aot_specs is compiled for sm_90a and sm_80
-in one subprocess per arch (tests/kernels/ptxas.py); results are cached under .cache/static-gates/
+in one subprocess per arch (kernels/aot/ptxas.py); results are cached under .cache/static-gates/
 by kernel source hash, so a re-run with unchanged kernels takes seconds. The table behind these
 assertions: ``python -m benchmarks.kernels_static``.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.kernels.aot import ARCHS
-from tests.kernels.ptxas import gpu_name, parse_ptxas, static_records
+from kernels.aot.compile import ARCHS
+from kernels.aot.ptxas import gpu_name, parse_ptxas, static_records
 
 # Spills on sm_80 fail the gate as well as on sm_90a. Set False to only report sm_80 spills (the
 # Ampere build is a portability target; Hopper is what the training runs use).

@@ -196,7 +196,7 @@ def export_remote_code(model, out_dir: str | Path, tokenizer=None, dtype: torch.
     """Write the trust_remote_code package of ``model`` (any registered blocks) into ``out_dir``."""
     from safetensors.torch import save_file
 
-    from training.export.hf import save_tokenizer
+    from training.export.tokenizer_files import save_tokenizer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 For each ``KernelSpec`` of ``kernels.{moe,mohd,attention}.aot_specs.aot_specs()`` and each arch
 (sm_90a, sm_80) this records registers per thread, spill store/load bytes, shared memory
 (``metadata.shared``) and whether the PTX uses wgmma / mma.sync / cp.async. Compiles run in one
-subprocess per arch with TRITON_INTERPRET=0 (``python -m tests.kernels.ptxas --cc 90``). The
+subprocess per arch with TRITON_INTERPRET=0 (``python -m kernels.aot.ptxas --cc 90``). The
 numbers come from the ``ptxas -v`` log of Triton's own cubin build (captured through
 ``triton.knobs.nvidia.dump_ptxas_log``, so the flags are exactly a GPU build's); when Triton serves
 the kernel from its cache, the wheel's ptxas is run on the PTX with the same flags instead.
@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.kernels.aot import ARCHS, ROOT, compile_one, divisibility_attrs
+from kernels.aot.compile import ARCHS, ROOT, compile_one, divisibility_attrs
 
 PACKAGES = ("moe", "mohd", "attention")
 SIZES_DIVISIBLE = {"attention": False}  # see aot.divisibility_attrs; default True
@@ -180,7 +180,7 @@ def static_records(ccs=CCS, packages=PACKAGES, use_cache: bool = True, timeout: 
     )
     procs = {}
     for cc in ccs:
-        cmd = [sys.executable, "-m", "tests.kernels.ptxas", "--cc", str(cc), "--packages", *packages]
+        cmd = [sys.executable, "-m", "kernels.aot.ptxas", "--cc", str(cc), "--packages", *packages]
         if not use_cache:
             cmd.append("--no-cache")
         procs[cc] = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -328,7 +328,9 @@ BLOCK_OPTION_RANGES: dict[str, tuple] = {
         "core_layers", "first_selection_step", "top_k_layers", "max_selected_layers", "max_loop_depth",
         "num_keep_heads", "k_heads", "v_heads",
     ), _AT_LEAST_1),
-    **dict.fromkeys(("xmoe_temperature", "width_multiplier", "sigma", "state_std", "capacity_factor"), _POSITIVE),
+    **dict.fromkeys(("xmoe_temperature", "width_multiplier", "sigma", "state_std", "state_scale", "capacity_factor"),
+                    _POSITIVE),
+    "eval_capacity_fraction": (lambda v: 0 < v <= 1, "must be in (0, 1] (a fraction of the tokens per expert)"),
     **dict.fromkeys((
         "n_shared_experts", "n_shared", "n_local", "widen_start", "widen_steps", "prelude_layers", "coda_layers",
         "router_noise", "balance_loss_coef", "seq_balance_loss_coef", "z_loss_coef", "bias_update_rate",
@@ -351,7 +353,7 @@ def _check_block_ranges(where: str, node: dict) -> None:
 
 
 _NULLABLE_OPTIONS = {"expert_hidden", "hidden_dim", "eval_top_k", "k_ideal", "window_stride", "widen_to", "n_kv_heads",
-                     "state_std", "capacity_factor", "k_heads", "v_heads"}
+                     "state_std", "state_scale", "capacity_factor", "eval_capacity_fraction", "k_heads", "v_heads"}
 
 
 MOE_BLOCKS = ("moe", "emoe")

@@ -37,7 +37,7 @@ class ExpertMLPFunction(torch.autograd.Function):
         h_MH, a_MF = gather_act_fwd(x_ND, w_in_EDH, r, k, swiglu, store_h=need_grad)
         y_ND = combine(scatter_gemm(a_MF, w_out_EFD, r, gates_M), ids_M, N, k)
         if need_grad:
-            ctx.save_for_backward(x_ND, ids_M, gates_M, w_in_EDH, w_out_EFD, h_MH, a_MF, *r)
+            ctx.save_for_backward(x_ND, ids_M, gates_M, w_in_EDH, w_out_EFD, h_MH, *r)
         ctx.swiglu, ctx.k, ctx.gate_dtype = swiglu, k, gates_NK.dtype
         return y_ND
 
@@ -47,7 +47,7 @@ class ExpertMLPFunction(torch.autograd.Function):
         from kernels.moe.grouped_gemm import combine, scatter_gemm
         from kernels.moe.grouped_gemm_bwd import gather_act_bwd, grouped_dw
 
-        x_ND, ids_M, gates_M, w_in_EDH, w_out_EFD, h_MH, a_MF, *rt = ctx.saved_tensors
+        x_ND, ids_M, gates_M, w_in_EDH, w_out_EFD, h_MH, *rt = ctx.saved_tensors
         r, k, E, N = Routing(*rt), ctx.k, w_in_EDH.shape[0], x_ND.shape[0]
         need_x, _, need_g, need_win, need_wout, _ = ctx.needs_input_grad
         dy_ND = dy_ND.contiguous().to(x_ND.dtype)
@@ -61,7 +61,8 @@ class ExpertMLPFunction(torch.autograd.Function):
             if need_win:
                 dw_in = grouped_dw(x_ND, dh_MH, r, k, E, a_gather=True, b_gather=False)
         if need_wout:
-            dw_out = grouped_dw(a_MF, dy_ND, r, k, E, a_gather=False, b_gather=True, gates_M=gates_M)
+            dw_out = grouped_dw(h_MH, dy_ND, r, k, E, a_gather=False, b_gather=True, gates_M=gates_M,
+                                a_act="swiglu" if ctx.swiglu else "gelu")
         return dx, None, dg, dw_in, dw_out, None
 
 

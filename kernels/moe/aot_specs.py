@@ -65,7 +65,8 @@ def aot_specs() -> list[KernelSpec]:
         # dw_in (A = x gathered), dw_out (A = act(h) recomputed for swiglu / gelu, B = dy gathered)
         for a_g, b_g, act in ((True, False, 0), (False, True, 1), (False, True, 2)):
             sig = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "out_ptr": f"*{dt}", "slot_ptr": "*i32", "gate_ptr": "*fp32",
-                   "offsets_ptr": "*i32", "K_SLOTS": "i32", "I": "i32", "J": "i32"}
+                   "offsets_ptr": "*i32", "K_SLOTS": "i32", "I": "i32", "J": "i32", "GROUP_M": "i32"}
+            dw_blocks = {k: v for k, v in blocks.items() if k != "GROUP_M"}  # a runtime value here
             out.append((f"grouped_dw[a_gather={a_g},a_act={act},cfg{i},{dt}]", bw._grouped_dw.fn, sig,
-                        {"A_GATHER": a_g, "B_GATHER": b_g, "B_GATE": b_g, "A_ACT": act, **blocks}, opts))
+                        {"A_GATHER": a_g, "B_GATHER": b_g, "B_GATE": b_g, "A_ACT": act, **dw_blocks}, opts))
     return [KernelSpec(*spec) for spec in out]

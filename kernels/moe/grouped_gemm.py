@@ -23,6 +23,7 @@ import torch
 
 from kernels import HAS_TRITON, INTERPRET
 from kernels.moe.routing import Routing
+from kernels.moe.traffic import GROUP_M as TRAFFIC_GROUP_M
 
 if HAS_TRITON:
     import triton
@@ -72,7 +73,7 @@ if HAS_TRITON:
     GEMM_CONFIGS = _gemm_configs()
     # row tiles per L2 group (_grouped_tile): 8 × 128 rows × D 4096 bf16 = 8 MB of activations stay
     # resident while the group sweeps the weight columns (H100/H200 L2: 50 MB)
-    GROUP_M = 8
+    GROUP_M = TRAFFIC_GROUP_M
     ACTIVE_CONFIGS = _interp_configs() if INTERPRET else GEMM_CONFIGS
 
     @triton.jit
@@ -109,7 +110,7 @@ if HAS_TRITON:
         return start + row_tile * BLOCK_M + tl.arange(0, BLOCK_M), end
 
     @triton.jit
-    def _swizzle(pid, n_rows, n_cols, GROUP_M: tl.constexpr):
+    def _swizzle(pid, n_rows, n_cols, GROUP_M):
         """Triton-tutorial grouped order over an n_rows × n_cols grid of output tiles (weight-gradient
         GEMMs: all experts have the same output shape). Twin: ``kernels.moe.traffic.swizzled_programs``."""
         per_group = GROUP_M * n_cols

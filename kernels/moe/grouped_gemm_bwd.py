@@ -22,6 +22,7 @@ import torch
 
 from kernels import HAS_TRITON
 from kernels.moe.routing import Routing
+from kernels.moe.traffic import dw_group_m
 
 if HAS_TRITON:
     import triton
@@ -122,15 +123,15 @@ if HAS_TRITON:
     @triton.autotune(configs=ACTIVE_CONFIGS, key=["I", "J", "A_GATHER", "B_GATHER"], prune_configs_by=PRUNE)
     @triton.jit
     def _grouped_dw(a_ptr, b_ptr, out_ptr, slot_ptr, gate_ptr, offsets_ptr, K_SLOTS, I, J,
-                    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, B_GATE: tl.constexpr, A_ACT: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP_M: tl.constexpr):
+                    GROUP_M, A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, B_GATE: tl.constexpr,
+                    A_ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """out[e] (I × J) = Σ over expert e's rows p of A[rowA(p)]ᵀ B[rowB(p)] (BLOCK_M tiles I,
         BLOCK_N tiles J, BLOCK_K walks the rows). Experts without rows write zeros.
         A_ACT: 0 = A as stored; 1 / 2 = A is act(h) recomputed from the pre-activation h (rows of
         2I = [gate | up] for SwiGLU, I for GELU), so the forward never keeps the activation."""
         e = tl.program_id(1)
         # grouped order: GROUP_M tiles of I sweep all of J, so A's column slabs stay in L2
+        # (GROUP_M is a runtime value chosen by traffic.dw_group_m; 1 = row-major)
         tile_i, tile_j = _swizzle(tl.program_id(0), tl.cdiv(I, BLOCK_M), tl.cdiv(J, BLOCK_N), GROUP_M)
         offs_i = tile_i * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_j = tile_j * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -187,7 +188,8 @@ def grouped_dw(a_RI, b_RJ, r: Routing, k: int, E: int, a_gather: bool, b_gather:
     J = b_RJ.shape[1]
     out_EIJ = torch.empty((E, I, J), dtype=a_RI.dtype, device=a_RI.device)
     grid = lambda meta: (triton.cdiv(I, meta["BLOCK_M"]) * triton.cdiv(J, meta["BLOCK_N"]), E)  # noqa: E731
+    group_m = dw_group_m(r.sorted_slot_M.numel() // E, J, b_RJ.element_size())
     _grouped_dw[grid](a_RI, b_RJ, out_EIJ, r.sorted_slot_M, gates_M if gates_M is not None else b_RJ,
-                      r.offsets_E1, k, I, J, A_GATHER=a_gather, B_GATHER=b_gather, B_GATE=gates_M is not None,
-                      A_ACT={None: 0, "swiglu": 1, "gelu": 2}[a_act], GROUP_M=GROUP_M)
+                      r.offsets_E1, k, I, J, group_m, A_GATHER=a_gather, B_GATHER=b_gather,
+                      B_GATE=gates_M is not None, A_ACT={None: 0, "swiglu": 1, "gelu": 2}[a_act])
     return out_EIJ

@@ -21,16 +21,17 @@ def aot_specs() -> list[KernelSpec]:
     """(name, kernel, signature, constexprs, options) for every kernel × GPU config in use."""
     from kernels.moe import grouped_gemm as fw, grouped_gemm_bwd as bw, routing as rt
 
-    r_bins = 512  # next_pow2(E_WORST + 1)
+    r_bins = 512  # next_pow2(E_WORST + 2)
     out = [
         ("histogram", rt._histogram_kernel, {"ids_ptr": "*i64", "hist_ptr": "*i32", "M": "i32", "E": "i32"},
          {"R": r_bins, "BLOCK": rt.ROUTE_BLOCK}, {}),
         ("scan", rt._scan_kernel, {"hist_ptr": "*i32", "base_ptr": "*i32", "counts_ptr": "*i32", "offsets_ptr": "*i32",
-                                   "NB": "i32", "M": "i32", "E": "i32"},
+                                   "invalid_ptr": "*i32", "NB": "i32", "M": "i32", "E": "i32"},
          {"R": r_bins, "ROWS": rt.SCAN_ROWS, "BLOCK": rt.ROUTE_BLOCK}, {"num_warps": 8}),
         ("scatter", rt._scatter_kernel, {"ids_ptr": "*i64", "base_ptr": "*i32", "sorted_ptr": "*i32", "M": "i32", "E": "i32"},
          {"R": r_bins, "BLOCK": rt.ROUTE_BLOCK}, {"num_warps": 8}),
-        ("combine", fw._combine_kernel, {"o_ptr": "*bf16", "ids_ptr": "*i64", "y_ptr": "*bf16", "K_SLOTS": "i32", "D": "i32"},
+        ("combine", fw._combine_kernel, {"o_ptr": "*bf16", "ids_ptr": "*i64", "y_ptr": "*bf16", "K_SLOTS": "i32", "D": "i32",
+                                         "E": "i32"},
          {"BLOCK_D": 1024}, {}),
     ]
     meta = {"slot_ptr": "*i32", "counts_ptr": "*i32", "offsets_ptr": "*i32"}
@@ -48,7 +49,8 @@ def aot_specs() -> list[KernelSpec]:
             # the JIT turns unit strides into constexpr 1 (contiguous w_in rows): do the same
             out.append((f"gather_act_fwd[swiglu={swiglu},{tag}]", fw._gather_act_fwd.fn, sig,
                         {"stride_wh": 1, "SWIGLU": swiglu, "STORE_H": True, "E_POW2": ep, **blocks}, opts))
-            sig = {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "h_ptr": f"*{dt}", "dh_ptr": f"*{dt}", "dgate_ptr": "*fp32", "slot_ptr": "*i32", "gate_ptr": "*fp32", "counts_ptr": "*i32",
+            sig = {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "h_ptr": f"*{dt}", "dh_ptr": f"*{dt}", "a_ptr": f"*{dt}",
+                   "dgate_ptr": "*fp32", "slot_ptr": "*i32", "gate_ptr": "*fp32", "counts_ptr": "*i32",
                    "offsets_ptr": "*i32", "K_SLOTS": "i32", "D": "i32", "F": "i32", "E": "i32", "stride_we": "i32",
                    "stride_wf": "i32", "DG_COLS": "i32"}
             out.append((f"gather_act_bwd[swiglu={swiglu},{tag}]", bw._gather_act_bwd.fn, sig,
@@ -62,8 +64,8 @@ def aot_specs() -> list[KernelSpec]:
                         {unit: 1, "HAS_GATE": gate, "E_POW2": ep, **blocks}, opts))
         if ep != E_WORST:
             continue  # the weight-gradient kernels have no tile map over experts
-        # dw_in (A = x gathered), dw_out (A = act(h) recomputed for swiglu / gelu, B = dy gathered)
-        for a_g, b_g, act in ((True, False, 0), (False, True, 1), (False, True, 2)):
+        # dw_in (A = x gathered); dw_out (B = dy gathered; A = a for GELU, silu(g)·u recomputed from h)
+        for a_g, b_g, act in ((True, False, 0), (False, True, 0), (False, True, 1)):
             sig = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "out_ptr": f"*{dt}", "slot_ptr": "*i32", "gate_ptr": "*fp32",
                    "offsets_ptr": "*i32", "K_SLOTS": "i32", "I": "i32", "J": "i32", "GROUP_M": "i32"}
             dw_blocks = {k: v for k, v in blocks.items() if k != "GROUP_M"}  # a runtime value here

@@ -208,14 +208,15 @@ if HAS_TRITON:
                      mask=m_mask[:, None] & n_mask[None, :])
 
     @triton.jit
-    def _combine_kernel(o_ptr, ids_ptr, y_ptr, K_SLOTS, D, BLOCK_D: tl.constexpr):
+    def _combine_kernel(o_ptr, ids_ptr, y_ptr, K_SLOTS, D, E, BLOCK_D: tl.constexpr):
         n = tl.program_id(0).to(tl.int64)
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         for j in range(0, K_SLOTS):
             m = n * K_SLOTS + j
-            keep = tl.load(ids_ptr + m) >= 0  # dropped slots' rows were never written
+            e = tl.load(ids_ptr + m)
+            keep = (e >= 0) & (e < E)  # dropped / out-of-range slots' rows were never written
             acc += tl.load(o_ptr + m * D + offs_d, mask=d_mask & keep, other=0.0).to(tl.float32)
         tl.store(y_ptr + n * D + offs_d, acc.to(y_ptr.dtype.element_ty), mask=d_mask)
 
@@ -257,10 +258,10 @@ def scatter_gemm(a_MK: torch.Tensor, w_EKD: torch.Tensor, r: Routing, gates_M: t
     return o_MD
 
 
-def combine(o_MD: torch.Tensor, ids_M: torch.Tensor, N: int, k: int) -> torch.Tensor:
-    """y_ND[n] = Σ_j o_MD[n·k + j] over kept slots, in fixed order (deterministic)."""
+def combine(o_MD: torch.Tensor, ids_M: torch.Tensor, N: int, k: int, E: int) -> torch.Tensor:
+    """y_ND[n] = Σ_j o_MD[n·k + j] over kept slots (id in [0, E)), in fixed order (deterministic)."""
     D = o_MD.shape[1]
     y_ND = torch.empty((N, D), dtype=o_MD.dtype, device=o_MD.device)
     block_d = min(triton.next_power_of_2(D), 1024)
-    _combine_kernel[(N, triton.cdiv(D, block_d))](o_MD, ids_M, y_ND, k, D, BLOCK_D=block_d)
+    _combine_kernel[(N, triton.cdiv(D, block_d))](o_MD, ids_M, y_ND, k, D, E, BLOCK_D=block_d)
     return y_ND

@@ -46,11 +46,12 @@ if HAS_TRITON:
             tl.store(dgate_ptr + slot * DG_COLS + col0 + c, part, mask=m_mask & (col0 + c < DG_COLS))
 
     @triton.jit
-    def _act_bwd_half(da, row0, lrows, cols, m_mask, F, h_ptr, dh_ptr, gate, dgate_ptr, slot, dg_col0,
+    def _act_bwd_half(da, row0, lrows, cols, m_mask, F, h_ptr, dh_ptr, a_ptr, gate, dgate_ptr, slot, dg_col0,
                       DG_COLS, SWIGLU: tl.constexpr, CHUNK: tl.constexpr):
         """Epilogue on one column half: the gate-gradient partial sums Σ_f da·act(h) per CHUNK
-        columns, then dh. (Storing act(h) here too for dw_out cost ~1 tile of registers and spilled;
-        _grouped_dw recomputes it from h instead.) Ordered so that few half tiles are live at once, with
+        columns, then dh. GELU also writes a = gelu(h) for dw_out (its epilogue has registers to
+        spare; recomputing erf inside _grouped_dw's K loop spilled ~400 B on sm_80). SwiGLU does not:
+        one more tile spilled here, so _grouped_dw recomputes silu(g)·u from h instead. Ordered so that few half tiles are live at once, with
         int32 offsets from per-tile base pointers (64-bit per-element addresses cost 2 registers
         each): the full-width version kept ~8 fp32 tiles live and spilled ~700 B/thread."""
         H = 2 * F if SWIGLU else F
@@ -67,6 +68,7 @@ if HAS_TRITON:
         else:
             cdf = 0.5 * (1.0 + tl.math.erf(hg * 0.7071067811865476))
             a = hg * cdf
+            tl.store(a_ptr + row0.to(tl.int64) * F + offs, a.to(a_ptr.dtype.element_ty), mask=mask)  # H = F
         _store_dgate_parts(da * a, dgate_ptr, slot, m_mask, dg_col0, DG_COLS, CHUNK)
         dg = da * gate
         if SWIGLU:
@@ -78,7 +80,7 @@ if HAS_TRITON:
 
     @triton.autotune(configs=ACTIVE_CONFIGS, key=["D", "F", "SWIGLU"], prune_configs_by=PRUNE)
     @triton.jit
-    def _gather_act_bwd(dy_ptr, w_ptr, h_ptr, dh_ptr, dgate_ptr, slot_ptr, gate_ptr, counts_ptr,
+    def _gather_act_bwd(dy_ptr, w_ptr, h_ptr, dh_ptr, a_ptr, dgate_ptr, slot_ptr, gate_ptr, counts_ptr,
                         offsets_ptr, K_SLOTS, D, F, E, stride_we, stride_wf, stride_wd, DG_COLS,
                         SWIGLU: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -115,9 +117,9 @@ if HAS_TRITON:
             lrows = tl.arange(0, BLOCK_M)
             gate = tl.load(gate_ptr + slot, mask=m_mask, other=0.0).to(tl.float32)[:, None]
             dg_col0 = col_tile * (BLOCK_N // CHUNK)
-            _act_bwd_half(acc0, row0, lrows, cols0, m_mask, F, h_ptr, dh_ptr, gate, dgate_ptr, slot, dg_col0,
+            _act_bwd_half(acc0, row0, lrows, cols0, m_mask, F, h_ptr, dh_ptr, a_ptr, gate, dgate_ptr, slot, dg_col0,
                           DG_COLS, SWIGLU, CHUNK)
-            _act_bwd_half(acc1, row0, lrows, cols1, m_mask, F, h_ptr, dh_ptr, gate, dgate_ptr, slot,
+            _act_bwd_half(acc1, row0, lrows, cols1, m_mask, F, h_ptr, dh_ptr, a_ptr, gate, dgate_ptr, slot,
                           dg_col0 + HALF // CHUNK, DG_COLS, SWIGLU, CHUNK)
 
     @triton.autotune(configs=ACTIVE_CONFIGS, key=["I", "J", "A_GATHER", "B_GATHER"], prune_configs_by=PRUNE)
@@ -127,8 +129,8 @@ if HAS_TRITON:
                     A_ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """out[e] (I × J) = Σ over expert e's rows p of A[rowA(p)]ᵀ B[rowB(p)] (BLOCK_M tiles I,
         BLOCK_N tiles J, BLOCK_K walks the rows). Experts without rows write zeros.
-        A_ACT: 0 = A as stored; 1 / 2 = A is act(h) recomputed from the pre-activation h (rows of
-        2I = [gate | up] for SwiGLU, I for GELU), so the forward never keeps the activation."""
+        A_ACT: 0 = A as stored; 1 = A is silu(g)·u recomputed from the SwiGLU pre-activation h (rows
+        of 2I = [gate | up]), so the forward never keeps the activation."""
         e = tl.program_id(1)
         # grouped order: GROUP_M tiles of I sweep all of J, so A's column slabs stay in L2
         # (GROUP_M is a runtime value chosen by traffic.dw_group_m; 1 = row-major)
@@ -149,14 +151,11 @@ if HAS_TRITON:
             a_mask = i_mask[:, None] & p_mask[None, :]
             if A_ACT == 0:
                 a_t = tl.load(a_ptr + row_a[None, :] * I + offs_i[:, None], mask=a_mask, other=0.0)
-            elif A_ACT == 1:
+            else:
                 h_ptrs = a_ptr + row_a[None, :] * (2 * I) + offs_i[:, None]
                 hg = tl.load(h_ptrs, mask=a_mask, other=0.0).to(tl.float32)
                 hu = tl.load(h_ptrs + I, mask=a_mask, other=0.0).to(tl.float32)
                 a_t = (hg * tl.sigmoid(hg) * hu).to(a_ptr.dtype.element_ty)
-            else:
-                hg = tl.load(a_ptr + row_a[None, :] * I + offs_i[:, None], mask=a_mask, other=0.0).to(tl.float32)
-                a_t = (0.5 * hg * (1.0 + tl.math.erf(hg * 0.7071067811865476))).to(a_ptr.dtype.element_ty)
             b = tl.load(b_ptr + row_b[:, None] * J + offs_j[None, :], mask=p_mask[:, None] & j_mask[None, :], other=0.0)
             if B_GATE:
                 g = tl.load(gate_ptr + slot, mask=p_mask, other=0.0).to(tl.float32)
@@ -167,23 +166,25 @@ if HAS_TRITON:
 
 
 def gather_act_bwd(dy_ND, w_out_EFD, h_MH, gates_M, ids_M, r: Routing, k: int, swiglu: bool):
-    """Returns dh_MH (sorted order, gate applied) and dgates_M (fp32, 0 for dropped slots)."""
+    """Returns dh_MH (sorted order, gate applied), dgates_M (fp32, 0 for dropped slots) and for GELU
+    a_MF = gelu(h) recomputed (None for SwiGLU: _grouped_dw recomputes it from h)."""
     M, E, F, D = r.sorted_slot_M.numel(), w_out_EFD.shape[0], w_out_EFD.shape[1], w_out_EFD.shape[2]
     dh_MH = torch.empty_like(h_MH)
+    a_MF = None if swiglu else torch.empty_like(h_MH)
     dg_cols = triton.cdiv(F, DGATE_CHUNK)
     dgate_MC = torch.empty((M, dg_cols), dtype=torch.float32, device=dy_ND.device)
     _gather_act_bwd[_tile_grid(M, E, F)](
-        dy_ND, w_out_EFD, h_MH, dh_MH, dgate_MC, r.sorted_slot_M, gates_M, r.counts_E, r.offsets_E1,
+        dy_ND, w_out_EFD, h_MH, dh_MH, dh_MH if swiglu else a_MF, dgate_MC, r.sorted_slot_M, gates_M, r.counts_E, r.offsets_E1,
         k, D, F, E, *w_out_EFD.stride(), dg_cols, SWIGLU=swiglu, E_POW2=_e_pow2(E), CHUNK=DGATE_CHUNK, GROUP_M=GROUP_M)
     # dropped (and out-of-range, see routing.py) slots' partial rows were never written: no gradient
     dgates_M = torch.where((ids_M >= 0) & (ids_M < E), dgate_MC.sum(1), 0.0)
-    return dh_MH, dgates_M
+    return dh_MH, dgates_M, a_MF
 
 
 def grouped_dw(a_RI, b_RJ, r: Routing, k: int, E: int, a_gather: bool, b_gather: bool, gates_M=None,
                a_act: str | None = None):
     """out_EIJ[e] = Σ_{p of expert e} a[row(p)]ᵀ b[row(p)] (· gate); row = token if *_gather else p.
-    a_act="swiglu" | "gelu": a_RI holds the pre-activation h (R, 2I) / (R, I) and A = act(h)."""
+    a_act="swiglu": a_RI holds the SwiGLU pre-activation h (R, 2I) and A = silu(h[:, :I])·h[:, I:]."""
     I = a_RI.shape[1] // 2 if a_act == "swiglu" else a_RI.shape[1]
     J = b_RJ.shape[1]
     out_EIJ = torch.empty((E, I, J), dtype=a_RI.dtype, device=a_RI.device)
@@ -191,5 +192,5 @@ def grouped_dw(a_RI, b_RJ, r: Routing, k: int, E: int, a_gather: bool, b_gather:
     group_m = dw_group_m(r.sorted_slot_M.numel() // E, J, b_RJ.element_size())
     _grouped_dw[grid](a_RI, b_RJ, out_EIJ, r.sorted_slot_M, gates_M if gates_M is not None else b_RJ,
                       r.offsets_E1, k, I, J, group_m, A_GATHER=a_gather, B_GATHER=b_gather,
-                      B_GATE=gates_M is not None, A_ACT={None: 0, "swiglu": 1, "gelu": 2}[a_act])
+                      B_GATE=gates_M is not None, A_ACT=int(a_act == "swiglu"))
     return out_EIJ

@@ -164,3 +164,20 @@ def ideal_dram_bytes(gemm: str, D: int, F: int, E: int, k: int, N: int, dtype_by
         return (2 * M * F + M * D + E * F * D) * dtype_bytes
     K, n_out = _gemm_dims(gemm, D, F)
     return (M * K + E * K * n_out + M * n_out) * dtype_bytes
+
+
+def saved_activation_bytes(N: int, k: int, D: int, F: int, dtype_bytes: int = 2, activation: str = "swiglu",
+                           version: str = "after") -> int:
+    """Bytes the Triton expert MLP keeps from forward to backward per MoE layer, beyond its inputs
+    (x, ids, gates and weights are the caller's tensors) and the int32 routing (4·(N·k + 2E + 2)).
+
+    version "before": the pre-activation h (M × H) and the activation a (M × F) were both saved;
+    "after": only h is saved, the backward recomputes a from it (SwiGLU inside the dw_out GEMM,
+    GELU in the activation-backward epilogue). M = N·k slots, H = 2F for SwiGLU, F for GELU."""
+    if version not in ("before", "after"):
+        raise ValueError(f"version={version!r} is not one of ('before', 'after')")
+    if activation not in ("swiglu", "gelu"):
+        raise ValueError(f"activation={activation!r} is not one of ('swiglu', 'gelu')")
+    M = N * k
+    H = 2 * F if activation == "swiglu" else F
+    return M * (H + (F if version == "before" else 0)) * dtype_bytes

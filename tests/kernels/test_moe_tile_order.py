@@ -113,3 +113,15 @@ def test_traffic_model_rejects_bad_names():
         modelled_dram_bytes("nope", 8, 8, 1, 1, 8, 16, 16, 16, "grouped")
     with pytest.raises(ValueError, match="order"):
         modelled_dram_bytes("dx", 8, 8, 1, 1, 8, 16, 16, 16, "random")
+
+
+def test_saved_activation_bytes():
+    from kernels.moe.traffic import saved_activation_bytes
+
+    # MoE-A: N 16384, k 8, F 1024, bf16: h (M × 2F) + a (M × F) before, h only after
+    M = 16384 * 8
+    assert saved_activation_bytes(16384, 8, 2048, 1024, 2, "swiglu", "before") == M * 3 * 1024 * 2
+    assert saved_activation_bytes(16384, 8, 2048, 1024, 2, "swiglu", "after") == M * 2 * 1024 * 2
+    assert saved_activation_bytes(10, 2, 8, 4, 4, "gelu", "after") == 20 * 4 * 4
+    with pytest.raises(ValueError, match="version"):
+        saved_activation_bytes(1, 1, 1, 1, version="now")

@@ -72,10 +72,10 @@ def swizzled_programs(n_rows: int, n_cols: int, group_m: int):
 
 def dw_group_m(rows_per_expert: int, J: int, dtype_bytes: int, l2_bytes: float = 50e6) -> int:
     """Rows of output tiles per group for the weight-gradient GEMMs. When an expert's whole B
-    operand (rows × J) fits in half the L2, the row-major order (group 1: J fastest) already reads
+    operand (rows × J) fits in 80 % of the L2, the row-major order (group 1: J fastest) already reads
     every operand once and grouping only re-reads B; otherwise GROUP_M rows share B's column slabs.
     Decided from Python ints (the mean rows per expert), never from device data."""
-    return 1 if rows_per_expert * J * dtype_bytes <= l2_bytes / 2 else GROUP_M
+    return 1 if rows_per_expert * J * dtype_bytes <= 0.8 * l2_bytes else GROUP_M
 
 
 def _gemm_dims(gemm: str, D: int, F: int):

@@ -37,7 +37,8 @@ def aot_specs() -> list[KernelSpec]:
     meta = {"slot_ptr": "*i32", "counts_ptr": "*i32", "offsets_ptr": "*i32"}
     # bf16 (the training dtype) at every config and tile-map width; fp32 at the configs its
     # early_config_prune keeps (grouped_gemm._fp32_prune), widest tile map only
-    variants = [(i, cfg, "bf16", ep) for i, cfg in enumerate(fw.GEMM_CONFIGS) for ep in GEMM_E_POW2]
+    variants = [(i, cfg, "bf16", ep) for i, cfg in enumerate(fw.GEMM_CONFIGS) for ep in GEMM_E_POW2
+                if not fw.fp32_config_ok(cfg)]
     variants += [(i, cfg, "fp32", E_WORST) for i, cfg in enumerate(fw.GEMM_CONFIGS) if fw.fp32_config_ok(cfg)]
     for i, cfg, dt, ep in variants:
         blocks = dict(cfg.kwargs, GROUP_M=fw.GROUP_M)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from kernels.compile_spec import KernelSpec
 
-
 E_WORST = 256  # routing histogram width grows with E; compile the widest case
 # the GEMMs' tile map holds E_POW2 per-expert counts: the training shapes' widths (Mixtral-like E 8,
 # MoE-A E 64) and the widest case
@@ -19,7 +18,9 @@ GEMM_E_POW2 = (8, 64, E_WORST)
 
 def aot_specs() -> list[KernelSpec]:
     """(name, kernel, signature, constexprs, options) for every kernel × GPU config in use."""
-    from kernels.moe import grouped_gemm as fw, grouped_gemm_bwd as bw, routing as rt
+    from kernels.moe import grouped_gemm as fw
+    from kernels.moe import grouped_gemm_bwd as bw
+    from kernels.moe import routing as rt
 
     r_bins = 512  # next_pow2(E_WORST + 2)
     out = [

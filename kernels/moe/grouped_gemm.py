@@ -234,7 +234,7 @@ if HAS_TRITON:
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for j in range(0, K_SLOTS):
+        for j in range(K_SLOTS):
             m = n * K_SLOTS + j
             e = tl.load(ids_ptr + m)
             keep = (e >= 0) & (e < E)  # dropped / out-of-range slots' rows were never written

@@ -19,12 +19,12 @@ from arch.layers import FULL_MODEL, ElasticSetting
 from arch.model import LanguageModel
 from training.checkpoint import files as ckpt
 from training.distributed import parallel as dist_utils
-from training.config import MOE_BLOCKS, RootConfig, validate
+from training.config import RootConfig, elastic_dims, validate
 from training.elastic import describe as describe_elastic
 from training.eval.loss import evaluate_loss
 from training.elastic import sample_setting as sample_elastic
 from training.accounting.account import account, format_accounting
-from training.accounting.flops import peak_flops
+from training.accounting.hardware import peak_flops
 from training.metrics import MetricsLogger, NullLogger, plot_losses
 from training.build import build_model, check_model_builds, resolve_device, seed_everything
 from training.errors import NonFiniteLossError
@@ -203,10 +203,7 @@ class Trainer:
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **aux_sums}
 
     def _elastic_dims(self) -> tuple[int, int | None, int | None]:
-        ffn = self.root.model.ffn
-        if ffn["name"] in MOE_BLOCKS:
-            return self.root.model.n_layers, ffn.get("n_experts", 8), ffn.get("top_k", 2)
-        return self.root.model.n_layers, None, None
+        return elastic_dims(self.root.model)
 
     def _elastic_setting(self) -> ElasticSetting:
         """This step's sub-network under elastic training (same on every rank: seeded by step)."""

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from arch.cost import Cost, CostSetting, dense_cost, numel
+
 
 class LinearRouter(nn.Module):
     """logits = x W_rᵀ: the standard dot-product router."""
@@ -24,6 +26,10 @@ class LinearRouter(nn.Module):
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
         return self.proj(x_ND).float()
+
+    def cost(self, setting: CostSetting) -> Cost:
+        """2·D·E per token."""
+        return dense_cost(self)
 
 
 class XMoERouter(nn.Module):
@@ -48,6 +54,11 @@ class XMoERouter(nn.Module):
         h_NR = F.normalize(self.reduce(x_ND).float(), dim=-1)
         e_ER = F.normalize(self.expert_embed_ER.float(), dim=-1)
         return h_NR @ e_ER.T / self.log_temperature.exp()
+
+    def cost(self, setting: CostSetting) -> Cost:
+        """The D → R reduction (2·D·R) and the cosine scores against the E expert embeddings (2·R·E)."""
+        return Cost({id(self): numel(self)}, matmul_flops=2 * self.reduce.in_features * self.reduce.out_features
+                    + 2 * self.expert_embed_ER.numel())
 
 
 def switch_balance_loss(probs_NE: torch.Tensor, ids_NK: torch.Tensor, n_experts: int) -> torch.Tensor:

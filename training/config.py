@@ -270,7 +270,7 @@ def _check_values(root: RootConfig) -> None:
     _require(t.threads is None or t.threads > 0, f"trainer.threads={t.threads} must be positive or null")
     _require(t.expert_parallel >= 1, f"trainer.expert_parallel={t.expert_parallel} must be >= 1 (1 = no expert parallelism)")
     _require(t.expert_parallel == 1 or FFN.capabilities(m.ffn["name"]).expert_parallel,
-             f"trainer.expert_parallel={t.expert_parallel} needs an FFN whose experts shard over ranks "
+             f"trainer.expert_parallel={t.expert_parallel} needs an expert FFN whose experts shard over ranks "
              f"(model/ffn in {FFN.with_capability('expert_parallel') if t.expert_parallel != 1 else []}), "
              f"got model.ffn.name={m.ffn['name']!r}")
     _require(not t.checkpoint_async or t.checkpoint_format != "torch",
@@ -300,7 +300,7 @@ def _check_elastic(root: RootConfig) -> None:
     sparse = n_experts is not None
     if not sparse and (e.width_full_prob != 1 or e.topk_full_prob != 1):
         raise ConfigError(
-            f"elastic width/top-k need an FFN with elastic widths (model/ffn in {FFN.with_capability('elastic_width')}), "
+            f"elastic width/top-k need an MoE FFN that declares elastic widths (model/ffn in {FFN.with_capability('elastic_width')}), "
             f"got model.ffn.name={ffn.get('name')!r}; set elastic.width_full_prob=1 elastic.topk_full_prob=1 for elastic depth alone"
         )
     if sparse:

@@ -242,8 +242,9 @@ class ITTDepth(nn.Module):
 
     def cost(self, setting: CostSetting) -> Cost:
         """An ITT layer: the block on every token, then each extra step on its selected share of the
-        tokens (queries of the selected tokens against all keys), the step routers on every token, the
-        K/V projections of the other tokens under ``kv=recompute``; every step keeps a cache slot.
+        tokens (queries of the selected tokens against all keys), the step routers on every token;
+        under ``kv=recompute`` each partial step also runs ``_qkv`` (wq and wkv) on every token, as the
+        forward does; every step keeps a cache slot.
         ``setting.ratios`` prices other selection ratios than the current ones."""
         ratios = self.ratios if setting.ratios is None else [float(r) for r in setting.ratios]
         if len(ratios) != self.steps - 1:
@@ -259,7 +260,7 @@ class ITTDepth(nn.Module):
             shares = [self.step_fraction(thinking, j, rho, setting.seq_len) for j, rho in enumerate(ratios)]
             extra = linear_flops(thinking.routers) if self.routing else 0.0
             if self.kv == "recompute":
-                extra += sum(1 - f for f in shares if 0 < f < 1) * linear_flops(block.attn.wkv)
+                extra += sum(0 < f < 1 for f in shares) * (linear_flops(block.attn.wq) + linear_flops(block.attn.wkv))
             steps = block_cost(block, setting).repeated(1 + sum(shares), kv_times=self.steps)
             total = total + steps + Cost({id(thinking): numel(thinking)}, matmul_flops=extra)
         return total

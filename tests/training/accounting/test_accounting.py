@@ -225,8 +225,9 @@ def test_itt_counts_selected_tokens_per_step():
     routers = 3 * 2 * D
     assert acc.forward_flops_per_token == LAYER_FLOPS + (1 + 0.5 + 0.25 + 1.0) * LAYER_FLOPS + routers + HEAD_FLOPS == 110512
     assert acc.kv_cache_bytes_per_token == KV_LAYER + 4 * KV_LAYER  # every step keeps a cache slot
-    recompute = account(build(depth={**ITT, "kv": "recompute"}), T)  # K/V of the unselected tokens: 1/2, 3/4
-    assert recompute.forward_flops_per_token == acc.forward_flops_per_token + (0.5 + 0.75) * 2 * D * 2 * D
+    # kv=recompute: each partial step (ρ = 0.5, 0.25) runs wq (D×D) and wkv (D×2D) on every token again
+    recompute = account(build(depth={**ITT, "kv": "recompute"}), T)
+    assert recompute.forward_flops_per_token == acc.forward_flops_per_token + 2 * (2 * D * D + 2 * D * 2 * D)
     # top-ρ keeps round(ρ·T) tokens: 0.7 · 16 = 11.2 → 11
     model.depth.set_ratios([0.7, 0.7, 0.7])
     rounded = account(model, T)

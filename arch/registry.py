@@ -87,6 +87,10 @@ class Registry:
     def register_lazy(self, name: str, target: str) -> None:
         self._entries.setdefault(name, target)
 
+    def unregister(self, name: str) -> None:
+        """Forget block `name` (a block registered for one experiment or test)."""
+        self._entries.pop(name, None)
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 

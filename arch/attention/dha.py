@@ -141,17 +141,13 @@ class DecoupledHeadAttention(nn.Module):
 
 
 def kv_bytes_per_token(model: nn.Module, bytes_per_element: int = 2) -> dict:
-    """KV-cache bytes per token of every attention layer (DHA or MHA/GQA/MQA) and their total.
+    """KV-cache bytes per token of every layer's attention (any block: its own ``cost()``) and their total.
 
     Returns {"per_layer": [bytes of layer 0, 1, …], "total": Σ}. bytes_per_element 2 = bf16/fp16.
+    One call per layer; depth schemes that run a layer several times cache more (see its ``cost()``).
     """
-    per_layer: dict[int, int] = {}
-    for module in model.modules():
-        if hasattr(module, "kv_bytes_per_token"):
-            per_layer[module.layer_idx] = module.kv_bytes_per_token(bytes_per_element)
-        elif hasattr(module, "n_kv_heads") and hasattr(module, "head_dim"):  # mha.MultiHeadAttention
-            per_layer[module.layer_idx] = 2 * module.n_kv_heads * module.head_dim * bytes_per_element
-    layers = [per_layer[i] for i in sorted(per_layer)]
+    setting = CostSetting(1, training=False, dtype_bytes=bytes_per_element)
+    layers = [int(block.attn.cost(setting).kv_bytes) for block in model.depth.blocks]
     return {"per_layer": layers, "total": sum(layers)}
 
 

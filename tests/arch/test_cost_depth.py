@@ -36,7 +36,7 @@ def _sgt_loops(heads, loops=1, window=False):
         # (as after_optimizer_step leaves it) the others' decay is 0 and only the kept heads run
         depth.head_decay_LH[1] = torch.where(depth.kept_LH[1], 1.0, 0.5 if window else 0.0)
         if window:
-            depth.windows[1] = (0, 10)
+            depth.decay_windows[1] = (0, 10)
     return prepare
 
 

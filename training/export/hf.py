@@ -26,7 +26,6 @@ Conventions checked against transformers' Llama/Mixtral code (and by tests/train
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -95,7 +94,8 @@ def check_exportable(model) -> str:
 def _mixtral_problems(model, ffn: dict) -> list[str]:
     """The settings of an MoE FFN that change inference away from Mixtral's routing."""
     problems = []
-    wanted = {"scoring": "softmax", "renormalize": True, "router": "linear", "n_shared_experts": 0, "capacity_factor": None}
+    wanted = {"scoring": "softmax", "renormalize": True, "router": "linear", "n_shared_experts": 0, "capacity_factor": None,
+              "eval_capacity_fraction": None}
     for key, value in wanted.items():
         if key in ffn and ffn[key] != value:
             problems.append(f"model.ffn.{key}={ffn[key]!r} (Mixtral needs {json.dumps(value)})")
@@ -301,11 +301,13 @@ def export_checkpoint(target: str | Path, out_dir: str | Path, dtype: str = "fp3
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    from training.tool_args import parse, tool_parser
+
+    parser = tool_parser("python -m training.export.hf", __doc__.split("\n\n")[0])
     parser.add_argument("target", help="a run folder (uses its newest checkpoint) or a checkpoint .pt file")
     parser.add_argument("out_dir", help="folder to write config.json, model.safetensors and the tokenizer into")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the saved weights")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     try:
         out = export_checkpoint(args.target, args.out_dir, args.dtype)
     except Exception as e:  # one clear line instead of a traceback for bad input

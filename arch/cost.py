@@ -17,6 +17,7 @@ Conventions (every number is per token; ``training/accounting/account.py`` lists
   blocks count activated compute only, dropless.
 - **KV cache**: K and V of every attention call that keeps a cache slot in generation.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -58,7 +59,7 @@ class CostSetting:
             raise ValueError(f"dtype_bytes={self.dtype_bytes!r} must be one of [1, 2, 4, 8]")
 
     @classmethod
-    def from_elastic(cls, seq_len: int, elastic: Any = None, **kwargs) -> "CostSetting":
+    def from_elastic(cls, seq_len: int, elastic: Any = None, **kwargs) -> CostSetting:
         """From an ``arch.layers.ElasticSetting`` (layers, expert mask, top-k); the mask's count is read once."""
         if elastic is None:
             return cls(seq_len, **kwargs)
@@ -88,30 +89,38 @@ class ExpertUse:
 class Cost:
     """What a token costs in one or more calls of a block (see the module docstring)."""
 
-    params: dict = field(default_factory=dict)    # owner key → parameters read (counted once per key)
-    experts: dict = field(default_factory=dict)   # pool key → ExpertUse
-    dropped: dict = field(default_factory=dict)   # owner key → stored parameters an elastic sub-network leaves out
-    matmul_flops: float = 0.0                     # forward, per token, attention scores/values excluded
-    attention_flops: float = 0.0                  # forward QKᵀ + PV, per token
-    no_grad_flops: float = 0.0                    # the part of the forward run without autograd (cost 1×, not 3×)
-    kv_bytes: float = 0.0                         # KV-cache bytes per token
+    params: dict = field(default_factory=dict)  # owner key → parameters read (counted once per key)
+    experts: dict = field(default_factory=dict)  # pool key → ExpertUse
+    dropped: dict = field(default_factory=dict)  # owner key → stored parameters an elastic sub-network leaves out
+    matmul_flops: float = 0.0  # forward, per token, attention scores/values excluded
+    attention_flops: float = 0.0  # forward QKᵀ + PV, per token
+    no_grad_flops: float = 0.0  # the part of the forward run without autograd (cost 1×, not 3×)
+    kv_bytes: float = 0.0  # KV-cache bytes per token
 
-    def __add__(self, other: "Cost") -> "Cost":
+    def __add__(self, other: Cost) -> Cost:
         experts = dict(self.experts)
         for key, use in other.experts.items():
             experts[key] = replace(use, calls=use.calls + experts[key].calls) if key in experts else use
         return Cost(
-            {**self.params, **other.params}, experts, {**self.dropped, **other.dropped},
-            self.matmul_flops + other.matmul_flops, self.attention_flops + other.attention_flops,
-            self.no_grad_flops + other.no_grad_flops, self.kv_bytes + other.kv_bytes,
+            {**self.params, **other.params},
+            experts,
+            {**self.dropped, **other.dropped},
+            self.matmul_flops + other.matmul_flops,
+            self.attention_flops + other.attention_flops,
+            self.no_grad_flops + other.no_grad_flops,
+            self.kv_bytes + other.kv_bytes,
         )
 
-    def repeated(self, times: float, kv_times: float | None = None, no_grad_times: float = 0.0) -> "Cost":
+    def repeated(self, times: float, kv_times: float | None = None, no_grad_times: float = 0.0) -> Cost:
         """``times`` calls (fractional = run on that share of the tokens), ``no_grad_times`` of them
         without autograd, ``kv_times`` of them keeping a KV-cache slot (default: all)."""
         experts = {key: replace(use, calls=use.calls * times) for key, use in self.experts.items()}
         return Cost(
-            dict(self.params), experts, dict(self.dropped), self.matmul_flops * times, self.attention_flops * times,
+            dict(self.params),
+            experts,
+            dict(self.dropped),
+            self.matmul_flops * times,
+            self.attention_flops * times,
             self.no_grad_flops * times + self.forward_flops * no_grad_times,
             self.kv_bytes * (times if kv_times is None else kv_times),
         )
@@ -172,8 +181,9 @@ def cost_of(module: Any, setting: CostSetting) -> Cost:
     """``module.cost(setting)``; a module without one is costed as dense, and ``setting.notes`` says so."""
     if hasattr(module, "cost"):
         return module.cost(setting)
-    setting.note(f"{type(module).__name__}: no cost(); all its parameters counted active, FLOPs from its Linears, "
-                 "no KV cache")
+    setting.note(
+        f"{type(module).__name__}: no cost(); all its parameters counted active, FLOPs from its Linears, no KV cache"
+    )
     return dense_cost(module)
 
 

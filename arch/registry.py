@@ -21,8 +21,9 @@ import difflib
 import importlib
 import inspect
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,9 @@ class Registry:
         if not isinstance(caps, Capabilities):
             raise TypeError(f"{cls.__qualname__}.capabilities must be an arch.registry.Capabilities, got {caps!r}")
         if caps.elastic_width and not {"n_experts", "top_k"} <= set(self.options(name)):
-            raise TypeError(f"{cls.__qualname__} declares elastic_width but lacks the n_experts / top_k options it implies")
+            raise TypeError(
+                f"{cls.__qualname__} declares elastic_width but lacks the n_experts / top_k options it implies"
+            )
         return caps
 
     def with_capability(self, flag: str) -> list[str]:

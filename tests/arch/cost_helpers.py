@@ -10,6 +10,7 @@ Conventions the comparison states (everything else must match exactly):
   FlopCounterMode at all, which is why every case runs the reference backend.
 - **Per token** = counted FLOPs / (B·T), targets given so the LM head runs on every position.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,7 +22,9 @@ from arch.model import LanguageModel
 from training.config import ModelConfig
 
 D, H, V, L = 32, 4, 64, 2
-BASE = dict(vocab_size=V, d_model=D, n_layers=L, n_heads=H, max_seq_len=16, attention={"name": "mha", "backend": "reference"})
+BASE = dict(
+    vocab_size=V, d_model=D, n_layers=L, n_heads=H, max_seq_len=16, attention={"name": "mha", "backend": "reference"}
+)
 ROWS: list[str] = []  # "case | module | cost() | FlopCounterMode" lines, printed by the tests (pytest -s)
 
 

@@ -16,6 +16,7 @@ counter's figure relates to the activated cost, from the counter's own sub-modul
 - MoUE's trajectory EMA z ← λz + (1−λ)·Σ_k g_k u_k is an elementwise weighted sum, which
   FlopCounterMode does not see; the cost counts its 2·k·Z multiply-adds.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -49,23 +50,59 @@ CASES = {
     "moe elastic top_k=3 eval": ({"ffn": MOE}, False, {"top_k": 3}, 8),
     "moe elastic subset 1 of 4": ({"ffn": MOE}, True, {"expert_mask_E": torch.tensor([False, True, False, False])}, 8),
     "moe router=xmoe": ({"ffn": {**MOE, "router": "xmoe", "xmoe_dim": 8}}, True, None, 8),
+    "moe router=xmoe_cosine": ({"ffn": {**MOE, "router": "xmoe_cosine", "xmoe_dim": 8}}, True, None, 8),
     "moe shared experts": ({"ffn": {**MOE, "n_shared_experts": 1}}, True, None, 8),
     "emoe coactivation (train)": ({"ffn": {"name": "emoe", "n_experts": 4, "top_k": 1, "k_ideal": 3}}, True, None, 8),
     "mhmoe h=2 train": ({"ffn": {"name": "mhmoe", "n_heads": 2, "n_experts": 4}}, True, None, 8),
-    "mhmoe h=4 eval eval_top_k=3": ({"ffn": {"name": "mhmoe", "n_heads": 4, "n_experts": 4, "eval_top_k": 3}}, False, None, 8),
+    "mhmoe h=4 eval eval_top_k=3": (
+        {"ffn": {"name": "mhmoe", "n_heads": 4, "n_experts": 4, "eval_top_k": 3}},
+        False,
+        None,
+        8,
+    ),
     "mhmoe elastic top_k=1": ({"ffn": {"name": "mhmoe", "n_heads": 2, "n_experts": 4}}, True, {"top_k": 1}, 8),
     "moue per-layer routers": ({"ffn": {"name": "moue", "n_universal": 4, "window_size": 2}}, True, None, 8),
-    "moue shared router + local": ({"ffn": {"name": "moue", "n_universal": 4, "window_size": 2, "n_local": 1,
-                                            "router_sharing": "shared"}}, True, None, 8),
-    "moue no trajectory, elastic k=1": ({"ffn": {"name": "moue", "n_universal": 4, "window_size": 2, "trajectory": False}},
-                                        True, {"top_k": 1}, 8),
-    "mohd scope=ffn fusion=none": ({"ffn": {"name": "mohd", "n_groups": 4, "n_active": 2, "n_shared": 1, "fusion": "none"}},
-                                   True, None, 8),
+    "moue shared router + local": (
+        {"ffn": {"name": "moue", "n_universal": 4, "window_size": 2, "n_local": 1, "router_sharing": "shared"}},
+        True,
+        None,
+        8,
+    ),
+    "moue no trajectory, elastic k=1": (
+        {"ffn": {"name": "moue", "n_universal": 4, "window_size": 2, "trajectory": False}},
+        True,
+        {"top_k": 1},
+        8,
+    ),
+    "mohd scope=ffn fusion=none": (
+        {"ffn": {"name": "mohd", "n_groups": 4, "n_active": 2, "n_shared": 1, "fusion": "none"}},
+        True,
+        None,
+        8,
+    ),
     "mohd scope=ffn blockdiag": ({"ffn": {"name": "mohd", "n_groups": 4, "n_active": 3, "n_shared": 1}}, True, None, 8),
-    "mohd scope=hidden": ({"ffn": {"name": "mohd", "scope": "hidden", "n_groups": 4, "n_active": 2, "n_shared": 1}},
-                          True, None, 8),
-    "mohd share_routing + mohd_mha": ({"attention": MOHD_ATTN, "ffn": {"name": "mohd", "scope": "hidden", "n_groups": 4,
-                                       "n_active": 2, "n_shared": 1, "share_routing": True}}, True, None, 8),
+    "mohd scope=hidden": (
+        {"ffn": {"name": "mohd", "scope": "hidden", "n_groups": 4, "n_active": 2, "n_shared": 1}},
+        True,
+        None,
+        8,
+    ),
+    "mohd share_routing + mohd_mha": (
+        {
+            "attention": MOHD_ATTN,
+            "ffn": {
+                "name": "mohd",
+                "scope": "hidden",
+                "n_groups": 4,
+                "n_active": 2,
+                "n_shared": 1,
+                "share_routing": True,
+            },
+        },
+        True,
+        None,
+        8,
+    ),
 }
 
 
@@ -100,8 +137,11 @@ def test_block_cost_matches_flop_counter(case):
             assert counted[path] == pytest.approx(expected, rel=1e-9, abs=1e-6), (case, path)
     acc = account(model, T, training=training)
     whole = acc.forward_flops_per_token - acc.attention_flops_per_token * (1 - 2 * T / (T + 1))
-    adjust = sum(_dense_by_design(getattr(b, p), f"LanguageModel.depth.blocks.{i}.{p}", counted, s)
-                 for i, b in enumerate(model.depth.blocks) for p in ("attn", "ffn"))
+    adjust = sum(
+        _dense_by_design(getattr(b, p), f"LanguageModel.depth.blocks.{i}.{p}", counted, s)
+        for i, b in enumerate(model.depth.blocks)
+        for p in ("attn", "ffn")
+    )
     record(case, "whole model (account)", whole, counted["Global"])
     assert counted["Global"] == pytest.approx(whole + adjust, rel=1e-9)
 
@@ -120,6 +160,9 @@ def test_block_kv_bytes_match_the_cache_a_prefill_allocates(case):
 
 def test_every_registered_attention_and_ffn_block_has_a_case():
     """A block registered later must get a FlopCounterMode case here (or its cost() goes unchecked)."""
-    covered = {overrides.get(group, {}).get("name", default)
-               for overrides, *_ in CASES.values() for group, default in (("attention", "mha"), ("ffn", "swiglu"))}
+    covered = {
+        overrides.get(group, {}).get("name", default)
+        for overrides, *_ in CASES.values()
+        for group, default in (("attention", "mha"), ("ffn", "swiglu"))
+    }
     assert set(ATTENTION.names()) | set(FFN.names()) <= covered

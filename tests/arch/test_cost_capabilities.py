@@ -3,6 +3,7 @@
 Also: importing the config schema, the registry and the cost record stays torch-free, and no name
 list of blocks survives outside the block files.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -26,7 +27,9 @@ def test_config_registry_and_cost_record_import_without_torch():
 
 
 def test_every_registered_block_declares_capabilities_the_registry_reads():
-    declared = {(kind, name): REGISTRIES[kind].capabilities(name) for kind in REGISTRIES for name in REGISTRIES[kind].names()}
+    declared = {
+        (kind, name): REGISTRIES[kind].capabilities(name) for kind in REGISTRIES for name in REGISTRIES[kind].names()
+    }
     assert all(isinstance(c, Capabilities) for c in declared.values())
     assert FFN.with_capability("elastic_width") == ["emoe", "moe"]
     assert FFN.with_capability("expert_parallel") == ["emoe", "mhmoe", "moe", "moue"]

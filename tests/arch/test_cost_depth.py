@@ -9,6 +9,7 @@ override; SGT head loops (kept heads, GQA key/value groups, an open decay window
 The causal-attention convention is in ``tests/arch/cost_helpers.py``. Training FLOPs (3 × forward,
 no-grad recurrence 1 ×) are checked against FlopCounterMode over forward + backward.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,15 @@ from arch.registry import DEPTH
 from tests.arch.cost_helpers import as_counted, build, count, kv_bytes_in_cache, record, tokens
 from training.accounting.account import account
 
-RECURRENT = {"name": "recurrent", "prelude_layers": 1, "core_layers": 1, "coda_layers": 1, "sampler": "fixed",
-             "mean_recurrence": 3, "mean_backprop_depth": 2}
+RECURRENT = {
+    "name": "recurrent",
+    "prelude_layers": 1,
+    "core_layers": 1,
+    "coda_layers": 1,
+    "sampler": "fixed",
+    "mean_recurrence": 3,
+    "mean_backprop_depth": 2,
+}
 ITT = {"name": "itt", "layers": [1], "steps": 4}
 SGT = {"name": "sgt", "exclude_layers": [0], "top_k_layers": 1}
 
@@ -37,6 +45,7 @@ def _sgt_loops(heads, loops=1, window=False):
         depth.head_decay_LH[1] = torch.where(depth.kept_LH[1], 1.0, 0.5 if window else 0.0)
         if window:
             depth.decay_windows[1] = (0, 10)
+
     return prepare
 
 
@@ -46,37 +55,129 @@ CASES = {
     "plain": ({}, True, None, (2, 8), None, {}, None),
     "plain elastic layers (1,)": ({}, True, {"active_layers": (1,)}, (2, 8), None, {}, None),
     "loop repeats=2": ({"depth": {"name": "loop"}}, True, None, (2, 8), None, {}, None),
-    "loop looped_layers=[1] repeats=3": ({"depth": {"name": "loop", "looped_layers": [1], "repeats": 3}}, True, None,
-                                         (2, 8), None, {}, None),
-    "loop stack repeats=2 elastic (0,)": ({"depth": {"name": "loop", "pattern": "stack"}}, True, {"active_layers": (0,)},
-                                          (2, 8), None, {}, None),
-    "loop setting.repeats=3": ({"depth": {"name": "loop"}}, False, None, (2, 8), None, {"repeats": 3},
-                               lambda m: m.depth.set_repeats(3)),
+    "loop looped_layers=[1] repeats=3": (
+        {"depth": {"name": "loop", "looped_layers": [1], "repeats": 3}},
+        True,
+        None,
+        (2, 8),
+        None,
+        {},
+        None,
+    ),
+    "loop stack repeats=2 elastic (0,)": (
+        {"depth": {"name": "loop", "pattern": "stack"}},
+        True,
+        {"active_layers": (0,)},
+        (2, 8),
+        None,
+        {},
+        None,
+    ),
+    "loop setting.repeats=3": (
+        {"depth": {"name": "loop"}},
+        False,
+        None,
+        (2, 8),
+        None,
+        {"repeats": 3},
+        lambda m: m.depth.set_repeats(3),
+    ),
     "recurrent fixed r=3 train": ({"n_layers": 3, "depth": RECURRENT}, True, None, (2, 8), None, {}, None),
     "recurrent eval r=3": ({"n_layers": 3, "depth": RECURRENT}, False, None, (2, 8), None, {}, None),
-    "recurrent setting.iterations=5": ({"n_layers": 3, "depth": RECURRENT}, False, None, (2, 8), None,
-                                       {"iterations": 5}, lambda m: m.depth.set_iterations(5)),
-    "recurrent injection=add train": ({"n_layers": 3, "depth": {**RECURRENT, "injection": "add"}}, True, None, (2, 8),
-                                      None, {}, None),
-    "itt top-ratio [0.5, 0.25, 0]": ({"depth": {**ITT, "ratios": [0.5, 0.25, 0.0]}}, True, None, (2, 8), None, {}, None),
+    "recurrent setting.iterations=5": (
+        {"n_layers": 3, "depth": RECURRENT},
+        False,
+        None,
+        (2, 8),
+        None,
+        {"iterations": 5},
+        lambda m: m.depth.set_iterations(5),
+    ),
+    "recurrent injection=add train": (
+        {"n_layers": 3, "depth": {**RECURRENT, "injection": "add"}},
+        True,
+        None,
+        (2, 8),
+        None,
+        {},
+        None,
+    ),
+    "itt top-ratio [0.5, 0.25, 0]": (
+        {"depth": {**ITT, "ratios": [0.5, 0.25, 0.0]}},
+        True,
+        None,
+        (2, 8),
+        None,
+        {},
+        None,
+    ),
     "itt top-ratio eval [0.75]*3": ({"depth": {**ITT, "ratios": [0.75] * 3}}, False, None, (2, 8), None, {}, None),
-    "itt no routing [1, 0, 1]": ({"depth": {**ITT, "routing": False, "ratios": [1.0, 0.0, 1.0]}}, True, None, (2, 8),
-                                 None, {}, None),
-    "itt kv=recompute [0.5]*3": ({"depth": {**ITT, "kv": "recompute", "ratios": [0.5] * 3}}, True, None, (2, 8),
-                                 None, {}, None),
-    "itt threshold (measured), B=1": ({"depth": {**ITT, "selection": "threshold", "thresholds": [0.5, 0.5, 0.5],
-                                                 "ratios": [0.5] * 3}}, True, None, (1, 8), None, {}, None),
-    "itt setting.ratios=[0.25]*3": ({"depth": {**ITT, "ratios": [0.5] * 3}}, True, None, (2, 8), None,
-                                    {"ratios": (0.25, 0.25, 0.25)}, lambda m: m.depth.set_ratios([0.25] * 3)),
+    "itt no routing [1, 0, 1]": (
+        {"depth": {**ITT, "routing": False, "ratios": [1.0, 0.0, 1.0]}},
+        True,
+        None,
+        (2, 8),
+        None,
+        {},
+        None,
+    ),
+    "itt kv=recompute [0.5]*3": (
+        {"depth": {**ITT, "kv": "recompute", "ratios": [0.5] * 3}},
+        True,
+        None,
+        (2, 8),
+        None,
+        {},
+        None,
+    ),
+    "itt threshold (measured), B=1": (
+        {"depth": {**ITT, "selection": "threshold", "thresholds": [0.5, 0.5, 0.5], "ratios": [0.5] * 3}},
+        True,
+        None,
+        (1, 8),
+        None,
+        {},
+        None,
+    ),
+    "itt setting.ratios=[0.25]*3": (
+        {"depth": {**ITT, "ratios": [0.5] * 3}},
+        True,
+        None,
+        (2, 8),
+        None,
+        {"ratios": (0.25, 0.25, 0.25)},
+        lambda m: m.depth.set_ratios([0.25] * 3),
+    ),
     "sgt heads kept [0, 2] eval": ({"depth": SGT}, False, None, (2, 8), _sgt_loops([0, 2]), {}, None),
-    "sgt gqa Hk=2 kept [0, 1] eval": ({"attention": {"name": "mha", "n_kv_heads": 2}, "depth": SGT}, False, None,
-                                      (2, 8), _sgt_loops([0, 1]), {}, None),
-    "sgt gqa Hk=2 kept [1, 2] x2 eval": ({"attention": {"name": "mha", "n_kv_heads": 2}, "depth": {**SGT, "max_loop_depth": 2}},
-                                         False, None, (2, 8), _sgt_loops([1, 2], loops=2), {}, None),
+    "sgt gqa Hk=2 kept [0, 1] eval": (
+        {"attention": {"name": "mha", "n_kv_heads": 2}, "depth": SGT},
+        False,
+        None,
+        (2, 8),
+        _sgt_loops([0, 1]),
+        {},
+        None,
+    ),
+    "sgt gqa Hk=2 kept [1, 2] x2 eval": (
+        {"attention": {"name": "mha", "n_kv_heads": 2}, "depth": {**SGT, "max_loop_depth": 2}},
+        False,
+        None,
+        (2, 8),
+        _sgt_loops([1, 2], loops=2),
+        {},
+        None,
+    ),
     "sgt window open train (all heads)": ({"depth": SGT}, True, None, (2, 8), _sgt_loops([3], window=True), {}, None),
     "sgt window closed train (kept)": ({"depth": SGT}, True, None, (2, 8), _sgt_loops([3]), {}, None),
-    "sgt block loops x2": ({"depth": {**SGT, "loop_mode": "block", "max_loop_depth": 2}}, False, None, (2, 8),
-                           _sgt_loops([0], loops=2), {}, None),
+    "sgt block loops x2": (
+        {"depth": {**SGT, "loop_mode": "block", "max_loop_depth": 2}},
+        False,
+        None,
+        (2, 8),
+        _sgt_loops([0], loops=2),
+        {},
+        None,
+    ),
 }
 
 
@@ -135,7 +236,9 @@ def test_train_flops_match_flop_counter_over_forward_and_backward(depth):
     no_grad = 0.0
     if depth["name"] == "recurrent":  # one of the three core iterations runs under no_grad
         d = model.depth
-        core = Cost(matmul_flops=2 * d.adapter.in_features * d.adapter.out_features) + block_cost(d.blocks[1], CostSetting(T))
+        core = Cost(matmul_flops=2 * d.adapter.in_features * d.adapter.out_features) + block_cost(
+            d.blocks[1], CostSetting(T)
+        )
         no_grad = as_counted(core, T)
     record(f"train {depth['name']}", "fwd+bwd", 3 * forward - 2 * no_grad, counted)
     assert counted == pytest.approx(3 * forward - 2 * no_grad, rel=1e-9)

@@ -7,6 +7,7 @@ framework names it.
 
 Legend: B batch, T tokens, N = B·T, D d_model, E experts, K experts per token, F expert width.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,16 @@ class ToyMoEFFN(nn.Module):
 
     capabilities = Capabilities(expert_banks=True, elastic_width=True)
 
-    def __init__(self, d_model: int, layer_idx: int, shared: ModelShared | None = None, *,
-                 n_experts: int = 4, top_k: int = 2, hidden: int = 16):
+    def __init__(
+        self,
+        d_model: int,
+        layer_idx: int,
+        shared: ModelShared | None = None,
+        *,
+        n_experts: int = 4,
+        top_k: int = 2,
+        hidden: int = 16,
+    ):
         super().__init__()
         if not 1 <= top_k <= n_experts:
             raise ValueError(f"ffn.top_k={top_k} must be in [1, n_experts={n_experts}]")
@@ -53,6 +62,9 @@ class ToyMoEFFN(nn.Module):
         routable = self.E if setting.routable_experts is None else setting.routable_experts
         k = min(setting.top_k or self.top_k, routable)
         per_expert = 2 * self.D * self.F
-        return Cost({id(self): numel(self.router)}, experts={id(self): ExpertUse(k, per_expert, routable)},
-                    dropped={id(self): (self.E - routable) * per_expert},
-                    matmul_flops=linear_flops(self.router) + k * 2 * per_expert)
+        return Cost(
+            {id(self): numel(self.router)},
+            experts={id(self): ExpertUse(k, per_expert, routable)},
+            dropped={id(self): (self.E - routable) * per_expert},
+            matmul_flops=linear_flops(self.router) + k * 2 * per_expert,
+        )

@@ -3,6 +3,7 @@
 The trainer's achieved FLOP/s are tokens/s × ``train_flops_per_token`` from
 ``training.accounting.account`` (the one FLOP counter); this table supplies the denominator.
 """
+
 from __future__ import annotations
 
 # Dense bf16 peak FLOP/s (no sparsity) by GPU name substring.

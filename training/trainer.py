@@ -197,7 +197,7 @@ class Trainer:
         reduced = self.parallel.all_reduce_mean({"loss": lm_loss_sum / t.grad_accum, **aux_sums})
         loss, aux_sums = reduced.pop("loss"), reduced
         if self.root.elastic.enabled:
-            aux_sums.update(describe_elastic(sub_model, *self._elastic_dims()))
+            aux_sums.update(describe_elastic(sub_model, *elastic_dims(self.root.model)))
         clip = self.root.optim.grad_clip if self.root.optim.grad_clip > 0 else float("inf")
         grad_norm = dist_utils.clip_grad_norm(self.model, clip, self.parallel)
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
@@ -209,14 +209,11 @@ class Trainer:
         self.step += 1
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **aux_sums}
 
-    def _elastic_dims(self) -> tuple[int, int | None, int | None]:
-        return elastic_dims(self.root.model)
-
     def _elastic_setting(self) -> ElasticSetting:
         """This step's sub-network under elastic training (same on every rank: seeded by step)."""
         if not self.root.elastic.enabled:
             return FULL_MODEL
-        return sample_elastic(self.root.elastic, self.step, self.root.seed, *self._elastic_dims())
+        return sample_elastic(self.root.elastic, self.step, self.root.seed, *elastic_dims(self.root.model))
 
     def _nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         what = f"loss={loss.item()} grad_norm={grad_norm.item()} at step {self.step}"

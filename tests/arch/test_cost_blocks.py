@@ -166,3 +166,28 @@ def test_every_registered_attention_and_ffn_block_has_a_case():
         for group, default in (("attention", "mha"), ("ffn", "swiglu"))
     }
     assert set(ATTENTION.names()) | set(FFN.names()) <= covered
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("granularity", ["scalar", "channel"])
+def test_dha_fusion_stage_cost_matches_flop_counter(granularity):
+    """``HeadFusionAttention`` (the MHA → DHA conversion's fusion stage; not a registered block): MHA's cost
+    per token, plus fusing the head weights once per forward, which the cost leaves out and says so."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from arch.attention.dha import HeadFusionAttention
+
+    B, T = 2, 8
+    model = build().train()
+    for block in model.depth.blocks:
+        block.attn = HeadFusionAttention(block.attn, [0, 0, 1, 1], [0, 1, 1, 1], granularity)
+    counted = count(model, tokens(B, T))
+    for i, block in enumerate(model.depth.blocks):
+        s = setting(T)
+        with FlopCounterMode(display=False) as fusing:  # the per-forward part, counted on its own
+            block.attn.fused_heads("k"), block.attn.fused_heads("v")
+        ours = as_counted(block.attn.cost(s), T)
+        path = f"LanguageModel.depth.blocks.{i}.attn"
+        record(f"dha fusion stage ({granularity})", f"layer {i} attn", ours, counted[path])
+        assert counted[path] == pytest.approx(ours + fusing.get_total_flops() / (B * T), rel=1e-9)
+        assert any("fusion stage" in note for note in s.notes)

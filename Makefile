@@ -56,5 +56,15 @@ bench: setup
 reproduce: setup
 	$(PY) -m recipes.reproduce.suite $(ARGS)
 
+# Registers / spills / shared memory of every kernel config for sm_90a and sm_80 (no GPU; cached in .cache/static-gates)
+# → benchmarks/results/local/kernels_static.csv; ARGS="--out benchmarks/results" writes the tracked table.
+.PHONY: static gpu-suite
+static: setup
+	$(PY) -m benchmarks.kernels_static $(ARGS)
+
+# The prepared GPU suite (benchmarks/GPU_SUITE.md); on a CPU machine ARGS=--dry-run.
+gpu-suite:
+	$(PYTHON) -m benchmarks.gpu_suite $(ARGS)
+
 clean:
 	rm -rf $(VENV) runs multirun outputs .pytest_cache

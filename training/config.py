@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from arch.registry import REGISTRIES, ConfigError, _matches, suggest
+from arch.registry import FFN, REGISTRIES, ConfigError, _matches, suggest
 
 
 @dataclass
@@ -244,6 +244,11 @@ def _check_values(root: RootConfig) -> None:
         registry.get(node["name"])  # unknown name → ConfigError listing the registered ones
         registry.validate_options(node["name"], {k: v for k, v in node.items() if k != "name"}, f"model.{group}")
         _check_block_ranges(f"model.{group}", node)
+    for group in ("ffn", "depth"):  # a block may declare the attention blocks it works with
+        needs = REGISTRIES[group].capabilities(getattr(m, group)["name"]).needs_attention
+        _require(needs is None or m.attention["name"] in needs,
+                 f"model.{group}.name={getattr(m, group)['name']!r} cannot be combined with model.attention.name="
+                 f"{m.attention['name']!r}; it needs model.attention.name in {list(needs or ())}")
     n_kv = m.attention.get("n_kv_heads")
     if n_kv is not None:
         _require(n_kv > 0 and m.n_heads % n_kv == 0, f"model.attention.n_kv_heads={n_kv} must divide model.n_heads={m.n_heads}")
@@ -286,9 +291,10 @@ def _check_values(root: RootConfig) -> None:
     _require(bool(t.resume), "trainer.resume='' must be auto, none or a checkpoint path")
     _require(t.threads is None or t.threads > 0, f"trainer.threads={t.threads} must be positive or null")
     _require(t.expert_parallel >= 1, f"trainer.expert_parallel={t.expert_parallel} must be >= 1 (1 = no expert parallelism)")
-    _require(t.expert_parallel == 1 or root.model.ffn.get("name") in EXPERT_PARALLEL_BLOCKS,
-             f"trainer.expert_parallel={t.expert_parallel} needs an expert FFN (model/ffn in {list(EXPERT_PARALLEL_BLOCKS)}), "
-             f"got model.ffn.name={root.model.ffn.get('name')!r}")
+    _require(t.expert_parallel == 1 or FFN.capabilities(m.ffn["name"]).expert_parallel,
+             f"trainer.expert_parallel={t.expert_parallel} needs an expert FFN whose experts shard over ranks "
+             f"(model/ffn in {FFN.with_capability('expert_parallel') if t.expert_parallel != 1 else []}), "
+             f"got model.ffn.name={m.ffn['name']!r}")
     _require(not t.checkpoint_async or t.checkpoint_format != "torch",
              "trainer.checkpoint_async=true needs trainer.checkpoint_format=dcp or auto (torch.save is synchronous)")
     _require(bool(root.run_dir), "run_dir='' must be a non-empty path")
@@ -356,8 +362,14 @@ _NULLABLE_OPTIONS = {"expert_hidden", "hidden_dim", "eval_top_k", "k_ideal", "wi
                      "state_std", "state_scale", "capacity_factor", "eval_capacity_fraction", "k_heads", "v_heads"}
 
 
-MOE_BLOCKS = ("moe", "emoe")
-EXPERT_PARALLEL_BLOCKS = ("moe", "emoe", "mhmoe", "moue")  # blocks whose experts route through arch/ffn/expert_parallel.py
+def elastic_dims(model: ModelConfig) -> tuple[int, int | None, int | None]:
+    """(n_layers, n_experts, top_k) for elastic sub-networks: the expert count and top-k of an FFN that
+    declares ``elastic_width`` (its options, else its constructor's defaults), (n_layers, None, None) otherwise."""
+    name = model.ffn["name"]
+    if not FFN.capabilities(name).elastic_width:
+        return model.n_layers, None, None
+    options = FFN.resolved_options(name, model.ffn)
+    return model.n_layers, options["n_experts"], options["top_k"]
 
 
 def _check_elastic(root: RootConfig) -> None:
@@ -373,14 +385,14 @@ def _check_elastic(root: RootConfig) -> None:
     if not e.enabled:
         return
     _require(1 <= e.depth_min <= root.model.n_layers, f"elastic.depth_min={e.depth_min} must be in [1, model.n_layers={root.model.n_layers}]")
-    sparse = ffn.get("name") in MOE_BLOCKS
-    _require(
-        sparse or (e.width_full_prob == 1 and e.topk_full_prob == 1),
-        f"elastic width/top-k need an MoE FFN (model/ffn in {list(MOE_BLOCKS)}), got model.ffn.name={ffn.get('name')!r}; "
-        "set elastic.width_full_prob=1 elastic.topk_full_prob=1 for elastic depth alone",
-    )
+    _, n_experts, top_k = elastic_dims(root.model)
+    sparse = n_experts is not None
+    if not sparse and (e.width_full_prob != 1 or e.topk_full_prob != 1):
+        raise ConfigError(
+            f"elastic width/top-k need an MoE FFN that declares elastic widths (model/ffn in {FFN.with_capability('elastic_width')}), "
+            f"got model.ffn.name={ffn.get('name')!r}; set elastic.width_full_prob=1 elastic.topk_full_prob=1 for elastic depth alone"
+        )
     if sparse:
-        n_experts, top_k = ffn.get("n_experts", 8), ffn.get("top_k", 2)
         _require(all(1 <= s <= n_experts for s in e.subset_sizes), f"elastic.subset_sizes={e.subset_sizes} must lie in [1, n_experts={n_experts}]")
         _require(1 <= e.topk_min <= top_k, f"elastic.topk_min={e.topk_min} must be in [1, model.ffn.top_k={top_k}]")
         _require(e.topk_max is None or e.topk_min <= e.topk_max <= top_k, f"elastic.topk_max={e.topk_max} must be in [topk_min={e.topk_min}, top_k={top_k}]")

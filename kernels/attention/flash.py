@@ -14,6 +14,12 @@ Causal masking is by position: query row i may see key j iff j <= pos[i], where 
 ``q_positions`` (token-sparse queries) or defaults to S - T + i. The key loop is split into a
 mask-free part (key blocks every row in the tile may see) and a masked tail.
 
+Non-finite inputs (the contract is documented once, in kernels.attention.ops.attention): a row
+whose query, or a key/value it may see, holds NaN or ±inf is written as all-NaN (out and lse). The
+first non-finite key position per (batch, query head) comes in as ``first_bad_BH`` (S when none),
+so the mask-free loop stays free of checks; masked blocks zero non-finite K/V before the matmuls
+so that a key a row may not see never reaches it through 0·inf.
+
 Only pointer arithmetic is used (no ``tl.make_block_ptr``: removed in newer Triton).
 """
 from __future__ import annotations
@@ -31,13 +37,15 @@ LOG2E = 1.4426950408889634
 
 def _fwd_configs():
     """Forward block configs the autotuner may pick on a GPU (compiled for sm_80/sm_90 by
-    tests/kernels/test_attention_compile.py). Configs whose shared memory does not fit (fp32 at
-    d=128) fail to compile and the autotuner skips them; the last one always fits."""
+    tests/kernels/test_attention_compile.py, spill-checked with ptxas by the static gate).
+    BLOCK_M = 128 on 4 warps is left out: its fp32 accumulator (128 × d) plus Q and the score
+    tile exceed 255 registers at d = 128 (196 - 880 B spilled on sm_90a / sm_80); 8 warps carry
+    it spill-free. Configs whose shared memory does not fit (fp32 at d=128) fail to compile and
+    the autotuner skips them; the last one always fits."""
     cfg = triton.Config
     return [
-        cfg({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
         cfg({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=4),
         cfg({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
         cfg({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),  # small: fp32 at d=128 fits here
     ]
@@ -71,6 +79,11 @@ if HAS_TRITON:
         return x
 
     @triton.jit
+    def _finite_or_zero(x):
+        """x with NaN / ±inf entries replaced by 0 (x·0 is NaN exactly for those)."""
+        return tl.where(x * 0.0 == 0.0, x, 0.0)
+
+    @triton.jit
     def _query_positions(pos_ptr, b, offs_m, row_ok, T, S, HAS_POS: tl.constexpr):
         """pos_M: each query's key position (q_positions[b] or S - T + i); rows >= T get S - 1
         so they never empty a softmax row (their results are not stored)."""
@@ -91,6 +104,9 @@ if HAS_TRITON:
                        MASKED, D != BLOCK_D)
         v = _load_rows(v_base + cols[:, None] * stride_vs + offs_dv[None, :], col_ok, offs_dv < DV,
                        MASKED, DV != BLOCK_DV)
+        if MASKED:  # a key some row may not see must not reach it through 0·inf
+            k = _finite_or_zero(k)
+            v = _finite_or_zero(v)
         s = tl.dot(q, tl.trans(k)) * scale_log2  # (M, N) scores in log2 units
         if MASKED:
             ok = col_ok[None, :]
@@ -107,7 +123,7 @@ if HAS_TRITON:
 
     @triton.autotune(configs=ACTIVE_FWD_CONFIGS, key=["D", "DV", "CAUSAL", "HAS_POS"])
     @triton.jit
-    def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, k_head_ptr, v_head_ptr,
+    def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, k_head_ptr, v_head_ptr, first_bad_ptr,
                   scale_log2, T, S, H,
                   stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                   stride_vb, stride_vs, stride_vh, stride_ob, stride_ot, stride_oh,
@@ -115,7 +131,11 @@ if HAS_TRITON:
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Grid (cdiv(T, BLOCK_M), B·H). Writes o_BTHdv and lse_BHT (natural log, fp32)."""
-        pid_m = tl.program_id(0)
+        # causal: later query blocks see more keys; launch them first so the tail of the grid is short
+        if CAUSAL:
+            pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        else:
+            pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
         h = pid_bh % H
@@ -150,10 +170,17 @@ if HAS_TRITON:
             acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, pos, S,
                                        scale_log2, offs_n, offs_d, offs_dv, D, DV, CAUSAL, True, BLOCK_D, BLOCK_DV)
 
-        acc = acc / l_i[:, None]
+        # NaN rows: a non-finite query entry, or a non-finite key/value at a position the row sees
+        bad = tl.sum(q.to(tl.float32) * 0.0, 1) != 0.0  # NaN != 0 holds: q·0 is NaN iff q is not finite
+        first_bad = tl.load(first_bad_ptr + pid_bh)
+        if CAUSAL:
+            bad = bad | (first_bad <= pos)
+        else:
+            bad = bad | (first_bad < S)
+        acc = tl.where(bad[:, None], float("nan"), acc / l_i[:, None])
         o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_dv[None, :]
         tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < DV)[None, :])
-        lse = (m_i + tl.log2(l_i)) / 1.4426950408889634  # back to natural log
+        lse = tl.where(bad, float("nan"), (m_i + tl.log2(l_i)) / 1.4426950408889634)  # back to natural log
         tl.store(lse_ptr + pid_bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
 
 
@@ -166,8 +193,25 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def flash_fwd(q_BTHd, k_BSHkd, v_BSHvdv, k_head_H, v_head_H, pos_BT, causal: bool, scale: float):
+def first_nonfinite_key(k_BSHkd, v_BSHvdv, k_head_H, v_head_H) -> torch.Tensor:
+    """first_bad_BH (int32): the first key position whose K row (of head k_head[h]) or V row (of
+    v_head[h]) holds a NaN / ±inf, S when there is none. Device ops only (no host sync)."""
+    S = k_BSHkd.shape[1]
+    keys_S1 = torch.arange(S, device=k_BSHkd.device, dtype=torch.int32)[:, None]
+    sentinel = torch.tensor(S, device=k_BSHkd.device, dtype=torch.int32)
+
+    def first(x_BSHd):
+        bad_BSH = ~torch.isfinite(x_BSHd).all(-1)
+        return torch.where(bad_BSH, keys_S1, sentinel).amin(1)  # (B, heads)
+
+    return torch.minimum(first(k_BSHkd).index_select(1, k_head_H.long()),
+                         first(v_BSHvdv).index_select(1, v_head_H.long())).contiguous()
+
+
+def flash_fwd(q_BTHd, k_BSHkd, v_BSHvdv, k_head_H, v_head_H, pos_BT, causal: bool, scale: float,
+              first_bad_BH=None):
     """Launch the forward. Inputs are validated by kernels.attention.ops; maps/positions are int32.
+    `first_bad_BH`: from ``first_nonfinite_key`` (computed here when not given).
 
     Returns out_BTHdv (q's dtype) and lse_BHT (fp32, natural log).
     """
@@ -180,12 +224,14 @@ def flash_fwd(q_BTHd, k_BSHkd, v_BSHvdv, k_head_H, v_head_H, pos_BT, causal: boo
         return out_BTHdv, lse_BHT
     has_pos = pos_BT is not None
     pos_arg = pos_BT if has_pos else k_head_H  # never read when HAS_POS is False
+    if first_bad_BH is None:
+        first_bad_BH = first_nonfinite_key(k_BSHkd, v_BSHvdv, k_head_H, v_head_H)
 
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
     _attn_fwd[grid](
-        q_BTHd, k_BSHkd, v_BSHvdv, out_BTHdv, lse_BHT, pos_arg, k_head_H, v_head_H,
+        q_BTHd, k_BSHkd, v_BSHvdv, out_BTHdv, lse_BHT, pos_arg, k_head_H, v_head_H, first_bad_BH,
         scale * LOG2E, T, S, H,
         *_strides(q_BTHd), *_strides(k_BSHkd), *_strides(v_BSHvdv), *_strides(out_BTHdv),
         D=d, DV=dv, CAUSAL=causal, HAS_POS=has_pos, BLOCK_D=block_dim(d), BLOCK_DV=block_dim(dv),

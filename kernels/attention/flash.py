@@ -16,9 +16,11 @@ mask-free part (key blocks every row in the tile may see) and a masked tail.
 
 Non-finite inputs (the contract is documented once, in kernels.attention.ops.attention): a row
 whose query, or a key/value it may see, holds NaN or ±inf is written as all-NaN (out and lse). The
-first non-finite key position per (batch, query head) comes in as ``first_bad_BH`` (S when none),
-so the mask-free loop stays free of checks; masked blocks zero non-finite K/V before the matmuls
-so that a key a row may not see never reaches it through 0·inf.
+first non-finite key position per (batch, query head) comes in as ``first_bad_BH`` (S when none):
+rows at or past it are flagged, and masked blocks load keys from it on as zeros, so a key a row
+may not see never reaches it through 0·inf; the mask-free loop needs no check at all (a non-finite
+query makes every score of its row non-finite, which IEEE arithmetic carries to a NaN row).
+Positions outside [0, S) (checked on the host only when cheap, see ops) give NaN rows too.
 
 Only pointer arithmetic is used (no ``tl.make_block_ptr``: removed in newer Triton).
 """
@@ -79,34 +81,30 @@ if HAS_TRITON:
         return x
 
     @triton.jit
-    def _finite_or_zero(x):
-        """x with NaN / ±inf entries replaced by 0 (x·0 is NaN exactly for those)."""
-        return tl.where(x * 0.0 == 0.0, x, 0.0)
-
-    @triton.jit
     def _query_positions(pos_ptr, b, offs_m, row_ok, T, S, HAS_POS: tl.constexpr):
         """pos_M: each query's key position (q_positions[b] or S - T + i); rows >= T get S - 1
-        so they never empty a softmax row (their results are not stored)."""
+        so they never empty a softmax row (their results are not stored). Explicit positions are
+        clamped to [0, S) so no loop bound leaves the key range (the forward flags those rows)."""
         if HAS_POS:
             pos = tl.load(pos_ptr + b * T + offs_m, mask=row_ok, other=0).to(tl.int32)
+            pos = tl.minimum(tl.maximum(pos, 0), S - 1)
         else:
             pos = S - T + offs_m
         return tl.where(row_ok, pos, S - 1)
 
     @triton.jit
-    def _fwd_block(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, pos, S, scale_log2,
+    def _fwd_block(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, pos, S, key_lim, scale_log2,
                    offs_n, offs_d, offs_dv, D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr,
                    MASKED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-        """One key block of the online softmax. MASKED blocks check key bounds and causality."""
+        """One key block of the online softmax. MASKED blocks check key bounds and causality, and
+        load keys from `key_lim` (the first non-finite one) on as zeros."""
         cols = start_n + offs_n
         col_ok = cols < S
-        k = _load_rows(k_base + cols[:, None] * stride_ks + offs_d[None, :], col_ok, offs_d < D,
+        load_ok = cols < key_lim
+        k = _load_rows(k_base + cols[:, None] * stride_ks + offs_d[None, :], load_ok, offs_d < D,
                        MASKED, D != BLOCK_D)
-        v = _load_rows(v_base + cols[:, None] * stride_vs + offs_dv[None, :], col_ok, offs_dv < DV,
+        v = _load_rows(v_base + cols[:, None] * stride_vs + offs_dv[None, :], load_ok, offs_dv < DV,
                        MASKED, DV != BLOCK_DV)
-        if MASKED:  # a key some row may not see must not reach it through 0·inf
-            k = _finite_or_zero(k)
-            v = _finite_or_zero(v)
         s = tl.dot(q, tl.trans(k)) * scale_log2  # (M, N) scores in log2 units
         if MASKED:
             ok = col_ok[None, :]
@@ -152,6 +150,8 @@ if HAS_TRITON:
         pos = _query_positions(pos_ptr, b, offs_m, row_ok, T, S, HAS_POS)
         k_base = k_ptr + b * stride_kb + kh * stride_kh
         v_base = v_ptr + b * stride_vb + vh * stride_vh
+        first_bad = tl.load(first_bad_ptr + pid_bh)
+        key_lim = tl.minimum(first_bad, S)
 
         if CAUSAL:  # keys [0, hi) are seen by some row; [0, full) by every row of the tile
             hi = tl.minimum(tl.max(tl.where(row_ok, pos, 0), 0) + 1, S)
@@ -165,18 +165,19 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         for start_n in range(0, full, BLOCK_N):
             acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, pos, S,
-                                       scale_log2, offs_n, offs_d, offs_dv, D, DV, CAUSAL, False, BLOCK_D, BLOCK_DV)
+                                       key_lim, scale_log2, offs_n, offs_d, offs_dv, D, DV, CAUSAL, False, BLOCK_D, BLOCK_DV)
         for start_n in range(full, hi, BLOCK_N):
             acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, pos, S,
-                                       scale_log2, offs_n, offs_d, offs_dv, D, DV, CAUSAL, True, BLOCK_D, BLOCK_DV)
+                                       key_lim, scale_log2, offs_n, offs_d, offs_dv, D, DV, CAUSAL, True, BLOCK_D, BLOCK_DV)
 
-        # NaN rows: a non-finite query entry, or a non-finite key/value at a position the row sees
-        bad = tl.sum(q.to(tl.float32) * 0.0, 1) != 0.0  # NaN != 0 holds: q·0 is NaN iff q is not finite
-        first_bad = tl.load(first_bad_ptr + pid_bh)
+        # NaN rows: a non-finite key/value at a position the row sees, or a position outside [0, S)
         if CAUSAL:
-            bad = bad | (first_bad <= pos)
+            bad = first_bad <= pos
         else:
-            bad = bad | (first_bad < S)
+            bad = (first_bad < S) | (offs_m < 0)
+        if HAS_POS:
+            raw = tl.load(pos_ptr + b * T + offs_m, mask=row_ok, other=0)
+            bad = bad | (raw < 0) | (raw >= S)
         acc = tl.where(bad[:, None], float("nan"), acc / l_i[:, None])
         o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_dv[None, :]
         tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < DV)[None, :])

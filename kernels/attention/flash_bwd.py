@@ -32,23 +32,24 @@ Many query heads share one key (value) head, so dK (dV) is a sum over query head
 (a CSR list: heads sorted by map, plus offsets), so neither atomics nor a per-query-head buffer
 is needed, and K/V are never expanded.
 
-Non-finite inputs: masked blocks load K/V (dQ pass) and Q/dO (dK/dV pass) with non-finite entries
-replaced by 0, so a value a query may not see never reaches its gradient through 0·inf. Rows
-whose forward output is NaN (kernels.attention.ops documents when) carry a NaN lse and give NaN
-gradients wherever they reach.
+Non-finite inputs: rows whose forward output is NaN (kernels.attention.ops documents when) carry
+a NaN lse and give NaN gradients wherever they reach. Masked blocks keep everything else clean:
+the dQ pass loads keys from the first non-finite one (``first_bad_BH``) on as zeros, the dK/dV
+pass loads NaN-lse rows as zeros, and both zero P and dS outside the mask after the matmuls, so a
+value a row may not see never reaches a gradient through 0·inf.
 """
 from __future__ import annotations
 
 import torch
 
 from kernels import HAS_TRITON, INTERPRET
-from kernels.attention.flash import LOG2E, _strides, block_dim, last_dim_contiguous
+from kernels.attention.flash import LOG2E, _strides, block_dim, first_nonfinite_key, last_dim_contiguous
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from kernels.attention.flash import _finite_or_zero, _load_rows, _query_positions
+    from kernels.attention.flash import _load_rows, _query_positions
 
 DELTA_BLOCK_M = 16 if INTERPRET else 64
 
@@ -105,20 +106,18 @@ if HAS_TRITON:
         tl.store(delta_ptr + pid_bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
 
     @triton.jit
-    def _dq_block(dq, q, do, lse2, delta, pos, k_base, v_base, stride_ks, stride_vs, start_n, S, scale_log2,
-                  offs_n, offs_d, offs_dv, D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr,
+    def _dq_block(dq, q, do, lse2, delta, pos, k_base, v_base, stride_ks, stride_vs, start_n, S, key_lim,
+                  scale_log2, offs_n, offs_d, offs_dv, D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr,
                   MASKED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
         """dQ += dS K for one key block: S, dP and dQ (3 matmuls). MASKED blocks check key bounds and
-        causality and zero non-finite K/V (unseen keys must not reach dQ through 0·inf)."""
+        causality, and load keys from `key_lim` on as zeros (unseen keys must not reach dQ via 0·inf)."""
         cols = start_n + offs_n
         col_ok = cols < S
-        k = _load_rows(k_base + cols[:, None] * stride_ks + offs_d[None, :], col_ok, offs_d < D,
+        load_ok = cols < key_lim
+        k = _load_rows(k_base + cols[:, None] * stride_ks + offs_d[None, :], load_ok, offs_d < D,
                        MASKED, D != BLOCK_D)
-        v = _load_rows(v_base + cols[:, None] * stride_vs + offs_dv[None, :], col_ok, offs_dv < DV,
+        v = _load_rows(v_base + cols[:, None] * stride_vs + offs_dv[None, :], load_ok, offs_dv < DV,
                        MASKED, DV != BLOCK_DV)
-        if MASKED:
-            k = _finite_or_zero(k)
-            v = _finite_or_zero(v)
         p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse2[:, None])
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         if MASKED:
@@ -131,7 +130,7 @@ if HAS_TRITON:
     @triton.autotune(configs=ACTIVE_DQ_CONFIGS, key=["D", "DV", "CAUSAL", "HAS_POS"])
     @triton.jit
     def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, pos_ptr, k_head_ptr, v_head_ptr,
-                     scale_log2, scale, T, S, H,
+                     first_bad_ptr, scale_log2, scale, T, S, H,
                      stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                      stride_vb, stride_vs, stride_vh, stride_dob, stride_dot, stride_doh,
                      stride_dqb, stride_dqt, stride_dqh,
@@ -169,14 +168,15 @@ if HAS_TRITON:
             full = S // BLOCK_N * BLOCK_N
         k_base = k_ptr + b * stride_kb + kh * stride_kh
         v_base = v_ptr + b * stride_vb + vh * stride_vh
+        key_lim = tl.minimum(tl.load(first_bad_ptr + pid_bh), S)
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start_n in range(0, full, BLOCK_N):
-            dq = _dq_block(dq, q, do, lse2, delta, pos, k_base, v_base, stride_ks, stride_vs, start_n, S, scale_log2,
-                           offs_n, offs_d, offs_dv, D, DV, CAUSAL, False, BLOCK_D, BLOCK_DV)
+            dq = _dq_block(dq, q, do, lse2, delta, pos, k_base, v_base, stride_ks, stride_vs, start_n, S, key_lim,
+                           scale_log2, offs_n, offs_d, offs_dv, D, DV, CAUSAL, False, BLOCK_D, BLOCK_DV)
         for start_n in range(full, hi, BLOCK_N):
-            dq = _dq_block(dq, q, do, lse2, delta, pos, k_base, v_base, stride_ks, stride_vs, start_n, S, scale_log2,
-                           offs_n, offs_d, offs_dv, D, DV, CAUSAL, True, BLOCK_D, BLOCK_DV)
+            dq = _dq_block(dq, q, do, lse2, delta, pos, k_base, v_base, stride_ks, stride_vs, start_n, S, key_lim,
+                           scale_log2, offs_n, offs_d, offs_dv, D, DV, CAUSAL, True, BLOCK_D, BLOCK_DV)
         dq_ptrs = dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
         tl.store(dq_ptrs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d < D)[None, :])
 
@@ -188,20 +188,20 @@ if HAS_TRITON:
                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
         """One query block into a key block's dK/dV, in transposed (keys × queries) tiles so dK and dV
         each come out of one matmul: S (always), dV += Pᵀ dO, dP, dK += dSᵀ Q. MASKED blocks check
-        query bounds and causality and zero non-finite Q/dO; mask-free blocks load whole tiles.
+        query bounds and causality; mask-free blocks load whole tiles.
         Keys past S need no mask: their K/V rows are zero and their dK/dV rows are never stored."""
         rows = start_m + offs_m
         row_ok = rows < T
-        q = _load_rows(q_base + rows[:, None] * stride_qt + offs_d[None, :], row_ok, offs_d < D,
-                       MASKED, D != BLOCK_D)
-        do = _load_rows(do_base + rows[:, None] * stride_dot + offs_dv[None, :], row_ok, offs_dv < DV,
-                        MASKED, DV != BLOCK_DV)
         if MASKED:
-            q = _finite_or_zero(q)
-            do = _finite_or_zero(do)
             lse2 = tl.load(lse_base + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+            live = row_ok & (lse2 == lse2)  # NaN-lse rows (non-finite inputs) load as zeros
         else:
             lse2 = tl.load(lse_base + rows) * 1.4426950408889634
+            live = row_ok
+        q = _load_rows(q_base + rows[:, None] * stride_qt + offs_d[None, :], live, offs_d < D,
+                       MASKED, D != BLOCK_D)
+        do = _load_rows(do_base + rows[:, None] * stride_dot + offs_dv[None, :], live, offs_dv < DV,
+                        MASKED, DV != BLOCK_DV)
         p_t = tl.exp2(tl.dot(k, tl.trans(q)) * scale_log2 - lse2[None, :])
         if MASKED:
             ok = row_ok[None, :]
@@ -312,10 +312,11 @@ def head_groups(map_H: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch
 
 
 def flash_bwd(do_BTHdv, q_BTHd, k_BSHkd, v_BSHvdv, out_BTHdv, lse_BHT, k_head_H, v_head_H, pos_BT,
-              causal: bool, scale: float, shared_map: bool):
+              causal: bool, scale: float, shared_map: bool, first_bad_BH=None):
     """Launch the backward; returns dq_BTHd, dk_BSHkd, dv_BSHvdv in the inputs' dtypes.
 
     `shared_map`: k_head == v_head elementwise (and Hk == Hv), so dK and dV share one launch.
+    `first_bad_BH`: as for flash_fwd (computed here when not given).
     """
     do_BTHdv, q_BTHd, k_BSHkd, v_BSHvdv = (last_dim_contiguous(x) for x in (do_BTHdv, q_BTHd, k_BSHkd, v_BSHvdv))
     B, T, H, d = q_BTHd.shape
@@ -327,6 +328,8 @@ def flash_bwd(do_BTHdv, q_BTHd, k_BSHkd, v_BSHvdv, out_BTHdv, lse_BHT, k_head_H,
         return dq_BTHd.zero_(), dk_BSHkd.zero_(), dv_BSHvdv.zero_()
     has_pos = pos_BT is not None
     pos_arg = pos_BT if has_pos else k_head_H  # never read when HAS_POS is False
+    if first_bad_BH is None:
+        first_bad_BH = first_nonfinite_key(k_BSHkd, v_BSHvdv, k_head_H, v_head_H)
     shapes = dict(D=d, DV=dv, CAUSAL=causal, HAS_POS=has_pos, BLOCK_D=block_dim(d), BLOCK_DV=block_dim(dv))
 
     delta_BHT = torch.empty(B, H, T, device=q_BTHd.device, dtype=torch.float32)
@@ -336,7 +339,7 @@ def flash_bwd(do_BTHdv, q_BTHd, k_BSHkd, v_BSHvdv, out_BTHdv, lse_BHT, k_head_H,
 
     _attn_bwd_dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
         q_BTHd, k_BSHkd, v_BSHvdv, do_BTHdv, dq_BTHd, lse_BHT, delta_BHT, pos_arg, k_head_H, v_head_H,
-        scale * LOG2E, scale, T, S, H,
+        first_bad_BH, scale * LOG2E, scale, T, S, H,
         *_strides(q_BTHd), *_strides(k_BSHkd), *_strides(v_BSHvdv), *_strides(do_BTHdv), *_strides(dq_BTHd),
         **shapes)
 

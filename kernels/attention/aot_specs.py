@@ -35,8 +35,7 @@ def _sig(fn, dt: str, ints: tuple[str, ...], fp32_ptrs: tuple[str, ...]) -> dict
 def aot_specs() -> list[KernelSpec]:
     """Every kernel × every GPU config the autotuner can pick, bf16 at d 64 and 128 with default
     (increasing) positions, plus explicit q_positions (HAS_POS, a different mask split) at d 128,
-    the decoupled-map dK-only / dV-only launches at d 64 and 128, a masked d 80 on the first
-    config, and fp32 at d 128 (must fit only on the small last config: the autotuner skips fp32
+    the decoupled-map dK-only / dV-only launches at d 64 and 128, a masked d 80, and fp32 at d 128 (must fit only on the small last config: the autotuner skips fp32
     configs that exceed shared memory)."""
     from kernels.attention import flash as fw
     from kernels.attention import flash_bwd as bw
@@ -44,20 +43,22 @@ def aot_specs() -> list[KernelSpec]:
     out = []
     both = {"DO_DK": True, "DO_DV": True}
     kernels = [
-        ("fwd", fw._attn_fwd.fn, fw.FWD_CONFIGS, [{}], ("T", "S", "H"), ("lse_ptr",)),
-        ("dq", bw._attn_bwd_dq.fn, bw.DQ_CONFIGS, [{}], ("T", "S", "H"), ("lse_ptr", "delta_ptr")),
-        ("dkdv", bw._attn_bwd_dkdv.fn, bw.DKDV_CONFIGS,
+        ("fwd", fw._attn_fwd.fn, fw.FWD_TABLE, [{}], ("T", "S", "H"), ("lse_ptr",)),
+        ("dq", bw._attn_bwd_dq.fn, bw.DQ_TABLE, [{}], ("T", "S", "H"), ("lse_ptr", "delta_ptr")),
+        ("dkdv", bw._attn_bwd_dkdv.fn, bw.DKDV_TABLE,
          [both, {"DO_DK": True, "DO_DV": False}, {"DO_DK": False, "DO_DV": True}],
          ("T", "S", "H", "G"), ("lse_ptr", "delta_ptr")),
     ]
-    for kname, fn, configs, flag_sets, ints, f32 in kernels:
+    for kname, fn, table, flag_sets, ints, f32 in kernels:
+        configs = [c for c, _ in table]
         for i, cfg in enumerate(configs):
             last = i == len(configs) - 1
             runs = [("bf16", d, fl, False) for d in DIMS for fl in flag_sets]
             runs.append(("bf16", 128, flag_sets[0], True))
-            if i == 0:
-                runs.append(("bf16", MASKED_DIM, flag_sets[0], False))
+            runs.append(("bf16", MASKED_DIM, flag_sets[0], False))
             runs.append(("fp32", 128, flag_sets[0], False))
+            # only where the autotuner may pick it: configs are pruned by head dim (flash.configs_for)
+            runs = [r for r in runs if any(c is cfg for c in fw.configs_for(table, fw.block_dim(r[1])))]
             for dt, d, fl, has_pos in runs:
                 consts = dict(D=d, DV=d, CAUSAL=True, HAS_POS=has_pos, BLOCK_D=fw.block_dim(d),
                               BLOCK_DV=fw.block_dim(d), **fl, **cfg.kwargs)

@@ -38,19 +38,42 @@ LOG2E = 1.4426950408889634
 
 
 def _fwd_configs():
-    """Forward block configs the autotuner may pick on a GPU (compiled for sm_80/sm_90 by
-    tests/kernels/test_attention_compile.py, spill-checked with ptxas by the static gate).
-    BLOCK_M = 128 on 4 warps is left out: its fp32 accumulator (128 × d) plus Q and the score
-    tile exceed 255 registers at d = 128 (196 - 880 B spilled on sm_90a / sm_80); 8 warps carry
-    it spill-free. Configs whose shared memory does not fit (fp32 at d=128) fail to compile and
-    the autotuner skips them; the last one always fits."""
+    """(config, largest padded head dim it may run at) for the forward, as the autotuner sees them
+    on a GPU (compiled and ptxas-checked for sm_80 / sm_90a by the static gates, aot_specs.py).
+    Measured (bf16): BLOCK_M = 128 on 4 warps spills at d = 128 on both archs (196 - 880 B: a
+    128 × d fp32 accumulator plus Q and the score tile), so 128-row tiles use 8 warps; the
+    128 × 128 and 64 × 64 tiles are clean at d = 64 but spill at d = 128 on sm_80 (64 B, 4 B),
+    so they are pruned there (``configs_for``). Configs whose shared memory does not fit (fp32 at
+    d = 128) fail to compile and the autotuner skips them; the last one always fits."""
     cfg = triton.Config
     return [
-        cfg({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        cfg({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        cfg({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),  # small: fp32 at d=128 fits here
+        (cfg({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3), 128),
+        (cfg({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2), 64),
+        (cfg({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3), 64),
+        (cfg({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2), 128),  # small: fp32 at d=128 fits here
     ]
+
+
+def _config_key(c) -> tuple:
+    return tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
+
+
+def configs_for(table, block_d: int) -> list:
+    """The configs of a (config, max padded head dim) table the autotuner may pick at `block_d`."""
+    return [c for c, max_d in table if block_d <= max_d]
+
+
+def prune_by_head_dim(table):
+    """An autotune ``early_config_prune`` keeping the configs `table` allows at the launch's padded
+    head dim (max of BLOCK_D and BLOCK_DV); configs not in the table (the interpreter's) stay."""
+    limits = {_config_key(c): max_d for c, max_d in table}
+
+    def prune(configs, named_args, **kwargs):
+        block_d = max(kwargs["BLOCK_D"], kwargs.get("BLOCK_DV", 0))
+        kept = [c for c in configs if block_d <= limits.get(_config_key(c), block_d)]
+        return kept or configs[-1:]
+
+    return prune
 
 
 def _interp_configs():
@@ -64,7 +87,8 @@ def block_dim(d: int) -> int:
 
 
 if HAS_TRITON:
-    FWD_CONFIGS = _fwd_configs()
+    FWD_TABLE = _fwd_configs()
+    FWD_CONFIGS = [c for c, _ in FWD_TABLE]
     ACTIVE_FWD_CONFIGS = _interp_configs() if INTERPRET else FWD_CONFIGS
 
     @triton.jit
@@ -119,7 +143,8 @@ if HAS_TRITON:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return acc, m_new, l_i
 
-    @triton.autotune(configs=ACTIVE_FWD_CONFIGS, key=["D", "DV", "CAUSAL", "HAS_POS"])
+    @triton.autotune(configs=ACTIVE_FWD_CONFIGS, key=["D", "DV", "CAUSAL", "HAS_POS"],
+                     prune_configs_by={"early_config_prune": prune_by_head_dim(FWD_TABLE)})
     @triton.jit
     def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, k_head_ptr, v_head_ptr, first_bad_ptr,
                   scale_log2, T, S, H,

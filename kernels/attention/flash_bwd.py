@@ -49,31 +49,37 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from kernels.attention.flash import _load_rows, _query_positions
+    from kernels.attention.flash import _load_rows, _query_positions, prune_by_head_dim
 
 DELTA_BLOCK_M = 16 if INTERPRET else 64
 
 
 def _dq_configs():
-    """dQ configs (all spill-free on sm_90a and sm_80 at d 64 and 128, bf16: see aot_specs)."""
+    """(config, largest padded head dim) for dQ. Measured (bf16): the 4-warp 64 × 64 tile and the
+    8-warp 128 × 64 tile are clean at d = 64 but spill at d = 128 on sm_80 (24 B, 40 B; 8-warp
+    128 × 64 without pipelining: 668 B), so they are pruned there."""
     cfg = triton.Config
     return [
-        cfg({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-        cfg({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),  # small: fp32 at d=128 fits here
+        (cfg({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3), 64),
+        (cfg({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2), 64),
+        (cfg({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2), 128),
+        (cfg({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2), 128),
+        (cfg({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2), 128),  # small: fp32 at d=128 fits here
     ]
 
 
 def _dkdv_configs():
-    """dK/dV configs. Two fp32 accumulators of BLOCK_N × d live across the whole query loop; at
-    d = 128 that is 128 registers per thread for BLOCK_N = 64 on 4 warps before K, V and the
-    score tiles, so 4-warp configs with BLOCK_N >= 64 spill (measured 100 - 1,764 B on sm_90a).
-    Every config here spreads the accumulators over 8 warps (64 registers per thread)."""
+    """(config, largest padded head dim) for dK/dV. Two fp32 accumulators of BLOCK_N × d live
+    across the whole query loop, with K and V (the A operands of two matmuls) beside them.
+    Measured with ptxas (bf16, sm_90a / sm_80): 4 warps spill at d = 128 for every tile tried
+    (24 - 940 B), BLOCK_M = 64 spills at both head dims (20 - 940 B), and software pipelining
+    (num_stages = 2) adds 4 - 400 B; only BLOCK_M = 32 on 8 warps without pipelining is clean at
+    d = 128, and BLOCK_N = 128 only up to d = 64 (at 128: 4 B on sm_90a, 460 B on sm_80).
+    The fp32 inputs at d = 128 fit shared memory in the 64-key config."""
     cfg = triton.Config
     return [
-        cfg({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-        cfg({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-        cfg({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=2),  # small: fp32 at d=128 fits here
+        (cfg({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=1), 64),
+        (cfg({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=1), 128),
     ]
 
 
@@ -82,7 +88,8 @@ def _interp_configs():
 
 
 if HAS_TRITON:
-    DQ_CONFIGS, DKDV_CONFIGS = _dq_configs(), _dkdv_configs()
+    DQ_TABLE, DKDV_TABLE = _dq_configs(), _dkdv_configs()
+    DQ_CONFIGS, DKDV_CONFIGS = [c for c, _ in DQ_TABLE], [c for c, _ in DKDV_TABLE]
     ACTIVE_DQ_CONFIGS = _interp_configs() if INTERPRET else DQ_CONFIGS
     ACTIVE_DKDV_CONFIGS = _interp_configs() if INTERPRET else DKDV_CONFIGS
 
@@ -127,7 +134,8 @@ if HAS_TRITON:
             ds = tl.where(ok, ds, 0.0)
         return dq + tl.dot(ds.to(k.dtype), k)
 
-    @triton.autotune(configs=ACTIVE_DQ_CONFIGS, key=["D", "DV", "CAUSAL", "HAS_POS"])
+    @triton.autotune(configs=ACTIVE_DQ_CONFIGS, key=["D", "DV", "CAUSAL", "HAS_POS"],
+                     prune_configs_by={"early_config_prune": prune_by_head_dim(DQ_TABLE)})
     @triton.jit
     def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, pos_ptr, k_head_ptr, v_head_ptr,
                      first_bad_ptr, scale_log2, scale, T, S, H,
@@ -222,7 +230,8 @@ if HAS_TRITON:
             dk += tl.dot(ds_t.to(q.dtype), q)
         return dk, dv
 
-    @triton.autotune(configs=ACTIVE_DKDV_CONFIGS, key=["D", "DV", "CAUSAL", "HAS_POS", "DO_DK", "DO_DV"])
+    @triton.autotune(configs=ACTIVE_DKDV_CONFIGS, key=["D", "DV", "CAUSAL", "HAS_POS", "DO_DK", "DO_DV"],
+                     prune_configs_by={"early_config_prune": prune_by_head_dim(DKDV_TABLE)})
     @triton.jit
     def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, pos_ptr,
                        k_head_ptr, v_head_ptr, order_ptr, offsets_ptr,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from kernels.compile_spec import KernelSpec
 
-
 DIMS = (64, 128)  # the model's head dims (the issue-18 shapes: T 4096, 32 query / 8 KV heads, causal)
 MASKED_DIM = 80   # a head dim padded to 128 (masked loads), first config only
 
@@ -35,36 +34,42 @@ def _sig(fn, dt: str, ints: tuple[str, ...], fp32_ptrs: tuple[str, ...]) -> dict
 def aot_specs() -> list[KernelSpec]:
     """Every kernel × every GPU config the autotuner can pick, bf16 at d 64 and 128 with default
     (increasing) positions, plus explicit q_positions (HAS_POS, a different mask split) at d 128,
-    the decoupled-map dK-only / dV-only launches at d 64 and 128, a masked d 80, and fp32 at d 128 (must fit only on the small last config: the autotuner skips fp32
-    configs that exceed shared memory)."""
+    the decoupled-map dK-only / dV-only launches and the optional non-deterministic single pass
+    (ATOMIC_DQ, fused and dK-only) at d 64 and 128, a masked d 80, and fp32 at d 128 (which must
+    fit only on the smallest pickable config: the autotuner skips fp32 configs that exceed shared
+    memory)."""
     from kernels.attention import flash as fw
     from kernels.attention import flash_bwd as bw
 
     out = []
-    both = {"DO_DK": True, "DO_DV": True}
+    both = {"DO_DK": True, "DO_DV": True, "ATOMIC_DQ": False}
+    dk_only = {"DO_DK": True, "DO_DV": False, "ATOMIC_DQ": False}
+    dv_only = {"DO_DK": False, "DO_DV": True, "ATOMIC_DQ": False}
+    single_pass = [dict(both, ATOMIC_DQ=True), dict(dk_only, ATOMIC_DQ=True)]
     kernels = [
         ("fwd", fw._attn_fwd.fn, fw.FWD_TABLE, [{}], ("T", "S", "H"), ("lse_ptr",)),
         ("dq", bw._attn_bwd_dq.fn, bw.DQ_TABLE, [{}], ("T", "S", "H"), ("lse_ptr", "delta_ptr")),
         ("dkdv", bw._attn_bwd_dkdv.fn, bw.DKDV_TABLE,
-         [both, {"DO_DK": True, "DO_DV": False}, {"DO_DK": False, "DO_DV": True}],
-         ("T", "S", "H", "G"), ("lse_ptr", "delta_ptr")),
+         [both, dk_only, dv_only, *single_pass], ("T", "S", "H", "G"), ("lse_ptr", "delta_ptr", "dq_ptr")),
     ]
     for kname, fn, table, flag_sets, ints, f32 in kernels:
-        configs = [c for c, _ in table]
+        configs = [e[0] for e in table]
         for i, cfg in enumerate(configs):
-            last = i == len(configs) - 1
             runs = [("bf16", d, fl, False) for d in DIMS for fl in flag_sets]
             runs.append(("bf16", 128, flag_sets[0], True))
             runs.append(("bf16", MASKED_DIM, flag_sets[0], False))
             runs.append(("fp32", 128, flag_sets[0], False))
             # only where the autotuner may pick it: configs are pruned by head dim (flash.configs_for)
-            runs = [r for r in runs if any(c is cfg for c in fw.configs_for(table, fw.block_dim(r[1])))]
+            runs = [(dt, d, fl, pos) for dt, d, fl, pos in runs
+                    if any(c is cfg for c in fw.configs_for(table, fw.block_dim(d), fl.get("ATOMIC_DQ", False)))]
             for dt, d, fl, has_pos in runs:
                 consts = dict(D=d, DV=d, CAUSAL=True, HAS_POS=has_pos, BLOCK_D=fw.block_dim(d),
                               BLOCK_DV=fw.block_dim(d), **fl, **cfg.kwargs)
                 opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
                 tag = "".join(f",{k}={v}" for k, v in fl.items()) + (",pos" if has_pos else "")
-                must_fit = dt != "fp32" or last
+                # fp32: only the smallest pickable config must fit (the autotuner skips the others)
+                pick = fw.configs_for(table, fw.block_dim(d), fl.get("ATOMIC_DQ", False))
+                must_fit = dt != "fp32" or cfg is pick[-1]
                 out.append((f"{kname}[cfg{i},{dt},d={d}{tag}]", fn, _sig(fn, dt, ints, f32), consts, opts, must_fit))
     for d in DIMS:
         delta_consts = {"DV": d, "BLOCK_DV": d, "BLOCK_M": bw.DELTA_BLOCK_M}

@@ -58,19 +58,27 @@ def _config_key(c) -> tuple:
     return tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
 
 
-def configs_for(table, block_d: int) -> list:
-    """The configs of a (config, max padded head dim) table the autotuner may pick at `block_d`."""
-    return [c for c, max_d in table if block_d <= max_d]
+def _limit(entry, atomic: bool) -> int:
+    """Largest padded head dim of a table entry (config, max_d[, max_d with ATOMIC_DQ])."""
+    return entry[2] if atomic and len(entry) > 2 else entry[1]
+
+
+def configs_for(table, block_d: int, atomic: bool = False) -> list:
+    """The configs of a (config, max padded head dim[, max with ATOMIC_DQ]) table that the
+    autotuner may pick at `block_d` (for the dK/dV kernel: with or without ATOMIC_DQ)."""
+    return [e[0] for e in table if block_d <= _limit(e, atomic)]
 
 
 def prune_by_head_dim(table):
     """An autotune ``early_config_prune`` keeping the configs `table` allows at the launch's padded
     head dim (max of BLOCK_D and BLOCK_DV); configs not in the table (the interpreter's) stay."""
-    limits = {_config_key(c): max_d for c, max_d in table}
+    entries = {_config_key(e[0]): e for e in table}
 
     def prune(configs, named_args, **kwargs):
         block_d = max(kwargs["BLOCK_D"], kwargs.get("BLOCK_DV", 0))
-        kept = [c for c in configs if block_d <= limits.get(_config_key(c), block_d)]
+        atomic = bool(kwargs.get("ATOMIC_DQ", False))
+        kept = [c for c in configs
+                if _config_key(c) not in entries or block_d <= _limit(entries[_config_key(c)], atomic)]
         return kept or configs[-1:]
 
     return prune
@@ -88,7 +96,7 @@ def block_dim(d: int) -> int:
 
 if HAS_TRITON:
     FWD_TABLE = _fwd_configs()
-    FWD_CONFIGS = [c for c, _ in FWD_TABLE]
+    FWD_CONFIGS = [e[0] for e in FWD_TABLE]
     ACTIVE_FWD_CONFIGS = _interp_configs() if INTERPRET else FWD_CONFIGS
 
     @triton.jit
@@ -190,10 +198,12 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         for start_n in range(0, full, BLOCK_N):
             acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, pos, S,
-                                       key_lim, scale_log2, offs_n, offs_d, offs_dv, D, DV, CAUSAL, False, BLOCK_D, BLOCK_DV)
+                                       key_lim, scale_log2, offs_n, offs_d, offs_dv, D, DV, CAUSAL, False,
+                                       BLOCK_D, BLOCK_DV)
         for start_n in range(full, hi, BLOCK_N):
             acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, pos, S,
-                                       key_lim, scale_log2, offs_n, offs_d, offs_dv, D, DV, CAUSAL, True, BLOCK_D, BLOCK_DV)
+                                       key_lim, scale_log2, offs_n, offs_d, offs_dv, D, DV, CAUSAL, True,
+                                       BLOCK_D, BLOCK_DV)
 
         # NaN rows: a non-finite key/value at a position the row sees, or a position outside [0, S)
         if CAUSAL:

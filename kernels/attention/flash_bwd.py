@@ -43,7 +43,13 @@ from __future__ import annotations
 import torch
 
 from kernels import HAS_TRITON, INTERPRET
-from kernels.attention.flash import LOG2E, _strides, block_dim, first_nonfinite_key, last_dim_contiguous
+from kernels.attention.flash import (
+    LOG2E,
+    _strides,
+    block_dim,
+    first_nonfinite_key,
+    last_dim_contiguous,
+)
 
 if HAS_TRITON:
     import triton
@@ -75,11 +81,15 @@ def _dkdv_configs():
     (24 - 940 B), BLOCK_M = 64 spills at both head dims (20 - 940 B), and software pipelining
     (num_stages = 2) adds 4 - 400 B; only BLOCK_M = 32 on 8 warps without pipelining is clean at
     d = 128, and BLOCK_N = 128 only up to d = 64 (at 128: 4 B on sm_90a, 460 B on sm_80).
-    The fp32 inputs at d = 128 fit shared memory in the 64-key config."""
+    The single pass (ATOMIC_DQ) holds a dQ tile as well: at d = 128 it needs BLOCK_M = 16 (32
+    spills 72 B on sm_90a), so the third column is the largest head dim with ATOMIC_DQ and the
+    16-row config serves only that launch. The fp32 inputs at d = 128 fit shared memory in the
+    64-key configs."""
     cfg = triton.Config
     return [
-        (cfg({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=1), 64),
-        (cfg({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=1), 128),
+        (cfg({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=1), 64, 64),
+        (cfg({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=1), 128, 64),
+        (cfg({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=1), 0, 128),
     ]
 
 
@@ -89,7 +99,7 @@ def _interp_configs():
 
 if HAS_TRITON:
     DQ_TABLE, DKDV_TABLE = _dq_configs(), _dkdv_configs()
-    DQ_CONFIGS, DKDV_CONFIGS = [c for c, _ in DQ_TABLE], [c for c, _ in DKDV_TABLE]
+    DQ_CONFIGS, DKDV_CONFIGS = [e[0] for e in DQ_TABLE], [e[0] for e in DKDV_TABLE]
     ACTIVE_DQ_CONFIGS = _interp_configs() if INTERPRET else DQ_CONFIGS
     ACTIVE_DKDV_CONFIGS = _interp_configs() if INTERPRET else DKDV_CONFIGS
 
@@ -189,14 +199,15 @@ if HAS_TRITON:
         tl.store(dq_ptrs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d < D)[None, :])
 
     @triton.jit
-    def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, pos_ptr, b, start_m, cols,
-                    stride_qt, stride_dot, T, S, scale_log2, offs_m, offs_d, offs_dv,
+    def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, pos_ptr, b, start_m, cols,
+                    stride_qt, stride_dot, stride_dqt, T, S, scale_log2, scale, offs_m, offs_d, offs_dv,
                     D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
-                    DO_DK: tl.constexpr, DO_DV: tl.constexpr, MASKED: tl.constexpr,
+                    DO_DK: tl.constexpr, DO_DV: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASKED: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
         """One query block into a key block's dK/dV, in transposed (keys × queries) tiles so dK and dV
-        each come out of one matmul: S (always), dV += Pᵀ dO, dP, dK += dSᵀ Q. MASKED blocks check
-        query bounds and causality; mask-free blocks load whole tiles.
+        each come out of one matmul: S (always), dV += Pᵀ dO, dP, dK += dSᵀ Q, and with ATOMIC_DQ
+        dQ += dS K added into the fp32 dQ buffer with atomics (FA2's single pass: 5 matmuls).
+        MASKED blocks check query bounds and causality; mask-free blocks load whole tiles.
         Keys past S need no mask: their K/V rows are zero and their dK/dV rows are never stored."""
         rows = start_m + offs_m
         row_ok = rows < T
@@ -228,23 +239,29 @@ if HAS_TRITON:
             if MASKED:
                 ds_t = tl.where(ok, ds_t, 0.0)
             dk += tl.dot(ds_t.to(q.dtype), q)
+            if ATOMIC_DQ:
+                dq_part = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * scale
+                tl.atomic_add(dq_base + rows[:, None] * stride_dqt + offs_d[None, :], dq_part,
+                              mask=row_ok[:, None] & (offs_d < D)[None, :], sem="relaxed")
         return dk, dv
 
-    @triton.autotune(configs=ACTIVE_DKDV_CONFIGS, key=["D", "DV", "CAUSAL", "HAS_POS", "DO_DK", "DO_DV"],
+    @triton.autotune(configs=ACTIVE_DKDV_CONFIGS, key=["D", "DV", "CAUSAL", "HAS_POS", "DO_DK", "DO_DV", "ATOMIC_DQ"],
                      prune_configs_by={"early_config_prune": prune_by_head_dim(DKDV_TABLE)})
     @triton.jit
-    def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, pos_ptr,
-                       k_head_ptr, v_head_ptr, order_ptr, offsets_ptr,
+    def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, dq_ptr, lse_ptr, delta_ptr, pos_ptr,
+                       k_head_ptr, v_head_ptr, order_ptr, offsets_ptr, first_bad_ptr,
                        scale_log2, scale, T, S, H, G,
                        stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                        stride_vb, stride_vs, stride_vh, stride_dob, stride_dot, stride_doh,
                        stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+                       stride_dqb, stride_dqt, stride_dqh,
                        D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
-                       DO_DK: tl.constexpr, DO_DV: tl.constexpr,
+                       DO_DK: tl.constexpr, DO_DV: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Grid (cdiv(S, BLOCK_N), B·G): dK and/or dV rows of one key block of group g, summed over
-        the query heads order[offsets[g]:offsets[g+1]] mapped to g."""
+        the query heads order[offsets[g]:offsets[g+1]] mapped to g. K/V rows from the head's first
+        non-finite key on load as zeros (the rows that see them are NaN rows anyway)."""
         pid_n = tl.program_id(0)  # causal: early key blocks are seen by the most queries and go first
         pid_bg = tl.program_id(1)
         b = (pid_bg // G).to(tl.int64)
@@ -262,7 +279,7 @@ if HAS_TRITON:
             # from m_full on see all of them
             m_lo = tl.maximum(start_n - (S - T), 0) // BLOCK_M * BLOCK_M
             m_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (S - T), 0), BLOCK_M) * BLOCK_M
-        elif CAUSAL:  # explicit positions have no order: every block is masked
+        elif CAUSAL:  # explicit positions have no order: every block is masked (one loop below)
             m_lo = 0
             m_full = t_full
         else:
@@ -277,31 +294,43 @@ if HAS_TRITON:
         for i in range(h_lo, h_hi):
             h = tl.load(order_ptr + i).to(tl.int64)
             kh = tl.load(k_head_ptr + h).to(tl.int64)
+            bh = b * H + h
+            load_ok = cols < tl.minimum(tl.load(first_bad_ptr + bh), S)
             k = _load_rows(k_ptr + b * stride_kb + kh * stride_kh + cols[:, None] * stride_ks + offs_d[None, :],
-                           col_ok, offs_d < D, True, D != BLOCK_D)
+                           load_ok, offs_d < D, True, D != BLOCK_D)
             if DO_DK:  # dP needs the value head of this query head
                 vh = tl.load(v_head_ptr + h).to(tl.int64)
                 v = _load_rows(v_ptr + b * stride_vb + vh * stride_vh + cols[:, None] * stride_vs + offs_dv[None, :],
-                               col_ok, offs_dv < DV, True, DV != BLOCK_DV)
+                               load_ok, offs_dv < DV, True, DV != BLOCK_DV)
             else:
                 v = k  # unused (no dP without dK)
-            bh = b * H + h
             q_base = q_ptr + b * stride_qb + h * stride_qh
+            dq_base = dq_ptr + b * stride_dqb + h * stride_dqh
             do_base = do_ptr + b * stride_dob + h * stride_doh
             lse_base = lse_ptr + bh * T
             delta_base = delta_ptr + bh * T
-            for start_m in range(m_lo, m_mid, BLOCK_M):
-                dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, pos_ptr, b, start_m, cols,
-                                     stride_qt, stride_dot, T, S, scale_log2, offs_m, offs_d, offs_dv,
-                                     D, DV, CAUSAL, HAS_POS, DO_DK, DO_DV, True, BLOCK_D, BLOCK_DV)
-            for start_m in range(m_mid, t_full, BLOCK_M):
-                dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, pos_ptr, b, start_m, cols,
-                                     stride_qt, stride_dot, T, S, scale_log2, offs_m, offs_d, offs_dv,
-                                     D, DV, CAUSAL, HAS_POS, DO_DK, DO_DV, False, BLOCK_D, BLOCK_DV)
-            for start_m in range(tl.maximum(m_mid, t_full), T, BLOCK_M):
-                dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, pos_ptr, b, start_m, cols,
-                                     stride_qt, stride_dot, T, S, scale_log2, offs_m, offs_d, offs_dv,
-                                     D, DV, CAUSAL, HAS_POS, DO_DK, DO_DV, True, BLOCK_D, BLOCK_DV)
+            if CAUSAL and HAS_POS:  # one masked loop: no mask-free code to hold registers for
+                for start_m in range(0, T, BLOCK_M):
+                    dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, pos_ptr,
+                                         b, start_m, cols, stride_qt, stride_dot, stride_dqt, T, S, scale_log2,
+                                         scale, offs_m, offs_d, offs_dv, D, DV, CAUSAL, HAS_POS, DO_DK, DO_DV,
+                                         ATOMIC_DQ, True, BLOCK_D, BLOCK_DV)
+            else:
+                for start_m in range(m_lo, m_mid, BLOCK_M):
+                    dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, pos_ptr,
+                                         b, start_m, cols, stride_qt, stride_dot, stride_dqt, T, S, scale_log2,
+                                         scale, offs_m, offs_d, offs_dv, D, DV, CAUSAL, HAS_POS, DO_DK, DO_DV,
+                                         ATOMIC_DQ, True, BLOCK_D, BLOCK_DV)
+                for start_m in range(m_mid, t_full, BLOCK_M):
+                    dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, pos_ptr,
+                                         b, start_m, cols, stride_qt, stride_dot, stride_dqt, T, S, scale_log2,
+                                         scale, offs_m, offs_d, offs_dv, D, DV, CAUSAL, HAS_POS, DO_DK, DO_DV,
+                                         ATOMIC_DQ, False, BLOCK_D, BLOCK_DV)
+                for start_m in range(tl.maximum(m_mid, t_full), T, BLOCK_M):
+                    dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, pos_ptr,
+                                         b, start_m, cols, stride_qt, stride_dot, stride_dqt, T, S, scale_log2,
+                                         scale, offs_m, offs_d, offs_dv, D, DV, CAUSAL, HAS_POS, DO_DK, DO_DV,
+                                         ATOMIC_DQ, True, BLOCK_D, BLOCK_DV)
         if DO_DK:
             dk_ptrs = dk_ptr + b * stride_dkb + g * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
             tl.store(dk_ptrs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None] & (offs_d < D)[None, :])
@@ -321,11 +350,13 @@ def head_groups(map_H: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch
 
 
 def flash_bwd(do_BTHdv, q_BTHd, k_BSHkd, v_BSHvdv, out_BTHdv, lse_BHT, k_head_H, v_head_H, pos_BT,
-              causal: bool, scale: float, shared_map: bool, first_bad_BH=None):
+              causal: bool, scale: float, shared_map: bool, first_bad_BH=None, deterministic: bool = True):
     """Launch the backward; returns dq_BTHd, dk_BSHkd, dv_BSHvdv in the inputs' dtypes.
 
     `shared_map`: k_head == v_head elementwise (and Hk == Hv), so dK and dV share one launch.
     `first_bad_BH`: as for flash_fwd (computed here when not given).
+    `deterministic=False`: FA2's single pass (dQ added with fp32 atomics inside the dK launch, no
+    dQ pass): 5 matmuls per block pair, but the summation order of dQ varies run to run.
     """
     do_BTHdv, q_BTHd, k_BSHkd, v_BSHvdv = (last_dim_contiguous(x) for x in (do_BTHdv, q_BTHd, k_BSHkd, v_BSHvdv))
     B, T, H, d = q_BTHd.shape
@@ -346,11 +377,17 @@ def flash_bwd(do_BTHdv, q_BTHd, k_BSHkd, v_BSHvdv, out_BTHdv, lse_BHT, k_head_H,
         out_BTHdv, do_BTHdv, delta_BHT, T, H, *_strides(out_BTHdv), *_strides(do_BTHdv),
         DV=dv, BLOCK_DV=block_dim(dv), BLOCK_M=DELTA_BLOCK_M)
 
-    _attn_bwd_dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
-        q_BTHd, k_BSHkd, v_BSHvdv, do_BTHdv, dq_BTHd, lse_BHT, delta_BHT, pos_arg, k_head_H, v_head_H,
-        first_bad_BH, scale * LOG2E, scale, T, S, H,
-        *_strides(q_BTHd), *_strides(k_BSHkd), *_strides(v_BSHvdv), *_strides(do_BTHdv), *_strides(dq_BTHd),
-        **shapes)
+    if deterministic:
+        _attn_bwd_dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
+            q_BTHd, k_BSHkd, v_BSHvdv, do_BTHdv, dq_BTHd, lse_BHT, delta_BHT, pos_arg, k_head_H, v_head_H,
+            first_bad_BH, scale * LOG2E, scale, T, S, H,
+            *_strides(q_BTHd), *_strides(k_BSHkd), *_strides(v_BSHvdv), *_strides(do_BTHdv), *_strides(dq_BTHd),
+            **shapes)
+        dq_acc_BTHd = delta_BHT  # never written (ATOMIC_DQ is False): a placeholder fp32 pointer
+        dq_strides = (0, 0, 0)
+    else:
+        dq_acc_BTHd = torch.zeros(B, T, H, d, device=q_BTHd.device, dtype=torch.float32)
+        dq_strides = _strides(dq_acc_BTHd)
 
     # (map, groups, DO_DK, DO_DV): one fused launch, or dK grouped by k_head then dV by v_head
     launches = [(k_head_H, Hk, True, True)]
@@ -359,10 +396,12 @@ def flash_bwd(do_BTHdv, q_BTHd, k_BSHkd, v_BSHvdv, out_BTHdv, lse_BHT, k_head_H,
     for map_H, G, do_dk, do_dv in launches:
         order_H, offsets_G1 = head_groups(map_H, G)
         _attn_bwd_dkdv[lambda meta, G=G: (triton.cdiv(S, meta["BLOCK_N"]), B * G)](
-            q_BTHd, k_BSHkd, v_BSHvdv, do_BTHdv, dk_BSHkd, dv_BSHvdv, lse_BHT, delta_BHT, pos_arg,
-            k_head_H, v_head_H, order_H, offsets_G1,
+            q_BTHd, k_BSHkd, v_BSHvdv, do_BTHdv, dk_BSHkd, dv_BSHvdv, dq_acc_BTHd, lse_BHT, delta_BHT, pos_arg,
+            k_head_H, v_head_H, order_H, offsets_G1, first_bad_BH,
             scale * LOG2E, scale, T, S, H, G,
             *_strides(q_BTHd), *_strides(k_BSHkd), *_strides(v_BSHvdv), *_strides(do_BTHdv),
-            *_strides(dk_BSHkd), *_strides(dv_BSHvdv),
-            DO_DK=do_dk, DO_DV=do_dv, **shapes)
+            *_strides(dk_BSHkd), *_strides(dv_BSHvdv), *dq_strides,
+            DO_DK=do_dk, DO_DV=do_dv, ATOMIC_DQ=do_dk and not deterministic, **shapes)
+    if not deterministic:
+        dq_BTHd = dq_acc_BTHd.to(q_BTHd.dtype)
     return dq_BTHd, dk_BSHkd, dv_BSHvdv

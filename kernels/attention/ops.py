@@ -198,7 +198,7 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _attention_triton(q, k, v, a: _Args, causal: bool):
+def _attention_triton(q, k, v, a: _Args, causal: bool, deterministic: bool):
     from kernels.attention.library import attention_fwd
 
     if q.dtype == torch.float64:
@@ -207,11 +207,11 @@ def _attention_triton(q, k, v, a: _Args, causal: bool):
     v_head_H = k_head_H if a.shared_map else a.v_head_H.to(torch.int32)
     pos = None if a.pos_BT is None else a.pos_BT.to(torch.int32).contiguous()
     return attention_fwd(q, k, v, k_head_H, v_head_H, pos, _first_bad(k, v, a).to(torch.int32), causal, a.scale,
-                         a.shared_map)
+                         a.shared_map, deterministic)
 
 
 def attention(q, k, v, *, causal=True, k_head=None, v_head=None, q_positions=None, softmax_scale=None,
-              return_lse=False, backend="auto"):
+              return_lse=False, backend="auto", deterministic=True):
     """Scaled dot-product attention with decoupled key/value head maps and sparse query positions.
 
     Args:
@@ -229,6 +229,9 @@ def attention(q, k, v, *, causal=True, k_head=None, v_head=None, q_positions=Non
             under torch.compile) | "sdpa" (index_select-expanded K/V + SDPA) | "flash_attn"
             (plain GQA maps and default positions only) | "reference" (fp32 softmax(QKᵀ)V) |
             "auto" (Triton on CUDA, SDPA on CPU).
+        deterministic: Triton backward only. True (default): bit-identical gradients run to run
+            (a separate dQ pass, no atomics). False: FlashAttention-2's single pass, dQ added
+            with fp32 atomics (5 instead of 7 matmuls per block pair; dQ's rounding varies).
 
     Non-finite inputs (the same on every backend): output row (b, i, h) (and its lse) is all NaN
     exactly when q[b, i, h] holds a NaN or ±inf, or a key k[b, j, k_head[h]] or value
@@ -245,7 +248,7 @@ def attention(q, k, v, *, causal=True, k_head=None, v_head=None, q_positions=Non
     a = _validate(q, k, v, k_head, v_head, q_positions, causal, softmax_scale)
     backend = resolve_backend(backend, q.device, BACKENDS, cpu_default="sdpa")
     if backend == "triton":
-        out, lse = _attention_triton(q, k, v, a, causal)
+        out, lse = _attention_triton(q, k, v, a, causal, bool(deterministic))
         return (out, lse) if return_lse else out
     if backend == "flash_attn":
         for name, is_default in (("k_head", a.default_k), ("v_head", a.default_v), ("q_positions", a.pos_BT is None)):

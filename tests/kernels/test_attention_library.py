@@ -26,7 +26,7 @@ def op_args(q, k, v, k_head, v_head, pos, causal, shared):
         vh = kh
     first_bad = first_nonfinite_key(k, v, kh, vh).to(torch.int32)
     return (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), kh, vh, pos, first_bad, causal,
-            q.shape[-1] ** -0.5, shared)
+            q.shape[-1] ** -0.5, shared, True)
 
 
 @pytest.mark.parametrize("case", ["gqa_causal", "decoupled_positions", "full"])
@@ -42,9 +42,9 @@ def test_opcheck_forward_and_backward(case):
     torch.library.opcheck(torch.ops.sparse_arch.attention_fwd.default, args)
     out, lse = torch.ops.sparse_arch.attention_fwd(*args)
     do = torch.randn_like(out)
-    q_, k_, v_, kh, vh, pos, first_bad, causal, scale, shared = args
+    q_, k_, v_, kh, vh, pos, first_bad, causal, scale, shared, det = args
     bwd_args = (do, q_.detach(), k_.detach(), v_.detach(), out.detach(), lse.detach(), kh, vh, pos, first_bad,
-                causal, scale, shared)
+                causal, scale, shared, det)
     torch.library.opcheck(torch.ops.sparse_arch.attention_bwd.default, bwd_args)
 
 
@@ -87,7 +87,7 @@ def test_no_host_sync_in_forward_backward(monkeypatch):
     """Tensor.item / __bool__ / __int__ / __float__ / tolist / nonzero are never called by the
     Triton path with device-resident (here: non-host-checked) maps and positions. CPU maps are
     host data, so this runs the device branch by pretending the values are not host-readable."""
-    import kernels.attention.ops as ops
+    from kernels.attention import ops
 
     q, k, v = problem(B=2, T=6, S=9, H=4, Hk=2, Hv=3)
     k_head, v_head = torch.tensor([1, 0, 1, 0]), torch.tensor([2, 0, 1, 2])
@@ -113,7 +113,7 @@ def test_no_host_sync_in_forward_backward(monkeypatch):
 def test_device_checked_maps_and_positions_give_nan_rows(monkeypatch):
     """Without host values (device tensors, no KERNELS_DEBUG) out-of-range entries are not read
     out of bounds: the rows they touch are NaN rows, every other row is unchanged."""
-    import kernels.attention.ops as ops
+    from kernels.attention import ops
 
     q, k, v = problem(B=1, T=5, S=7, H=4, Hk=2, Hv=2)
     good = attention(q, k, v, k_head=torch.tensor([0, 1, 1, 0]), backend="triton")

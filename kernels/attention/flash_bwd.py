@@ -81,14 +81,14 @@ def _dkdv_configs():
     (24 - 940 B), BLOCK_M = 64 spills at both head dims (20 - 940 B), and software pipelining
     (num_stages = 2) adds 4 - 400 B; only BLOCK_M = 32 on 8 warps without pipelining is clean at
     d = 128, and BLOCK_N = 128 only up to d = 64 (at 128: 4 B on sm_90a, 460 B on sm_80).
-    The single pass (ATOMIC_DQ) holds a dQ tile as well: at d = 128 it needs BLOCK_M = 16 (32
-    spills 72 B on sm_90a), so the third column is the largest head dim with ATOMIC_DQ and the
-    16-row config serves only that launch. The fp32 inputs at d = 128 fit shared memory in the
+    The single pass (ATOMIC_DQ) holds a dQ tile as well: BLOCK_M = 32 spills with it (72 B at
+    d = 128 on sm_90a, 24 - 32 B at d = 64 on sm_80), so the third column (the largest head dim
+    with ATOMIC_DQ) gives it only the 16-row config. The fp32 inputs at d = 128 fit shared memory in the
     64-key configs."""
     cfg = triton.Config
     return [
-        (cfg({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=1), 64, 64),
-        (cfg({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=1), 128, 64),
+        (cfg({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=1), 64, 0),
+        (cfg({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=1), 128, 0),
         (cfg({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=1), 0, 128),
     ]
 

@@ -8,10 +8,11 @@ shared maps (tensors and Python lists), causal or not, default or random (unsort
 q_positions, random scales, NaN / ±inf injected in q, k or v at random places and at causal
 future (masked) keys, and about one case in seven a malformed input (non-positive or non-finite
 scale, out-of-range maps or positions, a zero dimension, meta tensors). Every case runs on
-"sdpa" and "reference" and on Triton under the interpreter in fp32 (fp16 on every fourth case;
-bf16 Triton only on a GPU, where the interpreter's bf16 is not in play). Each either matches the
-loop's answer (out and lse; gradients too on finite cases, for Triton on every third case) or
-raises a clear ValueError / TypeError: anything else is a silent wrong result and fails.
+"sdpa" and "reference"; Triton runs under the interpreter on the 240 cases with idx % 3 != 2
+(fp32, fp16 on every fourth case; bf16 Triton only on a GPU, where the interpreter's bf16 is
+not in play). Each either matches the loop's answer (out and lse; gradients too on finite
+cases: all of them for sdpa / reference, idx % 6 == 0 for Triton) or raises a clear
+ValueError / TypeError: anything else is a silent wrong result and fails.
 """
 from __future__ import annotations
 
@@ -189,13 +190,15 @@ def run_case(idx: int, backend: str, grads: bool):
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "reference", "triton"])
-def test_fuzz_every_case_matches_or_raises(backend):
+def test_fuzz_every_case_matches_or_raises(backend, one_thread):
     kinds = {"error": 0, "finite": 0, "non-finite": 0}
     failures = []
-    for idx in range(N_CASES):
+    # the interpreter costs ~0.2 s a case: Triton runs 240 of the 360 (gradients on 60)
+    cases = [i for i in range(N_CASES) if backend != "triton" or i % 3 != 2]
+    for idx in cases:
         try:
-            kinds[run_case(idx, backend, grads=backend != "triton" or idx % 3 == 0)] += 1
+            kinds[run_case(idx, backend, grads=backend != "triton" or idx % 6 == 0)] += 1
         except AssertionError as exc:  # collect every silent wrong result, then fail once
             failures.append(f"case {idx}: {str(exc).splitlines()[0]}")
     assert not failures, f"{len(failures)} silent wrong results on {backend}:\n" + "\n".join(failures[:20])
-    assert sum(kinds.values()) == N_CASES and min(kinds.values()) >= 30, kinds
+    assert sum(kinds.values()) == len(cases) and min(kinds.values()) >= 30, kinds

@@ -2,7 +2,7 @@
 
 Public API (attention blocks and tests call exactly this):
     attention(q, k, v, *, causal=True, k_head=None, v_head=None, q_positions=None,
-              softmax_scale=None, return_lse=False, backend="auto") -> out (or (out, lse))
+              softmax_scale=None, return_lse=False, backend="auto", deterministic=True) -> out (or (out, lse))
     last_row_attention_entropy(q, k, *, k_head=None, softmax_scale=None, backend="auto") -> ent (B, H)
 """
 from kernels.attention.ops import (

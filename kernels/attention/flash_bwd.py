@@ -13,13 +13,17 @@ Legend (shape suffixes):
 Matrix multiplies per (query block, key block) pair. FlashAttention-2 needs five distinct
 products: S = QKᵀ, dV += Pᵀ dO, dP = dO Vᵀ, dK += dSᵀ Q, dQ += dS K. Its single pass reaches five
 by adding every key block's dQ share into one fp32 buffer with float atomics, whose summation
-order (and so the result) changes from run to run. We keep results deterministic (no atomics):
+order (and so the rounding of dQ) changes from run to run. The default keeps results
+deterministic (no atomics), in two passes:
     dK/dV pass  (key blocks outer, query blocks inner): S, dP, dV += Pᵀ dO, dK += dSᵀ Q   = 4
     dQ pass     (query blocks outer, key blocks inner): S, dP, dQ += dS K                  = 3
-so each of the five FA2 products is issued once, and S and dP are issued a second time in the
-dQ pass (7 in all, the deterministic two-kernel FA2 variant of Triton's fused-attention
-tutorial and of FA2's own deterministic mode). With decoupled maps (k_head != v_head) dK and dV
-are grouped differently: the dK launch issues S, dP, dK (3) and the dV launch S, dV (2).
+so each of the five FA2 products is issued once, and S and dP a second time in the dQ pass (7
+in all: the deterministic two-kernel variant of FA2, as in Triton's fused-attention tutorial);
+the recomputation is what determinism costs. ``deterministic=False`` runs FA2's single pass:
+the dK/dV pass also issues dQ += dS K and adds it with fp32 atomics (ATOMIC_DQ), there is no
+dQ pass, and the count is exactly FA2's 5. With decoupled maps (k_head != v_head) dK and dV are
+grouped differently: the dK launch issues S, dP, dK (3; 4 with ATOMIC_DQ) and the dV launch
+S, dV (2), plus the dQ pass's 3 in the deterministic mode (8 or 6 in all).
 
 Causal masking is applied only where it can matter: each pass walks its inner blocks in a
 masked part (blocks on the diagonal, and ragged tails), and a mask-free main loop over blocks

@@ -25,7 +25,7 @@ import torch
 from kernels.attention import attention
 
 N_CASES = 360
-TOL = {torch.float32: 2e-4, torch.float16: 4e-3}  # max abs error / max(1, max |oracle|)
+TOL = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}  # max abs error / max(1, max |oracle|)
 
 
 def oracle(q, k, v, k_head, v_head, pos, causal, scale):
@@ -160,10 +160,12 @@ def check_rows(name, got, want, tol):
         assert err <= tol * max(1.0, ok_want.abs().max().item()), f"{name}: max abs error {err:.3e}"
 
 
-def run_case(idx: int, backend: str, grads: bool):
+def run_case(idx: int, backend: str, grads: bool, cuda_bf16: bool = False):
     (q, k, v), kw, error, dtype, finite = make_case(idx)
     if backend != "triton" and dtype == torch.float16:
         q, k, v = (x.float() for x in (q, k, v))  # CPU SDPA / reference cases in fp32
+    if cuda_bf16:  # maps / positions stay host values (checked on the host, copied by the op)
+        q, k, v = (x if x.device.type == "meta" else x.to("cuda", torch.bfloat16) for x in (q, k, v))
     if error is not None:
         with pytest.raises(error, match=r"softmax_scale|k_head|v_head|q_positions|meta|>= 1|at least one"):
             attention(q, k, v, return_lse=True, backend=backend, **kw)
@@ -175,17 +177,17 @@ def run_case(idx: int, backend: str, grads: bool):
     leaves = [x.detach().clone().requires_grad_(grads and finite) for x in (q, k, v)]
     out, lse = attention(*leaves, return_lse=True, backend=backend, **kw)
     assert out.dtype == q.dtype and out.shape == (B, T, H, v.shape[3]) and lse.shape == (B, H, T)
-    r_leaves = [x.detach().double().requires_grad_(grads and finite) for x in (q, k, v)]
+    r_leaves = [x.detach().cpu().double().requires_grad_(grads and finite) for x in (q, k, v)]
     r_out, r_lse = oracle(*r_leaves, k_head, v_head, pos, kw["causal"], scale)
     tol = TOL[q.dtype]
-    check_rows(f"case {idx} {backend} out", out.detach(), r_out.detach(), tol)
-    check_rows(f"case {idx} {backend} lse", lse, r_lse.detach(), tol)
+    check_rows(f"case {idx} {backend} out", out.detach().cpu(), r_out.detach(), tol)
+    check_rows(f"case {idx} {backend} lse", lse.cpu(), r_lse.detach(), tol)
     if grads and finite:
         do = torch.randn(out.shape, generator=torch.Generator().manual_seed(idx)).to(q.dtype)
-        got = torch.autograd.grad(out, leaves, do)
+        got = torch.autograd.grad(out, leaves, do.to(q.device))
         want = torch.autograd.grad(r_out, r_leaves, do.double())
         for name, a, b in zip(("dq", "dk", "dv"), got, want):
-            check_rows(f"case {idx} {backend} {name}", a, b, tol * 4)
+            check_rows(f"case {idx} {backend} {name}", a.cpu(), b, tol * 4)
     return "finite" if finite else "non-finite"
 
 
@@ -202,3 +204,15 @@ def test_fuzz_every_case_matches_or_raises(backend, one_thread):
             failures.append(f"case {idx}: {str(exc).splitlines()[0]}")
     assert not failures, f"{len(failures)} silent wrong results on {backend}:\n" + "\n".join(failures[:20])
     assert sum(kinds.values()) == len(cases) and min(kinds.values()) >= 30, kinds
+
+
+@pytest.mark.gpu
+def test_fuzz_triton_bf16_on_gpu():
+    """The same cases in bf16 on CUDA (the interpreter's bf16 is not trusted on CPU)."""
+    failures = []
+    for idx in range(N_CASES):
+        try:
+            run_case(idx, "triton", grads=idx % 2 == 0, cuda_bf16=True)
+        except AssertionError as exc:
+            failures.append(f"case {idx}: {str(exc).splitlines()[0]}")
+    assert not failures, f"{len(failures)} silent wrong results:\n" + "\n".join(failures[:20])

@@ -50,9 +50,10 @@ def _grads(fn, inputs, do):
     return out.detach(), torch.autograd.grad(out, leaves, do)
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bf16_flash_attention_rule(case, d):
+def test_bf16_flash_attention_rule(case, d, deterministic):
     _, B, T, S, H, Hk, Hv, k_head, v_head, positions, causal = case
     dev, dt = "cuda", torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
@@ -67,7 +68,7 @@ def test_bf16_flash_attention_rule(case, d):
         pos = (S - T + torch.arange(T, device=dev)).expand(B, T)
     scale = d ** -0.5
     kw = dict(causal=causal, k_head=None if k_head is None else kh, v_head=None if v_head is None else vh,
-              q_positions=pos if positions == "subset" else None, backend="triton")
+              q_positions=pos if positions == "subset" else None, backend="triton", deterministic=deterministic)
 
     out, grads = _grads(lambda q, k, v: attention(q, k, v, **kw), (q, k, v), do)
     ref, ref_grads = _grads(lambda q, k, v: attention_reference(q, k, v, kh, vh, pos, causal, scale)[0],

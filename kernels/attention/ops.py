@@ -310,5 +310,9 @@ def last_row_attention_entropy(q, k, *, k_head=None, softmax_scale=None, backend
         logp_BHS = torch.log_softmax(scores_BHS, dim=-1)
         ent_BH = -(logp_BHS.exp() * logp_BHS).sum(-1)
     if S == 1:
-        return torch.zeros(B, H, device=q.device)
-    return (ent_BH / math.log(S)).clamp_(0.0, 1.0)
+        ent_BH = torch.zeros(B, H, device=q.device)
+    else:
+        ent_BH = (ent_BH / math.log(S)).clamp_(0.0, 1.0)
+    if a.bad_head_H is not None:  # a device map entry out of range (not host-checked): NaN, not a clamped head
+        ent_BH = torch.where(a.bad_head_H[None, :], torch.full_like(ent_BH, float("nan")), ent_BH)
+    return ent_BH

@@ -234,7 +234,7 @@ def first_nonfinite_key(k_BSHkd, v_BSHvdv, k_head_H, v_head_H) -> torch.Tensor:
     v_head[h]) holds a NaN / ±inf, S when there is none. Device ops only (no host sync)."""
     S = k_BSHkd.shape[1]
     keys_S1 = torch.arange(S, device=k_BSHkd.device, dtype=torch.int32)[:, None]
-    sentinel = torch.tensor(S, device=k_BSHkd.device, dtype=torch.int32)
+    sentinel = torch.full((), S, device=k_BSHkd.device, dtype=torch.int32)  # a fill: no host copy
 
     def first(x_BSHd):
         bad_BSH = ~torch.isfinite(x_BSHd).all(-1)

@@ -110,3 +110,25 @@ def test_auto_is_triton_on_cuda_and_entropy():
     ent = last_row_attention_entropy(q * 4, k)  # auto → triton on CUDA
     # fp32 dots run as TF32 on GPU (TRITON_F32_DEFAULT=ieee makes them exact): ~1e-3 on scores
     torch.testing.assert_close(ent, last_row_entropy_reference(q * 4, k, kh, 64 ** -0.5), atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("maps", ["default", "device"])
+def test_no_host_sync_forward_backward(maps):
+    """torch.cuda.set_sync_debug_mode("error") raises on any synchronising call: the Triton
+    forward + backward with default maps or device-resident decoupled maps and positions has none."""
+    dev, dt = "cuda", torch.bfloat16
+    B, T, H, Hk, d = 2, 256, 8, 2, 64
+    q, k, v = (torch.randn(B, T, h, d, device=dev, dtype=dt, requires_grad=True) for h in (H, Hk, Hk))
+    kw = {}
+    if maps == "device":
+        kw = dict(k_head=torch.tensor([1, 0, 1, 1, 0, 1, 0, 0], device=dev),
+                  v_head=torch.tensor([0, 0, 1, 1, 0, 1, 1, 0], device=dev),
+                  q_positions=torch.arange(T, device=dev).expand(B, T).contiguous())
+    attention(q, k, v, backend="triton", **kw).sum().backward()  # autotune / compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = attention(q, k, v, backend="triton", **kw)
+        torch.autograd.grad(out.sum(), (q, k, v))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -37,8 +37,20 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_TF", angles_TF.sin(), persistent=False)
         self.max_seq_len = max_seq_len
 
+    def span(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for positions [start, start + length): the forward pass's call. The bound is checked
+        on Python ints, so it costs no host↔device sync and traces under torch.compile."""
+        if start + length > self.max_seq_len:
+            raise ValueError(
+                f"position {start + length - 1} is beyond model.max_seq_len={self.max_seq_len}; "
+                "raise model.max_seq_len or shorten the input"
+            )
+        return self.cos_TF[start : start + length], self.sin_TF[start : start + length]
+
     def forward(self, positions_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if int(positions_T.max()) >= self.max_seq_len:
+        """Tables for arbitrary positions. Checking them reads the largest one on the host (a sync):
+        use ``span`` on the hot path."""
+        if positions_T.numel() and int(positions_T.max()) >= self.max_seq_len:
             raise ValueError(
                 f"position {int(positions_T.max())} is beyond model.max_seq_len={self.max_seq_len}; "
                 "raise model.max_seq_len or shorten the input"
@@ -97,6 +109,13 @@ class ElasticSetting:
     active_layers: tuple[int, ...] | None = None
     expert_mask_E: torch.Tensor | None = None
     top_k: int | None = None
+    # experts the mask keeps, counted once here (settings are built on the host between steps) so
+    # that routing sizes its top-k from a Python int instead of reading the mask in every layer
+    n_routable: int | None = field(default=None, init=False, compare=False)
+
+    def __post_init__(self):
+        if self.expert_mask_E is not None:
+            object.__setattr__(self, "n_routable", int(self.expert_mask_E.sum()))
 
     @property
     def is_full(self) -> bool:

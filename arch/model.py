@@ -90,7 +90,7 @@ class LanguageModel(nn.Module):
         B, T = idx_BT.shape
         start = kv_cache.length if kv_cache is not None else 0
         positions_T = torch.arange(start, start + T, device=idx_BT.device)
-        cos_TF, sin_TF = self.rope(positions_T)
+        cos_TF, sin_TF = self.rope.span(start, T)
         ctx = ForwardContext(cos_TF=cos_TF, sin_TF=sin_TF, positions_T=positions_T, kv_cache=kv_cache, elastic=self.elastic)
 
         x_BTD = self.depth(self.embed(idx_BT), ctx)

@@ -31,6 +31,7 @@ from arch.ffn.router import (
     apply_capacity,
     cluster_dropout_mask,
     cluster_variance_loss,
+    expert_counts,
     routing_metrics,
     sequence_balance_loss,
     switch_balance_loss,
@@ -139,8 +140,7 @@ class MoEFFN(nn.Module):
             selection_NE = selection_NE.masked_fill(~ctx.elastic.expert_mask_E.to(x_ND.device), float("-inf"))
         k, k_ideal = self.active_top_k(ctx), max(self.k_ideal, self.active_top_k(ctx))
         if ctx.elastic.expert_mask_E is not None:  # never pick (or sample from) a masked expert
-            routable = int(ctx.elastic.expert_mask_E.sum())
-            k, k_ideal = min(k, routable), min(k_ideal, routable)
+            k, k_ideal = min(k, ctx.elastic.n_routable), min(k_ideal, ctx.elastic.n_routable)
         gate_probs_NE = probs_NE
         if self.training and self.cluster_dropout > 0 and ctx.elastic.expert_mask_E is None:
             drop_NE = cluster_dropout_mask(x_ND.shape[0], self.E, self.n_clusters, k_ideal, self.cluster_dropout, x_ND.device)
@@ -174,7 +174,7 @@ class MoEFFN(nn.Module):
             self._add_losses(ctx, probs_NE, logits_NE, ids_NK, B, T)
             if ctx.elastic.is_full and self.bias_update_rate > 0:
                 with torch.no_grad():
-                    self.pending_counts_E += torch.bincount(ids_NK[ids_NK >= 0], minlength=self.E).float()
+                    self.pending_counts_E += expert_counts(ids_NK, self.E)
         self._add_metrics(ctx, probs_NE, ids_NK, dropped)
         return y_ND.view(B, T, D)
 
@@ -210,8 +210,8 @@ class MoEFFN(nn.Module):
     # ------------------------------------------------------------------ aux-loss-free balancing
     def after_optimizer_step(self, step: int) -> None:
         """b_e += rate · sign(mean load − load_e), from the tokens of full-model steps since the last update."""
-        if self.bias_update_rate <= 0 or self.pending_counts_E.sum() == 0:
-            return
+        if self.bias_update_rate <= 0:
+            return  # no early exit on "no tokens counted" (a host sync): zero counts give sign(0) = 0, no change
         counts_E = self.pending_counts_E
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts_E)  # every rank applies the same update → identical biases

@@ -149,7 +149,8 @@ class ForwardContext:
     """What every block sees besides its input: positions, RoPE tables, cache, and the aux-loss sink.
 
     Sparse blocks call ``add_aux_loss`` / ``add_metric``; the model sums the losses into the
-    training loss and returns both dicts, so the trainer never needs to know about them. A loss
+    training loss and returns both dicts, so the trainer never needs to know about them. Metrics
+    are only gathered when ``collect_metrics`` is set (the trainer sets it on log steps). A loss
     that needs statistics pooled over all layers accumulates them in ``state`` and registers a
     finalizer, which the model calls once after the last layer.
     """
@@ -163,6 +164,7 @@ class ForwardContext:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)  # per-forward state carried across layers
     finalizers: list[Callable[["ForwardContext"], None]] = field(default_factory=list)  # run after the last layer
+    collect_metrics: bool = True  # False on training steps that are not logged: diagnostics are not computed
     _attention_calls: int = 0
 
     def next_cache_slot(self) -> int:
@@ -175,5 +177,10 @@ class ForwardContext:
         self.aux_losses[name] = self.aux_losses[name] + value if name in self.aux_losses else value
 
     def add_metric(self, name: str, value: torch.Tensor) -> None:
-        """Record a detached diagnostic (averaging across layers is the caller's choice of name)."""
-        self.metrics[name] = value.detach()
+        """Record a detached diagnostic (averaging across layers is the caller's choice of name).
+
+        Metrics stay device tensors; whoever logs them converts them to numbers (one host read per
+        log step, none on other steps). Blocks whose statistics cost work check ``collect_metrics``
+        first; ignoring it is harmless, the value is simply not kept."""
+        if self.collect_metrics:
+            self.metrics[name] = value.detach()

@@ -86,12 +86,16 @@ class LanguageModel(nn.Module):
         idx_BT: torch.Tensor,
         targets_BT: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        collect_metrics: bool = True,
     ) -> ModelOutput:
+        """``collect_metrics=False`` skips the blocks' diagnostics (router loads, entropy …): the
+        trainer asks for them only on steps it logs."""
         B, T = idx_BT.shape
         start = kv_cache.length if kv_cache is not None else 0
         positions_T = torch.arange(start, start + T, device=idx_BT.device)
         cos_TF, sin_TF = self.rope.span(start, T)
-        ctx = ForwardContext(cos_TF=cos_TF, sin_TF=sin_TF, positions_T=positions_T, kv_cache=kv_cache, elastic=self.elastic)
+        ctx = ForwardContext(cos_TF=cos_TF, sin_TF=sin_TF, positions_T=positions_T, kv_cache=kv_cache, elastic=self.elastic,
+                              collect_metrics=collect_metrics)
 
         x_BTD = self.depth(self.embed(idx_BT), ctx)
         for finalize in ctx.finalizers:  # losses over statistics pooled across layers

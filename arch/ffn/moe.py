@@ -194,14 +194,16 @@ class MoEFFN(nn.Module):
             ctx.add_aux_loss("cluster_var_loss", self.cluster_var_loss_coef * cluster_variance_loss(p_NE, self.n_clusters))
 
     def _add_metrics(self, ctx, probs_NE, ids_NK, dropped) -> None:
+        if ctx.kv_cache is None and not self.training:
+            self.last_ids_NK = ids_NK.detach()  # for routing analysis (evaluate.py analysis=routing)
+        if not ctx.collect_metrics:
+            return
         metrics = routing_metrics(probs_NE if self.scoring == "softmax" else probs_NE / probs_NE.sum(-1, keepdim=True), ids_NK, self.E)
         prefix = f"moe/layer{self.layer_idx}"
         ctx.add_metric(f"{prefix}/load", metrics["load"])
         ctx.add_metric(f"{prefix}/max_min_load", metrics["max_min_load"])
         ctx.add_metric(f"{prefix}/entropy", metrics["entropy"])
         ctx.add_metric(f"{prefix}/dropped", dropped.float())
-        if ctx.kv_cache is None and not self.training:
-            self.last_ids_NK = ids_NK.detach()  # for routing analysis (evaluate.py analysis=routing)
 
     def expert_parallel_params(self) -> tuple[str, ...]:
         """Expert banks (dim 0 = expert) that ``trainer.expert_parallel`` splits over ranks."""

@@ -9,6 +9,8 @@ graph-breaks around it, which costs nothing measurable next to the grouped GEMMs
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kernels import resolve_backend
@@ -35,9 +37,9 @@ class ExpertMLPFunction(torch.autograd.Function):
         r = route(ids_NK, E, backend="triton")
         need_grad = any(ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
         h_MH, a_MF = gather_act_fwd(x_ND, w_in_EDH, r, k, swiglu, store_h=need_grad)
-        y_ND = combine(scatter_gemm(a_MF, w_out_EFD, r, gates_M), ids_M, N, k)
+        y_ND = combine(scatter_gemm(a_MF, w_out_EFD, r, gates_M), ids_M, N, k, E)
         if need_grad:
-            ctx.save_for_backward(x_ND, ids_M, gates_M, w_in_EDH, w_out_EFD, h_MH, a_MF, *r)
+            ctx.save_for_backward(x_ND, ids_M, gates_M, w_in_EDH, w_out_EFD, h_MH, *r)
         ctx.swiglu, ctx.k, ctx.gate_dtype = swiglu, k, gates_NK.dtype
         return y_ND
 
@@ -47,21 +49,25 @@ class ExpertMLPFunction(torch.autograd.Function):
         from kernels.moe.grouped_gemm import combine, scatter_gemm
         from kernels.moe.grouped_gemm_bwd import gather_act_bwd, grouped_dw
 
-        x_ND, ids_M, gates_M, w_in_EDH, w_out_EFD, h_MH, a_MF, *rt = ctx.saved_tensors
+        x_ND, ids_M, gates_M, w_in_EDH, w_out_EFD, h_MH, *rt = ctx.saved_tensors
         r, k, E, N = Routing(*rt), ctx.k, w_in_EDH.shape[0], x_ND.shape[0]
         need_x, _, need_g, need_win, need_wout, _ = ctx.needs_input_grad
         dy_ND = dy_ND.contiguous().to(x_ND.dtype)
         dx = dg = dw_in = dw_out = None
-        if need_x or need_g or need_win:
-            dh_MH, dgates_M = gather_act_bwd(dy_ND, w_out_EFD, h_MH, gates_M, ids_M, r, k, ctx.swiglu)
+        a_MF = None
+        if need_x or need_g or need_win or (need_wout and not ctx.swiglu):  # GELU: a_MF comes from here
+            dh_MH, dgates_M, a_MF = gather_act_bwd(dy_ND, w_out_EFD, h_MH, gates_M, ids_M, r, k, ctx.swiglu)
             if need_x:  # dx[n] = Σ_j dh[p(n,j)] @ w_in[e]ᵀ: the forward scatter GEMM on transposed weights
-                dx = combine(scatter_gemm(dh_MH, w_in_EDH.transpose(1, 2), r, None), ids_M, N, k)
+                dx = combine(scatter_gemm(dh_MH, w_in_EDH.transpose(1, 2), r, None), ids_M, N, k, E)
             if need_g:
                 dg = dgates_M.view(N, k).to(ctx.gate_dtype)
             if need_win:
                 dw_in = grouped_dw(x_ND, dh_MH, r, k, E, a_gather=True, b_gather=False)
         if need_wout:
-            dw_out = grouped_dw(a_MF, dy_ND, r, k, E, a_gather=False, b_gather=True, gates_M=gates_M)
+            # SwiGLU: A = silu(g)·u recomputed from h inside the GEMM; GELU: a recomputed above
+            a_or_h = h_MH if ctx.swiglu else a_MF
+            dw_out = grouped_dw(a_or_h, dy_ND, r, k, E, a_gather=False, b_gather=True, gates_M=gates_M,
+                                a_act="swiglu" if ctx.swiglu else None)
         return dx, None, dg, dw_in, dw_out, None
 
 
@@ -69,8 +75,14 @@ def _fail(exc, name, msg):
     raise exc(f"expert_mlp: {name} {msg}")
 
 
-def _check_inputs(x, expert_ids, expert_weights, w_in, w_out, activation):
-    """Validate everything before any kernel runs; every message names the argument and value."""
+def debug_checks_enabled() -> bool:
+    """SPARSE_ARCH_DEBUG_CHECKS=1 turns on the checks that need device values (one host sync each)."""
+    return os.environ.get("SPARSE_ARCH_DEBUG_CHECKS", "0") == "1"
+
+
+def _check_inputs(x, expert_ids, expert_weights, w_in, w_out, activation, check_ids=False):
+    """Validate everything before any kernel runs; every message names the argument and value.
+    Only Python ints and metadata are read, except the id range check (check_ids: one host sync)."""
     if activation not in ACTIVATIONS:
         _fail(ValueError, "activation", f"must be one of {ACTIVATIONS}, got {activation!r}")
     named = dict(x=x, expert_ids=expert_ids, expert_weights=expert_weights, w_in=w_in, w_out=w_out)
@@ -87,6 +99,8 @@ def _check_inputs(x, expert_ids, expert_weights, w_in, w_out, activation):
         if named[name].dtype != x.dtype:
             _fail(TypeError, name, f"dtype {named[name].dtype} must match x.dtype {x.dtype}")
     for name, t in named.items():
+        if t.device.type == "meta":
+            _fail(ValueError, name, "is on the meta device: expert_mlp needs real data (use a cpu or cuda tensor)")
         if t.device != x.device:
             _fail(ValueError, name, f"is on {t.device} but x is on {x.device}")
     if x.ndim != 2:
@@ -106,14 +120,15 @@ def _check_inputs(x, expert_ids, expert_weights, w_in, w_out, activation):
     for name, t in named.items():
         if not t.is_contiguous():
             _fail(ValueError, name, f"must be contiguous (call .contiguous()); got strides {t.stride()}")
-    if expert_ids.numel():
-        lo, hi = (int(v) for v in torch.aminmax(expert_ids))  # one host sync; a bad id is never silent
+    if check_ids and expert_ids.numel():
+        lo, hi = (int(v) for v in torch.aminmax(expert_ids))  # debug only: one host sync
         if lo < -1 or hi >= E:
             bad = lo if lo < -1 else hi
             _fail(ValueError, "expert_ids", f"values must be in [0, E={E}) or -1, found {bad}")
 
 
-def expert_mlp(x, expert_ids, expert_weights, w_in, w_out, activation: str = "swiglu", backend: str = "auto"):
+def expert_mlp(x, expert_ids, expert_weights, w_in, w_out, activation: str = "swiglu", backend: str = "auto",
+               check_ids: bool | None = None):
     """Top-k mixture of expert MLPs: ``y[n] = Σ_j expert_weights[n, j] · expert_{expert_ids[n, j]}(x[n])``.
 
     Args:
@@ -129,14 +144,27 @@ def expert_mlp(x, expert_ids, expert_weights, w_in, w_out, activation: str = "sw
         activation:     "swiglu" | "gelu".
         backend:        "triton" (CUDA, or CPU under TRITON_INTERPRET=1) | "torch" (sort + grouped
                         matmuls) | "reference" (plain loop, slow) | "auto" (Triton on CUDA, torch on CPU).
+        check_ids:      raise ValueError for an id outside [-1, E) (one device→host sync). Default:
+                        off, unless the environment sets SPARSE_ARCH_DEBUG_CHECKS=1.
 
     Returns: y (N, D) in x's dtype. Stateless: the same weights may be used by several calls in one
-    graph (universal experts) and their gradients accumulate.
+    graph (universal experts) and their gradients accumulate. N = 0 gives an empty (0, D) result.
 
-    Raises: TypeError for wrong types/dtypes, ValueError for shapes, devices, contiguity, ids out of
-    range, unknown activation or backend.
+    Out-of-range ids (without check_ids): an id outside [-1, E) is treated exactly like -1 on the
+    Triton path (never used as an address; counted on the device in ``route(...).invalid_1``), so no
+    host sync sits in the hot path. The reference backend needs valid ids.
+
+    NaN / inf: a NaN or inf in a token's x, in the weights of an expert it selects, or in a selected
+    slot's gate gives a non-finite y for that token (IEEE arithmetic, nothing is masked); other tokens
+    are unaffected. An empty (-1) slot contributes exactly nothing, whatever its gate holds (NaN/inf
+    included), and gets a zero gate gradient.
+
+    Raises: TypeError for wrong types/dtypes, ValueError for shapes (D = 0 included), devices (meta
+    tensors included), contiguity, unknown activation or backend, and ids out of range with check_ids.
     """
-    _check_inputs(x, expert_ids, expert_weights, w_in, w_out, activation)
+    if check_ids is None:
+        check_ids = debug_checks_enabled()
+    _check_inputs(x, expert_ids, expert_weights, w_in, w_out, activation, check_ids)
     if x.dtype == torch.float64 and backend == "triton":
         _fail(TypeError, "x", "dtype float64 is not supported by backend='triton'; use 'torch' or 'reference'")
     backend = resolve_backend(backend, x.device, BACKENDS, cpu_default="torch")
@@ -144,6 +172,6 @@ def expert_mlp(x, expert_ids, expert_weights, w_in, w_out, activation: str = "sw
         backend = "torch"
     if backend == "reference":
         return expert_mlp_reference(x, expert_ids, expert_weights, w_in, w_out, activation)
-    if backend == "torch" or x.shape[0] == 0:  # no tokens: nothing to launch
+    if backend == "torch" or x.shape[0] == 0:  # no tokens: nothing to launch (an empty (0, D) result)
         return expert_mlp_torch(x, expert_ids, expert_weights, w_in, w_out, activation)
     return ExpertMLPFunction.apply(x, expert_ids, expert_weights, w_in, w_out, activation == "swiglu")

@@ -8,7 +8,6 @@ Public API (attention blocks and tests call exactly this):
 from kernels.attention.ops import (
     BACKENDS,
     ENTROPY_BACKENDS,
-    FlashAttentionFunction,
     attention,
     last_row_attention_entropy,
 )
@@ -17,7 +16,6 @@ from kernels.attention.reference import attention_reference, last_row_entropy_re
 __all__ = [
     "BACKENDS",
     "ENTROPY_BACKENDS",
-    "FlashAttentionFunction",
     "attention",
     "attention_reference",
     "last_row_attention_entropy",

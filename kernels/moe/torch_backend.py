@@ -146,7 +146,8 @@ def _to_slots(t_SX, p: _Plan, M: int):
 def _combine(t_SD, p: _Plan, N: int, k: int):
     """y[n] = Σ_j t[row of slot (n, j)]: a fixed-order sum over k, no atomics."""
     t_MD = _to_slots(_live(t_SD, p), p, N * k)
-    return t_MD.view(N, t_SD.shape[1]) if k == 1 else t_MD.view(N, k, -1).sum(1)
+    D = t_SD.shape[1]
+    return t_MD.view(N, D) if k == 1 else t_MD.view(N, k, D).sum(1)
 
 
 def _activation(h_SH, swiglu: bool):

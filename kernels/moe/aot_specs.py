@@ -45,7 +45,7 @@ def aot_specs() -> list[KernelSpec]:
         tag = f"cfg{i},{dt},E_POW2={ep}"
         for swiglu in (True, False):
             sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "h_ptr": f"*{dt}", "a_ptr": f"*{dt}", **meta,
-                   "K_SLOTS": "i32", "D": "i32", "F": "i32", "E": "i32", "stride_we": "i32", "stride_wd": "i32"}
+                   "M": "i32", "K_SLOTS": "i32", "D": "i32", "F": "i32", "E": "i32", "stride_we": "i32", "stride_wd": "i32"}
             # the JIT turns unit strides into constexpr 1 (contiguous w_in rows): do the same
             out.append((f"gather_act_fwd[swiglu={swiglu},{tag}]", fw._gather_act_fwd.fn, sig,
                         {"stride_wh": 1, "SWIGLU": swiglu, "STORE_H": True, "E_POW2": ep, **blocks}, opts))

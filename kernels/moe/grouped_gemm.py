@@ -100,6 +100,10 @@ if HAS_TRITON:
         size_m = tl.maximum(tl.minimum(n_tiles - first_row, GROUP_M), 1)  # ≥ 1 keeps invalid pids finite
         row_tile = first_row + (q % per_group) % size_m
         col_tile = (q % per_group) // size_m
+        # past the last tile: (spare tile index, column) in plain order, for kernels that clear the
+        # dropped slots' rows (there are always enough spare programs, see _tile_grid)
+        row_tile = tl.where(valid, row_tile, t - tl.sum(tiles, 0))
+        col_tile = tl.where(valid, col_tile, pid - t * n_cols)
         return e, row_tile, col_tile, valid
 
     @triton.jit
@@ -129,7 +133,7 @@ if HAS_TRITON:
     @triton.autotune(configs=ACTIVE_CONFIGS, key=["D", "F", "SWIGLU", "STORE_H"], prune_configs_by=PRUNE)
     @triton.jit
     def _gather_act_fwd(x_ptr, w_ptr, h_ptr, a_ptr, slot_ptr, counts_ptr, offsets_ptr,
-                        K_SLOTS, D, F, E, stride_we, stride_wd, stride_wh,
+                        M, K_SLOTS, D, F, E, stride_we, stride_wd, stride_wh,
                         SWIGLU: tl.constexpr, STORE_H: tl.constexpr, E_POW2: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr):
@@ -174,6 +178,18 @@ if HAS_TRITON:
             else:
                 act = _gelu(acc_g)
             tl.store(a_ptr + rows * F + offs_n[None, :], act.to(a_ptr.dtype.element_ty), mask=mask)
+        elif STORE_H:
+            # h is an output of the op: its dropped-slot rows [S, M) are written as 0, never left
+            # uninitialised. The spare programs (≥ cdiv(M - S, BLOCK_M) per column) do it.
+            H = 2 * F if SWIGLU else F
+            offs_m = tl.load(offsets_ptr + E) + row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = col_tile * COLS + tl.arange(0, COLS)
+            mask = (offs_m < M)[:, None] & (offs_n < F)[None, :]
+            zero = tl.zeros([BLOCK_M, COLS], dtype=h_ptr.dtype.element_ty)
+            ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * H + offs_n[None, :]
+            tl.store(ptrs, zero, mask=mask)
+            if SWIGLU:
+                tl.store(ptrs + F, zero, mask=mask)
 
     @triton.autotune(configs=ACTIVE_CONFIGS, key=["K_IN", "N_OUT", "HAS_GATE"], prune_configs_by=PRUNE)
     @triton.jit
@@ -236,14 +252,15 @@ def _tile_grid(M: int, E: int, ncols: int, half_n: bool = False):
 
 
 def gather_act_fwd(x_ND: torch.Tensor, w_EDH: torch.Tensor, r: Routing, k: int, swiglu: bool, store_h: bool):
-    """a_MF = act(x[tok] @ w_in[e]) in sorted order; h_MH (pre-activation) too when store_h."""
+    """a_MF = act(x[tok] @ w_in[e]) in sorted order; h_MH (pre-activation) too when store_h, with
+    the dropped slots' rows set to 0 (a_MF's are left unwritten: nothing reads them)."""
     M, E, D, H = r.sorted_slot_M.numel(), w_EDH.shape[0], w_EDH.shape[1], w_EDH.shape[2]
     F = H // 2 if swiglu else H
     a_MF = torch.empty((M, F), dtype=x_ND.dtype, device=x_ND.device)
     h_MH = torch.empty((M, H), dtype=x_ND.dtype, device=x_ND.device) if store_h else None
     _gather_act_fwd[_tile_grid(M, E, F, half_n=swiglu)](
         x_ND, w_EDH, h_MH if store_h else a_MF, a_MF, r.sorted_slot_M, r.counts_E, r.offsets_E1,
-        k, D, F, E, *w_EDH.stride(), SWIGLU=swiglu, STORE_H=store_h, E_POW2=_e_pow2(E), GROUP_M=GROUP_M)
+        M, k, D, F, E, *w_EDH.stride(), SWIGLU=swiglu, STORE_H=store_h, E_POW2=_e_pow2(E), GROUP_M=GROUP_M)
     return h_MH, a_MF
 
 

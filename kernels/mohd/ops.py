@@ -102,14 +102,17 @@ class GroupOutMatmul(torch.autograd.Function):
 
 def _torch_in(x_NK, ids_NA, gates_NA, w_KM, n_groups):
     N, K = x_NK.shape
-    gate_NG = dense_gates(ids_NA, gates_NA, n_groups).to(x_NK.dtype)
-    return (x_NK.view(N, n_groups, -1) * gate_NG[..., None]).view(N, K) @ w_KM
+    gate_NG1 = dense_gates(ids_NA, gates_NA, n_groups).to(x_NK.dtype)[..., None]
+    # where, not a multiply: an unselected block of x adds exactly 0 even if it holds NaN/inf
+    x_NGb = torch.where(gate_NG1 != 0, x_NK.view(N, n_groups, -1) * gate_NG1, 0.0)
+    return x_NGb.view(N, K) @ w_KM
 
 
 def _torch_out(x_NK, ids_NA, gates_NA, w_KM, n_groups):
     N, M = x_NK.shape[0], w_KM.shape[1]
-    gate_NG = dense_gates(ids_NA, gates_NA, n_groups).to(x_NK.dtype)
-    return ((x_NK @ w_KM).view(N, n_groups, -1) * gate_NG[..., None]).view(N, M)
+    gate_NG1 = dense_gates(ids_NA, gates_NA, n_groups).to(x_NK.dtype)[..., None]
+    y_NGb = (x_NK @ w_KM).view(N, n_groups, -1)
+    return torch.where(gate_NG1 != 0, y_NGb * gate_NG1, 0.0).view(N, M)  # unselected blocks: exactly 0
 
 
 def _fail(exc, op, name, msg):
@@ -171,6 +174,10 @@ def group_in_matmul(x, ids, gates, w, n_groups: int, backend: str = "auto"):
         w:        (K, M), x's dtype, any strides (e.g. a Linear's weight.T).
         n_groups: G. backend: "triton" | "torch" (dense masked matmul) | "reference" | "auto".
     Returns: y (N, M) = Σ_j gates[:, j] · x[:, blk(ids_j)] @ w[blk(ids_j), :] in x's dtype.
+    NaN / inf: a non-finite value in a selected block of x[n] (or its gate) makes y[n] non-finite;
+    x's unselected blocks contribute exactly nothing (all backends). Non-finite rows of w in a group
+    token n did not select: nothing on the Triton and reference paths; the torch path's dense
+    matmul multiplies them by 0 and gives NaN (keep weights finite, as training does).
     Raises: TypeError for types/dtypes, ValueError for shapes, devices, contiguity, ids, backend.
     """
     _check("group_in_matmul", x, ids, gates, w, n_groups, "K")
@@ -182,6 +189,8 @@ def group_out_matmul(x, ids, gates, w, n_groups: int, backend: str = "auto"):
 
     Args as ``group_in_matmul`` except that M = G·b is the grouped width.
     Returns: y (N, M) with y[:, blk(e)] = (Σ_{j: ids_j = e} gates[:, j]) · x @ w[:, blk(e)].
+    NaN / inf: a block whose summed gate is 0 (unselected) is exactly 0 on every backend, even when
+    x[n], w or the gate hold NaN/inf; a non-finite x[n] or gate makes x[n]'s selected blocks non-finite.
     """
     _check("group_out_matmul", x, ids, gates, w, n_groups, "M")
     return _dispatch("group_out_matmul", GroupOutMatmul, _torch_out, group_out_matmul_reference, x, ids, gates, w, n_groups, backend)

@@ -108,28 +108,44 @@ def train_step(model, optimizer, step: int, collect_metrics: bool):
     return out
 
 
-BACKENDS = [
+TRITON = pytest.mark.skipif(not triton_runnable("cpu") and not torch.cuda.is_available(),
+                            reason="needs Triton (the interpreter or CUDA)")
+
+
+@pytest.mark.parametrize("options", [
     pytest.param([], id="default"),  # backend auto: the torch backend on CPU
-    pytest.param(["model.ffn.backend=triton"], id="triton", marks=pytest.mark.skipif(
-        not triton_runnable("cpu") and not torch.cuda.is_available(), reason="needs Triton (interpreter or CUDA)")),
-]
-
-
-@pytest.mark.parametrize("options", [[], ["model.ffn.bias_update_rate=0.01", "model.ffn.capacity_factor=1.0"]],
-                         ids=["default", "bias-balancing+capacity"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_training_step_reads_nothing_from_the_device(backend, options):
-    model, optimizer = moe_tiny(*backend, *options)
+    pytest.param(["model.ffn.bias_update_rate=0.01", "model.ffn.capacity_factor=1.0"], id="bias-balancing+capacity"),
+    # The interpreter costs seconds per step at moe_tiny's width: the same blocks, narrower and one layer.
+    pytest.param(["model.ffn.backend=triton", "model.d_model=32", "model.n_layers=1"], id="triton", marks=TRITON),
+])
+def test_a_training_step_reads_nothing_from_the_device(options):
+    model, optimizer = moe_tiny(*options)
     train_step(model, optimizer, 0, False)  # warm-up: one-time probes (e.g. the grouped-matmul check)
     counter = CountHostReads()
     with counter:
-        for step in (1, 2):
+        for step in (1, 2) if "model.ffn.backend=triton" not in options else (1,):
             out = train_step(model, optimizer, step, collect_metrics=False)
     assert torch.isfinite(out.loss.detach()).all()
     assert out.metrics == {}  # not asked for: not computed
     assert counter.device_reads() == []
-    if options:  # the bias update did run (and moved the biases) without reading anything
+    if "model.ffn.bias_update_rate=0.01" in options:  # the bias update did run (and moved the biases)
         assert any(m.expert_bias_E.abs().sum() > 0 for m in model.modules() if hasattr(m, "expert_bias_E"))
+
+
+@pytest.mark.xfail(strict=True, reason="kernels/moe/torch_backend.py _plan sizes the grouped path's offsets with "
+                   "torch.bincount, which reads max(ids) on the host on CUDA; counts from a fixed-shape scatter_add or "
+                   "searchsorted on the sorted bins need no read (helper moe-torch's file)")
+def test_a_bf16_training_step_needs_no_exemption_for_the_experts():
+    """In bf16 the torch backend runs the grouped path (device offsets, as on CUDA): no host reads at
+    all in the expert MLP, so the CPU-only exemption above is not what makes the default test pass."""
+    model, optimizer = moe_tiny()
+    model.to(torch.bfloat16)
+    train_step(model, optimizer, 0, False)
+    counter = CountHostReads()
+    with counter:
+        train_step(model, optimizer, 1, collect_metrics=False)
+    assert counter.device_reads() == []
+    assert [r.where for r in counter.reads if "torch_backend" in r.where] == []
 
 
 def test_router_statistics_stay_on_the_device_until_they_are_logged():

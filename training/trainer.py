@@ -19,16 +19,17 @@ from arch.layers import FULL_MODEL, ElasticSetting
 from arch.model import LanguageModel
 from training.checkpoint import files as ckpt
 from training.distributed import parallel as dist_utils
-from training.config import MOE_BLOCKS, RootConfig, validate
+from training.config import RootConfig, elastic_dims, validate
 from training.elastic import describe as describe_elastic
 from training.eval.loss import evaluate_loss
 from training.elastic import sample_setting as sample_elastic
 from training.accounting.account import account, format_accounting
-from training.accounting.flops import peak_flops
+from training.accounting.hardware import peak_flops
 from training.metrics import MetricsLogger, NullLogger, plot_losses
 from training.build import build_model, check_model_builds, resolve_device, seed_everything
 from training.errors import NonFiniteLossError
-from training.optim import build_optimizer, lr_at, set_lr
+from training.optim import build_optimizer, lr_at, set_lr, warmup_warning
+from training.provenance import CONSOLE_LOG, ConsoleLog, record_launch
 
 
 class Trainer:
@@ -36,9 +37,11 @@ class Trainer:
 
     ``callbacks`` are called as ``cb(trainer, event, step)`` with event in
     {"step_end", "checkpoint", "eval"}; tests use them to interrupt a run at a precise point.
+    ``console`` (a ``training.provenance.ConsoleLog``) starts copying the console into the run
+    folder's ``train.log`` once the folder exists.
     """
 
-    def __init__(self, cfg: Any, callbacks: tuple[Callable, ...] = ()):
+    def __init__(self, cfg: Any, callbacks: tuple[Callable, ...] = (), console: ConsoleLog | None = None):
         from training.data.shards import WindowSampler, check_seq_len, prepare_data
 
         self.root = cfg if isinstance(cfg, RootConfig) else validate(cfg)  # fails before any work
@@ -57,6 +60,10 @@ class Trainer:
                                        "folder, or auto / none)")
         self.is_main = self.parallel.is_main
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:  # each launch appends its overrides, git commit and time; train.log gets the console
+            record_launch(self.run_dir, self.parallel.world)
+            if console is not None:
+                console.attach(self.run_dir / CONSOLE_LOG)
         self.autocast_dtype = torch.bfloat16 if (t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")) else None
 
         self.data = prepare_data(root.data, progress=t.progress and self.is_main)
@@ -193,7 +200,7 @@ class Trainer:
         reduced = self.parallel.all_reduce_mean({"loss": lm_loss_sum / t.grad_accum, **aux_sums})
         loss, aux_sums = reduced.pop("loss"), reduced
         if self.root.elastic.enabled:
-            aux_sums.update(describe_elastic(sub_model, *self._elastic_dims()))
+            aux_sums.update(describe_elastic(sub_model, *elastic_dims(self.root.model)))
         clip = self.root.optim.grad_clip if self.root.optim.grad_clip > 0 else float("inf")
         grad_norm = dist_utils.clip_grad_norm(self.model, clip, self.parallel)
         # The one host read of a training step (trainer.nonfinite must know before optimizer.step).
@@ -211,17 +218,11 @@ class Trainer:
         t = self.root.trainer
         return step % t.log_every == 0 or step == t.max_steps
 
-    def _elastic_dims(self) -> tuple[int, int | None, int | None]:
-        ffn = self.root.model.ffn
-        if ffn["name"] in MOE_BLOCKS:
-            return self.root.model.n_layers, ffn.get("n_experts", 8), ffn.get("top_k", 2)
-        return self.root.model.n_layers, None, None
-
     def _elastic_setting(self) -> ElasticSetting:
         """This step's sub-network under elastic training (same on every rank: seeded by step)."""
         if not self.root.elastic.enabled:
             return FULL_MODEL
-        return sample_elastic(self.root.elastic, self.step, self.root.seed, *self._elastic_dims())
+        return sample_elastic(self.root.elastic, self.step, self.root.seed, *elastic_dims(self.root.model))
 
     def _nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         what = f"loss={loss.item()} grad_norm={grad_norm.item()} at step {self.step}"
@@ -327,6 +328,9 @@ class Trainer:
             f"{self.tokens_per_step} tokens/step, steps {self.step} → {self.root.trainer.max_steps}"
         )
         tqdm.write(format_accounting(self.accounting))
+        warning = warmup_warning(self.root.schedule, self.root.trainer.max_steps)
+        if warning:
+            tqdm.write(warning)
 
     def _finish(self, first_eval, last_eval, tokens_per_s) -> dict[str, Any]:
         t = self.root.trainer
@@ -384,4 +388,5 @@ def _write_config(path: Path, config_dict: dict) -> None:
 
 def train(cfg: Any, callbacks: tuple[Callable, ...] = ()) -> dict[str, Any]:
     """Validate ``cfg``, build everything and train. The entry point of ``train.py``."""
-    return Trainer(cfg, callbacks).fit()
+    with ConsoleLog() as console:
+        return Trainer(cfg, callbacks, console).fit()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from kernels.compile_spec import KernelSpec
 
-
 E_WORST = 256  # routing histogram width grows with E; compile the widest case
 # the GEMMs' tile map holds E_POW2 per-expert counts: the training shapes' widths (Mixtral-like E 8,
 # MoE-A E 64) and the widest case
@@ -19,7 +18,9 @@ GEMM_E_POW2 = (8, 64, E_WORST)
 
 def aot_specs() -> list[KernelSpec]:
     """(name, kernel, signature, constexprs, options) for every kernel × GPU config in use."""
-    from kernels.moe import grouped_gemm as fw, grouped_gemm_bwd as bw, routing as rt
+    from kernels.moe import grouped_gemm as fw
+    from kernels.moe import grouped_gemm_bwd as bw
+    from kernels.moe import routing as rt
 
     r_bins = 512  # next_pow2(E_WORST + 2)
     out = [
@@ -37,7 +38,8 @@ def aot_specs() -> list[KernelSpec]:
     meta = {"slot_ptr": "*i32", "counts_ptr": "*i32", "offsets_ptr": "*i32"}
     # bf16 (the training dtype) at every config and tile-map width; fp32 at the configs its
     # early_config_prune keeps (grouped_gemm._fp32_prune), widest tile map only
-    variants = [(i, cfg, "bf16", ep) for i, cfg in enumerate(fw.GEMM_CONFIGS) for ep in GEMM_E_POW2]
+    variants = [(i, cfg, "bf16", ep) for i, cfg in enumerate(fw.GEMM_CONFIGS) for ep in GEMM_E_POW2
+                if not fw.fp32_config_ok(cfg)]
     variants += [(i, cfg, "fp32", E_WORST) for i, cfg in enumerate(fw.GEMM_CONFIGS) if fw.fp32_config_ok(cfg)]
     for i, cfg, dt, ep in variants:
         blocks = dict(cfg.kwargs, GROUP_M=fw.GROUP_M)

@@ -28,8 +28,17 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from kernels.moe.grouped_gemm import (ACTIVE_CONFIGS, GROUP_M, PRECISION, PRUNE, _e_pow2, _expert_rows, _grouped_tile,
-                                          _swizzle, _tile_grid)
+    from kernels.moe.grouped_gemm import (
+        ACTIVE_CONFIGS,
+        GROUP_M,
+        PRECISION,
+        PRUNE,
+        _e_pow2,
+        _expert_rows,
+        _grouped_tile,
+        _swizzle,
+        _tile_grid,
+    )
 
     # the epilogue works on BLOCK_N / 2 column halves and every BLOCK_N in use is a multiple of
     # 2·CHUNK, so each config writes every partial column
@@ -188,7 +197,7 @@ def grouped_dw(a_RI, b_RJ, r: Routing, k: int, E: int, a_gather: bool, b_gather:
     I = a_RI.shape[1] // 2 if a_act == "swiglu" else a_RI.shape[1]
     J = b_RJ.shape[1]
     out_EIJ = torch.empty((E, I, J), dtype=a_RI.dtype, device=a_RI.device)
-    grid = lambda meta: (triton.cdiv(I, meta["BLOCK_M"]) * triton.cdiv(J, meta["BLOCK_N"]), E)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(I, meta["BLOCK_M"]) * triton.cdiv(J, meta["BLOCK_N"]), E)
     group_m = dw_group_m(r.sorted_slot_M.numel() // E, J, b_RJ.element_size())
     _grouped_dw[grid](a_RI, b_RJ, out_EIJ, r.sorted_slot_M, gates_M if gates_M is not None else b_RJ,
                       r.offsets_E1, k, I, J, group_m, A_GATHER=a_gather, B_GATHER=b_gather,

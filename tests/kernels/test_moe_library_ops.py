@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from kernels import triton_runnable
-from kernels.moe import expert_mlp
-from kernels.moe import ops
+from kernels.moe import expert_mlp, ops
 from tests.kernels.moe_helpers import assert_close, make_problem
 
 needs_triton = pytest.mark.skipif(not triton_runnable("cpu"), reason="CPU tensors need the Triton interpreter")

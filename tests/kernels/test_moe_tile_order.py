@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from kernels import triton_runnable
-from kernels.moe.traffic import (GEMMS, column_major_programs, grouped_programs, ideal_dram_bytes,
-                                 modelled_dram_bytes, swizzled_programs)
+from kernels.moe.traffic import (
+    GEMMS,
+    column_major_programs,
+    grouped_programs,
+    ideal_dram_bytes,
+    modelled_dram_bytes,
+    swizzled_programs,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not triton_runnable(DEVICE), reason="Triton cannot run here")

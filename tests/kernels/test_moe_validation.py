@@ -109,3 +109,15 @@ def test_nan_gate_on_empty_slot_contributes_nothing_triton(args):
     ref = expert_mlp(args["x"], ids, gates, args["w_in"], args["w_out"], backend="reference")
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not triton_runnable("cpu"), reason="CPU tensors need the Triton interpreter")
+def test_nan_input_poisons_only_its_token_triton(args):
+    """Documented semantics: a NaN in x[n] gives NaN in y[n] only; every other token is unaffected."""
+    x = args["x"].clone()
+    x[3, 5] = float("nan")
+    y = expert_mlp(x, args["expert_ids"], args["expert_weights"], args["w_in"], args["w_out"], backend="triton")
+    ref = expert_mlp(x, args["expert_ids"], args["expert_weights"], args["w_in"], args["w_out"], backend="reference")
+    assert torch.isnan(y[3]).all() and torch.isnan(ref[3]).all()
+    others = torch.arange(6) != 3
+    torch.testing.assert_close(y[others], ref[others], rtol=1e-5, atol=1e-5)

@@ -130,8 +130,8 @@ def expert_counts(ids_NK: torch.Tensor, n_experts: int) -> torch.Tensor:
     boolean indexing or ``bincount`` it needs no host sync and traces under torch.compile.
     """
     bins_M = torch.where(ids_NK >= 0, ids_NK, n_experts).reshape(-1).long()
-    counts = torch.zeros(n_experts + 1, device=ids_NK.device).scatter_add_(0, bins_M, torch.ones_like(bins_M, dtype=torch.float))
-    return counts[:n_experts]
+    ones_M = torch.ones_like(bins_M, dtype=torch.float)
+    return torch.zeros(n_experts + 1, device=ids_NK.device).scatter_add_(0, bins_M, ones_M)[:n_experts]
 
 
 def switch_balance_loss(probs_NE: torch.Tensor, ids_NK: torch.Tensor, n_experts: int) -> torch.Tensor:

@@ -36,7 +36,8 @@ HOST_READS = {
     torch.Tensor.__float__: "__float__", torch.Tensor.__index__: "__index__", torch.Tensor.tolist: "tolist",
     torch.nonzero: "nonzero", torch.Tensor.nonzero: "nonzero", torch.argwhere: "argwhere",
     torch.masked_select: "masked_select", torch.Tensor.masked_select: "masked_select",
-    torch.bincount: "bincount", torch.Tensor.bincount: "bincount", torch.unique: "unique", torch.Tensor.unique: "unique",
+    torch.bincount: "bincount", torch.Tensor.bincount: "bincount",
+    torch.unique: "unique", torch.Tensor.unique: "unique",
 }
 EXEMPT_HOST_READERS = ("torch/optim/", "kernels/moe/torch_backend.py")
 
@@ -67,8 +68,8 @@ class CountHostReads(TorchFunctionMode):
             ours = [f for f in frames if f.filename.startswith(str(ROOT)) and f.filename != __file__]
             f = ours[-1] if ours else frames[-1]
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-            self.reads.append(Read(name, f"{Path(f.filename).relative_to(ROOT) if ours else f.filename}:{f.lineno} in {f.name}",
-                                   tuple(f"{fr.filename}:{fr.name}" for fr in frames),
+            where = f"{Path(f.filename).relative_to(ROOT) if ours else f.filename}:{f.lineno} in {f.name}"
+            self.reads.append(Read(name, where, tuple(f"{fr.filename}:{fr.name}" for fr in frames),
                                    all(t.device.type == "cpu" for t in tensors)))
         return func(*args, **kwargs)
 

@@ -237,9 +237,8 @@ class MoEFFN(nn.Module):
             return
         metrics = routing_metrics(probs_NE if self.scoring == "softmax" else probs_NE / probs_NE.sum(-1, keepdim=True), ids_NK, self.E)
         prefix = f"moe/layer{self.layer_idx}"
-        ctx.add_metric(f"{prefix}/load", metrics["load"])
-        ctx.add_metric(f"{prefix}/max_min_load", metrics["max_min_load"])
-        ctx.add_metric(f"{prefix}/entropy", metrics["entropy"])
+        for key, value in metrics.items():
+            ctx.add_metric(f"{prefix}/{key}", value)
         ctx.add_metric(f"{prefix}/dropped", dropped.float())
 
     def expert_parallel_params(self) -> tuple[str, ...]:

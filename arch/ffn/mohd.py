@@ -98,8 +98,8 @@ class GroupRouter(nn.Module):
         if not ctx.collect_metrics:
             return
         metrics = routing_metrics(p_NS, spec_NK, S)
-        ctx.add_metric(f"{prefix}/load", metrics["load"])
-        ctx.add_metric(f"{prefix}/max_min_load", metrics["max_min_load"])
+        for key in ("load", "load_entropy", "max_load_ratio", "min_load_ratio", "dead_experts"):
+            ctx.add_metric(f"{prefix}/{key}", metrics[key])
 
 
 class GroupFusion(nn.Module):

@@ -172,17 +172,35 @@ def apply_capacity(ids_NK: torch.Tensor, n_experts: int, capacity: int) -> tuple
 
 
 def routing_metrics(probs_NE: torch.Tensor, ids_NK: torch.Tensor, n_experts: int) -> dict[str, torch.Tensor]:
-    """Load fraction per expert, max/min load ratio and normalised routing entropy (detached device
-    tensors: the trainer converts them to numbers on log steps only)."""
+    """How evenly the routed slots spread over the experts, and how decided each token's router is
+    (detached device tensors: the trainer converts them to numbers on log steps only).
+
+    load            (E,) fraction of the routed slots on each expert (sums to 1)
+    load_entropy    entropy of ``load`` / log E: 1 = perfectly balanced, 0 = every slot on one expert
+    max_load_ratio  max load / mean load (1 = balanced; E = everything on one expert)
+    min_load_ratio  min load / mean load (0 when some expert received no slot)
+    dead_experts    number of experts that received no slot
+    router_entropy  mean over tokens of the router distribution's entropy / log E: 1 = a uniform (undecided)
+                    router for every token, whatever the load; small = confident routing
+    """
     with torch.no_grad():
         counts_E = expert_counts(ids_NK, n_experts)
         load_E = counts_E / counts_E.sum().clamp(min=1)
-        entropy = -(probs_NE * probs_NE.clamp(min=1e-12).log()).sum(-1).mean() / math.log(n_experts)
+        mean_load = 1.0 / n_experts
+        log_E = math.log(n_experts) if n_experts > 1 else 1.0
+        load_entropy = -(load_E * load_E.clamp(min=1e-12).log()).sum() / log_E
+        router_entropy = -(probs_NE * probs_NE.clamp(min=1e-12).log()).sum(-1).mean() / log_E
         return {
             "load": load_E,
-            "max_min_load": counts_E.max() / counts_E.min().clamp(min=1),
-            "entropy": entropy,
+            "load_entropy": load_entropy,
+            "max_load_ratio": load_E.max() / mean_load,
+            "min_load_ratio": load_E.min() / mean_load,
+            "dead_experts": (counts_E == 0).sum().float(),
+            "router_entropy": router_entropy,
         }
+
+
+LOAD_METRICS = ("load", "load_entropy", "max_load_ratio", "min_load_ratio", "dead_experts", "router_entropy")
 
 
 def cluster_variance_loss(probs_NE: torch.Tensor, n_clusters: int) -> torch.Tensor:

@@ -275,8 +275,8 @@ class UniversalMoEFFN(nn.Module):
         metrics = routing_metrics(p_NX[:, layout.routable_R], layout.position_X[ids_NK], n)
         prefix = f"moe/layer{self.layer_idx}"
         ctx.add_metric(f"{prefix}/load", torch.zeros(self.E, device=mask_X.device).index_copy(0, layout.routable_R, metrics["load"]))
-        ctx.add_metric(f"{prefix}/max_min_load", metrics["max_min_load"])
-        ctx.add_metric(f"{prefix}/entropy", metrics["entropy"])
+        for key in ("load_entropy", "max_load_ratio", "min_load_ratio", "dead_experts", "router_entropy"):
+            ctx.add_metric(f"{prefix}/{key}", metrics[key])  # over the experts this layer can reach
 
     def _finalize(self, ctx: ForwardContext) -> None:
         """After the last layer: the pooled balance loss and the pool-wide load metrics."""

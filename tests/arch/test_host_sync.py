@@ -163,7 +163,7 @@ def test_router_statistics_stay_on_the_device_until_they_are_logged():
         row = {k: _plain(v) for k, v in out.metrics.items()}
     assert len(counter.device_reads()) >= len(out.metrics)
     assert all(sum(v) == pytest.approx(1.0, abs=1e-4) for k, v in row.items() if k.endswith("/load"))
-    assert all(isinstance(row[k], float) for k in row if k.endswith(("/entropy", "/max_min_load", "/dropped")))
+    assert all(isinstance(row[k], float) for k in row if k.endswith(("/router_entropy", "/load_entropy", "/max_load_ratio", "/min_load_ratio", "/dead_experts", "/dropped")))
 
 
 def test_trainer_reads_metrics_only_on_log_steps(tmp_path):
@@ -181,5 +181,5 @@ def test_trainer_reads_metrics_only_on_log_steps(tmp_path):
     assert "train_step" in counter.device_reads()[0] and "trainer.py" in counter.device_reads()[0]
     assert not any(k.startswith("moe/") for k in quiet)
     logged = trainer.train_step()  # step 3: logged
-    assert {"moe/layer0/load", "moe/layer1/entropy", "balance_loss"} <= set(logged)
+    assert {"moe/layer0/load", "moe/layer1/router_entropy", "balance_loss"} <= set(logged)
     assert "balance_loss" in quiet  # aux losses are part of the loss: always there

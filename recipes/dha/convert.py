@@ -11,6 +11,16 @@ its full config (model.attention = the DHA / GQA node), a fresh optimizer and ``
 = cpt_steps``; ``continue`` (or ``Trainer`` on that folder) trains it from step 0, logging the
 val loss right after conversion as the step-0 eval. ``conversion.json`` records the search, the
 fusion history, the val losses and the KV-cache bytes per token. METHODS.md §4.
+
+Matched budget in ``dha_vs_gqa``: DHA's fusion trains every weight for F steps (F = the fusion
+steps actually taken, ≤ ``fusion_steps``) before its CPT, on batches of the same size and length.
+The GQA arm gets those F steps too, as F more CPT steps (GQA CPT = cpt + F, DHA = F fusion + cpt),
+so both arms see the same number of post-MHA optimizer steps and tokens. Their training FLOPs then
+differ only by the per-token cost of the model being trained (fusion runs at MHA width, CPT at the
+reduced KV width); ``summary.json`` ("training_budget") and the plot legend state each arm's steps,
+tokens and FLOPs (flops_per_token as logged in metrics.jsonl; fusion steps at the MHA run's rate,
+fusion-weight mixing not counted), and ``val_loss_at_fusion_budget`` is GQA's val loss after F CPT
+steps, the budget-matched counterpart of DHA's ``val_loss_converted``.
 """
 from __future__ import annotations
 
@@ -197,20 +207,24 @@ def continue_training(run: str, steps: int = 0) -> dict:
 def dha_vs_gqa(o: RecipeOptions, overrides: list[str]) -> dict:
     """Train MHA (experiment=dha_vs_gqa), convert both ways at o.budget, CPT both, plot and summarise."""
     from training.cli import compose
+    from training.eval.report import load_run
     from training.metrics import read_metrics
     from training.trainer import train
 
     if not o.run_dir:
         raise ConfigError("dha_vs_gqa needs run_dir=<folder for the three runs>")
     root_dir = Path(o.run_dir)
-    mha = train(compose(["experiment=dha_vs_gqa", f"run_dir={root_dir / 'mha'}", *overrides]))
-    common = dict(ckpt=str(root_dir / "mha"), budget=o.budget, cpt_steps=o.cpt_steps)
-    reports = {
-        "dha": mha_to_dha(ConvertOptions(out=str(root_dir / "dha"), similarity=o.similarity, allocation=o.allocation,
-                                         fusion_steps=o.fusion_steps, fusion_tol=o.fusion_tol, granularity=o.granularity,
-                                         **common)),
-        "gqa": mha_to_gqa(ConvertOptions(out=str(root_dir / "gqa"), **common)),
-    }
+    config = compose(["experiment=dha_vs_gqa", f"run_dir={root_dir / 'mha'}", *overrides])
+    mha = train(config)
+    mha_run = load_run(root_dir / "mha")
+    cpt_steps = o.cpt_steps or mha_run.max_steps
+    common = dict(ckpt=str(root_dir / "mha"), budget=o.budget)
+    reports = {"dha": mha_to_dha(ConvertOptions(out=str(root_dir / "dha"), similarity=o.similarity, allocation=o.allocation,
+                                                fusion_steps=o.fusion_steps, fusion_tol=o.fusion_tol,
+                                                granularity=o.granularity, cpt_steps=cpt_steps, **common))}
+    fusion_done = int(reports["dha"]["fusion_steps"])  # the fusion may stop early on its tolerance
+    # the matched budget: GQA continues the F steps DHA spent on fusion (see the module docstring)
+    reports["gqa"] = mha_to_gqa(ConvertOptions(out=str(root_dir / "gqa"), cpt_steps=cpt_steps + fusion_done, **common))
     summary = {"mha_val_loss": mha["final_val_loss"], "budget": o.budget,
                "kv_bytes_per_token_bf16": {"mha": reports["dha"]["kv_bytes_per_token_mha_bf16"]["total"]}}
     for name, report in reports.items():
@@ -220,9 +234,39 @@ def dha_vs_gqa(o: RecipeOptions, overrides: list[str]) -> dict:
                          "curve": curve}
         summary["kv_bytes_per_token_bf16"][name] = report["kv_bytes_per_token_bf16"]["total"]
     summary["dha"].update({k: reports["dha"][k] for k in ("k_heads", "v_heads", "fusion_steps", "fusion_disagreement", "val_loss_fused")})
+    summary["gqa"]["val_loss_at_fusion_budget"] = loss_at_step(summary["gqa"]["curve"], fusion_done)
+    summary["training_budget"] = training_budget(mha_run, load_run(root_dir / "dha"), load_run(root_dir / "gqa"), fusion_done)
     summary["plot"] = str(plot_comparison(root_dir, summary))
     (root_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def loss_at_step(curve: list[tuple[int, float]], step: float) -> float | None:
+    """Val loss linearly interpolated between the evals of ``curve`` [(step, loss)] at ``step`` (None outside it)."""
+    for (s0, l0), (s1, l1) in zip(curve, curve[1:]):
+        if s0 <= step <= s1:
+            return l0 + (l1 - l0) * (step - s0) / (s1 - s0) if s1 > s0 else l1
+    return curve[0][1] if curve and curve[0][0] == step else None
+
+
+def training_budget(mha, dha, gqa, fusion_steps: int) -> dict:
+    """Steps, tokens and training FLOPs of each arm (training.eval.report.Run objects), fusion counted for DHA.
+
+    Fusion steps use the MHA run's batch shape and logged flops_per_token (fusion trains the MHA-width model);
+    CPT steps and FLOPs are read from the converted runs' own metrics.
+    """
+    fusion_flops = mha.cumulative_flops(fusion_steps) if fusion_steps else 0.0
+    out = {"mha": {"steps": mha.max_steps, "tokens": mha.max_steps * mha.tokens_per_step,
+                   "train_flops": mha.cumulative_flops(mha.max_steps)}}
+    for name, run, extra_steps, extra_flops in (("dha", dha, fusion_steps, fusion_flops), ("gqa", gqa, 0, 0.0)):
+        cpt = run.max_steps
+        out[name] = {"fusion_steps": extra_steps, "cpt_steps": cpt, "steps": extra_steps + cpt,
+                     "tokens": (extra_steps + cpt) * run.tokens_per_step,
+                     "train_flops": extra_flops + run.cumulative_flops(cpt),
+                     "fusion_flops": extra_flops}
+    out["matched"] = ("post-MHA steps and tokens equal: GQA continues the DHA fusion steps as extra CPT steps; "
+                      "FLOPs differ by the per-token cost of the MHA-width fusion model")
+    return out
 
 
 def plot_comparison(root_dir: Path, summary: dict) -> Path:
@@ -234,16 +278,25 @@ def plot_comparison(root_dir: Path, summary: dict) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     fusion = summary["dha"].get("fusion_steps", 0)
+    budget = summary.get("training_budget", {})
     for name, style in (("dha", "o-"), ("gqa", "s-")):
         steps, losses = zip(*summary[name]["curve"])
-        label = f"DHA (after {fusion} fusion steps)" if name == "dha" else "GQA (mean-pooled)"
+        if name == "dha":  # DHA's CPT starts after its fusion steps: plot it at post-MHA steps
+            steps = [s + fusion for s in steps]
+        label = f"DHA ({fusion} fusion + CPT)" if name == "dha" else "GQA (mean-pooled, CPT only)"
+        if name in budget:
+            b = budget[name]
+            label += f": {b['steps']} steps, {b['tokens'] / 1e6:.2f}M tokens, {b['train_flops']:.2e} FLOPs"
         ax.plot(steps, losses, style, label=label)
-    ax.axhline(summary["mha_val_loss"], color="k", ls="--", label="MHA (source)")
-    ax.set_xlabel("continued-pretraining step")
+    mha_label = "MHA (source)"
+    if "mha" in budget:
+        mha_label += f": {budget['mha']['steps']} steps, {budget['mha']['train_flops']:.2e} FLOPs"
+    ax.axhline(summary["mha_val_loss"], color="k", ls="--", label=mha_label)
+    ax.set_xlabel("optimizer steps after the MHA run (DHA: fusion, then CPT; GQA: CPT)")
     ax.set_ylabel("val loss (nats/token)")
     ax.set_title(f"MHA → DHA vs GQA at {summary['budget']:.0%} KV budget")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path = root_dir / "dha_vs_gqa.png"
     fig.savefig(path, dpi=110)

@@ -140,14 +140,23 @@ def test_recipe_trains_converts_both_ways_continues_and_plots(tmp_path):
     overrides = [*TINY, f"data.cache_dir={DATA_CACHE}", "model.n_heads=4", "trainer.max_steps=20", "trainer.sample_tokens=0"]
     summary = convert.dha_vs_gqa(convert.RecipeOptions(run_dir=str(tmp_path), budget=0.5, fusion_steps=30, cpt_steps=10),
                                  overrides)
+    fusion = summary["dha"]["fusion_steps"]
+    assert 0 < fusion <= 30
     for name in ("dha", "gqa"):
         rows = [r for r in read_metrics(tmp_path / name) if "val_loss" in r]
-        assert rows[0]["step"] == 0 and rows[-1]["step"] == 10
+        # matched budget: GQA continues the steps DHA spent on fusion
+        assert rows[0]["step"] == 0 and rows[-1]["step"] == (10 if name == "dha" else 10 + fusion)
         assert rows[0]["val_loss"] == pytest.approx(summary[name]["val_loss_converted"], rel=1e-5)
         assert summary[name]["val_loss_after_cpt"] == rows[-1]["val_loss"]
     bytes_ = summary["kv_bytes_per_token_bf16"]
     assert bytes_["dha"] <= bytes_["mha"] / 2 and bytes_["gqa"] == bytes_["mha"] / 2
     assert (tmp_path / "dha_vs_gqa.png").stat().st_size > 0
+    budget = json.loads((tmp_path / "summary.json").read_text())["training_budget"]
+    assert budget["dha"]["steps"] == budget["gqa"]["steps"] == 10 + fusion and budget["dha"]["tokens"] == budget["gqa"]["tokens"]
+    assert budget["dha"]["fusion_steps"] == fusion and budget["gqa"]["fusion_steps"] == 0 and budget["mha"]["steps"] == 20
+    mha_rate = budget["mha"]["train_flops"] / 20  # fusion steps run at the MHA model's logged rate
+    assert budget["dha"]["fusion_flops"] == pytest.approx(fusion * mha_rate, rel=1e-6)
+    assert 0 < budget["gqa"]["train_flops"] < budget["dha"]["train_flops"]  # equal steps; fusion steps cost MHA width
     report = json.loads((tmp_path / "dha" / "conversion.json").read_text())
     assert sum(report["k_heads"]) + sum(report["v_heads"]) <= report["budget_heads"] == 8
     with pytest.raises(ConfigError, match="already holds checkpoints"):

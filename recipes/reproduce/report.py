@@ -263,10 +263,11 @@ def pipeline_recipe(pipeline: str, steps: int) -> str:
                 "tokens; FLOPs differ only by the MHA-width cost of the fusion steps (each arm's budget is in the table).")
     if pipeline == "sampler":
         return ("**Sampler job** (per seed k, after the recurrent run): `python -m recipes.reproduce.sampler ckpt=<run> "
-                "out=<run>/sampler`: greedy decoding of 4 validation prompts × 32 tokens with the sequential sampler (KV "
-                "cache, r̄ core iterations per token) and the parallel sampler (arch.depth.sampler, code defaults); it "
-                "counts sequential core passes per generated token, wall time per token, the token agreement between the "
-                "two, and the NLL of each continuation under the model at r̄. No training beyond the recurrent run.")
+                "out=<run>/sampler`: greedy decoding of 4 validation prompts × 32 tokens at 16 test-time iterations (4·r̄) with "
+                "the sequential sampler (KV cache, 16 core iterations per token) and the parallel sampler (arch.depth.sampler, "
+                "code defaults: inner_recurrence 4, exit threshold 0.03); it counts sequential core passes per generated "
+                "token, wall time per token, the token agreement between the two, and the NLL of each continuation under "
+                "the model at 16 iterations. No training beyond the recurrent run.")
     base, ft = MERGE_BASE_STEPS_FACTOR * steps, MERGE_FT_STEPS_FACTOR * steps
     return (f"**Recipe** (per seed k): `experiment=merge_base` trains {base} steps on associative recall; "
             f"`experiment=merge_ft_recall` and `experiment=merge_ft_modadd` each continue its last checkpoint {ft} steps; "

@@ -1,16 +1,21 @@
 """The parallel-sampler check (METHODS.md §8.6): sequential vs diffusion-style decoding of a trained recurrent model.
 
-    python -m recipes.reproduce.sampler ckpt=runs/recurrent out=runs/recurrent/sampler [prompts=4 new_tokens=32 seed=0]
+    python -m recipes.reproduce.sampler ckpt=runs/recurrent out=runs/recurrent/sampler [prompts=4 new_tokens=32
+        iterations=16 seed=0]
 
 Greedy (temperature 0) continuations of ``prompts`` validation windows (``prompt_len`` tokens each) with
-both samplers of ``LanguageModel.generate``. Writes ``sampler.json``:
+both samplers of ``LanguageModel.generate``, the model set to ``iterations`` test-time core iterations
+(sequential decoding runs that many per token; the parallel sampler prefills with it). The default 16
+is 4× the training mean r̄ = 4: the sampler's advantage is over many iterations (Huginn decodes at
+r = 32 with inner_recurrence 4); at r = r̄ = 4 one outer step already costs as much as a sequential
+token. Writes ``sampler.json``:
   passes_sequential / passes_parallel   sequential core passes per generated token: the sequential sampler runs
                                         r̄ core iterations for every token; the parallel one runs ``inner_recurrence``
                                         iterations per outer step (all wavefront positions at once), so
                                         outer_steps · inner_recurrence / new tokens
   ms_per_token_sequential / _parallel   wall time per generated token (one thread, after one warm-up call)
   agreement                             fraction of generated tokens identical between the two samplers
-  nll_sequential / nll_parallel         mean NLL (nats) of each continuation under the model at r̄ iterations,
+  nll_sequential / nll_parallel         mean NLL (nats) of each continuation under the model at ``iterations``,
                                         teacher-forced: "same output quality"
 Legend: B prompts, T prompt length, N new tokens, V vocab.
 """
@@ -30,11 +35,12 @@ class SamplerOptions:
     prompts: int = 4
     prompt_len: int = 32
     new_tokens: int = 32
+    iterations: int = 16
     seed: int = 0
     threads: int = 1
 
     HELP = {"ckpt": "recurrent-depth run folder or checkpoint", "out": "folder for sampler.json",
-            "prompts": "validation prompts", "prompt_len": "tokens per prompt", "new_tokens": "tokens generated per prompt",
+            "prompts": "validation prompts", "iterations": "test-time core iterations (sequential per token; parallel prefill)", "prompt_len": "tokens per prompt", "new_tokens": "tokens generated per prompt",
             "seed": "which validation windows", "threads": "torch threads"}
 
 
@@ -58,11 +64,15 @@ def measure(o: SamplerOptions) -> dict:
 
     if not o.ckpt or not o.out:
         raise ValueError(f"sampler needs ckpt= and out= (got ckpt={o.ckpt!r}, out={o.out!r})")
-    if o.prompts < 1 or o.prompt_len < 1 or o.new_tokens < 1:
-        raise ValueError(f"prompts, prompt_len and new_tokens must be >= 1, got {o.prompts}, {o.prompt_len}, {o.new_tokens}")
+    if min(o.prompts, o.prompt_len, o.new_tokens, o.iterations) < 1:
+        raise ValueError(f"prompts, prompt_len, new_tokens and iterations must be >= 1, got {o.prompts}, {o.prompt_len}, "
+                         f"{o.new_tokens}, {o.iterations}")
     torch.set_num_threads(o.threads)
     model, data, root, _ = load_trained(o.ckpt, "cpu")
     depth = model.depth
+    if not hasattr(depth, "set_iterations"):
+        raise ValueError(f"ckpt={o.ckpt!r} is not a recurrent-depth model (model.depth.name=recurrent)")
+    depth.set_iterations(o.iterations)
     rng = np.random.default_rng(o.seed)
     starts = rng.integers(0, len(data.val) - o.prompt_len - 1, size=o.prompts)
     prompts_BT = torch.stack([torch.as_tensor(data.val[s : s + o.prompt_len].astype(np.int64)) for s in starts])

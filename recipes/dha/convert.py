@@ -22,6 +22,7 @@ tokens and FLOPs (flops_per_token as logged in metrics.jsonl; fusion steps at th
 fusion-weight mixing not counted), and ``val_loss_at_fusion_budget`` is GQA's val loss after F CPT
 steps, the budget-matched counterpart of DHA's ``val_loss_converted``.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,15 +35,15 @@ from arch.registry import ConfigError
 
 @dataclass
 class ConvertOptions:
-    ckpt: str = ""                  # MHA run folder or checkpoint file
-    out: str = ""                   # the new run folder
-    budget: float = 0.25            # fraction of MHA's KV heads kept (Σ g^K + g^V ≤ budget·2·L·H)
-    cpt_steps: int = 0              # trainer.max_steps of the converted run; 0 = the source run's
+    ckpt: str = ""  # MHA run folder or checkpoint file
+    out: str = ""  # the new run folder
+    budget: float = 0.25  # fraction of MHA's KV heads kept (Σ g^K + g^V ≤ budget·2·L·H)
+    cpt_steps: int = 0  # trainer.max_steps of the converted run; 0 = the source run's
     device: str = "auto"
     # mha_to_dha only
-    similarity: str = "params"      # params | activations (calibration batches from the train split)
+    similarity: str = "params"  # params | activations (calibration batches from the train split)
     calib_batches: int = 4
-    allocation: str = "dp"          # dp (per-layer counts by redundancy) | uniform
+    allocation: str = "dp"  # dp (per-layer counts by redundancy) | uniform
     fusion_steps: int = 300
     fusion_tol: float = 0.01
     fusion_lr: float = 1e-3
@@ -50,37 +51,51 @@ class ConvertOptions:
     rho_init: float = 1.0
     rho_growth: float = 2.0
     al_every: int = 10
-    granularity: str = "scalar"     # scalar | channel fusion weights
+    granularity: str = "scalar"  # scalar | channel fusion weights
     train_base: bool = True
 
-    HELP = {"ckpt": "MHA run folder or checkpoint file", "out": "the new run folder",
-            "budget": "fraction of MHA's KV heads kept (sum of key and value heads <= budget * 2 * layers * heads)",
-            "cpt_steps": "trainer.max_steps of the converted run; 0 = the source run's", "device": "auto, cpu or cuda",
-            "similarity": "mha_to_dha: head similarity from params or activations (calibration batches)",
-            "calib_batches": "mha_to_dha: calibration batches for similarity=activations",
-            "allocation": "mha_to_dha: per-layer head counts by redundancy (dp) or uniform",
-            "fusion_steps": "mha_to_dha: augmented-Lagrangian fusion steps", "fusion_tol": "mha_to_dha: fusion stop tolerance",
-            "fusion_lr": "mha_to_dha: fusion learning rate", "omega_lr": "mha_to_dha: fusion-weight learning rate",
-            "rho_init": "mha_to_dha: initial penalty", "rho_growth": "mha_to_dha: penalty growth",
-            "al_every": "mha_to_dha: multiplier update interval", "granularity": "mha_to_dha: scalar or channel fusion weights",
-            "train_base": "mha_to_dha: train all weights during fusion"}
+    HELP = {
+        "ckpt": "MHA run folder or checkpoint file",
+        "out": "the new run folder",
+        "budget": "fraction of MHA's KV heads kept (sum of key and value heads <= budget * 2 * layers * heads)",
+        "cpt_steps": "trainer.max_steps of the converted run; 0 = the source run's",
+        "device": "auto, cpu or cuda",
+        "similarity": "mha_to_dha: head similarity from params or activations (calibration batches)",
+        "calib_batches": "mha_to_dha: calibration batches for similarity=activations",
+        "allocation": "mha_to_dha: per-layer head counts by redundancy (dp) or uniform",
+        "fusion_steps": "mha_to_dha: augmented-Lagrangian fusion steps",
+        "fusion_tol": "mha_to_dha: fusion stop tolerance",
+        "fusion_lr": "mha_to_dha: fusion learning rate",
+        "omega_lr": "mha_to_dha: fusion-weight learning rate",
+        "rho_init": "mha_to_dha: initial penalty",
+        "rho_growth": "mha_to_dha: penalty growth",
+        "al_every": "mha_to_dha: multiplier update interval",
+        "granularity": "mha_to_dha: scalar or channel fusion weights",
+        "train_base": "mha_to_dha: train all weights during fusion",
+    }
 
 
 @dataclass
 class RecipeOptions:
     run_dir: str = ""
     budget: float = 0.25
-    cpt_steps: int = 0              # 0 = the MHA run's trainer.max_steps ("the same number of steps")
+    cpt_steps: int = 0  # 0 = the MHA run's trainer.max_steps ("the same number of steps")
     similarity: str = "params"
     allocation: str = "dp"
     fusion_steps: int = 300
     fusion_tol: float = 0.01
     granularity: str = "scalar"
 
-    HELP = {"run_dir": "folder of the whole recipe (mha/, dha/, gqa/, summary.json)", "budget": "KV-head budget fraction",
-            "cpt_steps": "continued-pretraining steps; 0 = the MHA run's trainer.max_steps",
-            "similarity": "params or activations", "allocation": "dp or uniform", "fusion_steps": "DHA fusion steps",
-            "fusion_tol": "fusion stop tolerance", "granularity": "scalar or channel fusion weights"}
+    HELP = {
+        "run_dir": "folder of the whole recipe (mha/, dha/, gqa/, summary.json)",
+        "budget": "KV-head budget fraction",
+        "cpt_steps": "continued-pretraining steps; 0 = the MHA run's trainer.max_steps",
+        "similarity": "params or activations",
+        "allocation": "dp or uniform",
+        "fusion_steps": "DHA fusion steps",
+        "fusion_tol": "fusion stop tolerance",
+        "granularity": "scalar or channel fusion weights",
+    }
 
 
 def _fusion_config(o: ConvertOptions, batch_size: int, seed: int):
@@ -88,9 +103,19 @@ def _fusion_config(o: ConvertOptions, batch_size: int, seed: int):
 
     if o.granularity not in ("scalar", "channel"):
         raise ConfigError(f"granularity={o.granularity!r} is invalid; allowed: ['scalar', 'channel']")
-    return FusionConfig(steps=o.fusion_steps, tol=o.fusion_tol, lr=o.fusion_lr, omega_lr=o.omega_lr, rho_init=o.rho_init,
-                        rho_growth=o.rho_growth, al_every=o.al_every, granularity=o.granularity, train_base=o.train_base,
-                        batch_size=batch_size, seed=seed + 1)
+    return FusionConfig(
+        steps=o.fusion_steps,
+        tol=o.fusion_tol,
+        lr=o.fusion_lr,
+        omega_lr=o.omega_lr,
+        rho_init=o.rho_init,
+        rho_growth=o.rho_growth,
+        al_every=o.al_every,
+        granularity=o.granularity,
+        train_base=o.train_base,
+        batch_size=batch_size,
+        seed=seed + 1,
+    )
 
 
 def _val_loss(model, data, root) -> float:
@@ -114,8 +139,14 @@ def mha_to_dha(o: ConvertOptions) -> dict:
     if o.similarity == "activations":
         from training.data.shards import WindowSampler
 
-        sampler = WindowSampler(data.train, data.train_mask, root.data.seq_len, root.trainer.batch_size, root.seed + 2,
-                                align=data.window_align)
+        sampler = WindowSampler(
+            data.train,
+            data.train_mask,
+            root.data.seq_len,
+            root.trainer.batch_size,
+            root.seed + 2,
+            align=data.window_align,
+        )
         calib = [sampler.get_batch(i)[0].to(next(model.parameters()).device) for i in range(o.calib_batches)]
     result = search(model, o.budget, o.similarity, o.allocation, calib)
     fusion_cfg = _fusion_config(o, root.trainer.batch_size, root.seed)
@@ -124,13 +155,23 @@ def mha_to_dha(o: ConvertOptions) -> dict:
     history = fuse(fused, data, root.data.seq_len, fusion_cfg)
     dha = collapse(fused)
     report = {
-        "method": "dha", "source": str(path), "budget": o.budget, "budget_heads": result.budget_heads,
-        "k_heads": result.counts["k"], "v_heads": result.counts["v"],
-        "k_maps": result.groups["k"], "v_maps": result.groups["v"], "search_cost": result.total_cost,
-        "val_loss_mha": _val_loss(model, data, root), "val_loss_fusion_start": start,
-        "val_loss_fused": _val_loss(fused, data, root), "val_loss_converted": _val_loss(dha, data, root),
-        "fusion_steps": history[-1]["step"], "fusion_disagreement": history[-1]["disagreement"],
-        "kv_bytes_per_token_bf16": kv_bytes_per_token(dha), "kv_bytes_per_token_mha_bf16": kv_bytes_per_token(model),
+        "method": "dha",
+        "source": str(path),
+        "budget": o.budget,
+        "budget_heads": result.budget_heads,
+        "k_heads": result.counts["k"],
+        "v_heads": result.counts["v"],
+        "k_maps": result.groups["k"],
+        "v_maps": result.groups["v"],
+        "search_cost": result.total_cost,
+        "val_loss_mha": _val_loss(model, data, root),
+        "val_loss_fusion_start": start,
+        "val_loss_fused": _val_loss(fused, data, root),
+        "val_loss_converted": _val_loss(dha, data, root),
+        "fusion_steps": history[-1]["step"],
+        "fusion_disagreement": history[-1]["disagreement"],
+        "kv_bytes_per_token_bf16": kv_bytes_per_token(dha),
+        "kv_bytes_per_token_mha_bf16": kv_bytes_per_token(model),
         "similarity": {kind: [layer.similarity_HH for layer in result.layers[kind]] for kind in result.layers},
         "fusion_history": history,
     }
@@ -150,9 +191,16 @@ def mha_to_gqa(o: ConvertOptions) -> dict:
     L, H = root.model.n_layers, root.model.n_heads
     n_kv = budget_heads(o.budget, L, H) // (2 * L)
     gqa = mean_pool_gqa(model, n_kv)
-    report = {"method": "gqa", "source": str(path), "budget": o.budget, "n_kv_heads": n_kv,
-              "val_loss_mha": _val_loss(model, data, root), "val_loss_converted": _val_loss(gqa, data, root),
-              "kv_bytes_per_token_bf16": kv_bytes_per_token(gqa), "kv_bytes_per_token_mha_bf16": kv_bytes_per_token(model)}
+    report = {
+        "method": "gqa",
+        "source": str(path),
+        "budget": o.budget,
+        "n_kv_heads": n_kv,
+        "val_loss_mha": _val_loss(model, data, root),
+        "val_loss_converted": _val_loss(gqa, data, root),
+        "kv_bytes_per_token_bf16": kv_bytes_per_token(gqa),
+        "kv_bytes_per_token_mha_bf16": kv_bytes_per_token(model),
+    }
     write_run(o.out, root, gqa, data, o.cpt_steps, report)
     return report
 
@@ -166,10 +214,10 @@ def _require_paths(o: ConvertOptions) -> None:
 
 def write_run(out: str, root, model, data, cpt_steps: int, report: dict) -> Path:
     """A run folder whose step-0 checkpoint is ``model`` with fresh optimizer state, ready for CPT."""
-    from training.checkpoint import files as ckpt
-    from training.data.shards import WindowSampler
     from omegaconf import OmegaConf
 
+    from training.checkpoint import files as ckpt
+    from training.data.shards import WindowSampler
     from training.optim import build_optimizer
 
     config = asdict(root)
@@ -178,12 +226,19 @@ def write_run(out: str, root, model, data, cpt_steps: int, report: dict) -> Path
     config["seed"] = root.seed + 1  # CPT draws windows other than the source run's
     config["trainer"]["resume"] = "auto"
     config["trainer"]["max_steps"] = cpt_steps or root.trainer.max_steps
-    sampler = WindowSampler(data.train, data.train_mask, root.data.seq_len, root.trainer.batch_size, config["seed"],
-                            align=data.window_align)
+    sampler = WindowSampler(
+        data.train, data.train_mask, root.data.seq_len, root.trainer.batch_size, config["seed"], align=data.window_align
+    )
     optimizer = build_optimizer(model, root.optim, next(model.parameters()).device.type)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
-             "schedule": {"name": root.schedule.name, "step": 0}, "rng": ckpt.rng_state(), "nonfinite_skipped": 0,
-             "config": config}
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "sampler": sampler.state_dict(),
+        "schedule": {"name": root.schedule.name, "step": 0},
+        "rng": ckpt.rng_state(),
+        "nonfinite_skipped": 0,
+        "config": config,
+    }
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
     (Path(out) / "conversion.json").write_text(json.dumps(report, indent=1))
@@ -219,23 +274,44 @@ def dha_vs_gqa(o: RecipeOptions, overrides: list[str]) -> dict:
     mha_run = load_run(root_dir / "mha")
     cpt_steps = o.cpt_steps or mha_run.max_steps
     common = dict(ckpt=str(root_dir / "mha"), budget=o.budget)
-    reports = {"dha": mha_to_dha(ConvertOptions(out=str(root_dir / "dha"), similarity=o.similarity, allocation=o.allocation,
-                                                fusion_steps=o.fusion_steps, fusion_tol=o.fusion_tol,
-                                                granularity=o.granularity, cpt_steps=cpt_steps, **common))}
+    reports = {
+        "dha": mha_to_dha(
+            ConvertOptions(
+                out=str(root_dir / "dha"),
+                similarity=o.similarity,
+                allocation=o.allocation,
+                fusion_steps=o.fusion_steps,
+                fusion_tol=o.fusion_tol,
+                granularity=o.granularity,
+                cpt_steps=cpt_steps,
+                **common,
+            )
+        )
+    }
     fusion_done = int(reports["dha"]["fusion_steps"])  # the fusion may stop early on its tolerance
     # the matched budget: GQA continues the F steps DHA spent on fusion (see the module docstring)
     reports["gqa"] = mha_to_gqa(ConvertOptions(out=str(root_dir / "gqa"), cpt_steps=cpt_steps + fusion_done, **common))
-    summary = {"mha_val_loss": mha["final_val_loss"], "budget": o.budget,
-               "kv_bytes_per_token_bf16": {"mha": reports["dha"]["kv_bytes_per_token_mha_bf16"]["total"]}}
+    summary = {
+        "mha_val_loss": mha["final_val_loss"],
+        "budget": o.budget,
+        "kv_bytes_per_token_bf16": {"mha": reports["dha"]["kv_bytes_per_token_mha_bf16"]["total"]},
+    }
     for name, report in reports.items():
         cpt = continue_training(str(root_dir / name))
         curve = [(r["step"], r["val_loss"]) for r in read_metrics(root_dir / name) if "val_loss" in r]
-        summary[name] = {"val_loss_converted": report["val_loss_converted"], "val_loss_after_cpt": cpt["final_val_loss"],
-                         "curve": curve}
+        summary[name] = {
+            "val_loss_converted": report["val_loss_converted"],
+            "val_loss_after_cpt": cpt["final_val_loss"],
+            "curve": curve,
+        }
         summary["kv_bytes_per_token_bf16"][name] = report["kv_bytes_per_token_bf16"]["total"]
-    summary["dha"].update({k: reports["dha"][k] for k in ("k_heads", "v_heads", "fusion_steps", "fusion_disagreement", "val_loss_fused")})
+    summary["dha"].update(
+        {k: reports["dha"][k] for k in ("k_heads", "v_heads", "fusion_steps", "fusion_disagreement", "val_loss_fused")}
+    )
     summary["gqa"]["val_loss_at_fusion_budget"] = loss_at_step(summary["gqa"]["curve"], fusion_done)
-    summary["training_budget"] = training_budget(mha_run, load_run(root_dir / "dha"), load_run(root_dir / "gqa"), fusion_done)
+    summary["training_budget"] = training_budget(
+        mha_run, load_run(root_dir / "dha"), load_run(root_dir / "gqa"), fusion_done
+    )
     summary["plot"] = str(plot_comparison(root_dir, summary))
     (root_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -256,16 +332,27 @@ def training_budget(mha, dha, gqa, fusion_steps: int) -> dict:
     CPT steps and FLOPs are read from the converted runs' own metrics.
     """
     fusion_flops = mha.cumulative_flops(fusion_steps) if fusion_steps else 0.0
-    out = {"mha": {"steps": mha.max_steps, "tokens": mha.max_steps * mha.tokens_per_step,
-                   "train_flops": mha.cumulative_flops(mha.max_steps)}}
+    out = {
+        "mha": {
+            "steps": mha.max_steps,
+            "tokens": mha.max_steps * mha.tokens_per_step,
+            "train_flops": mha.cumulative_flops(mha.max_steps),
+        }
+    }
     for name, run, extra_steps, extra_flops in (("dha", dha, fusion_steps, fusion_flops), ("gqa", gqa, 0, 0.0)):
         cpt = run.max_steps
-        out[name] = {"fusion_steps": extra_steps, "cpt_steps": cpt, "steps": extra_steps + cpt,
-                     "tokens": (extra_steps + cpt) * run.tokens_per_step,
-                     "train_flops": extra_flops + run.cumulative_flops(cpt),
-                     "fusion_flops": extra_flops}
-    out["matched"] = ("post-MHA steps and tokens equal: GQA continues the DHA fusion steps as extra CPT steps; "
-                      "FLOPs differ by the per-token cost of the MHA-width fusion model")
+        out[name] = {
+            "fusion_steps": extra_steps,
+            "cpt_steps": cpt,
+            "steps": extra_steps + cpt,
+            "tokens": (extra_steps + cpt) * run.tokens_per_step,
+            "train_flops": extra_flops + run.cumulative_flops(cpt),
+            "fusion_flops": extra_flops,
+        }
+    out["matched"] = (
+        "post-MHA steps and tokens equal: GQA continues the DHA fusion steps as extra CPT steps; "
+        "FLOPs differ by the per-token cost of the MHA-width fusion model"
+    )
     return out
 
 
@@ -346,8 +433,13 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(continue_training(args.run, args.steps), indent=1))
     elif command == "dha_vs_gqa":
         summary = dha_vs_gqa(dataclass_from(args, RecipeOptions), overrides)
-        print(json.dumps({k: v for k, v in summary.items() if k not in ("dha", "gqa")} | {
-            m: {k: v for k, v in summary[m].items() if k != "curve"} for m in ("dha", "gqa")}, indent=1))
+        print(
+            json.dumps(
+                {k: v for k, v in summary.items() if k not in ("dha", "gqa")}
+                | {m: {k: v for k, v in summary[m].items() if k != "curve"} for m in ("dha", "gqa")},
+                indent=1,
+            )
+        )
     else:
         report = (mha_to_dha if command == "mha_to_dha" else mha_to_gqa)(dataclass_from(args, ConvertOptions))
         print(json.dumps({k: v for k, v in report.items() if k not in ("similarity", "fusion_history")}, indent=1))

@@ -22,6 +22,7 @@ more tokens. It is optimistic if σ_d has a floor (init-dependent minima) and pe
 with training (as the papers' curves suggest for MoE vs dense); the full tier's own report re-measures
 σ_d, so the assumption is checked by the next run, not trusted.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,8 +79,16 @@ def check_power(check, seeds: int, steps: int, sigma_d: float | None = None) -> 
     ``sigma_d`` is the σ of the differences measured now (at ``steps``); without it the committed 100-step
     value ``check.sigma_100`` is scaled to ``steps`` by the assumption above.
     """
-    row = {"effect": check.effect, "sigma_100": check.sigma_100, "seeds": seeds, "steps": steps,
-           "sigma_at_steps": None, "detectable": None, "steps_required": None, "seeds_required_at_100": None}
+    row = {
+        "effect": check.effect,
+        "sigma_100": check.sigma_100,
+        "seeds": seeds,
+        "steps": steps,
+        "sigma_at_steps": None,
+        "detectable": None,
+        "steps_required": None,
+        "seeds_required_at_100": None,
+    }
     if check.effect <= 0 or (check.sigma_100 is None and sigma_d is None) or seeds < 2:
         return row
     if sigma_d is not None:  # re-measured: scale it back to 100 steps for the requirement

@@ -19,6 +19,7 @@ token. Writes ``sampler.json``:
                                         teacher-forced: "same output quality"
 Legend: B prompts, T prompt length, N new tokens, V vocab.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,9 +40,16 @@ class SamplerOptions:
     seed: int = 0
     threads: int = 1
 
-    HELP = {"ckpt": "recurrent-depth run folder or checkpoint", "out": "folder for sampler.json",
-            "prompts": "validation prompts", "iterations": "test-time core iterations (sequential per token; parallel prefill)", "prompt_len": "tokens per prompt", "new_tokens": "tokens generated per prompt",
-            "seed": "which validation windows", "threads": "torch threads"}
+    HELP = {
+        "ckpt": "recurrent-depth run folder or checkpoint",
+        "out": "folder for sampler.json",
+        "prompts": "validation prompts",
+        "iterations": "test-time core iterations (sequential per token; parallel prefill)",
+        "prompt_len": "tokens per prompt",
+        "new_tokens": "tokens generated per prompt",
+        "seed": "which validation windows",
+        "threads": "torch threads",
+    }
 
 
 def continuation_nll(model, idx_BS, prompt_len: int) -> float:
@@ -65,8 +73,10 @@ def measure(o: SamplerOptions) -> dict:
     if not o.ckpt or not o.out:
         raise ValueError(f"sampler needs ckpt= and out= (got ckpt={o.ckpt!r}, out={o.out!r})")
     if min(o.prompts, o.prompt_len, o.new_tokens, o.iterations) < 1:
-        raise ValueError(f"prompts, prompt_len, new_tokens and iterations must be >= 1, got {o.prompts}, {o.prompt_len}, "
-                         f"{o.new_tokens}, {o.iterations}")
+        raise ValueError(
+            f"prompts, prompt_len, new_tokens and iterations must be >= 1, got {o.prompts}, {o.prompt_len}, "
+            f"{o.new_tokens}, {o.iterations}"
+        )
     torch.set_num_threads(o.threads)
     model, data, root, _ = load_trained(o.ckpt, "cpu")
     depth = model.depth
@@ -87,10 +97,16 @@ def measure(o: SamplerOptions) -> dict:
     generated = o.prompts * o.new_tokens
     inner = 4  # generate_parallel's default inner_recurrence, used above
     out = {
-        "prompts": o.prompts, "prompt_len": o.prompt_len, "new_tokens": o.new_tokens, "eval_iterations": depth.eval_iterations,
-        "passes_sequential": float(depth.eval_iterations), "passes_parallel": stats["outer_steps"] * inner / generated,
-        "outer_steps": stats["outer_steps"], "core_token_iterations": stats["core_token_iterations"],
-        "ms_per_token_sequential": 1000 * seq_s / generated, "ms_per_token_parallel": 1000 * par_s / generated,
+        "prompts": o.prompts,
+        "prompt_len": o.prompt_len,
+        "new_tokens": o.new_tokens,
+        "eval_iterations": depth.eval_iterations,
+        "passes_sequential": float(depth.eval_iterations),
+        "passes_parallel": stats["outer_steps"] * inner / generated,
+        "outer_steps": stats["outer_steps"],
+        "core_token_iterations": stats["core_token_iterations"],
+        "ms_per_token_sequential": 1000 * seq_s / generated,
+        "ms_per_token_parallel": 1000 * par_s / generated,
         "agreement": float((seq_BS[:, o.prompt_len :] == par_BS[:, o.prompt_len :]).float().mean()),
         "nll_sequential": continuation_nll(model, seq_BS, o.prompt_len),
         "nll_parallel": continuation_nll(model, par_BS[:, : seq_BS.shape[1]], o.prompt_len),
@@ -105,7 +121,11 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = tool_parser("python -m recipes.reproduce.sampler", __doc__.split("\n\n")[0])
     add_dataclass_options(parser, SamplerOptions)
-    print(json.dumps(measure(dataclass_from(parse(parser, sys.argv[1:] if argv is None else argv), SamplerOptions)), indent=1))
+    print(
+        json.dumps(
+            measure(dataclass_from(parse(parser, sys.argv[1:] if argv is None else argv), SamplerOptions)), indent=1
+        )
+    )
 
 
 if __name__ == "__main__":

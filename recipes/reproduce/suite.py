@@ -26,37 +26,38 @@ whole definition of the suite. The presets' own step counts (300–1000) are cut
 (small tier default 70) so that the suite fits 45 min on 2 CPU cores; warmup and SGT's
 selection schedule are scaled by the same factor, so they keep their place in training.
 """
+
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
-import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
-from recipes.reproduce.report import write_suite_report
 from recipes.reproduce.methods import (
     MERGE_BASE_STEPS_FACTOR,
     MERGE_FT_STEPS_FACTOR,
     MERGE_SEC_PER_STEP,
     METHOD_NAMES,
-    SAMPLER_JOB_S,
     METHODS,
+    SAMPLER_JOB_S,
     VARIANTS,
     Method,
     common_overrides,
     sgt_schedule,
 )
+from recipes.reproduce.report import write_suite_report
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RUNS = ROOT / "runs" / "reproduce"
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "reproduce"
-DEFAULT_STEPS = 70   # small tier: with MH-MoE, X-MoE, MoEC and the sampler added, 100 steps estimate 59 min; 70 fit 45
+DEFAULT_STEPS = 70  # small tier: with MH-MoE, X-MoE, MoEC and the sampler added, 100 steps estimate 59 min; 70 fit 45
 FULL_MIN_STEPS = 100
 STARTUP_S = 10  # per process: imports, data cache, model build, final checkpoint
 SMALL_BUDGET_S, FULL_BUDGET_S = 45 * 60, 2 * 3600
@@ -75,6 +76,7 @@ FULL_TIER = {
 
 # ----------------------------------------------------------------------------- jobs
 
+
 @dataclass
 class Job:
     name: str
@@ -83,8 +85,8 @@ class Job:
     folder: Path
     estimate_s: float
     after: tuple[str, ...] = ()
-    resumable: bool = False        # train.py resume=auto continues an unfinished folder that has checkpoints
-    max_steps: int | None = None   # a training job's trainer.max_steps (a folder trained to another count is redone)
+    resumable: bool = False  # train.py resume=auto continues an unfinished folder that has checkpoints
+    max_steps: int | None = None  # a training job's trainer.max_steps (a folder trained to another count is redone)
     log: Path = field(default=None)
 
 
@@ -130,8 +132,13 @@ def method_runs(runs: Path, steps: int, steps_by_method: dict[str, int] | None, 
     return runs / f"steps{s}", s
 
 
-def plan(methods: list[Method], seeds: int, steps: int, runs: Path = DEFAULT_RUNS,
-         steps_by_method: dict[str, int] | None = None) -> list[Job]:
+def plan(
+    methods: list[Method],
+    seeds: int,
+    steps: int,
+    runs: Path = DEFAULT_RUNS,
+    steps_by_method: dict[str, int] | None = None,
+) -> list[Job]:
     """Every job the chosen methods need, each once (shared baselines are trained once)."""
     python = sys.executable
     jobs: dict[str, Job] = {}
@@ -143,20 +150,53 @@ def plan(methods: list[Method], seeds: int, steps: int, runs: Path = DEFAULT_RUN
             v = VARIANTS[name]
             for seed in range(seeds):
                 folder = seed_dir(m_runs, v.folder, seed)
-                overrides = [*v.overrides, *common, *(sgt_schedule(m_steps) if v.sgt else []), f"seed={seed}", f"run_dir={folder}"]
+                overrides = [
+                    *v.overrides,
+                    *common,
+                    *(sgt_schedule(m_steps) if v.sgt else []),
+                    f"seed={seed}",
+                    f"run_dir={folder}",
+                ]
                 key = f"{prefix}{v.folder}/seed{seed}"
-                jobs.setdefault(key, Job(key, [python, "train.py", *overrides], lambda f=folder, n=m_steps: train_done(f, n), folder,
-                                         STARTUP_S + m_steps * v.sec_per_step, resumable=True, max_steps=m_steps))
+                jobs.setdefault(
+                    key,
+                    Job(
+                        key,
+                        [python, "train.py", *overrides],
+                        lambda f=folder, n=m_steps: train_done(f, n),
+                        folder,
+                        STARTUP_S + m_steps * v.sec_per_step,
+                        resumable=True,
+                        max_steps=m_steps,
+                    ),
+                )
                 if v.evaluate:
                     out = folder / "eval"
                     csv_name = "depth.csv" if "analysis=depth" in v.evaluate else "elastic.csv"
-                    jobs.setdefault(key + "/eval", Job(key + "/eval", [python, "evaluate.py", f"ckpt={folder}", *v.evaluate, f"out_dir={out}"],
-                                                       lambda o=out, c=csv_name: (o / c).exists(), out, STARTUP_S + 15, after=(key,)))
+                    jobs.setdefault(
+                        key + "/eval",
+                        Job(
+                            key + "/eval",
+                            [python, "evaluate.py", f"ckpt={folder}", *v.evaluate, f"out_dir={out}"],
+                            lambda o=out, c=csv_name: (o / c).exists(),
+                            out,
+                            STARTUP_S + 15,
+                            after=(key,),
+                        ),
+                    )
                 if method.pipeline == "sampler":
                     out = folder / "sampler"
-                    jobs.setdefault(key + "/sampler", Job(
-                        key + "/sampler", [python, "-m", "recipes.reproduce.sampler", f"ckpt={folder}", f"out={out}", f"seed={seed}"],
-                        lambda o=out: (o / "sampler.json").exists(), out, STARTUP_S + SAMPLER_JOB_S, after=(key,)))
+                    jobs.setdefault(
+                        key + "/sampler",
+                        Job(
+                            key + "/sampler",
+                            [python, "-m", "recipes.reproduce.sampler", f"ckpt={folder}", f"out={out}", f"seed={seed}"],
+                            lambda o=out: (o / "sampler.json").exists(),
+                            out,
+                            STARTUP_S + SAMPLER_JOB_S,
+                            after=(key,),
+                        ),
+                    )
         if method.pipeline == "dha_vs_gqa":
             for seed in range(seeds):
                 folder = seed_dir(m_runs, "dha_vs_gqa", seed)
@@ -164,16 +204,29 @@ def plan(methods: list[Method], seeds: int, steps: int, runs: Path = DEFAULT_RUN
                 # MHA run + DHA (fusion, then CPT) + GQA (CPT + the fusion steps, the matched budget)
                 estimate = 3 * STARTUP_S + m_steps * 0.55 * 3 + fusion * (0.6 + 0.55)
                 jobs[f"{prefix}dha_vs_gqa/seed{seed}"] = Job(
-                    f"{prefix}dha_vs_gqa/seed{seed}", [python, "-m", "recipes.dha.convert", "dha_vs_gqa", f"run_dir={folder}",
-                                                       f"fusion_steps={fusion}", *common, f"seed={seed}"],
-                    lambda f=folder, n=m_steps: (f / "summary.json").exists() and train_done(f / "mha", n), folder, estimate)
+                    f"{prefix}dha_vs_gqa/seed{seed}",
+                    [
+                        python,
+                        "-m",
+                        "recipes.dha.convert",
+                        "dha_vs_gqa",
+                        f"run_dir={folder}",
+                        f"fusion_steps={fusion}",
+                        *common,
+                        f"seed={seed}",
+                    ],
+                    lambda f=folder, n=m_steps: (f / "summary.json").exists() and train_done(f / "mha", n),
+                    folder,
+                    estimate,
+                )
         if method.pipeline == "merge":
             jobs.update({j.name: j for j in merge_jobs(seeds, m_steps, common, m_runs, prefix)})
     return list(jobs.values())
 
 
-def full_tier_steps(seeds: int = FULL_SEEDS, budget_s: float = FULL_BUDGET_S, parallel: int = 2,
-                    methods: list[Method] | None = None) -> dict[str, int]:
+def full_tier_steps(
+    seeds: int = FULL_SEEDS, budget_s: float = FULL_BUDGET_S, parallel: int = 2, methods: list[Method] | None = None
+) -> dict[str, int]:
     """Steps per full-tier method: the power requirement of its checks, cut (largest first) until the tier fits.
 
     Requirement: max over the method's checks of ``power.required_steps`` (committed 100-step σ, claimed effect,
@@ -185,7 +238,9 @@ def full_tier_steps(seeds: int = FULL_SEEDS, budget_s: float = FULL_BUDGET_S, pa
     methods = methods if methods is not None else full_tier_methods()
     steps = {}
     for m in methods:
-        needs = [required_steps(c.sigma_100, c.effect, seeds) for c in m.checks if c.sigma_100 is not None and c.effect > 0]
+        needs = [
+            required_steps(c.sigma_100, c.effect, seeds) for c in m.checks if c.sigma_100 is not None and c.effect > 0
+        ]
         need = max(needs, default=FULL_MIN_STEPS)
         steps[m.name] = int(min(FULL_MAX_STEPS, max(FULL_MIN_STEPS, 50 * math.ceil(need / 50))))
     scratch = Path("/nonexistent-reproduce-plan")  # estimate only: nothing is created
@@ -201,31 +256,80 @@ def merge_jobs(seeds: int, steps: int, common: list[str], runs: Path, prefix: st
     """HARC chain per seed: base MoE (assoc_recall) → two fine-tunes from its last checkpoint → TIES merge + HARC."""
     python = sys.executable
     base_steps, ft_steps = MERGE_BASE_STEPS_FACTOR * steps, MERGE_FT_STEPS_FACTOR * steps
-    short = [o for o in common if not o.startswith(("trainer.max_steps", "trainer.eval_every", "trainer.checkpoint_every"))]
+    short = [
+        o for o in common if not o.startswith(("trainer.max_steps", "trainer.eval_every", "trainer.checkpoint_every"))
+    ]
     jobs = []
     for seed in range(seeds):
         root = runs / "harc_merge" / f"seed{seed}"
         name = f"{prefix}harc_merge/seed{seed}"
         base = root / "base"
-        base_overrides = ["experiment=merge_base", *short, f"trainer.max_steps={base_steps}", f"trainer.eval_every={base_steps // 4}",
-                          f"trainer.checkpoint_every={base_steps}", f"seed={seed}", f"run_dir={base}"]
-        jobs.append(Job(f"{name}/base", [python, "train.py", *base_overrides], lambda f=base: train_done(f, base_steps),
-                        base, STARTUP_S + base_steps * MERGE_SEC_PER_STEP, resumable=True, max_steps=base_steps))
+        base_overrides = [
+            "experiment=merge_base",
+            *short,
+            f"trainer.max_steps={base_steps}",
+            f"trainer.eval_every={base_steps // 4}",
+            f"trainer.checkpoint_every={base_steps}",
+            f"seed={seed}",
+            f"run_dir={base}",
+        ]
+        jobs.append(
+            Job(
+                f"{name}/base",
+                [python, "train.py", *base_overrides],
+                lambda f=base: train_done(f, base_steps),
+                base,
+                STARTUP_S + base_steps * MERGE_SEC_PER_STEP,
+                resumable=True,
+                max_steps=base_steps,
+            )
+        )
         sources = []
         for task in ("recall", "modadd"):
             folder = root / task
             sources.append(str(folder))
             total = base_steps + ft_steps
-            ft = [f"experiment=merge_ft_{task}", *short, f"trainer.max_steps={total}", f"trainer.eval_every={ft_steps // 2}",
-                  f"trainer.checkpoint_every={total}", f"trainer.resume={base}/checkpoints/step_{base_steps:08d}.pt",
-                  f"seed={seed}", f"run_dir={folder}"]
-            jobs.append(Job(f"{name}/{task}", [python, "train.py", *ft], lambda f=folder, t=total: train_done(f, t),
-                            folder, STARTUP_S + ft_steps * MERGE_SEC_PER_STEP, after=(f"{name}/base",)))
+            ft = [
+                f"experiment=merge_ft_{task}",
+                *short,
+                f"trainer.max_steps={total}",
+                f"trainer.eval_every={ft_steps // 2}",
+                f"trainer.checkpoint_every={total}",
+                f"trainer.resume={base}/checkpoints/step_{base_steps:08d}.pt",
+                f"seed={seed}",
+                f"run_dir={folder}",
+            ]
+            jobs.append(
+                Job(
+                    f"{name}/{task}",
+                    [python, "train.py", *ft],
+                    lambda f=folder, t=total: train_done(f, t),
+                    folder,
+                    STARTUP_S + ft_steps * MERGE_SEC_PER_STEP,
+                    after=(f"{name}/base",),
+                )
+            )
         out = root / "ties"
-        jobs.append(Job(f"{name}/merge", [python, "-m", "recipes.merge.merge", f"base={base}", f"sources={','.join(sources)}",
-                                                         f"out={out}", "method=ties", f"seed={seed}", "eval_batches=10"],
-                        lambda o=out: (o / "merge_report.json").exists(), out, STARTUP_S + 30,
-                        after=(f"{name}/recall", f"{name}/modadd")))
+        jobs.append(
+            Job(
+                f"{name}/merge",
+                [
+                    python,
+                    "-m",
+                    "recipes.merge.merge",
+                    f"base={base}",
+                    f"sources={','.join(sources)}",
+                    f"out={out}",
+                    "method=ties",
+                    f"seed={seed}",
+                    "eval_batches=10",
+                ],
+                lambda o=out: (o / "merge_report.json").exists(),
+                out,
+                STARTUP_S + 30,
+                after=(f"{name}/recall", f"{name}/modadd"),
+            )
+        )
     return jobs
 
 
@@ -278,8 +382,15 @@ def run_jobs(jobs: list[Job], parallel: int, runs: Path) -> list[str]:
     """Run the unfinished jobs, ``parallel`` at a time, dependencies first; returns the names of failed jobs."""
     from tqdm.auto import tqdm
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     logs = runs / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     priority = critical_path(jobs)
@@ -312,7 +423,10 @@ def run_jobs(jobs: list[Job], parallel: int, runs: Path) -> list[str]:
                 _clear_unfinished(job)
                 job.log = logs / (job.name.replace("/", "__") + ".log")
                 with open(job.log, "w") as log:
-                    running[job.name] = (job, subprocess.Popen(job.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+                    running[job.name] = (
+                        job,
+                        subprocess.Popen(job.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
+                    )
                 bar.set_postfix_str(", ".join(running))
         time.sleep(0.5)
     bar.close()
@@ -338,22 +452,42 @@ def _configured_steps(folder: Path) -> int | None:
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def main(argv: list[str] | None = None) -> int:
     from training.tool_args import parse, tool_parser
 
     parser = tool_parser("python -m recipes.reproduce.suite", __doc__.split("\n\n")[0])
-    parser.add_argument("--scale", choices=("small", "full"), default="small",
-                        help="small: every method at --steps (default); full: the core claims at powered per-method steps")
-    parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHOD_NAMES)} (default: all of the tier)")
-    parser.add_argument("--seeds", type=int, default=None, help=f"seeds 0..N-1 per variant (default 3; full tier {FULL_SEEDS})")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                        help=f"training steps per run (default {DEFAULT_STEPS}; the full tier chooses its own)")
+    parser.add_argument(
+        "--scale",
+        choices=("small", "full"),
+        default="small",
+        help="small: every method at --steps (default); full: the core claims at powered per-method steps",
+    )
+    parser.add_argument(
+        "--methods", help=f"comma-separated subset of {','.join(METHOD_NAMES)} (default: all of the tier)"
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=None, help=f"seeds 0..N-1 per variant (default 3; full tier {FULL_SEEDS})"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help=f"training steps per run (default {DEFAULT_STEPS}; the full tier chooses its own)",
+    )
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (default 2: one per core)")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and the estimated wall time, run nothing")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the plan and the estimated wall time, run nothing"
+    )
     parser.add_argument("--report-only", action="store_true", help="write REPORT.md from the runs that exist")
-    parser.add_argument("--runs-dir", default=None, help="where the runs go (default runs/reproduce, full: runs/reproduce_full)")
-    parser.add_argument("--results-dir", default=None,
-                        help="where REPORT.md goes (default benchmarks/results/reproduce, full: .../reproduce_full)")
+    parser.add_argument(
+        "--runs-dir", default=None, help="where the runs go (default runs/reproduce, full: runs/reproduce_full)"
+    )
+    parser.add_argument(
+        "--results-dir",
+        default=None,
+        help="where REPORT.md goes (default benchmarks/results/reproduce, full: .../reproduce_full)",
+    )
     args = parse(parser, argv)
     full = args.scale == "full"
     runs = Path(args.runs_dir or (FULL_RUNS if full else DEFAULT_RUNS)).resolve()
@@ -364,15 +498,25 @@ def main(argv: list[str] | None = None) -> int:
     chosen = args.methods.split(",") if args.methods else names
     unknown = [m for m in chosen if m not in names]
     if unknown or seeds < 1 or args.steps < 8:
-        parser.error(f"unknown methods {unknown}; the {args.scale} tier has {names}" if unknown else "--seeds ≥ 1 and --steps ≥ 8")
+        parser.error(
+            f"unknown methods {unknown}; the {args.scale} tier has {names}"
+            if unknown
+            else "--seeds ≥ 1 and --steps ≥ 8"
+        )
     methods = [m for m in tier if m.name in chosen]
     steps_by_method = full_tier_steps(seeds, FULL_BUDGET_S, args.parallel, methods) if full else None
     jobs = plan(methods, seeds, args.steps, runs, steps_by_method)
     todo = jobs_to_run(jobs)
     estimate = estimate_wall(todo, args.parallel)
-    steps_text = (", ".join(f"{k} {v}" for k, v in steps_by_method.items()) + " steps") if full else f"{args.steps} steps per run"
-    print(f"{args.scale} tier: {len(jobs)} jobs ({len(jobs) - len(todo)} already done), {steps_text}, {seeds} seeds, "
-          f"{args.parallel} at a time: about {estimate / 60:.0f} min on an idle 2-core CPU")
+    steps_text = (
+        (", ".join(f"{k} {v}" for k, v in steps_by_method.items()) + " steps")
+        if full
+        else f"{args.steps} steps per run"
+    )
+    print(
+        f"{args.scale} tier: {len(jobs)} jobs ({len(jobs) - len(todo)} already done), {steps_text}, {seeds} seeds, "
+        f"{args.parallel} at a time: about {estimate / 60:.0f} min on an idle 2-core CPU"
+    )
     if args.dry_run:
         for job in sorted(todo, key=lambda j: j.name):
             after = f"  (after {', '.join(job.after)})" if job.after else ""
@@ -382,11 +526,27 @@ def main(argv: list[str] | None = None) -> int:
     failed = [] if args.report_only else run_jobs(jobs, args.parallel, runs)
     if not args.report_only:  # kept beside the runs, so that --report-only can still state it
         runs.mkdir(parents=True, exist_ok=True)
-        (runs / "suite_time.json").write_text(json.dumps({"wall_s": time.time() - started, "jobs_run": len(todo),
-                                                           "finished": time.strftime("%Y-%m-%d %H:%M"),
-                                                           "estimate_s": estimate}))
-    path = write_suite_report(methods, seeds, args.steps, failed, runs, results, steps_by_method=steps_by_method,
-                              scale=args.scale, estimate_s=estimate_wall(jobs, args.parallel))
+        (runs / "suite_time.json").write_text(
+            json.dumps(
+                {
+                    "wall_s": time.time() - started,
+                    "jobs_run": len(todo),
+                    "finished": time.strftime("%Y-%m-%d %H:%M"),
+                    "estimate_s": estimate,
+                }
+            )
+        )
+    path = write_suite_report(
+        methods,
+        seeds,
+        args.steps,
+        failed,
+        runs,
+        results,
+        steps_by_method=steps_by_method,
+        scale=args.scale,
+        estimate_s=estimate_wall(jobs, args.parallel),
+    )
     print(f"wrote {path}" + (f"; {len(failed)} jobs failed: {failed}" if failed else ""))
     return 1 if failed else 0
 

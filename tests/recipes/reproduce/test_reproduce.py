@@ -1,4 +1,5 @@
-"""recipes.reproduce: the paired verdict rule, the power calculation, both tiers' plans, and a report on synthetic runs."""
+"""recipes.reproduce: paired verdict rule, power calculation, both tiers' plans, a report on synthetic runs."""
+
 import json
 import math
 
@@ -11,8 +12,8 @@ from recipes.reproduce.report import verdict, write_suite_report
 
 
 def test_paired_verdict_uses_the_per_seed_differences_and_a_one_sided_t():
-    baseline = [3.00, 3.10, 2.90]               # large seed-to-seed spread ...
-    method = [2.97, 3.08, 2.86]                 # ... that the pairing cancels: d = −0.03, −0.02, −0.04
+    baseline = [3.00, 3.10, 2.90]  # large seed-to-seed spread ...
+    method = [2.97, 3.08, 2.86]  # ... that the pairing cancels: d = −0.03, −0.02, −0.04
     result = verdict(baseline, method, "lower")
     assert result["delta"] == pytest.approx(-0.03) and result["sigma_d"] == pytest.approx(0.01)
     assert result["noise"] == pytest.approx(2.920 * 0.01 / math.sqrt(3))  # t₀.₉₅(2)·σ_d/√n
@@ -51,7 +52,9 @@ def test_small_plan_covers_every_method_and_trains_shared_baselines_once(tmp_pat
     names = [j.name for j in jobs]
     assert len(names) == len(set(names))
     assert sum(n.startswith("baselines/dense/") for n in names) == 3  # used by moe_vs_dense, mohd, itt, recurrent
-    assert sum(n.startswith("baselines/moe/seed") and n.count("/") == 2 for n in names) == 3  # moe: emoe, moue, mhmoe, xmoe, moec
+    assert (
+        sum(n.startswith("baselines/moe/seed") and n.count("/") == 2 for n in names) == 3
+    )  # moe: emoe, moue, mhmoe, xmoe, moec
     for method in reproduce.METHODS:
         for variant in method.variants:
             assert any(n.startswith(reproduce.VARIANTS[variant].folder + "/seed") for n in names), variant
@@ -59,11 +62,15 @@ def test_small_plan_covers_every_method_and_trains_shared_baselines_once(tmp_pat
             assert check.baseline.split(":")[0] in (*method.variants, "dha", "gqa", "plain_merge", "harc_merge")
     for new in ("mhmoe", "xmoe", "moec", "parallel_sampler"):  # issue 21 item 7
         assert new in reproduce.METHOD_NAMES
-    assert {"routing/mhmoe/seed2", "routing/xmoe/seed0", "routing/moec/seed1", "looped/recurrent/seed0/sampler"} <= set(names)
+    assert {"routing/mhmoe/seed2", "routing/xmoe/seed0", "routing/moec/seed1", "looped/recurrent/seed0/sampler"} <= set(
+        names
+    )
     sampler = next(j for j in jobs if j.name == "looped/recurrent/seed0/sampler")
     assert sampler.after == ("looped/recurrent/seed0",) and "recipes.reproduce.sampler" in sampler.command
     train = next(j for j in jobs if j.name == "sgt/sgt/seed1")
-    assert {"trainer.max_steps=40", "trainer.threads=1", "seed=1", "model.depth.first_selection_step=5"} <= set(train.command)
+    assert {"trainer.max_steps=40", "trainer.threads=1", "seed=1", "model.depth.first_selection_step=5"} <= set(
+        train.command
+    )
     assert all(dep in names for j in jobs for dep in j.after)
     assert all(not j.done() for j in jobs)
     assert 0 < reproduce.estimate_wall(jobs, 2) < sum(j.estimate_s for j in jobs)
@@ -75,7 +82,10 @@ def test_full_tier_has_the_core_claims_at_powered_steps_within_two_hours(tmp_pat
     methods = reproduce.full_tier_methods()
     assert [m.name for m in methods] == ["moe_vs_dense", "emoe", "ernie_elastic", "dha_vs_gqa", "itt", "sgt"]
     sgt = next(m for m in methods if m.name == "sgt")
-    assert [c.question for c in sgt.checks] == ["high- vs low-entropy heads"] and sgt.variants == ("sgt", "sgt_low_entropy")
+    assert [c.question for c in sgt.checks] == ["high- vs low-entropy heads"] and sgt.variants == (
+        "sgt",
+        "sgt_low_entropy",
+    )
     steps = reproduce.full_tier_steps()
     assert all(reproduce.FULL_MIN_STEPS <= s <= reproduce.FULL_MAX_STEPS for s in steps.values())
     assert max(steps.values()) > 100  # the power calculation asks for more than the small tier
@@ -84,7 +94,10 @@ def test_full_tier_has_the_core_claims_at_powered_steps_within_two_hours(tmp_pat
     dense = [j for j in jobs if "baselines/dense/seed0" in j.name]
     assert len(dense) == len({steps["moe_vs_dense"], steps["itt"]})  # shared only where the step counts agree
     dha = next(j for j in jobs if j.name.endswith("dha_vs_gqa/seed0"))
-    assert f"trainer.max_steps={steps['dha_vs_gqa']}" in dha.command and f"fusion_steps={steps['dha_vs_gqa']}" in dha.command
+    assert (
+        f"trainer.max_steps={steps['dha_vs_gqa']}" in dha.command
+        and f"fusion_steps={steps['dha_vs_gqa']}" in dha.command
+    )
 
 
 def test_arms_of_every_check_share_data_order(tmp_path):
@@ -105,7 +118,9 @@ def test_arms_of_every_check_share_data_order(tmp_path):
 
 def _run(folder, seed, losses, flops_per_token=1e6, steps=(0, 10, 20)):
     folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(f"seed: {seed}\ntrainer:\n  max_steps: {steps[-1]}\n  batch_size: 2\ndata:\n  seq_len: 8\n")
+    (folder / "config.yaml").write_text(
+        f"seed: {seed}\ntrainer:\n  max_steps: {steps[-1]}\n  batch_size: 2\ndata:\n  seq_len: 8\n"
+    )
     rows = [{"step": s, "loss": 5.0, "flops_per_token": flops_per_token} for s in steps[1:]]
     rows += [{"step": s, "val_loss": loss} for s, loss in zip(steps, losses)]
     (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -131,8 +146,24 @@ def test_report_states_budgets_and_the_power_calculation(tmp_path):
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
-    assert reproduce.main(["--dry-run", "--methods", "emoe,sgt", "--seeds", "2", "--steps", "16",
-                           "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")]) == 0
+    assert (
+        reproduce.main(
+            [
+                "--dry-run",
+                "--methods",
+                "emoe,sgt",
+                "--seeds",
+                "2",
+                "--steps",
+                "16",
+                "--runs-dir",
+                str(tmp_path / "runs"),
+                "--results-dir",
+                str(tmp_path / "results"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "min on an idle 2-core CPU" in out and "emoe/emoe/seed1" in out and "baselines/moe/seed0/eval" in out
     assert reproduce.main(["--dry-run", "--scale", "full", "--runs-dir", str(tmp_path / "runs")]) == 0

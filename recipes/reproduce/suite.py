@@ -8,9 +8,9 @@
 Two tiers. ``--scale small`` (default): every method, ``--steps`` (70) per run, 3 seeds, ≤ 45 min on
 2 cores by ``estimate_wall``. ``--scale full``: the core claims only (``FULL_TIER``: MoE vs dense,
 EMoE's k' curve, ERNIE elastic sparsity, ITT vs vanilla and Loop, DHA vs GQA at matched budget, SGT
-high vs low entropy), each method at the steps its checks need by the power calculation
-(``recipes.reproduce.power``) from the committed small-tier variance, scaled down until the whole tier
-fits ``FULL_BUDGET_S`` (2 h on 2 cores) by the same estimator; runs under ``runs/reproduce_full/
+high vs low entropy), with the seed count and per-method steps that power the most checks by the power
+calculation (``recipes.reproduce.power``, from the committed small-tier variance) while the whole tier
+fits ``FULL_BUDGET_S`` (2 h on 2 cores) by the same estimator (``choose_full_tier``); runs under ``runs/reproduce_full/
 steps<S>/`` (methods of equal S share baselines), report in ``benchmarks/results/reproduce_full/``;
 resumable like the small tier.
 
@@ -48,6 +48,7 @@ from recipes.reproduce.methods import (
     METHODS,
     SAMPLER_JOB_S,
     VARIANTS,
+    Check,
     Method,
     common_overrides,
     sgt_schedule,
@@ -62,7 +63,7 @@ FULL_MIN_STEPS = 100
 STARTUP_S = 10  # per process: imports, data cache, model build, final checkpoint
 SMALL_BUDGET_S, FULL_BUDGET_S = 45 * 60, 2 * 3600
 FULL_RUNS, FULL_RESULTS = ROOT / "runs" / "reproduce_full", ROOT / "benchmarks" / "results" / "reproduce_full"
-FULL_SEEDS, FULL_MAX_STEPS = 3, 1000
+FULL_SEEDS, FULL_MAX_STEPS = 3, 1000  # FULL_SEEDS: full_tier_steps' default; main() lets choose_full_tier pick
 # the full tier's core claims: method → the checks it keeps (None: all)
 FULL_TIER = {
     "moe_vs_dense": None,
@@ -224,32 +225,82 @@ def plan(
     return list(jobs.values())
 
 
+def _required(check: Check, seeds: int) -> float | None:
+    """Steps the check needs with ``seeds`` seeds (power.required_steps), None without a measured σ or a claim size."""
+    from recipes.reproduce.power import required_steps
+
+    if check.sigma_100 is None or check.effect <= 0:
+        return None
+    return required_steps(check.sigma_100, check.effect, seeds)
+
+
+def powered_checks(methods: list[Method], seeds: int, steps_by_method: dict[str, int]) -> list[str]:
+    """The checks whose power requirement the given per-method steps meet ("method: question")."""
+    return [
+        f"{m.name}: {c.question}"
+        for m in methods
+        for c in m.checks
+        if (need := _required(c, seeds)) is not None and need <= steps_by_method[m.name]
+    ]
+
+
 def full_tier_steps(
     seeds: int = FULL_SEEDS, budget_s: float = FULL_BUDGET_S, parallel: int = 2, methods: list[Method] | None = None
 ) -> dict[str, int]:
-    """Steps per full-tier method: the power requirement of its checks, cut (largest first) until the tier fits.
+    """Steps per full-tier method that power as many checks as fit ``budget_s`` by ``estimate_wall``.
 
-    Requirement: max over the method's checks of ``power.required_steps`` (committed 100-step σ, claimed effect,
-    ``seeds``), rounded up to 50 and clipped to [100, FULL_MAX_STEPS]; then, while ``estimate_wall`` of the whole
-    plan exceeds ``budget_s``, the method with the most steps gives up 20% (never below 100).
+    Each check needs ``power.required_steps`` (committed 100-step σ, claimed effect, ``seeds``), rounded up to 50;
+    one above FULL_MAX_STEPS cannot be powered here. Every method starts at FULL_MIN_STEPS; then, greedily, the
+    step increase that powers one more check for the least added wall time is taken while the tier still fits.
     """
-    from recipes.reproduce.power import required_steps
-
     methods = methods if methods is not None else full_tier_methods()
-    steps = {}
-    for m in methods:
-        needs = [
-            required_steps(c.sigma_100, c.effect, seeds) for c in m.checks if c.sigma_100 is not None and c.effect > 0
-        ]
-        need = max(needs, default=FULL_MIN_STEPS)
-        steps[m.name] = int(min(FULL_MAX_STEPS, max(FULL_MIN_STEPS, 50 * math.ceil(need / 50))))
     scratch = Path("/nonexistent-reproduce-plan")  # estimate only: nothing is created
-    while estimate_wall(plan(methods, seeds, FULL_MIN_STEPS, scratch, steps), parallel) > budget_s:
-        name = max(steps, key=lambda k: steps[k])
-        if steps[name] <= FULL_MIN_STEPS:
-            break
-        steps[name] = max(FULL_MIN_STEPS, 50 * math.floor(steps[name] * 0.8 / 50))
-    return steps
+
+    def wall(steps: dict[str, int]) -> float:
+        return estimate_wall(plan(methods, seeds, FULL_MIN_STEPS, scratch, steps), parallel)
+
+    levels = {
+        m.name: sorted(
+            {
+                max(FULL_MIN_STEPS, 50 * math.ceil(need / 50))
+                for c in m.checks
+                if (need := _required(c, seeds)) is not None and need <= FULL_MAX_STEPS
+            }
+        )
+        for m in methods
+    }
+    steps = {m.name: FULL_MIN_STEPS for m in methods}
+    current = wall(steps)
+    while True:
+        options = []
+        for name, targets in levels.items():
+            higher = [t for t in targets if t > steps[name]]
+            if higher:
+                trial = {**steps, name: higher[0]}
+                options.append((wall(trial) - current, name, higher[0]))
+        fitting = [o for o in options if current + o[0] <= budget_s]
+        if not fitting:
+            return steps
+        cost, name, target = min(fitting)
+        steps[name], current = target, current + cost
+
+
+def choose_full_tier(
+    budget_s: float = FULL_BUDGET_S, parallel: int = 2, methods: list[Method] | None = None, seed_range=range(3, 9)
+) -> tuple[int, dict[str, int]]:
+    """(seeds, steps per method) powering the most checks within the budget; ties go to fewer seeds.
+
+    More seeds can be cheaper than more steps: the t quantiles of a paired test with few seeds are large (n = 3:
+    t₀.₉₅ + t₀.₈₀ = 3.98, n = 6: 2.94), and under σ ∝ 1/√steps the cost n·S of a given power falls with n.
+    """
+    methods = methods if methods is not None else full_tier_methods()
+    best = None
+    for seeds in seed_range:
+        steps = full_tier_steps(seeds, budget_s, parallel, methods)
+        score = len(powered_checks(methods, seeds, steps))
+        if best is None or score > best[0]:
+            best = (score, seeds, steps)
+    return best[1], best[2]
 
 
 def merge_jobs(seeds: int, steps: int, common: list[str], runs: Path, prefix: str = "") -> list[Job]:
@@ -467,7 +518,10 @@ def main(argv: list[str] | None = None) -> int:
         "--methods", help=f"comma-separated subset of {','.join(METHOD_NAMES)} (default: all of the tier)"
     )
     parser.add_argument(
-        "--seeds", type=int, default=None, help=f"seeds 0..N-1 per variant (default 3; full tier {FULL_SEEDS})"
+        "--seeds",
+        type=int,
+        default=None,
+        help="seeds 0..N-1 per variant (default 3; full tier: chosen by the power calculation)",
     )
     parser.add_argument(
         "--steps",
@@ -492,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     full = args.scale == "full"
     runs = Path(args.runs_dir or (FULL_RUNS if full else DEFAULT_RUNS)).resolve()
     results = Path(args.results_dir or (FULL_RESULTS if full else DEFAULT_RESULTS)).resolve()
-    seeds = args.seeds if args.seeds is not None else (FULL_SEEDS if full else 3)
+    seeds = args.seeds if args.seeds is not None else 3
     tier = full_tier_methods() if full else METHODS
     names = [m.name for m in tier]
     chosen = args.methods.split(",") if args.methods else names
@@ -504,7 +558,11 @@ def main(argv: list[str] | None = None) -> int:
             else "--seeds ≥ 1 and --steps ≥ 8"
         )
     methods = [m for m in tier if m.name in chosen]
-    steps_by_method = full_tier_steps(seeds, FULL_BUDGET_S, args.parallel, methods) if full else None
+    steps_by_method = None
+    if full and args.seeds is None:  # seeds and steps from the power calculation
+        seeds, steps_by_method = choose_full_tier(FULL_BUDGET_S, args.parallel, methods)
+    elif full:
+        steps_by_method = full_tier_steps(seeds, FULL_BUDGET_S, args.parallel, methods)
     jobs = plan(methods, seeds, args.steps, runs, steps_by_method)
     todo = jobs_to_run(jobs)
     estimate = estimate_wall(todo, args.parallel)

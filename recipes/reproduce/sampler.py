@@ -52,11 +52,15 @@ class SamplerOptions:
     }
 
 
-def continuation_nll(model, idx_BS, prompt_len: int) -> float:
-    """Mean NLL of tokens [prompt_len, S) of idx_BS given everything before them (one teacher-forced pass)."""
+def continuation_nll(model, idx_BS, prompt_len: int, seed: int | None = None) -> float:
+    """Mean NLL of tokens [prompt_len, S) of idx_BS given everything before them (one teacher-forced pass).
+
+    ``seed`` seeds torch's RNG first (a recurrent model draws its initial state at every forward)."""
     import torch
     import torch.nn.functional as F
 
+    if seed is not None:
+        torch.manual_seed(seed)
     with torch.no_grad():
         logits_BSV = model(idx_BS[:, :-1]).logits.float()
     targets_BS = idx_BS[:, 1:]
@@ -108,8 +112,9 @@ def measure(o: SamplerOptions) -> dict:
         "ms_per_token_sequential": 1000 * seq_s / generated,
         "ms_per_token_parallel": 1000 * par_s / generated,
         "agreement": float((seq_BS[:, o.prompt_len :] == par_BS[:, o.prompt_len :]).float().mean()),
-        "nll_sequential": continuation_nll(model, seq_BS, o.prompt_len),
-        "nll_parallel": continuation_nll(model, par_BS[:, : seq_BS.shape[1]], o.prompt_len),
+        # the recurrent state starts random each forward: the same draws for both continuations (same shapes)
+        "nll_sequential": continuation_nll(model, seq_BS, o.prompt_len, seed=o.seed),
+        "nll_parallel": continuation_nll(model, par_BS[:, : seq_BS.shape[1]], o.prompt_len, seed=o.seed),
     }
     Path(o.out).mkdir(parents=True, exist_ok=True)
     (Path(o.out) / "sampler.json").write_text(json.dumps(out, indent=1))

@@ -177,3 +177,21 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("full tier:") and "steps" in out and "dha_vs_gqa/seed2" in out
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "baseline,method",
+    [("dense", "moe"), ("moe", "mhmoe"), ("moe", "xmoe"), ("moe", "moec"), ("ernie_plain", "ernie_elastic")],
+)
+def test_equal_flop_comparisons_are_flop_matched(tmp_path, baseline, method):
+    """Checks that claim equal FLOPs per step: train FLOPs per token (training.accounting) within 1%."""
+    from training.accounting.account import account
+    from training.build import build_model
+    from training.cli import compose
+    from training.config import validate
+
+    def flops(variant):
+        root = validate(compose([*VARIANTS[variant].overrides, f"run_dir={tmp_path}", "data.tokenizer.kind=bytes"]))
+        return account(build_model(root, 256), root.data.seq_len, training=True).train_flops_per_token
+
+    assert flops(method) == pytest.approx(flops(baseline), rel=0.01)

@@ -181,10 +181,12 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "baseline,method",
-    [("dense", "moe"), ("moe", "mhmoe"), ("moe", "xmoe"), ("moe", "moec"), ("ernie_plain", "ernie_elastic")],
+    [("dense", "moe"), ("moe", "mhmoe"), ("moe", "xmoe"), ("moe", "moec")],
 )
 def test_equal_flop_comparisons_are_flop_matched(tmp_path, baseline, method):
-    """Checks that claim equal FLOPs per step: train FLOPs per token (training.accounting) within 1%."""
+    """Checks that claim equal FLOPs per step: train FLOPs per token (training.accounting) within 1%.
+
+    (Not ERNIE: its elastic arm's full_plus_sub steps add a sub-model pass, stated in its claim.)"""
     from training.accounting.account import account
     from training.build import build_model
     from training.cli import compose

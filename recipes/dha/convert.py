@@ -395,7 +395,8 @@ COMMANDS = {
     "mha_to_dha": "convert an MHA run to DHA (head search, fusion, collapse) into a new run folder",
     "mha_to_gqa": "convert an MHA run to GQA (mean-pooled head groups) at the same KV budget",
     "continue": "continued pretraining of a converted run folder",
-    "dha_vs_gqa": "the whole recipe: train MHA, convert both ways, continue both, plot (extra key=value: train.py overrides)",
+    "dha_vs_gqa": "the whole recipe: train MHA, convert both ways, continue both at a matched budget, plot "
+    "(extra key=value: train.py overrides)",
 }
 
 

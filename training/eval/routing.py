@@ -158,8 +158,7 @@ def _load_heatmap(names, loads, layouts, title, path: Path) -> Path:
         row = load_C.numpy().copy()
         row[~layout["reachable_C"].numpy()] = np.nan
         grid[i, : row.size] = row
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("lightgray")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgray")
     fig, ax = plt.subplots(figsize=(2.5 + 0.32 * width, 1.6 + 0.45 * len(loads)))
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto", vmin=0)
     fig.colorbar(image, ax=ax, label="fraction of routed slots")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from training.accounting.account import account
 from training.config import ConfigError
-from training.eval.elastic_sweeps import plot_sweep, print_table, with_deltas, write_csv
 from training.eval.loss import evaluate_loss
+from training.eval.sweep_table import plot_sweep, print_table, with_deltas, write_csv
 
 
 def _sweep_value(cfg, key: str):
@@ -37,7 +37,7 @@ def _settings(model, root, cfg) -> list[tuple[str, str, object]]:
         trained = list(depth.ratios)
         grid = _sweep_value(cfg, "itt_ratios") or [trained, [0.5] * n, [0.7] * (n - 1) + [0.9], [0.9] * n,
                                                     [0.9] * (n - 1) + [0.0], [1.0] * n, [0.0] * n]
-        unique = list(dict.fromkeys([tuple(float(x) for x in trained)] + [tuple(float(x) for x in ratios) for ratios in grid]))
+        unique = list(dict.fromkeys(tuple(float(x) for x in ratios) for ratios in [trained, *grid]))
         return [("ratios", "/".join(f"{x:g}" for x in ratios), list(ratios)) for ratios in unique]
     return []
 
@@ -81,7 +81,8 @@ def depth_sweeps(model, data, root, cfg, out_dir: Path) -> dict[str, Path]:
     rows = with_deltas(rows)
     print_table(rows, f"depth sweep: {root.model.name} / depth={root.model.depth['name']}")
     csv_path = write_csv(rows, out_dir / "depth.csv")
-    plot = plot_sweep(rows, out_dir / "depth.png", f"{root.model.name} / depth={root.model.depth['name']}: {points[0][0]} sweep")
+    title = f"{root.model.name} / depth={root.model.depth['name']}: {points[0][0]} sweep"
+    plot = plot_sweep(rows, out_dir / "depth.png", title)
     return {"depth csv": csv_path, "depth plot": plot}
 
 

@@ -5,11 +5,10 @@ Every sweep point is one row: its setting, the active parameters and forward FLO
 ``training.accounting.account`` gives for that sub-network (eval-mode routing), its val loss and
 the loss difference to the trained setting of the same dimension (Δ > 0: worse than trained).
 The same rows are printed as a table, written as CSV and plotted against the setting and against
-active FLOPs.
+active FLOPs (``training.eval.sweep_table``, shared with the depth sweeps).
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import torch
@@ -19,12 +18,7 @@ from arch.layers import FULL_MODEL, ElasticSetting
 from training.accounting.account import account
 from training.config import ConfigError, elastic_dims
 from training.eval.loss import evaluate_loss, load_trained
-
-# Columns of every sweep CSV (and of the printed table, minus dimension/trained/val_bpb).
-SWEEP_COLUMNS = ("dimension", "setting", "trained", "active_params", "forward_flops_per_token",
-                 "val_loss", "delta_val_loss", "val_bpb")
-_LABELS = {"top_k": "experts per token k'", "experts": "routable experts", "depth": "layers kept",
-           "iterations": "test-time iterations", "repeats": "loop repeats", "ratios": "ITT selection ratios"}
+from training.eval.sweep_table import plot_sweep, print_table, with_deltas, write_csv
 
 
 def run_evaluation(cfg) -> dict[str, Path]:
@@ -63,7 +57,8 @@ def _settings(root, cfg) -> list[tuple[str, int, list[ElasticSetting]]]:
             if not 1 <= k <= n_experts:
                 raise ConfigError(f"sweep.top_k contains {k}; allowed: 1..{n_experts} (model.ffn experts)")
         points += [("top_k", k, [ElasticSetting(top_k=k)]) for k in ks]
-        sizes = sorted({int(s) for s in (cfg.sweep.expert_subsets or [max(1, n_experts // 2)])} | {n_experts}, reverse=True)
+        requested = cfg.sweep.expert_subsets or [max(1, n_experts // 2)]
+        sizes = sorted({int(s) for s in requested} | {n_experts}, reverse=True)
         generator = torch.Generator().manual_seed(cfg.seed)
         for size in sizes:
             if not 1 <= size <= n_experts:
@@ -112,92 +107,3 @@ def elastic_sweep(model, data, root, cfg, out_dir: Path) -> dict[str, Path]:
     csv_path = write_csv(rows, out_dir / "elastic.csv")
     title = f"{root.model.name} / {root.model.ffn['name']}" + (" (elastic training)" if root.elastic.enabled else "")
     return {"elastic csv": csv_path, "elastic plot": plot_sweep(rows, out_dir / "elastic.png", title)}
-
-
-# ---------------------------------------------------------------------- shared by every sweep
-def with_deltas(rows: list[dict]) -> list[dict]:
-    """Add ``delta_val_loss`` = val_loss − the trained row's of the same dimension (None if none is trained)."""
-    reference = {r["dimension"]: r["val_loss"] for r in rows if r["trained"]}
-    for r in rows:
-        base = reference.get(r["dimension"])
-        r["delta_val_loss"] = None if base is None else r["val_loss"] - base
-    return [{key: r.get(key) for key in SWEEP_COLUMNS} for r in rows]
-
-
-def write_csv(rows: list[dict], path: Path) -> Path:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(SWEEP_COLUMNS))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-def _si(x: float, unit: str = "") -> str:
-    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{prefix}{unit}"
-    return f"{x:.3g}{unit}"
-
-
-def format_table(rows: list[dict], title: str) -> str:
-    """A plain aligned table, one block per dimension; the trained setting is starred."""
-    header = ("setting", "active params", "fwd FLOPs/token", "val loss", "Δ vs trained")
-    lines = [title]
-    for dimension in dict.fromkeys(r["dimension"] for r in rows):
-        body = [(f"{_LABELS.get(dimension, dimension)} = {r['setting']}" + (" *" if r["trained"] else ""),
-                 _si(r["active_params"]), _si(r["forward_flops_per_token"]), f"{r['val_loss']:.4f}",
-                 "—" if r["delta_val_loss"] is None else f"{r['delta_val_loss']:+.4f}")
-                for r in rows if r["dimension"] == dimension]
-        widths = [max(len(str(c)) for c in column) for column in zip(header, *body)]
-        fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-        lines += ["", fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body)]
-    lines.append("(* trained setting; Δ > 0: higher loss than trained; FLOPs: forward matmuls + attention, eval routing)")
-    return "\n".join(lines)
-
-
-def print_table(rows: list[dict], title: str) -> None:
-    print(format_table(rows, title), flush=True)
-
-
-def plot_sweep(rows: list[dict], path: Path, title: str) -> Path:
-    """Top row: val loss against each dimension's setting; bottom row: against forward MFLOPs/token.
-    Dimensions with a single point are left out (nothing to plot); red marks the trained setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    dimensions = [d for d in dict.fromkeys(r["dimension"] for r in rows) if sum(r["dimension"] == d for r in rows) > 1]
-    dimensions = dimensions or list(dict.fromkeys(r["dimension"] for r in rows))
-    fig, axes = plt.subplots(2, len(dimensions), figsize=(4.6 * len(dimensions), 7.2), squeeze=False)
-    for column, dimension in enumerate(dimensions):
-        points = [r for r in rows if r["dimension"] == dimension]
-        numeric = all(isinstance(r["setting"], (int, float)) for r in points)
-        if numeric:
-            points.sort(key=lambda r: r["setting"])
-        xs = [r["setting"] if numeric else i for i, r in enumerate(points)]
-        flops = [r["forward_flops_per_token"] / 1e6 for r in points]
-        losses = [r["val_loss"] for r in points]
-        colours = ["tab:red" if r["trained"] else "tab:blue" for r in points]
-        for ax, x, xlabel in ((axes[0][column], xs, _LABELS.get(dimension, dimension)),
-                              (axes[1][column], flops, "active forward MFLOPs per token")):
-            if numeric or ax is axes[1][column]:
-                order = sorted(range(len(x)), key=lambda i: x[i])
-                ax.plot([x[i] for i in order], [losses[i] for i in order], "-", color="tab:blue", alpha=0.5)
-            ax.scatter(x, losses, c=colours, zorder=3)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("val loss")
-            ax.grid(alpha=0.3)
-        if numeric:
-            axes[0][column].xaxis.set_major_locator(MaxNLocator(integer=True))
-        else:
-            axes[0][column].set_xticks(xs, [str(r["setting"]) for r in points], rotation=30, fontsize=7)
-        for r, x, y in zip(points, flops, losses):
-            axes[1][column].annotate(str(r["setting"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        axes[0][column].set_title(f"{_LABELS.get(dimension, dimension)} (red: trained)", fontsize=9)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

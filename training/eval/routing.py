@@ -31,6 +31,7 @@ import torch
 from arch.ffn.moe import MoEFFN
 from arch.ffn.universal import UniversalMoEFFN
 from training.config import ConfigError
+from training.eval.sweep_table import aligned
 
 ROUTED_BLOCKS = ("moe", "emoe", "mhmoe", "moue")
 
@@ -94,7 +95,8 @@ def routing_analysis(model, data, root, cfg, out_dir: Path) -> dict[str, Path]:
     csv_path = out_dir / "routing.csv"
     with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["layer", "block", "column", "expert", "kind", "reachable", "load_fraction", "uniform_reference"])
+        writer.writerow(["layer", "block", "column", "expert", "kind", "reachable", "load_fraction",
+                         "uniform_reference"])
         for module, layout, load_C in zip(layers, layouts, loads):
             uniform = 1 / int(layout["reachable_C"].sum())
             for c in range(module.E):
@@ -110,7 +112,8 @@ def routing_analysis(model, data, root, cfg, out_dir: Path) -> dict[str, Path]:
 
 
 def _print_summary(names, loads, layouts) -> None:
-    """Per layer: reachable experts, max and min load as multiples of uniform, dead experts, load entropy (1 = balanced)."""
+    """Per layer: reachable experts, max and min load as multiples of uniform, dead experts and the
+    normalised load entropy (1 = balanced)."""
     print("routing (val data): load as a multiple of uniform 1/E over the experts a layer can reach")
     header = ("layer", "experts", "max/uniform", "min/uniform", "dead", "load entropy")
     body = []
@@ -118,10 +121,9 @@ def _print_summary(names, loads, layouts) -> None:
         p = load_C[layout["reachable_C"]]
         n = p.numel()
         entropy = float(-(p[p > 0] * p[p > 0].log()).sum() / math.log(n)) if n > 1 else 1.0
-        body.append((name, str(n), f"{float(p.max()) * n:.2f}", f"{float(p.min()) * n:.2f}", str(int((p == 0).sum())), f"{entropy:.3f}"))
-    widths = [max(len(c) for c in column) for column in zip(header, *body)]
-    for cells in (header, tuple("-" * w for w in widths), *body):
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))))
+        body.append((name, str(n), f"{float(p.max()) * n:.2f}", f"{float(p.min()) * n:.2f}", str(int((p == 0).sum())),
+                     f"{entropy:.3f}"))
+    print("\n".join(aligned(header, body)))
 
 
 def _plt():
@@ -135,7 +137,9 @@ def _plt():
 
 def _xlabel(layouts, short: bool = False) -> str:
     if any(lay["block"] == "moue" for lay in layouts):
-        return "pool expert (Lj: local)" if short else "pool expert (Lj: the layer's local experts; grey: outside the layer's window)"
+        if short:
+            return "pool expert (Lj: local)"
+        return "pool expert (Lj: the layer's local experts; grey: outside the layer's window)"
     return "expert"
 
 
@@ -184,7 +188,8 @@ def _load_bars(names, loads, layouts, title, path: Path) -> Path:
     for ax, name, load_C, layout in zip(axes.flat, names, loads, layouts):
         reachable = layout["reachable_C"]
         n = int(reachable.sum())
-        ax.bar(range(load_C.numel()), load_C.numpy(), color=["tab:blue" if r else "lightgray" for r in reachable.tolist()])
+        colours = ["tab:blue" if r else "lightgray" for r in reachable.tolist()]
+        ax.bar(range(load_C.numel()), load_C.numpy(), color=colours)
         reference = "1/(window+local)" if layout["block"] == "moue" else "1/E"
         ax.axhline(1 / n, color="tab:red", ls="--", lw=1, label=f"uniform {reference} = 1/{n}")
         ax.set_title(name, fontsize=9)
@@ -219,7 +224,8 @@ def _coactivation(names, coact, layouts, title, path: Path) -> Path:
             ax.set_yticks(range(len(layout["labels"])), layout["labels"], fontsize=7)
     for ax in list(axes.flat)[len(coact):]:
         ax.axis("off")
-    fig.suptitle(f"{title}: experts chosen by the same token" + (" (sub-token)" if any(lay["block"] == "mhmoe" for lay in layouts) else ""), fontsize=10)
+    unit = "sub-token" if any(lay["block"] == "mhmoe" for lay in layouts) else "token"
+    fig.suptitle(f"{title}: experts chosen by the same {unit}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import tiny_config
-from training.eval.elastic_sweeps import SWEEP_COLUMNS, run_evaluation
+from training.eval.elastic_sweeps import run_evaluation
+from training.eval.sweep_table import SWEEP_COLUMNS
 from training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -101,14 +102,16 @@ def test_routing_analysis_covers_moue_and_mhmoe(tmp_path, capsys, name):
         reachable = [r for r in mine if r["reachable"] == "True"]
         assert all(float(r["load_fraction"]) == 0.0 for r in mine if r["reachable"] == "False")
         assert all(float(r["uniform_reference"]) == pytest.approx(1 / len(reachable), abs=1e-6) for r in mine)
-        if name == "moue":  # 8 pool experts, windows of 4 with stride 8 // 2: layer ℓ reaches 4ℓ .. 4ℓ+3, plus its local
-            assert [(r["kind"], int(r["expert"])) for r in reachable] == [("pool", 4 * layer + e) for e in range(4)] + [("local", 0)]
+        if name == "moue":  # 8 pool experts, windows of 4, stride 8 // 2: layer ℓ reaches 4ℓ .. 4ℓ+3 and its local
+            expected = [("pool", 4 * layer + e) for e in range(4)] + [("local", 0)]
+            assert [(r["kind"], int(r["expert"])) for r in reachable] == expected
         else:
             assert len(mine) == len(reachable) == 8
 
 
 def test_help_lists_evaluate_options_not_trainings():
-    result = subprocess.run([sys.executable, "evaluate.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "evaluate.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 0, result.stderr
     for text in ("ckpt=???", "analysis=elastic", "sweep.top_k=null", "sweep.depths=null", "sweep.iterations=null",
                  "eval_batches=20", "out_dir=null", "device=auto", "routable-expert counts"):

@@ -106,4 +106,8 @@ def elastic_sweep(model, data, root, cfg, out_dir: Path) -> dict[str, Path]:
     print_table(rows, f"elastic sweep: {root.model.name} / {root.model.ffn['name']}")
     csv_path = write_csv(rows, out_dir / "elastic.csv")
     title = f"{root.model.name} / {root.model.ffn['name']}" + (" (elastic training)" if root.elastic.enabled else "")
-    return {"elastic csv": csv_path, "elastic plot": plot_sweep(rows, out_dir / "elastic.png", title)}
+    plot = plot_sweep(rows, out_dir / "elastic.png", title)
+    if plot is None:  # e.g. a dense looped model: only the full stack here, its own sweep follows
+        print("elastic.png not written: every elastic dimension has a single setting")
+        return {"elastic csv": csv_path}
+    return {"elastic csv": csv_path, "elastic plot": plot}

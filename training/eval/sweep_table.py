@@ -70,9 +70,10 @@ def print_table(rows: list[dict], title: str) -> None:
     print(format_table(rows, title), flush=True)
 
 
-def plot_sweep(rows: list[dict], path: Path, title: str) -> Path:
+def plot_sweep(rows: list[dict], path: Path, title: str) -> Path | None:
     """Top row: val loss against each dimension's setting; bottom row: against forward MFLOPs/token.
-    Dimensions with a single point are left out (nothing to plot); red marks the trained setting."""
+    Dimensions with a single point are left out (nothing to plot; None if no dimension is left);
+    red marks the trained setting."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,7 +81,8 @@ def plot_sweep(rows: list[dict], path: Path, title: str) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     dimensions = [d for d in dict.fromkeys(r["dimension"] for r in rows) if sum(r["dimension"] == d for r in rows) > 1]
-    dimensions = dimensions or list(dict.fromkeys(r["dimension"] for r in rows))
+    if not dimensions:
+        return None
     fig, axes = plt.subplots(2, len(dimensions), figsize=(4.6 * len(dimensions), 7.2), squeeze=False)
     for column, dimension in enumerate(dimensions):
         points = [r for r in rows if r["dimension"] == dimension]

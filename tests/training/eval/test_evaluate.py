@@ -88,12 +88,26 @@ ROUTED = {
 
 
 @pytest.mark.parametrize("name", sorted(ROUTED))
-def test_routing_analysis_covers_moue_and_mhmoe(tmp_path, capsys, name):
+def test_routing_analysis_covers_moue_and_mhmoe(tmp_path, capsys, monkeypatch, name):
     run = _train(tmp_path / name, *ROUTED[name])
     out = tmp_path / "out"
+    import matplotlib.pyplot as plt
+
+    close = plt.close
+    close("all")
+    monkeypatch.setattr(plt, "close", lambda *a, **k: None)  # keep the figures to read their labels
     outputs = run_evaluation(_evaluate_cfg(f"ckpt={run}", f"out_dir={out}", "analysis=routing"))
     for key in ("routing load heatmap", "routing load bars", "routing co-activation"):
         assert outputs[key].stat().st_size > 10_000, key
+    heatmap, bars, coactivation = (plt.figure(n) for n in plt.get_fignums())
+    assert "fraction of routed slots" in [ax.get_ylabel() for ax in heatmap.axes]  # the colour bar's label
+    assert [ax.get_title() for ax in coactivation.axes if ax.get_title()] == [
+        f"layer {i} ({name}): co-activation" for i in range(LAYERS)]
+    n_reachable = 5 if name == "moue" else 8
+    for ax in bars.axes[:LAYERS]:
+        lines = [line for line in ax.get_lines() if line.get_label().startswith("uniform")]
+        assert len(lines) == 1 and lines[0].get_ydata()[0] == pytest.approx(1 / n_reachable)
+    close("all")
     assert f"layer 1 ({name})" in capsys.readouterr().out
     rows = _rows(out / "routing.csv")
     for layer in range(LAYERS):

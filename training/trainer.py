@@ -29,6 +29,7 @@ from training.metrics import MetricsLogger, NullLogger, plot_losses
 from training.build import build_model, check_model_builds, resolve_device, seed_everything
 from training.errors import NonFiniteLossError
 from training.optim import build_optimizer, lr_at, set_lr, warmup_warning
+from training.data.run_copy import save_run_data
 from training.provenance import CONSOLE_LOG, ConsoleLog, record_launch
 
 
@@ -67,6 +68,8 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if (t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")) else None
 
         self.data = prepare_data(root.data, progress=t.progress and self.is_main)
+        if self.is_main:  # the folder alone can then be sampled, evaluated and exported (training/data/run_copy.py)
+            save_run_data(self.run_dir, self.data)
         check_seq_len(self.data, root.data.seq_len)
         seed_everything(root.seed)  # the same on every rank: identical initial weights everywhere
         self.model = build_model(root, self.data.tokenizer.vocab_size).to(self.device)

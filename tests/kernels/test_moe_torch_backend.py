@@ -44,9 +44,14 @@ def _reference(act):
     return lambda *a: expert_mlp_reference(*a, activation=act)
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "torch.mm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_matches_reference(case, dtype, monkeypatch):
+def test_matches_reference(case, dtype, onednn, monkeypatch):
+    """fp32 matmuls go through oneDNN on CPU when it works; both ways must match the reference."""
+    if not onednn and dtype == torch.float64:
+        pytest.skip("float64 always uses torch.mm")
+    monkeypatch.setattr(tb, "USE_ONEDNN", onednn)
     inputs, dy, act = _problem(case)
     ref = _grads(_reference(act), *inputs, dy, torch.float64)
     poisoned_empty(monkeypatch)  # an output row the backend forgot to write becomes NaN
@@ -98,7 +103,8 @@ def test_fp32_never_calls_grouped_mm(monkeypatch):
 
 @pytest.mark.parametrize("use_grouped_mm", [False, True])
 def test_bitwise_deterministic(use_grouped_mm):
-    """Same inputs → bitwise-equal output and gradients, run to run (both threads busy)."""
+    """Same inputs → bitwise-equal output and gradients, run to run (both threads busy; fp32 takes
+    the oneDNN matmuls where they work)."""
     dtype = torch.bfloat16 if use_grouped_mm else torch.float32
     x, ids, gates, w_in, w_out = make_problem(512, 64, 96, 6, 2, torch.float32, "swiglu", "drop", seed=3)
     dy = torch.randn(512, 64)

@@ -7,11 +7,12 @@ Legend (shape suffixes):
     F expert hidden width   H = 2F (SwiGLU: [gate | up]) or F (GELU)
 
 Two ways to run the per-expert matmuls, chosen per call by ``_plan``:
-  * loop: one ``torch.mm`` per expert on contiguous row slices of the sorted activations, sized by
-    per-expert counts read on the host. Used on CPU (where ``.tolist()`` is a plain memory read,
-    not a device sync) and for dtypes/devices where ``torch._grouped_mm`` does not work. fp32
-    never reaches ``_grouped_mm`` (its meta function rejects fp32, which would break
-    ``torch.compile``).
+  * loop: one matmul per expert on contiguous row slices of the sorted activations, sized by
+    per-expert counts read on the host, written into one output (no cat). fp32 on CPU goes through
+    oneDNN (see ``_onednn_works``), everything else through ``torch.mm``. Used on CPU (where
+    ``.tolist()`` is a plain memory read, not a device sync) and for dtypes/devices where
+    ``torch._grouped_mm`` does not work. fp32 never reaches ``_grouped_mm`` (its meta function
+    rejects fp32, which would break ``torch.compile``).
   * grouped: ``torch._grouped_mm`` with device-side offsets (bf16 on CUDA, and on CPU when a probe
     shows it works). All M slots are processed, dropped ones last: no size depends on device data,
     so nothing synchronises; rows past offsets[E] hold garbage and are masked with ``torch.where``.

@@ -136,9 +136,11 @@ def _plan(ids_NK: torch.Tensor, E: int, dtype: torch.dtype, dims: tuple[int, ...
     grouped = use_grouped_mm and aligned and (dev.type != "cpu" or dtype == torch.bfloat16) \
         and _grouped_mm_works(dev, dtype)
     if grouped:
-        counts_E = torch.bincount(bins_M, minlength=E + 1)[:E]
-        offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
-        return _Plan(order_M, order_M // k, None, offsets_E, bins_M.index_select(0, order_M) < E)
+        # row ends per expert by binary search in the sorted bins: no bincount (whose output size
+        # depends on the data, a sync on CUDA) and no atomics
+        sorted_bins_M = bins_M.index_select(0, order_M)
+        ends_E = torch.searchsorted(sorted_bins_M, torch.arange(E, device=dev), right=True)
+        return _Plan(order_M, order_M // k, None, ends_E.to(torch.int32), sorted_bins_M < E)
     # loop path: on CPU this reads host memory; on CUDA (no working _grouped_mm) it is the one sync
     counts = torch.bincount(bins_M, minlength=E + 1).tolist()
     slot_S = order_M[: N * k - counts[E]]

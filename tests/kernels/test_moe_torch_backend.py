@@ -80,9 +80,11 @@ def test_grouped_path_reads_nothing_on_the_host(monkeypatch):
     inputs, dy, act = _problem(CASES[0])
     leaves = [t.to(torch.bfloat16).requires_grad_() for t in (inputs[0], inputs[2], inputs[3], inputs[4])]
     calls = []
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero"):
-        real = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw))
+    for owner, names in ((torch.Tensor, ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "bincount")),
+                         (torch, ("nonzero", "bincount", "unique", "masked_select"))):  # data-dependent sizes too
+        for name in names:
+            real = getattr(owner, name)
+            monkeypatch.setattr(owner, name, lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw))
     y = tb.expert_mlp_torch(leaves[0], inputs[1], leaves[1], leaves[2], leaves[3], act)
     y.backward(dy.to(torch.bfloat16))
     monkeypatch.undo()

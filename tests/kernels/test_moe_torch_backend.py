@@ -108,7 +108,7 @@ def test_bitwise_deterministic(use_grouped_mm):
     dtype = torch.bfloat16 if use_grouped_mm else torch.float32
     x, ids, gates, w_in, w_out = make_problem(512, 64, 96, 6, 2, torch.float32, "swiglu", "drop", seed=3)
     dy = torch.randn(512, 64)
-    fn = lambda *a: tb.expert_mlp_torch(*a, use_grouped_mm=use_grouped_mm)  # noqa: E731
+    fn = lambda *a: tb.expert_mlp_torch(*a, use_grouped_mm=use_grouped_mm)
     first = _grads(fn, x, ids, gates, w_in, w_out, dy, dtype)
     again = _grads(fn, x, ids, gates, w_in, w_out, dy, dtype)
     assert all(torch.equal(u, v) for u, v in zip(first, again))
@@ -121,7 +121,7 @@ def test_dropped_slot_gate_is_never_read(bad, use_grouped_mm):
     dtype = torch.bfloat16 if use_grouped_mm else torch.float32
     x, ids, gates, w_in, w_out = make_problem(37, 48, 40, 5, 2, torch.float32, "swiglu", "drop")
     dy = torch.randn(37, 48)
-    fn = lambda *a: tb.expert_mlp_torch(*a, use_grouped_mm=use_grouped_mm)  # noqa: E731
+    fn = lambda *a: tb.expert_mlp_torch(*a, use_grouped_mm=use_grouped_mm)
     clean = _grads(fn, x, ids, gates, w_in, w_out, dy, dtype)
     poisoned = gates.clone()
     poisoned[ids == -1] = bad

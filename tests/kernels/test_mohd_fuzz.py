@@ -126,8 +126,9 @@ def case(i, op, triton=False):
             w[rng.randrange(K), e * b + rng.randrange(b)] = bad
     dtype = rng.choice([torch.float32, torch.float16]) if triton else rng.choice([torch.float32, torch.float64])
     dy = torch.randn(N, M, generator=g, dtype=torch.float64)
-    return dict(i=i, op=op, N=N, G=G, b=b, K=K, M=M, A=A, pattern=pattern, inject=inject, bad=bad, dtype=dtype,
-                ids=ids.to(rng.choice([torch.int32, torch.int64])), x=x, gates=gates, w=w, dy=dy)
+    return {"i": i, "op": op, "N": N, "G": G, "b": b, "K": K, "M": M, "A": A, "pattern": pattern, "inject": inject,
+            "bad": bad, "dtype": dtype, "ids": ids.to(rng.choice([torch.int32, torch.int64])), "x": x, "gates": gates,
+            "w": w, "dy": dy}
 
 
 def _fwd_bwd(fn, c, dtype):

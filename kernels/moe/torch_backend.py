@@ -18,9 +18,10 @@ Two ways to run the per-expert matmuls, chosen per call by ``_plan``:
     so nothing synchronises; rows past offsets[E] hold garbage and are masked with ``torch.where``.
 
 Semantics (shared with the reference and the Triton path): a dropped slot (id -1) contributes
-exactly nothing, whatever its gate holds (NaN/inf included; it is never read); a NaN/inf in a
-token's x, a live slot's gate or an expert's weights reaches that token's output as IEEE
-arithmetic says. Deterministic: every reduction has a fixed order (no atomics, no index_add),
+exactly nothing, whatever its gate holds (NaN/inf included; it is never read), and its gate
+gradient is 0; a token with no live slot gets exactly 0 whatever its x holds; a NaN in a token's x,
+a live slot's gate or a used expert's weights gives NaN in that token's output (and the gradients
+it reaches); an expert with no rows gets exactly zero weight gradients, NaN weights or not. Deterministic: every reduction has a fixed order (no atomics, no index_add),
 so the same inputs give bitwise-equal outputs and gradients run to run.
 
 ``expert_mlp_torch_fwd`` / ``expert_mlp_torch_bwd`` are the two halves with fixed-shape saved

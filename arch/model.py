@@ -16,7 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arch.layers import FULL_MODEL, ElasticSetting, ForwardContext, KVCache, ModelShared, RMSNorm, RotaryEmbedding
+from arch.depth.sampler import generate_parallel
 from arch.registry import ATTENTION, DEPTH, FFN
+from arch.sampling import generate_sequential
 
 
 @dataclass
@@ -84,12 +86,20 @@ class LanguageModel(nn.Module):
         idx_BT: torch.Tensor,
         targets_BT: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        last_position_only: bool = False,
+        collect_metrics: bool = True,
     ) -> ModelOutput:
+        """idx_BT (B, T) token ids → ``ModelOutput`` with logits (B, T, V) for every position, like any
+        causal LM library. With ``targets_BT`` (B, T; -100 = ignored) also the loss. Generation passes
+        ``last_position_only=True`` to compute the head for the last position only: logits (B, 1, V).
+        ``collect_metrics=False`` skips the blocks' diagnostics (router loads, entropy …): the trainer
+        asks for them only on the steps it logs."""
         B, T = idx_BT.shape
         start = kv_cache.length if kv_cache is not None else 0
         positions_T = torch.arange(start, start + T, device=idx_BT.device)
-        cos_TF, sin_TF = self.rope(positions_T)
-        ctx = ForwardContext(cos_TF=cos_TF, sin_TF=sin_TF, positions_T=positions_T, kv_cache=kv_cache, elastic=self.elastic)
+        cos_TF, sin_TF = self.rope.span(start, T)
+        ctx = ForwardContext(cos_TF=cos_TF, sin_TF=sin_TF, positions_T=positions_T, kv_cache=kv_cache, elastic=self.elastic,
+                              collect_metrics=collect_metrics)
 
         x_BTD = self.depth(self.embed(idx_BT), ctx)
         for finalize in ctx.finalizers:  # losses over statistics pooled across layers
@@ -98,9 +108,13 @@ class LanguageModel(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
 
-        if targets_BT is None:  # inference: only the last position's logits are needed
+        if last_position_only:
+            if targets_BT is not None:
+                raise ValueError("last_position_only=True computes no loss: pass targets_BT=None")
             return ModelOutput(logits=self.lm_head(x_BTD[:, -1:]), aux_losses=ctx.aux_losses, metrics=ctx.metrics)
         logits_BTV = self.lm_head(x_BTD)
+        if targets_BT is None:
+            return ModelOutput(logits=logits_BTV, aux_losses=ctx.aux_losses, metrics=ctx.metrics)
         lm_loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100)
         loss = lm_loss + sum(ctx.aux_losses.values()) if ctx.aux_losses else lm_loss
         return ModelOutput(logits_BTV, loss, lm_loss, ctx.aux_losses, ctx.metrics)
@@ -123,7 +137,6 @@ class LanguageModel(nn.Module):
             n -= self.embed.weight.numel()
         return n
 
-    @torch.no_grad()
     def generate(
         self,
         idx_BT: torch.Tensor,
@@ -135,48 +148,19 @@ class LanguageModel(nn.Module):
         sampler: str = "sequential",
         **sampler_options,
     ) -> torch.Tensor:
-        """Sample continuations with a KV cache. temperature=0 is greedy. Returns (B, T + new).
+        """Sample continuations; temperature=0 is greedy. Returns (B, T + new).
 
+        ``sampler="sequential"``: token by token with a KV cache (``arch.sampling.generate_sequential``).
         ``sampler="parallel"``: the diffusion-style sampler of recurrent-depth models
         (``arch.depth.sampler.generate_parallel``, METHODS.md §8.6), which takes ``sampler_options``.
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if sampler == "parallel":
-            from arch.depth.sampler import generate_parallel
-
             return generate_parallel(self, idx_BT, max_new_tokens, temperature, top_k, eos_id, generator, **sampler_options)
         if sampler != "sequential" or sampler_options:
             raise ValueError(f"sampler={sampler!r} with options {sorted(sampler_options)}: use 'sequential' (no options) or 'parallel'")
-        B, T = idx_BT.shape
-        if T + max_new_tokens > self.cfg.max_seq_len:
-            raise ValueError(
-                f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds model.max_seq_len={self.cfg.max_seq_len}"
-            )
-        was_training = self.training
-        self.eval()
-        cache = KVCache(B, T + max_new_tokens)
-        logits = self(idx_BT, kv_cache=cache).logits
-        out = [idx_BT]
-        for _ in range(max_new_tokens):
-            next_B1 = _sample(logits[:, -1].float(), temperature, top_k, generator)
-            out.append(next_B1)
-            if eos_id is not None and bool((next_B1 == eos_id).all()):
-                break
-            logits = self(next_B1, kv_cache=cache).logits
-        self.train(was_training)
-        return torch.cat(out, dim=1)
-
-
-def _sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
-    if temperature == 0:
-        return logits_BV.argmax(-1, keepdim=True)
-    logits_BV = logits_BV / temperature
-    if top_k is not None and top_k < logits_BV.shape[-1]:
-        kth_B1 = torch.topk(logits_BV, top_k).values[:, -1:]
-        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
-    probs_BV = F.softmax(logits_BV, dim=-1)
-    return torch.multinomial(probs_BV, 1, generator=generator)
+        return generate_sequential(self, idx_BT, max_new_tokens, temperature, top_k, eos_id, generator)
 
 
 def _options(node) -> dict:

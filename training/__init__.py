@@ -4,7 +4,7 @@
 def _register_resolvers() -> None:
     """``${launch_stamp:}``: the launch time, identical on every rank of a multi-process job.
 
-    ``train.py`` has rank 0 share its clock (training.distributed.share_launch_stamp) before Hydra
+    ``train.py`` has rank 0 share its clock (training.distributed.parallel.share_launch_stamp) before Hydra
     composes the config; a process that did not (a test, a notebook) stamps its own clock once.
     """
     try:
@@ -18,7 +18,7 @@ def _register_resolvers() -> None:
         import os
         import time
 
-        from training.distributed_env import LAUNCH_STAMP_ENV, STAMP_FORMAT
+        from training.distributed.env import LAUNCH_STAMP_ENV, STAMP_FORMAT
 
         return os.environ.setdefault(LAUNCH_STAMP_ENV, time.strftime(STAMP_FORMAT))
 

@@ -17,59 +17,19 @@ from tqdm.auto import tqdm
 
 from arch.layers import FULL_MODEL, ElasticSetting
 from arch.model import LanguageModel
-from training import checkpoint as ckpt
-from training import distributed as dist_utils
-from training.config import MOE_BLOCKS, RootConfig, validate
+from training.checkpoint import files as ckpt
+from training.distributed import parallel as dist_utils
+from training.config import RootConfig, elastic_dims, validate
 from training.elastic import describe as describe_elastic
-from training.evaluation import evaluate_loss
+from training.eval.loss import evaluate_loss
 from training.elastic import sample_setting as sample_elastic
-from training.accounting import account, format_accounting
-from training.flops import peak_flops
+from training.accounting.account import account, format_accounting
+from training.accounting.hardware import peak_flops
 from training.metrics import MetricsLogger, NullLogger, plot_losses
-from training.optim import build_optimizer, lr_at, set_lr
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised by ``trainer.nonfinite=abort``; names the step and the last good checkpoint."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_model(root: RootConfig, vocab_size: int) -> LanguageModel:
-    """The model for a validated config, with the vocabulary filled in from the tokenizer."""
-    model_cfg = root.model
-    if model_cfg.vocab_size is None:
-        model_cfg.vocab_size = vocab_size
-    elif model_cfg.vocab_size < vocab_size:
-        raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab_size} tokens")
-    return LanguageModel(model_cfg)
-
-
-def check_model_builds(root: RootConfig) -> None:
-    """Build the model on the meta device (no memory, no data: a placeholder vocabulary) so that an
-    option only a block's constructor can judge is reported before any data is prepared. Failures
-    that are the meta device's, not the config's, are left for the real build."""
-    try:
-        with torch.device("meta"):
-            LanguageModel(replace(root.model, vocab_size=root.model.vocab_size or 257))
-    except (NotImplementedError, RuntimeError):
-        pass
+from training.build import build_model, check_model_builds, resolve_device, seed_everything
+from training.errors import NonFiniteLossError
+from training.optim import build_optimizer, lr_at, set_lr, warmup_warning
+from training.provenance import CONSOLE_LOG, ConsoleLog, record_launch
 
 
 class Trainer:
@@ -77,10 +37,12 @@ class Trainer:
 
     ``callbacks`` are called as ``cb(trainer, event, step)`` with event in
     {"step_end", "checkpoint", "eval"}; tests use them to interrupt a run at a precise point.
+    ``console`` (a ``training.provenance.ConsoleLog``) starts copying the console into the run
+    folder's ``train.log`` once the folder exists.
     """
 
-    def __init__(self, cfg: Any, callbacks: tuple[Callable, ...] = ()):
-        from training.data import WindowSampler, check_seq_len, prepare_data
+    def __init__(self, cfg: Any, callbacks: tuple[Callable, ...] = (), console: ConsoleLog | None = None):
+        from training.data.shards import WindowSampler, check_seq_len, prepare_data
 
         self.root = cfg if isinstance(cfg, RootConfig) else validate(cfg)  # fails before any work
         root, t = self.root, self.root.trainer
@@ -98,6 +60,10 @@ class Trainer:
                                        "folder, or auto / none)")
         self.is_main = self.parallel.is_main
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:  # each launch appends its overrides, git commit and time; train.log gets the console
+            record_launch(self.run_dir, self.parallel.world)
+            if console is not None:
+                console.attach(self.run_dir / CONSOLE_LOG)
         self.autocast_dtype = torch.bfloat16 if (t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")) else None
 
         self.data = prepare_data(root.data, progress=t.progress and self.is_main)
@@ -143,7 +109,7 @@ class Trainer:
     # ----------------------------------------------------------------- resume / checkpoints
     def _resume(self) -> int | None:
         """Load the checkpoint named by ``trainer.resume``; return its step, or None for a fresh run."""
-        from training.dist_checkpoint import load_model_and_optimizer
+        from training.checkpoint.sharded import load_model_and_optimizer
 
         found = ckpt.checkpoint_to_resume(self.run_dir, self.root.trainer.resume, self.config_dict["model"])
         if found is None:
@@ -169,7 +135,7 @@ class Trainer:
             "config": self.config_dict,
         }
         if self.sharded_checkpoints:
-            from training.dist_checkpoint import DCPWriter
+            from training.checkpoint.sharded import DCPWriter
 
             if self.dcp_writer is None:
                 self.dcp_writer = DCPWriter(self.parallel, t.checkpoint_async)
@@ -209,17 +175,20 @@ class Trainer:
         aux_sums: dict[str, torch.Tensor] = {}
         sub_model = self._elastic_setting()
         also_full = sub_model is not FULL_MODEL and self.root.elastic.mode == "full_plus_sub"
+        # Block diagnostics (router loads, entropy …) only on steps that are logged: on the others
+        # the model does not even compute them. Everything stays on the device until fit() logs.
+        collect = self._logs_step(self.step + 1)
         for micro in range(t.grad_accum):
             x_BT, y_BT = self.sampler.get_batch(self.step, micro)
             x_BT, y_BT = x_BT.to(self.device, non_blocking=True), y_BT.to(self.device, non_blocking=True)
             if also_full:  # the full model and the sampled sub-model share one backward
                 self.model.set_elastic(FULL_MODEL)
                 with self._autocast():
-                    full = self.train_model(x_BT, y_BT)
+                    full = self.train_model(x_BT, y_BT, collect_metrics=collect)
                 (full.loss / t.grad_accum).backward()
             self.model.set_elastic(sub_model)
             with self._autocast():
-                out = self.train_model(x_BT, y_BT)
+                out = self.train_model(x_BT, y_BT, collect_metrics=collect)
             (out.loss / t.grad_accum).backward()
             reported = full if also_full else out
             lm_loss_sum += reported.lm_loss.detach()
@@ -231,10 +200,11 @@ class Trainer:
         reduced = self.parallel.all_reduce_mean({"loss": lm_loss_sum / t.grad_accum, **aux_sums})
         loss, aux_sums = reduced.pop("loss"), reduced
         if self.root.elastic.enabled:
-            aux_sums.update(describe_elastic(sub_model, *self._elastic_dims()))
+            aux_sums.update(describe_elastic(sub_model, *elastic_dims(self.root.model)))
         clip = self.root.optim.grad_clip if self.root.optim.grad_clip > 0 else float("inf")
         grad_norm = dist_utils.clip_grad_norm(self.model, clip, self.parallel)
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        # The one host read of a training step (trainer.nonfinite must know before optimizer.step).
+        if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             return self._nonfinite(loss, grad_norm)
         self.optimizer.step()
@@ -243,17 +213,16 @@ class Trainer:
         self.step += 1
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **aux_sums}
 
-    def _elastic_dims(self) -> tuple[int, int | None, int | None]:
-        ffn = self.root.model.ffn
-        if ffn["name"] in MOE_BLOCKS:
-            return self.root.model.n_layers, ffn.get("n_experts", 8), ffn.get("top_k", 2)
-        return self.root.model.n_layers, None, None
+    def _logs_step(self, step: int) -> bool:
+        """Whether fit() logs the train metrics after optimizer step ``step`` (1-based count)."""
+        t = self.root.trainer
+        return step % t.log_every == 0 or step == t.max_steps
 
     def _elastic_setting(self) -> ElasticSetting:
         """This step's sub-network under elastic training (same on every rank: seeded by step)."""
         if not self.root.elastic.enabled:
             return FULL_MODEL
-        return sample_elastic(self.root.elastic, self.step, self.root.seed, *self._elastic_dims())
+        return sample_elastic(self.root.elastic, self.step, self.root.seed, *elastic_dims(self.root.model))
 
     def _nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         what = f"loss={loss.item()} grad_norm={grad_norm.item()} at step {self.step}"
@@ -303,7 +272,7 @@ class Trainer:
             if metrics is None:
                 continue
             window_steps += 1
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
+            if self._logs_step(self.step):
                 tokens_per_s = window_steps * self.tokens_per_step / window_time
                 self.logger.log({"step": self.step, **self._throughput(metrics, tokens_per_s, window_time / window_steps)})
                 bar.set_postfix(loss=f"{metrics['loss'].item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
@@ -359,6 +328,9 @@ class Trainer:
             f"{self.tokens_per_step} tokens/step, steps {self.step} → {self.root.trainer.max_steps}"
         )
         tqdm.write(format_accounting(self.accounting))
+        warning = warmup_warning(self.root.schedule, self.root.trainer.max_steps)
+        if warning:
+            tqdm.write(warning)
 
     def _finish(self, first_eval, last_eval, tokens_per_s) -> dict[str, Any]:
         t = self.root.trainer
@@ -389,12 +361,12 @@ class Trainer:
             f"throughput:     {tokens_per_s:,.0f} tokens/s\n"
             f"checkpoint:     {self.last_checkpoint}\n"
             f"resume/extend:  python train.py run_dir={self.run_dir} trainer.max_steps={2 * t.max_steps}\n"
-            f"sample again:   python -m training.sample {self.run_dir} --prompt \"{t.sample_prompt}\""
+            f"sample again:   python -m training.eval.sample {self.run_dir} --prompt \"{t.sample_prompt}\""
         )
         return summary
 
     def write_sample(self) -> str:
-        from training.sample import generate_text
+        from training.eval.sample import generate_text
 
         t = self.root.trainer
         if t.sample_tokens == 0:
@@ -416,4 +388,5 @@ def _write_config(path: Path, config_dict: dict) -> None:
 
 def train(cfg: Any, callbacks: tuple[Callable, ...] = ()) -> dict[str, Any]:
     """Validate ``cfg``, build everything and train. The entry point of ``train.py``."""
-    return Trainer(cfg, callbacks).fit()
+    with ConsoleLog() as console:
+        return Trainer(cfg, callbacks, console).fit()

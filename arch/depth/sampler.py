@@ -33,6 +33,7 @@ import torch
 
 from arch.depth.loop import RecurrentDepth
 from arch.layers import ForwardContext
+from arch.sampling import sample_token
 
 
 class WavefrontCache:
@@ -64,7 +65,7 @@ class _Runner:
 
     def ctx(self, start: int, T: int, slot: int, cache=True) -> ForwardContext:
         positions_T = torch.arange(start, start + T, device=self.model.embed.weight.device)
-        cos_TF, sin_TF = self.model.rope(positions_T)
+        cos_TF, sin_TF = self.model.rope.span(start, T)
         return ForwardContext(cos_TF=cos_TF, sin_TF=sin_TF, positions_T=positions_T, kv_cache=self.cache if cache else None,
                               elastic=self.model.elastic, _attention_calls=slot)
 
@@ -115,10 +116,9 @@ def generate_parallel(
     B, T = idx_BT.shape
     if T + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds model.max_seq_len={model.cfg.max_seq_len}")
-    from arch.model import _sample
 
     def sample(logits_NV):
-        return _sample(logits_NV, temperature, top_k, generator)[:, 0]
+        return sample_token(logits_NV, temperature, top_k, generator)[:, 0]
 
     options = dict(inner=inner_recurrence, prefill=prefill_iterations or depth.eval_iterations, exit_t=exit_threshold,
                    max_wave=max_wavefront, noise=state_noise, dampened=dampened_noise, ema=ema_embeds, headway=headway,

@@ -2,7 +2,7 @@
 
 ``expert_compute`` is what every expert block calls in place of ``kernels.moe.expert_mlp``. Without
 a shard (one process, or ``trainer.expert_parallel=1``) it *is* ``expert_mlp``. With one
-(``training.distributed.shard_experts`` sets ``module.expert_shard``), for the local tokens:
+(``training.distributed.parallel.shard_experts`` sets ``module.expert_shard``), for the local tokens:
 
 1. sort the (token, slot) pairs by expert id; dropped slots (id −1) are left out;
 2. exchange per-expert counts (``all_to_all_single`` of an (ep, E/ep) count table), so every rank

@@ -9,7 +9,7 @@ import torch
 from arch.registry import ConfigError
 from tests.arch.depth_helpers import model
 from tests.helpers import tiny_config
-from training.flops import forward_flops_per_token
+from training.accounting.account import account
 from training.trainer import train
 
 
@@ -25,8 +25,8 @@ def test_loop_runs_its_execute_order_with_shared_weights():
     assert model({"name": "loop", "pattern": "stack", "repeats": 2}).depth.order == [0, 1, 2, 3, 0, 1, 2, 3]
     plain = model({"name": "plain"})
     assert loop.num_parameters() == plain.num_parameters()
-    block = forward_flops_per_token(plain, 12) - forward_flops_per_token(model({"name": "plain"}, n_layers=3), 12)
-    assert forward_flops_per_token(loop, 12) - forward_flops_per_token(plain, 12) == pytest.approx(4 * block)
+    block = account(plain, 12).forward_flops_per_token - account(model({"name": "plain"}, n_layers=3), 12).forward_flops_per_token
+    assert account(loop, 12).forward_flops_per_token - account(plain, 12).forward_flops_per_token == pytest.approx(4 * block)
     loop.depth.set_repeats(1)  # evaluation at another count; repeats=1 is the plain stack
     loop.load_state_dict(plain.state_dict())
     assert torch.equal(loop(IDX, IDX).logits, plain(IDX, IDX).logits)
@@ -88,12 +88,12 @@ def test_truncated_backprop_keeps_no_graph_for_the_early_iterations():
 
 def test_recurrent_core_evaluates_at_any_iteration_count():
     rec = model({"name": "recurrent", "state_init": "zero"}).eval()
-    base = forward_flops_per_token(rec, 12)
+    base = account(rec, 12).forward_flops_per_token
     losses, flops = [], []
     for r in (1, 2, 4, 9):
         rec.depth.set_iterations(r)
         losses.append(rec(IDX, IDX).loss)
-        flops.append(forward_flops_per_token(rec, 12))
+        flops.append(account(rec, 12).forward_flops_per_token)
     assert all(torch.isfinite(l) for l in losses) and len({round(l.item(), 6) for l in losses}) == 4
     assert flops[3] - flops[2] == pytest.approx(5 * (flops[1] - flops[0]))  # linear in r
     assert flops[2] == base  # eval default r = r̄ = 4
@@ -117,7 +117,7 @@ def test_recurrent_bad_options_fail_clearly():
 def test_every_looped_preset_trains_and_its_sweep_runs(tmp_path: Path, experiment):
     from omegaconf import OmegaConf
 
-    from training.elastic_eval import run_evaluation
+    from training.eval.elastic_sweeps import run_evaluation
 
     run_dir = tmp_path / experiment
     cfg = tiny_config(run_dir, f"experiment={experiment}", "model.n_layers=4", "trainer.max_steps=16",
@@ -135,3 +135,22 @@ def test_every_looped_preset_trains_and_its_sweep_runs(tmp_path: Path, experimen
     assert len(rows) == 3 and (tmp_path / "eval" / "depth.png").stat().st_size > 0
     flops = [float(r.split(",")[-1]) for r in rows[1:]]
     assert flops[1] > flops[0] and all(math.isfinite(float(r.split(",")[3])) for r in rows[1:])
+
+
+@pytest.mark.parametrize("d_model", [32, 64, 256])
+def test_recurrent_initial_state_has_the_official_scale_for_any_width(d_model):
+    """Huginn's initialize_state: sqrt(D) · TruncNormal(0, 2/(5D)) on ±3σ, so std ≈ sqrt(2/5)·0.986 whatever D."""
+    from arch.depth.loop import RecurrentDepth
+    from arch.layers import ModelShared
+
+    depth = RecurrentDepth(4, lambda i: torch.nn.Identity(), ModelShared(d_model=d_model, n_layers=4, n_heads=2))
+    torch.manual_seed(0)
+    s = depth.initial_state(torch.empty(64, 64, d_model))
+    truncated_std = math.sqrt(2 / 5) * 0.98654  # std of a N(0,1) truncated at ±3σ is 0.98654σ
+    assert s.std().item() == pytest.approx(truncated_std, rel=0.02)
+    assert s.abs().max().item() <= 3 * math.sqrt(2 / (5 * d_model)) * math.sqrt(d_model) + 1e-6
+    for init, expected in (("normal", 1.0), ("embed", 1 / math.sqrt(d_model))):
+        other = RecurrentDepth(4, lambda i: torch.nn.Identity(), ModelShared(d_model=d_model, n_layers=4, n_heads=2), state_init=init)
+        assert other.initial_state(torch.empty(64, 64, d_model)).std().item() == pytest.approx(expected, rel=0.02)
+    zero = RecurrentDepth(4, lambda i: torch.nn.Identity(), ModelShared(d_model=d_model, n_layers=4, n_heads=2), state_init="zero")
+    assert zero.initial_state(torch.empty(2, 3, d_model)).abs().sum() == 0

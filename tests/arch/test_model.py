@@ -37,8 +37,13 @@ def test_ignore_index_targets_are_not_scored():
     assert not torch.isclose(full, part)
     targets[:, :] = -100
     targets[0, 5] = idx[0, 5]
-    logits = model(idx).logits  # last position only at inference
-    assert logits.shape == (2, 1, 97)
+    logits = model(idx).logits  # every position without targets, as in other causal-LM libraries
+    assert logits.shape == (2, 8, 97)
+    last = model(idx, last_position_only=True).logits  # the generation path
+    assert last.shape == (2, 1, 97)
+    torch.testing.assert_close(last, logits[:, -1:])
+    with pytest.raises(ValueError, match="computes no loss"):
+        model(idx, targets, last_position_only=True)
 
 
 def test_kv_cache_generation_matches_full_recompute():
@@ -150,19 +155,21 @@ def test_registry_lists_names_and_rejects_unknown_options():
 
 
 def test_every_block_yaml_matches_its_constructor():
-    """conf/model/<group>/<name>.yaml keys are exactly the class's keyword-only constructor args."""
+    """conf/model/<group>/<name>.yaml keys, as Hydra composes them (a variant inherits its parent through
+    its defaults list), are exactly the class's keyword-only constructor args."""
     from pathlib import Path
 
-    import yaml
+    from omegaconf import OmegaConf
 
     from arch.registry import REGISTRIES
+    from training.cli import compose
 
     conf = Path(__file__).resolve().parents[2] / "conf" / "model"
     for group, registry in REGISTRIES.items():
         files = sorted((conf / group).glob("*.yaml"))
         assert {f.stem for f in files} >= {n for n in registry.names() if not n.endswith("_test")}
         for f in files:
-            node = yaml.safe_load(f.read_text())
+            node = OmegaConf.to_container(compose([f"model/{group}={f.stem}"]).model[group])
             assert node["name"] == f.stem
             assert set(node) - {"name"} == set(registry.options(f.stem)), f
 

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from tests.helpers import DATA_CACHE, TINY
-from training import report
+from training.eval import report
 from training.cli import CONF_DIR, check_overrides
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from tests.helpers import tiny_config
-from training import checkpoint as ckpt
+from training.checkpoint import files as ckpt
 from training.metrics import read_metrics
-from training.trainer import NonFiniteLossError, Trainer, train
+from training.errors import NonFiniteLossError
+from training.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -142,12 +143,12 @@ def test_sample_command_generates_from_a_run_folder(tmp_path):
     run = tmp_path / "run"
     train(tiny_config(run, "trainer.max_steps=5", "trainer.sample_tokens=0"))
     proc = subprocess.run(
-        [sys.executable, "-m", "training.sample", str(run), "--prompt", "JULIET:", "--tokens", "12"],
+        [sys.executable, "-m", "training.eval.sample", str(run), "--prompt", "JULIET:", "--tokens", "12"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("JULIET:") and len(proc.stdout.strip()) > len("JULIET:")
-    bad = subprocess.run([sys.executable, "-m", "training.sample", str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    bad = subprocess.run([sys.executable, "-m", "training.eval.sample", str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "nope" in bad.stderr
 
 

@@ -1,0 +1,10 @@
+"""Errors the training package raises for the user to act on (the CLI prints them without a traceback)."""
+from __future__ import annotations
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names the file and what is wrong with it."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised by ``trainer.nonfinite=abort``; names the step and the last good checkpoint."""

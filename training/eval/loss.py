@@ -1,0 +1,71 @@
+"""Evaluation shared by the trainer, the sampler and ``evaluate.py``: val loss and checkpoint loading."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@torch.no_grad()
+def evaluate_loss(model, data, seq_len: int, batch_size: int, max_batches: int | None, device, autocast_dtype=None,
+                  split: tuple[int, int, Any] | None = None) -> dict[str, float]:
+    """Mean next-token loss over deterministic val windows → val_loss, val_ppl, val_bpb.
+
+    ``split=(rank, world, sum_over_ranks)``: this process scores batches rank, rank+world, …, and
+    ``sum_over_ranks`` (a float64 tensor in, summed tensor out) combines the totals. Only for
+    models whose forward has no collectives (DDP replicas); sharded ones evaluate every batch.
+    """
+    from training.data.shards import iter_eval_batches
+
+    rank, world, sum_over_ranks = split or (0, 1, None)
+    was_training = model.training
+    model.eval()
+    loss_sum, count = 0.0, 0
+    for index, (x_BT, y_BT) in enumerate(iter_eval_batches(data.val, data.val_mask, seq_len, batch_size, max_batches)):
+        if index % world != rank:
+            continue
+        x_BT, y_BT = x_BT.to(device), y_BT.to(device)
+        with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = model(x_BT, y_BT)
+        n = int((y_BT != -100).sum())
+        loss_sum += out.lm_loss.item() * n
+        count += n
+    model.train(was_training)
+    if sum_over_ranks is not None:
+        loss_sum, count = sum_over_ranks(torch.tensor([loss_sum, count], dtype=torch.float64, device=device)).tolist()
+    val_loss = loss_sum / max(count, 1)
+    return {
+        "val_loss": val_loss,
+        "val_ppl": math.exp(min(val_loss, 50.0)),
+        "val_bpb": val_loss / math.log(2) / data.val_bytes_per_token,
+    }
+
+
+def load_trained(target: str | Path, device: str = "auto") -> tuple[Any, Any, Any, Path]:
+    """(model in eval mode, prepared data, validated config, checkpoint path) from a run folder or .pt file."""
+    from training.checkpoint import files as ckpt
+    from training.config import validate
+    from training.data.shards import prepare_data
+    from training.build import build_model, resolve_device
+
+    target = Path(target)
+    if target.is_dir() and not (target / ".metadata").exists():  # a run folder (not a sharded checkpoint)
+        found = ckpt.find_resume_checkpoint(target)
+        if found is None:
+            raise ckpt.CheckpointError(f"no usable checkpoint in {target / ckpt.CHECKPOINT_DIR}")
+        path, state = found
+    else:
+        path, state = target, ckpt.load_checkpoint(target)
+    root = validate(state["config"])
+    data = prepare_data(root.data, progress=False)
+    model = build_model(root, data.tokenizer.vocab_size)
+    if "sharded" in state:
+        from training.checkpoint.sharded import load_model_weights
+
+        load_model_weights(state["sharded"], model)
+    else:
+        model.load_state_dict(state["model"])
+    model.to(resolve_device(device)).eval()
+    return model, data, root, path

@@ -21,8 +21,9 @@ Semantics (shared with the reference and the Triton path): a dropped slot (id -1
 exactly nothing, whatever its gate holds (NaN/inf included; it is never read), and its gate
 gradient is 0; a token with no live slot gets exactly 0 whatever its x holds; a NaN in a token's x,
 a live slot's gate or a used expert's weights gives NaN in that token's output (and the gradients
-it reaches); an expert with no rows gets exactly zero weight gradients, NaN weights or not. Deterministic: every reduction has a fixed order (no atomics, no index_add),
-so the same inputs give bitwise-equal outputs and gradients run to run.
+it reaches); an expert with no rows gets exactly zero weight gradients, NaN weights or not; an id
+outside [-1, E) is dropped like -1. Deterministic: every reduction has a fixed order (no atomics,
+no index_add), so the same inputs give bitwise-equal outputs and gradients run to run.
 
 ``expert_mlp_torch_fwd`` / ``expert_mlp_torch_bwd`` are the two halves with fixed-shape saved
 tensors (for a ``torch.library`` op with registered autograd); ``expert_mlp_torch`` is the
@@ -104,7 +105,8 @@ def _plan(ids_NK: torch.Tensor, E: int, dtype: torch.dtype, dims: tuple[int, ...
     """Stable sort of the slots by expert (dropped slots last) and the matmul strategy."""
     N, k = ids_NK.shape
     ids_M = ids_NK.reshape(-1)
-    bins_M = torch.where(ids_M < 0, E, ids_M.long())  # dropped → bin E, sorted after every expert
+    # dropped (-1) and out-of-range ids (the op drops them without a sync) → bin E, after every expert
+    bins_M = torch.where((ids_M < 0) | (ids_M >= E), E, ids_M.long())
     order_M = torch.argsort(bins_M, stable=True)  # stable: ties keep slot order → deterministic
     aligned = all(d % 8 == 0 for d in dims)  # CUDA grouped GEMMs want 16-byte aligned rows
     dev = ids_NK.device
@@ -256,20 +258,28 @@ def expert_mlp_torch_bwd(dy_ND, x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, h_M
 
 
 class _ExpertMLPTorch(torch.autograd.Function):
+    """forward + setup_context (not ctx in forward), so torch.func transforms (vjp) work on it."""
+
     @staticmethod
-    def forward(ctx, x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, activation, use_grouped_mm):
-        swiglu = activation == "swiglu"
-        y_ND, p, h, o = _forward(x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, swiglu, use_grouped_mm)
-        ctx.save_for_backward(x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, *h, *o)
-        ctx.plan, ctx.parts, ctx.swiglu = p, len(h), swiglu  # the plan's tensors are internal, never outputs
-        return y_ND
+    def forward(x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, activation, use_grouped_mm):
+        y_ND, _, h, o = _forward(x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, activation == "swiglu", use_grouped_mm)
+        return (y_ND, *h, *o)  # h, o: per-expert parts the backward reads (non-differentiable outputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, activation, use_grouped_mm = inputs
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, *output[1:])
+        ctx.parts, ctx.swiglu, ctx.use_grouped_mm = (len(output) - 1) // 2, activation == "swiglu", use_grouped_mm
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy_ND):
+    def backward(ctx, dy_ND, *_):
         x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, *ho = ctx.saved_tensors
+        E, D, H = w_in_EDH.shape
+        p = _plan(ids_NK, E, x_ND.dtype, (D, H, w_out_EFD.shape[1]), ctx.use_grouped_mm)  # cheap: one argsort
         h, o = ho[: ctx.parts], ho[ctx.parts:]
-        dx, dg, dw_in, dw_out = _backward(dy_ND, x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, ctx.plan, h, o, ctx.swiglu)
+        dx, dg, dw_in, dw_out = _backward(dy_ND, x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, p, h, o, ctx.swiglu)
         return dx, None, dg, dw_in, dw_out, None, None
 
 
@@ -280,4 +290,5 @@ def expert_mlp_torch(x_ND, expert_ids_NK, expert_weights_NK, w_in_EDH, w_out_EFD
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (x_ND, expert_weights_NK, w_in_EDH, w_out_EFD)):
         return _forward(x_ND, expert_ids_NK, expert_weights_NK, w_in_EDH, w_out_EFD, activation == "swiglu",
                         use_grouped_mm)[0]
-    return _ExpertMLPTorch.apply(x_ND, expert_ids_NK, expert_weights_NK, w_in_EDH, w_out_EFD, activation, use_grouped_mm)
+    return _ExpertMLPTorch.apply(x_ND, expert_ids_NK, expert_weights_NK, w_in_EDH, w_out_EFD, activation,
+                                 use_grouped_mm)[0]

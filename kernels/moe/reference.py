@@ -27,7 +27,7 @@ def _expert(x_D: torch.Tensor, w_in_DH: torch.Tensor, w_out_FD: torch.Tensor, ac
 
 
 def expert_mlp_reference(x_ND, expert_ids_NK, expert_weights_NK, w_in_EDH, w_out_EFD, activation="swiglu"):
-    """y[n] = Σ_j expert_weights[n, j] · expert_{ids[n, j]}(x[n]); slots with id -1 add nothing."""
+    """y[n] = Σ_j expert_weights[n, j] · expert_{ids[n, j]}(x[n]); slots with id -1 (or outside [0, E)) add nothing."""
     N, k = expert_ids_NK.shape
     D = x_ND.shape[1]
     # an exact 0 that depends on every input (sums of empty slices: NaN-free), so the output stays
@@ -38,7 +38,7 @@ def expert_mlp_reference(x_ND, expert_ids_NK, expert_weights_NK, w_in_EDH, w_out
         y_D = torch.zeros(D, dtype=x_ND.dtype, device=x_ND.device) + anchor
         for j in range(k):
             e = int(expert_ids_NK[n, j])
-            if e < 0:
+            if e < 0 or e >= w_in_EDH.shape[0]:  # -1 and out-of-range ids add nothing (as the op drops them)
                 continue
             y_D = y_D + expert_weights_NK[n, j].to(x_ND.dtype) * _expert(x_ND[n], w_in_EDH[e], w_out_EFD[e], activation)
         rows.append(y_D)

@@ -44,9 +44,12 @@ def _reference(act):
     return lambda *a: expert_mlp_reference(*a, activation=act)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype,onednn", [(torch.float32, True), (torch.float32, False), (torch.float64, False)],
+                         ids=["fp32-onednn", "fp32-torch.mm", "fp64"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_matches_reference(case, dtype, monkeypatch):
+def test_matches_reference(case, dtype, onednn, monkeypatch):
+    """fp32 matmuls go through oneDNN on CPU when it works; both ways must match the reference."""
+    monkeypatch.setattr(tb, "USE_ONEDNN", onednn)
     inputs, dy, act = _problem(case)
     ref = _grads(_reference(act), *inputs, dy, torch.float64)
     poisoned_empty(monkeypatch)  # an output row the backend forgot to write becomes NaN
@@ -77,9 +80,11 @@ def test_grouped_path_reads_nothing_on_the_host(monkeypatch):
     inputs, dy, act = _problem(CASES[0])
     leaves = [t.to(torch.bfloat16).requires_grad_() for t in (inputs[0], inputs[2], inputs[3], inputs[4])]
     calls = []
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero"):
-        real = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw))
+    for owner, names in ((torch.Tensor, ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "bincount")),
+                         (torch, ("nonzero", "bincount", "unique", "masked_select"))):  # data-dependent sizes too
+        for name in names:
+            real = getattr(owner, name)
+            monkeypatch.setattr(owner, name, lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw))
     y = tb.expert_mlp_torch(leaves[0], inputs[1], leaves[1], leaves[2], leaves[3], act)
     y.backward(dy.to(torch.bfloat16))
     monkeypatch.undo()
@@ -98,11 +103,12 @@ def test_fp32_never_calls_grouped_mm(monkeypatch):
 
 @pytest.mark.parametrize("use_grouped_mm", [False, True])
 def test_bitwise_deterministic(use_grouped_mm):
-    """Same inputs → bitwise-equal output and gradients, run to run (both threads busy)."""
+    """Same inputs → bitwise-equal output and gradients, run to run (both threads busy; fp32 takes
+    the oneDNN matmuls where they work)."""
     dtype = torch.bfloat16 if use_grouped_mm else torch.float32
     x, ids, gates, w_in, w_out = make_problem(512, 64, 96, 6, 2, torch.float32, "swiglu", "drop", seed=3)
     dy = torch.randn(512, 64)
-    fn = lambda *a: tb.expert_mlp_torch(*a, use_grouped_mm=use_grouped_mm)  # noqa: E731
+    fn = lambda *a: tb.expert_mlp_torch(*a, use_grouped_mm=use_grouped_mm)
     first = _grads(fn, x, ids, gates, w_in, w_out, dy, dtype)
     again = _grads(fn, x, ids, gates, w_in, w_out, dy, dtype)
     assert all(torch.equal(u, v) for u, v in zip(first, again))
@@ -115,7 +121,7 @@ def test_dropped_slot_gate_is_never_read(bad, use_grouped_mm):
     dtype = torch.bfloat16 if use_grouped_mm else torch.float32
     x, ids, gates, w_in, w_out = make_problem(37, 48, 40, 5, 2, torch.float32, "swiglu", "drop")
     dy = torch.randn(37, 48)
-    fn = lambda *a: tb.expert_mlp_torch(*a, use_grouped_mm=use_grouped_mm)  # noqa: E731
+    fn = lambda *a: tb.expert_mlp_torch(*a, use_grouped_mm=use_grouped_mm)
     clean = _grads(fn, x, ids, gates, w_in, w_out, dy, dtype)
     poisoned = gates.clone()
     poisoned[ids == -1] = bad

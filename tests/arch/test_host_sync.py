@@ -133,9 +133,6 @@ def test_a_training_step_reads_nothing_from_the_device(options):
         assert any(m.expert_bias_E.abs().sum() > 0 for m in model.modules() if hasattr(m, "expert_bias_E"))
 
 
-@pytest.mark.xfail(strict=True, reason="kernels/moe/torch_backend.py _plan sizes the grouped path's offsets with "
-                   "torch.bincount, which reads max(ids) on the host on CUDA; counts from a fixed-shape scatter_add or "
-                   "searchsorted on the sorted bins need no read (helper moe-torch's file)")
 def test_a_bf16_training_step_needs_no_exemption_for_the_experts():
     """In bf16 the torch backend runs the grouped path (device offsets, as on CUDA): no host reads at
     all in the expert MLP, so the CPU-only exemption above is not what makes the default test pass."""

@@ -8,3 +8,7 @@ class CheckpointError(RuntimeError):
 
 class NonFiniteLossError(RuntimeError):
     """Raised by ``trainer.nonfinite=abort``; names the step and the last good checkpoint."""
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The model produces NaN/inf logits (e.g. after non-finite steps were skipped): no sample can be drawn."""

@@ -127,21 +127,27 @@ def point_latest_and_prune(run_dir: str | Path, path: Path, keep_last: int) -> N
 
 
 def sweep_stale(run_dir: str | Path) -> list[Path]:
-    """Remove temp files left by interrupted saves (``.<name>.tmp-<pid>`` of dead processes) and
-    sharded folders a save never finished (no ``.metadata``); returns what was removed."""
-    folder = checkpoint_dir(run_dir)
-    if not folder.is_dir() or folder.is_symlink():
-        return []
+    """Remove what interrupted writes left behind; returns what was removed.
+
+    Temp files of dead processes (``.<name>.tmp-<pid>``) in the run folder and in ``checkpoints/``,
+    and sharded folders whose save died before DCP wrote ``.metadata``.
+    """
     removed = []
-    for p in folder.iterdir():
-        pid = p.name.rpartition(TMP_MARK)[2]
-        if TMP_MARK in p.name and pid.isdigit() and not _alive(int(pid)):
-            p.unlink(missing_ok=True) if not p.is_dir() or p.is_symlink() else shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-        elif p.is_dir() and not p.is_symlink() and p.name.startswith("step_") and not (p / integrity.MANIFEST).exists() \
-                and not (p / ".metadata").exists():
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
+    for folder in (Path(run_dir), checkpoint_dir(run_dir)):
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        for p in folder.iterdir():
+            pid = p.name.rpartition(TMP_MARK)[2]
+            if p.name.startswith(".") and TMP_MARK in p.name and pid.isdigit() and not _alive(int(pid)):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+            elif folder.name == CHECKPOINT_DIR and p.is_dir() and not p.is_symlink() and p.name.startswith("step_") \
+                    and not (p / integrity.MANIFEST).exists() and not (p / ".metadata").exists():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
     return removed
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from training.errors import CheckpointError
+from training.errors import CheckpointError, IncompleteCheckpointError
 
 CHECKSUM_KEY = "checksum"
 MANIFEST = "manifest.json"
@@ -87,7 +87,8 @@ def verify_folder(folder: Path, required: tuple[str, ...]) -> dict[str, Any]:
     """Check every file listed in ``folder/manifest.json`` (size, SHA-256); ``required`` must be listed."""
     path = folder / MANIFEST
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {folder} is incomplete (no {MANIFEST}: the save was interrupted)")
+        raise IncompleteCheckpointError(f"checkpoint {folder} is incomplete (no {MANIFEST}: the save was interrupted, "
+                                        "or an older version of this framework wrote it)")
     try:
         manifest = json.loads(path.read_bytes().decode("utf-8"))
         files = manifest["files"]

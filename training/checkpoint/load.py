@@ -23,7 +23,7 @@ import torch
 
 from training.checkpoint import integrity
 from training.checkpoint.safe_pickle import METADATA, dcp_load, read_metadata
-from training.errors import CheckpointError
+from training.errors import CheckpointError, IncompleteCheckpointError
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -155,7 +155,7 @@ def find_resume_checkpoint(run_dir: str | Path, model_config: dict | None = None
 
     Tries the one named by ``latest`` first, then every other checkpoint newest-first; an unusable one
     is reported and skipped. If every checkpoint is unusable this raises NoUsableCheckpointError
-    naming each. A config mismatch raises at once (every checkpoint of the run would share it).
+    naming each; a sharded save that never finished (no manifest) is skipped and counts as absent. A config mismatch raises at once (every checkpoint of the run would share it).
     """
     candidates = list(reversed(list_checkpoints(run_dir)))
     named = read_latest(run_dir)
@@ -169,6 +169,9 @@ def find_resume_checkpoint(run_dir: str | Path, model_config: dict | None = None
     for path in candidates:
         try:
             state = load_checkpoint(path)
+        except IncompleteCheckpointError as e:  # an interrupted save: never a checkpoint, not a failure
+            warnings.warn(f"skipping {e}", stacklevel=2)
+            continue
         except CheckpointError as e:
             warnings.warn(f"skipping {e}; trying the previous checkpoint", stacklevel=2)
             failures.append(str(e))

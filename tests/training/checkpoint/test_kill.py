@@ -49,7 +49,7 @@ def _child(run: Path, overrides: list[str], kill_at: str | None) -> None:
     try:
         faults.arm(kill_at)
         train(tiny_config(run, *overrides))
-    except BaseException:
+    except BaseException:  # noqa: BLE001  (the parent reports whatever ended the child)
         import traceback
 
         (run.parent / f"{run.name}.error").write_text(traceback.format_exc())

@@ -27,7 +27,7 @@ from training.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[3]
 COMMON = ["trainer.max_steps=2", "trainer.checkpoint_every=2", "trainer.eval_every=2", "trainer.sample_tokens=0",
-          "trainer.keep_last=1", "trainer.export_safetensors=false"]
+          "trainer.keep_last=1"]
 DCP = ["trainer.checkpoint_format=dcp"]
 
 
@@ -127,7 +127,7 @@ def _entry_points(run: Path, planted_ckpt: Path, tmp_path: Path, overrides: list
 
     def evaluate_cli():
         proc = subprocess.run([sys.executable, "evaluate.py", f"ckpt={run}"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=300)
+                              timeout=300, check=False)
         sys.stderr.write(proc.stderr)
         return proc.returncode
 
@@ -159,6 +159,25 @@ def test_planted_code_never_runs_and_every_entry_point_names_the_file(runs, tmp_
         message = _refusal(entry)
         assert not marker.exists(), f"{name}: the planted payload ran"
         assert str(planted_file) in message, f"{name} did not name {planted_file}: {message[-600:]}"
+
+
+def test_the_safe_loader_still_reads_every_legitimate_checkpoint(runs, tmp_path, capsys):
+    """The defences refuse only what is wrong: sampling, consolidation and export work on both kinds."""
+    from safetensors.torch import load_file
+
+    from training.checkpoint import sharded
+    from training.eval import sample
+    from training.eval.loss import load_trained
+
+    folder = ckpt.list_checkpoints(runs / "dcp")[-1]
+    for target in (runs / "pt", runs / "dcp", folder, ckpt.list_checkpoints(runs / "pt")[-1]):
+        assert sample.main([str(target), "--tokens", "4", "--prompt", "AB"]) == 0, capsys.readouterr().err
+        assert capsys.readouterr().out.startswith("AB")
+    sharded.main(["consolidate", str(folder), str(tmp_path / "c.safetensors")])
+    consolidated, exported = load_file(str(tmp_path / "c.safetensors")), load_file(str(runs / "dcp" / "model.safetensors"))
+    assert all(torch.equal(consolidated[name], tensor) for name, tensor in exported.items())
+    model, *_ = load_trained(folder, "cpu")
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in exported.items())
 
 
 def test_the_metadata_unpickler_admits_dcp_metadata_and_refuses_other_globals(runs):

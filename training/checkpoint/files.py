@@ -26,10 +26,19 @@ import torch
 
 from training.checkpoint import faults, integrity
 from training.checkpoint.load import (  # noqa: F401  (re-exported: the loader lives in load.py)
-    CHECKPOINT_DIR, FORMAT_VERSION, LATEST, check_model_config, checkpoint_dir, checkpoint_to_resume,
-    find_resume_checkpoint, list_checkpoints, load_checkpoint, read_latest, step_of,
+    CHECKPOINT_DIR,
+    FORMAT_VERSION,
+    LATEST,
+    check_model_config,
+    checkpoint_dir,
+    checkpoint_to_resume,
+    find_resume_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_latest,
+    step_of,
 )
-from training.errors import CheckpointError  # noqa: F401  (re-exported: ckpt.CheckpointError)
+from training.errors import CheckpointError
 
 TMP_MARK = ".tmp-"
 

@@ -217,7 +217,6 @@ def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, par
 
 def consolidate(path: str | Path, out: str | Path) -> Path:
     """A DCP checkpoint's model weights → one safetensors file, read through the verified, code-free loader."""
-    from safetensors.torch import save_file
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     path, out = Path(path), Path(out)

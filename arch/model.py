@@ -86,7 +86,11 @@ class LanguageModel(nn.Module):
         idx_BT: torch.Tensor,
         targets_BT: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        last_position_only: bool = False,
     ) -> ModelOutput:
+        """idx_BT (B, T) token ids → ``ModelOutput`` with logits (B, T, V) for every position, like any
+        causal LM library. With ``targets_BT`` (B, T; -100 = ignored) also the loss. Generation passes
+        ``last_position_only=True`` to compute the head for the last position only: logits (B, 1, V)."""
         B, T = idx_BT.shape
         start = kv_cache.length if kv_cache is not None else 0
         positions_T = torch.arange(start, start + T, device=idx_BT.device)
@@ -100,9 +104,13 @@ class LanguageModel(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
 
-        if targets_BT is None:  # inference: only the last position's logits are needed
+        if last_position_only:
+            if targets_BT is not None:
+                raise ValueError("last_position_only=True computes no loss: pass targets_BT=None")
             return ModelOutput(logits=self.lm_head(x_BTD[:, -1:]), aux_losses=ctx.aux_losses, metrics=ctx.metrics)
         logits_BTV = self.lm_head(x_BTD)
+        if targets_BT is None:
+            return ModelOutput(logits=logits_BTV, aux_losses=ctx.aux_losses, metrics=ctx.metrics)
         lm_loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100)
         loss = lm_loss + sum(ctx.aux_losses.values()) if ctx.aux_losses else lm_loss
         return ModelOutput(logits_BTV, loss, lm_loss, ctx.aux_losses, ctx.metrics)

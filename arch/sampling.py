@@ -23,14 +23,14 @@ def generate_sequential(model, idx_BT: torch.Tensor, max_new_tokens: int, temper
     was_training = model.training
     model.eval()
     cache = KVCache(B, T + max_new_tokens)
-    logits = model(idx_BT, kv_cache=cache).logits
+    logits = model(idx_BT, kv_cache=cache, last_position_only=True).logits
     out = [idx_BT]
     for _ in range(max_new_tokens):
         next_B1 = sample_token(logits[:, -1].float(), temperature, top_k, generator)
         out.append(next_B1)
         if eos_id is not None and bool((next_B1 == eos_id).all()):
             break
-        logits = model(next_B1, kv_cache=cache).logits
+        logits = model(next_B1, kv_cache=cache, last_position_only=True).logits
     model.train(was_training)
     return torch.cat(out, dim=1)
 

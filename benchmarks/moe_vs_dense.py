@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from benchmarks.common import environment, save_boxplot, write_csv
+from benchmarks.common import add_output_options, environment, paired_ratios, save_boxplot, write_csv
 
 
 def make_step(model: str, run_dir: str, d_model: int, n_layers: int):
@@ -50,6 +50,7 @@ def main(argv=None) -> float:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--n-layers", type=int, default=4)
+    add_output_options(parser)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         moe_step, tokens, moe_params, moe_active = make_step("moe_tiny", f"{tmp}/moe", args.d_model, args.n_layers)
@@ -60,19 +61,22 @@ def main(argv=None) -> float:
             dense_times.append(seconds_per_step(dense_step, args.steps))
     moe_s, dense_s = statistics.median(moe_times), statistics.median(dense_times)
     env = environment()
-    ratio = moe_s / dense_s
+    summary = paired_ratios(moe_times, dense_times)  # per interleaved pair: noise hits both arms of a pair
+    ratio = summary["median"]
     row = {"d_model": args.d_model, "n_layers": args.n_layers, "tokens_per_step": tokens,
            "moe_params": moe_params, "dense_params": dense_params,
            "moe_train_flops_per_token": round(moe_active * 6), "dense_train_flops_per_token": round(dense_active * 6),
-           "moe_step_s": round(moe_s, 5), "dense_step_s": round(dense_s, 5), "moe_over_dense_time": round(ratio, 4), **env}
+           "moe_step_s": round(moe_s, 5), "dense_step_s": round(dense_s, 5), "moe_over_dense_time": round(ratio, 4),
+           "ratio_min": round(summary["min"], 4), "ratio_max": round(summary["max"], 4), "pairs": summary["pairs"], **env}
     kind = "cuda" if torch.cuda.is_available() else "cpu"
-    path = write_csv(f"moe_vs_dense_{kind}", [row])
+    path = write_csv(f"moe_vs_dense_{kind}", [row], args.out)
     save_boxplot({"MoE top-2/8": [t * 1e3 for t in moe_times], "dense (equal active)": [t * 1e3 for t in dense_times]},
-                 "ms per training step", f"MoE / dense step time = {ratio:.3f}\n{env['device']}", f"moe_vs_dense_{kind}")
+                 "ms per training step", f"MoE / dense step time = {ratio:.3f}\n{env['device']}", f"moe_vs_dense_{kind}", args.out)
     print(f"device: {env['device']}  torch {env['torch']}")
     print(f"MoE   (8 experts, top-2): {moe_params / 1e6:.2f}M params, {moe_s * 1e3:.1f} ms/step")
     print(f"dense (same activated):   {dense_params / 1e6:.2f}M params, {dense_s * 1e3:.1f} ms/step")
-    print(f"step time ratio MoE / dense = {ratio:.3f}  → {path}")
+    print(f"step time ratio MoE / dense (per pair) = median {ratio:.3f} ({summary['min']:.3f}..{summary['max']:.3f} "
+          f"over {summary['pairs']} pairs)  → {path}")
     return ratio
 
 

@@ -24,7 +24,7 @@ import statistics
 import torch
 import torch.nn.functional as Fn
 
-from benchmarks.common import environment, save_mode_bars, write_csv
+from benchmarks.common import add_output_options, environment, save_mode_bars, write_csv
 from kernels.mohd import group_in_matmul, group_out_matmul
 from kernels.moe import expert_mlp
 
@@ -139,23 +139,24 @@ def run(device, quick: bool, rounds: int) -> list[dict]:
     return rows
 
 
-def plot(rows, name):
+def plot(rows, name, out=None):
     return save_mode_bars(
         rows, key=lambda r: (r["D"], r["g"], r["routing"]), label=lambda k: "D{} g{}\n{}".format(*k),
-        value="ms", ylabel="ms (median)", title=f"MoHD FFN ({rows[0]['dtype']}, N={rows[0]['N']})", name=name)
+        value="ms", ylabel="ms (median)", title=f"MoHD FFN ({rows[0]['dtype']}, N={rows[0]['N']})", name=name, out=out)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="first shape only")
     parser.add_argument("--rounds", type=int, default=3)
+    add_output_options(parser)
     args = parser.parse_args()
     env = environment()
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = run(device, args.quick, args.rounds)
     name = "mohd_gpu" if device == "cuda" else "mohd_cpu"
-    print(f"wrote {write_csv(name, rows)} and {plot(rows, name)}")
+    print(f"wrote {write_csv(name, rows, args.out)} and {plot(rows, name, args.out)}")
 
 
 if __name__ == "__main__":

@@ -2,17 +2,20 @@
 
 Both train the same dense LLaMA-style shape (RMSNorm, RoPE, SDPA causal attention, SwiGLU, tied
 head) with AdamW and gradient clipping on the same token stream. The hand-written loop below is
-written independently of ``arch/`` (nanoGPT-style). Runs alternate so machine noise hits both;
-the median of the repeats is reported. Target: ratio framework / hand-written ≥ 0.9.
+written independently of ``arch/`` (nanoGPT-style). Runs alternate (framework, hand-written,
+framework, …) so machine noise hits both arms of a pair; the ratio is computed per pair and
+reported as the median with its min..max spread. Target: ratio framework / hand-written ≥ 0.9.
 
-    python -m benchmarks.step_time [--shape tiny|small] [--steps 30] [--repeats 5]
-Writes benchmarks/results/step_time.csv and step_time.png.
+    python -m benchmarks.step_time [--shape tiny|small] [--steps 20] [--repeats 5] [--out DIR] [--check]
+Writes <out>/step_time_<shape>.csv and .png (default out: benchmarks/results/local/); --check exits 1
+when the median paired ratio misses the target.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import statistics
+import sys
 import tempfile
 import time
 
@@ -20,7 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.common import environment, save_boxplot, write_csv
+from benchmarks.common import add_output_options, environment, paired_ratios, save_boxplot, target_line, write_csv
+
+TARGET = 0.9  # framework / hand-written tokens per second
 
 # (name, d_model, n_layers, n_heads, seq_len, batch_size, vocab)
 SHAPES = {
@@ -130,8 +135,9 @@ def tokens_per_second(step, n_steps, tokens_per_step, warmup=3):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved (framework, hand-written) pairs")
+    add_output_options(parser)
     args = parser.parse_args(argv)
     shape = SHAPES[args.shape]
     tokens_per_step = shape[3] * shape[4]
@@ -144,19 +150,23 @@ def main(argv=None):
             framework.append(tokens_per_second(framework_step, args.steps, tokens_per_step))
             hand.append(tokens_per_second(hand_step, args.steps, tokens_per_step))
     env = environment()
-    fw, hw = statistics.median(framework), statistics.median(hand)
-    ratio = fw / hw
+    summary = paired_ratios(framework, hand)
     row = {"shape": args.shape, "d_model": shape[0], "n_layers": shape[1], "n_heads": shape[2], "seq_len": shape[3],
-           "batch_size": shape[4], "vocab": shape[5], "framework_tokens_per_s": round(fw, 1),
-           "hand_written_tokens_per_s": round(hw, 1), "ratio": round(ratio, 4), **env}
-    path = write_csv(f"step_time_{args.shape}", [row])
+           "batch_size": shape[4], "vocab": shape[5], "framework_tokens_per_s": round(statistics.median(framework), 1),
+           "hand_written_tokens_per_s": round(statistics.median(hand), 1), "ratio_median": round(summary["median"], 4),
+           "ratio_min": round(summary["min"], 4), "ratio_max": round(summary["max"], 4), "pairs": summary["pairs"],
+           "target": TARGET, **env}
+    path = write_csv(f"step_time_{args.shape}", [row], args.out)
     save_boxplot({"framework": framework, "hand-written": hand}, "training tokens/s",
-                 f"{args.shape}: ratio {ratio:.3f}\n{env['device']}", f"step_time_{args.shape}")
+                 f"{args.shape}: paired ratio {summary['median']:.3f}\n{env['device']}", f"step_time_{args.shape}", args.out)
+    line, met = target_line("ratio framework / hand-written (per pair)", summary, TARGET)
     print(f"device: {env['device']}  torch {env['torch']}")
-    print(f"framework:     {fw:,.0f} tokens/s  (repeats: {[round(v) for v in framework]})")
-    print(f"hand-written:  {hw:,.0f} tokens/s  (repeats: {[round(v) for v in hand]})")
-    print(f"ratio framework / hand-written = {ratio:.3f}  (target >= 0.9)  → {path}")
-    return ratio
+    print(f"framework:     {[round(v) for v in framework]} tokens/s")
+    print(f"hand-written:  {[round(v) for v in hand]} tokens/s")
+    print(f"{line}  → {path}")
+    if args.check and not met:
+        sys.exit(1)
+    return summary
 
 
 if __name__ == "__main__":

@@ -36,9 +36,34 @@ def build_optimizer(model: nn.Module, optim_cfg, device_type: str) -> torch.opti
     )
 
 
+MAX_WARMUP_FRACTION = 0.5      # a warmup longer than this fraction of the run is rescaled …
+RESCALED_WARMUP_FRACTION = 0.1  # … to this fraction (the default schedule's 50 of 500 steps)
+
+
+def effective_warmup(schedule_cfg, max_steps: int) -> int:
+    """The warmup steps a run uses: ``schedule.warmup_steps``, unless that is more than half of
+    ``max_steps`` — a short run (a smoke test, a 6-step sweep point) would then never reach its peak lr —
+    in which case 10 % of ``max_steps`` (at least 1 when warmup was asked for). See ``warmup_warning``."""
+    warmup = schedule_cfg.warmup_steps
+    if warmup > MAX_WARMUP_FRACTION * max_steps:
+        return max(1, int(RESCALED_WARMUP_FRACTION * max_steps)) if warmup > 0 else 0
+    return warmup
+
+
+def warmup_warning(schedule_cfg, max_steps: int) -> str | None:
+    """The line the trainer prints when ``effective_warmup`` rescaled the configured warmup."""
+    used = effective_warmup(schedule_cfg, max_steps)
+    if used == schedule_cfg.warmup_steps:
+        return None
+    return (f"warning: schedule.warmup_steps={schedule_cfg.warmup_steps} is more than half of trainer.max_steps={max_steps}, "
+            f"so the run would barely reach its peak lr; using {used} warmup steps "
+            f"({RESCALED_WARMUP_FRACTION:.0%} of the run). Set schedule.warmup_steps <= {int(MAX_WARMUP_FRACTION * max_steps)} "
+            "to choose it yourself.")
+
+
 def lr_at(step: int, peak_lr: float, max_steps: int, schedule_cfg) -> float:
     """Learning rate for optimizer step ``step`` (0-based)."""
-    warmup = schedule_cfg.warmup_steps
+    warmup = effective_warmup(schedule_cfg, max_steps)
     floor = peak_lr * schedule_cfg.min_lr_ratio
     if step < warmup:
         return peak_lr * (step + 1) / warmup

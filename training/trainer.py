@@ -28,7 +28,8 @@ from training.accounting.flops import peak_flops
 from training.metrics import MetricsLogger, NullLogger, plot_losses
 from training.build import build_model, check_model_builds, resolve_device, seed_everything
 from training.errors import NonFiniteLossError, NonFiniteOutputError
-from training.optim import build_optimizer, lr_at, set_lr
+from training.optim import build_optimizer, lr_at, set_lr, warmup_warning
+from training.provenance import CONSOLE_LOG, ConsoleLog, record_launch
 
 
 class Trainer:
@@ -36,9 +37,11 @@ class Trainer:
 
     ``callbacks`` are called as ``cb(trainer, event, step)`` with event in
     {"step_end", "checkpoint", "eval"}; tests use them to interrupt a run at a precise point.
+    ``console`` (a ``training.provenance.ConsoleLog``) starts copying the console into the run
+    folder's ``train.log`` once the folder exists.
     """
 
-    def __init__(self, cfg: Any, callbacks: tuple[Callable, ...] = ()):
+    def __init__(self, cfg: Any, callbacks: tuple[Callable, ...] = (), console: ConsoleLog | None = None):
         from training.data.shards import WindowSampler, check_seq_len, prepare_data
 
         self.root = cfg if isinstance(cfg, RootConfig) else validate(cfg)  # fails before any work
@@ -57,9 +60,12 @@ class Trainer:
                                        "folder, or auto / none / restart)")
         self.is_main = self.parallel.is_main
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.is_main:
+        if self.is_main:  # each launch appends its overrides, git commit and time; train.log gets the console
             for stale in ckpt.sweep_stale(self.run_dir):  # temp files and unfinished folders of killed saves
                 tqdm.write(f"removed {stale} (left by an interrupted save)")
+            record_launch(self.run_dir, self.parallel.world)
+            if console is not None:
+                console.attach(self.run_dir / CONSOLE_LOG)
         self.autocast_dtype = torch.bfloat16 if (t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")) else None
 
         self.data = prepare_data(root.data, progress=t.progress and self.is_main)
@@ -327,6 +333,9 @@ class Trainer:
             f"{self.tokens_per_step} tokens/step, steps {self.step} → {self.root.trainer.max_steps}"
         )
         tqdm.write(format_accounting(self.accounting))
+        warning = warmup_warning(self.root.schedule, self.root.trainer.max_steps)
+        if warning:
+            tqdm.write(warning)
 
     def _finish(self, first_eval, last_eval, tokens_per_s) -> dict[str, Any]:
         t = self.root.trainer
@@ -392,4 +401,5 @@ def _write_config(path: Path, config_dict: dict) -> None:
 
 def train(cfg: Any, callbacks: tuple[Callable, ...] = ()) -> dict[str, Any]:
     """Validate ``cfg``, build everything and train. The entry point of ``train.py``."""
-    return Trainer(cfg, callbacks).fit()
+    with ConsoleLog() as console:
+        return Trainer(cfg, callbacks, console).fit()

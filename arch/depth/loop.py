@@ -96,7 +96,8 @@ class RecurrentDepth(nn.Module):
     """Huginn (Geiping et al. 2025): prelude P → recurrent core R iterated r times → coda C.
 
     [CODE seal-rg/recurrent-pretraining ``raven_modeling_minimal.py``]:
-      e = P(x);  s_0 ~ TruncNormal(0, σ²) on ±3σ with σ = sqrt(2 / (5D));
+      e = P(x);  s_0 = sqrt(D) · TruncNormal(0, σ²) on ±3σ with σ = sqrt(2 / (5D)) (``initialize_state``:
+      the sampled state is multiplied by the embedding scale sqrt(D), so its std is ≈ sqrt(2/5) ≈ 0.63 for any D);
       s_i = R(Adapter([s_{i-1}; e])) with Adapter = Linear(2D → D, no bias);
       out = C(norm(s_r)).
     Training draws r per forward (``randomized_iteration_sampler``): τ ~ LogNormal(ln(max(r̄, k̄))
@@ -126,8 +127,9 @@ class RecurrentDepth(nn.Module):
         sampler: Literal["lognormal_poisson", "fixed"] = "lognormal_poisson",
         sigma: float = 0.5,
         injection: Literal["linear", "add"] = "linear",
-        state_init: Literal["like-init", "zero"] = "like-init",
+        state_init: Literal["like-init", "normal", "embed", "zero"] = "like-init",
         state_std: Optional[float] = None,
+        state_scale: Optional[float] = None,
         state_norm: bool = True,
         seed: int = 0,
     ):
@@ -148,8 +150,13 @@ class RecurrentDepth(nn.Module):
         self.n_prelude, self.n_core, self.n_coda = prelude_layers, core_layers, coda_layers
         self.mean_recurrence, self.mean_backprop_depth = mean_recurrence, mean_backprop_depth
         self.sampler, self.sigma, self.seed = sampler, sigma, seed
+        if state_init not in ("like-init", "normal", "embed", "zero"):
+            raise ConfigError(f"model.depth.state_init={state_init!r} is not one of ['like-init', 'normal', 'embed', 'zero']")
         self.state_init = state_init
         self.state_std = state_std if state_std is not None else math.sqrt(2 / (5 * D))
+        self.state_scale = state_scale if state_scale is not None else math.sqrt(D)  # Huginn's embedding scale
+        if self.state_std < 0 or self.state_scale < 0:
+            raise ConfigError(f"model.depth.state_std={self.state_std} and state_scale={self.state_scale} must be >= 0")
         self.adapter = nn.Linear(2 * D, D, bias=False) if injection == "linear" else None
         self.out_norm = RMSNorm(D) if state_norm else None
         # Optimizer steps taken (in checkpoints, so a resumed run draws the same iteration counts).
@@ -179,10 +186,18 @@ class RecurrentDepth(nn.Module):
         return self._run(self.blocks[self.n_prelude + self.n_core :], x_BTD, ctx, self.n_prelude + self.n_core)
 
     def initial_state(self, like_BTD: torch.Tensor) -> torch.Tensor:
-        """s_0: truncated normal on ±3σ ([CODE] ``state_init: like-init``), or zeros."""
-        s_BTD = torch.zeros_like(like_BTD)
-        if self.state_init == "like-init" and self.state_std > 0:
+        """s_0 (B, T, D), the state-init choices of the official training code [CODE]:
+        ``like-init``: state_scale · TruncNormal(0, state_std²) on ±3σ (defaults sqrt(D) and sqrt(2/(5D)):
+        std ≈ 0.63 whatever D); ``normal``: N(0, 1); ``embed``: N(0, 1/D); ``zero``: zeros."""
+        D = like_BTD.shape[-1]
+        if self.state_init == "zero" or (self.state_init == "like-init" and self.state_std == 0):
+            return torch.zeros_like(like_BTD)
+        s_BTD = torch.randn_like(like_BTD)
+        if self.state_init == "embed":
+            return s_BTD / math.sqrt(D)
+        if self.state_init == "like-init":
             nn.init.trunc_normal_(s_BTD, 0.0, self.state_std, -3 * self.state_std, 3 * self.state_std)
+            s_BTD = s_BTD * self.state_scale
         return s_BTD
 
     # ------------------------------------------------------------------ iteration counts

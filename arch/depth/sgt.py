@@ -78,19 +78,25 @@ class SGTDepth(nn.Module):
         self.register_buffer("entropy_count_L", torch.zeros(n_layers), persistent=False)
         self.loop_depth = [0] * n_layers
         self.selected: list[int] = []
-        self.windows: dict[int, tuple[int, int]] = {}  # layer → (start, end) of its open decay window
+        # layer → (start, end) of its head-decay window, opened when the layer is selected and kept: a
+        # deeper loop never reopens it (decayed heads stay at 0). One scheduler window (window_end) times
+        # every decision, as in the official DynamicLayerScheduler.
+        self.decay_windows: dict[int, tuple[int, int]] = {}
+        self.window_end: int | None = None
         self.depth_threshold = n_layers
         self.frozen, self.ema_ready = False, False
 
     # ------------------------------------------------------------------ checkpointed state
     def get_extra_state(self) -> dict:
         return {"loop_depth": list(self.loop_depth), "selected": list(self.selected),
-                "windows": [[layer, s, e] for layer, (s, e) in self.windows.items()],
+                "decay_windows": [[layer, s, e] for layer, (s, e) in self.decay_windows.items()],
+                "window_end": self.window_end,
                 "depth_threshold": self.depth_threshold, "frozen": self.frozen, "ema_ready": self.ema_ready}
 
     def set_extra_state(self, state: dict) -> None:
         self.loop_depth, self.selected = list(state["loop_depth"]), list(state["selected"])
-        self.windows = {int(layer): (int(s), int(e)) for layer, s, e in state["windows"]}
+        self.decay_windows = {int(layer): (int(s), int(e)) for layer, s, e in state["decay_windows"]}
+        self.window_end = state["window_end"]
         self.depth_threshold, self.frozen, self.ema_ready = state["depth_threshold"], state["frozen"], state["ema_ready"]
 
     # ------------------------------------------------------------------ forward
@@ -198,10 +204,9 @@ class SGTDepth(nn.Module):
         if not self.selected:
             self._select(self._top_layers(), completed)
             return
-        for layer, (start, end) in list(self.windows.items()):
-            if completed >= end:
-                del self.windows[layer]
-                self._window_ended(layer, completed)
+        if self.window_end is not None and completed >= self.window_end:
+            self.window_end = None
+            self._window_ended(completed)
 
     def _finalize_entropy(self) -> None:
         counted = self.entropy_count_L > 0
@@ -219,14 +224,16 @@ class SGTDepth(nn.Module):
         self.entropy_count_L.zero_()
 
     def _update_decays(self, completed: int) -> None:
-        for layer, (start, end) in self.windows.items():
+        for layer, (start, end) in self.decay_windows.items():
             frac = min(1.0, max(0.0, (completed - start) / (end - start)))
-            if self.decay_type == "linear":
+            if frac >= 1:
+                value = 0.0  # non-kept heads are 0 after the window, whatever the decay's shape
+            elif self.decay_type == "linear":
                 value = 1.0 - frac
             elif self.decay_type == "cosine":
                 value = 0.5 * (1 + math.cos(math.pi * frac))
-            else:  # [RECON] exponential: 1 → 0.01 over the window, then 0
-                value = 0.01**frac if frac < 1 else 0.0
+            else:  # [CODE] exponential: exp(−ln(1e8)·progress), 1 → 1e-8 over the window
+                value = math.exp(math.log(1e-8) * frac)
             self.head_decay_LH[layer] = torch.where(self.kept_LH[layer], 1.0, value)
 
     def _top_layers(self) -> list[int]:
@@ -240,15 +247,24 @@ class SGTDepth(nn.Module):
         self.kept_LH[layer, order[: self.num_keep_heads]] = True
         self.loop_depth[layer] = 1
         self.selected.append(layer)
-        self.windows[layer] = (completed, completed + self.window_size)
+        self.decay_windows[layer] = (completed, completed + self.window_size)
+        self.window_end = completed + self.window_size
         self.depth_threshold = min(self.selected)
         self._update_decays(completed)
 
-    def _window_ended(self, layer: int, completed: int) -> None:
+    def is_decaying(self, layer: int) -> bool:
+        """Whether the layer's non-kept heads still contribute to its loop (its decay has not reached 0)."""
+        return layer in self.decay_windows and bool((self.head_decay_LH[layer][~self.kept_LH[layer]] > 0).any())
+
+    def _window_ended(self, completed: int) -> None:
+        """The official ``_evaluate_and_act``: deepen the first selected layer (in selection order) that is
+        still among the top-entropy layers and below max_loop_depth; else stop at max_selected_layers; else
+        select the deepest top layer no deeper than every selected one; else freeze the structure."""
         top = self._top_layers()
-        if layer in top and self.loop_depth[layer] < self.max_loop_depth:
-            self.loop_depth[layer] += 1
-            self.windows[layer] = (completed, completed + self.window_size)
+        deeper = [i for i in self.selected if i in top and self.loop_depth[i] < self.max_loop_depth]
+        if deeper:
+            self.loop_depth[deeper[0]] += 1  # its decay window is left alone: decayed heads stay at 0
+            self.window_end = completed + self.window_size
         elif len(self.selected) >= self.max_selected_layers:
             self.frozen = True
         else:
@@ -272,7 +288,7 @@ class SGTDepth(nn.Module):
                 total += depth * forward_flops_per_token(block, seq_len)
                 continue
             attn = block.attn
-            heads = int(self.kept_LH[i].sum()) if i not in self.windows else self.n_heads
+            heads = self.n_heads if self.is_decaying(i) else int(self.kept_LH[i].sum())  # decaying heads still run
             kv_heads = min(attn.n_kv_heads, heads)
             d, D = attn.head_dim, attn.wq.in_features
             projections = 2 * D * heads * d + 2 * D * 2 * kv_heads * d + 2 * heads * d * D

@@ -2,10 +2,17 @@
 
 Each token is projected (``W_mh``, Linear D→D), split into h sub-tokens of width D/h, and every
 sub-token is routed independently to experts of width D/h; the sub-token outputs are concatenated
-back to width D and merged by ``W_merge`` (Linear D→D). Matches the official
-``yushuiwx/MH-MoE`` ``mhmoe_layer.py`` (METHODS.md §8.1 [CODE]): both projections have a bias,
-W_mh is Xavier-uniform with gain 1/√2 (its bias keeps nn.Linear's default init), W_merge is
-Xavier-uniform with bias 0, and the balance loss is computed over the N·h sub-tokens.
+back to width D and merged by ``W_merge`` (Linear D→D), as in the official layer
+(``yushuiwx/MH-MoE``, ``tools/torchscale-moe/torchscale/component/xmoe/mhmoe_layer.py``; METHODS.md §8.1
+[CODE]): both projections have a bias, W_mh is Xavier-uniform with gain 1/√2 (its bias keeps
+nn.Linear's default init), W_merge is Xavier-uniform with bias 0, and the balance loss is computed over
+the N·h sub-tokens.
+
+The outputs equal the official layer's only with ``renormalize=false`` (the official top-2 gate keeps
+the raw softmax probabilities when no slot is dropped) and ``capacity_factor=1`` (its capacity
+2·⌈S/E⌉ at k = 2); its balance loss counts each sub-token's top-1 choice before capacity drops,
+which is ``balance_loss_counts=top1_before_drop``. The defaults here (renormalize=true, dropless,
+all_slots) are this framework's and do not match it.
 
 Routing, balancing, top-k and metrics are MoEFFN's, run on (B, T·h, D/h): this class only adds the
 split and the merge, so every routing fix in MoEFFN applies here too. The experts run through the
@@ -45,10 +52,11 @@ class MultiHeadMoEFFN(MoEFFN):
         expert_hidden: int | None = None,
         scoring: Literal["softmax", "sigmoid"] = "softmax",
         renormalize: bool = True,
-        router: Literal["linear", "xmoe"] = "linear",
+        router: Literal["linear", "xmoe", "xmoe_cosine"] = "linear",
         router_noise: float = 0.0,
         capacity_factor: float | None = None,
         balance_loss_coef: float = 0.01,
+        balance_loss_counts: Literal["all_slots", "top1_before_drop"] = "all_slots",
         z_loss_coef: float = 0.0,
         bias_update_rate: float = 0.0,
         eval_top_k: int | None = None,
@@ -63,7 +71,8 @@ class MultiHeadMoEFFN(MoEFFN):
             d_model // n_heads, layer_idx, shared,
             n_experts=n_experts, top_k=top_k, expert_hidden=expert_hidden, scoring=scoring,
             renormalize=renormalize, router=router, router_noise=router_noise, capacity_factor=capacity_factor,
-            balance_loss_coef=balance_loss_coef, z_loss_coef=z_loss_coef, bias_update_rate=bias_update_rate,
+            balance_loss_coef=balance_loss_coef, balance_loss_counts=balance_loss_counts, z_loss_coef=z_loss_coef,
+            bias_update_rate=bias_update_rate,
             eval_top_k=eval_top_k, backend=backend,
         )
         self.n_heads, self.full_d_model = n_heads, d_model

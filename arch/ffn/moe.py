@@ -27,7 +27,8 @@ from arch.ffn.emoe import coactivation_topk, hierarchical_router_loss
 from arch.ffn.mlp import SwiGLUMLP
 from arch.ffn.router import (
     LinearRouter,
-    XMoERouter,
+    build_router,
+    drop_second_experts,
     apply_capacity,
     cluster_dropout_mask,
     cluster_variance_loss,
@@ -59,12 +60,15 @@ class MoEFFN(nn.Module):
         n_shared_experts: int = 0,
         scoring: Literal["softmax", "sigmoid"] = "softmax",
         renormalize: bool = True,
-        router: Literal["linear", "xmoe"] = "linear",
+        router: Literal["linear", "xmoe", "xmoe_cosine"] = "linear",
         xmoe_dim: int = 16,
         xmoe_temperature: float = 0.3,
+        second_expert_drop: bool = False,
         router_noise: float = 0.0,
         capacity_factor: float | None = None,
+        eval_capacity_fraction: float | None = None,
         balance_loss_coef: float = 0.01,
+        balance_loss_counts: Literal["all_slots", "top1_before_drop"] = "all_slots",
         seq_balance_loss_coef: float = 0.0,
         z_loss_coef: float = 0.0,
         bias_update_rate: float = 0.0,
@@ -89,6 +93,10 @@ class MoEFFN(nn.Module):
             raise ValueError(f"ffn.k_ideal={k_ideal} must be in [top_k={top_k}, n_experts={n_experts}]")
         if capacity_factor is not None and capacity_factor <= 0:
             raise ValueError(f"ffn.capacity_factor={capacity_factor} must be positive or null (dropless)")
+        if eval_capacity_fraction is not None and not 0 < eval_capacity_fraction <= 1:
+            raise ValueError(f"ffn.eval_capacity_fraction={eval_capacity_fraction} must be in (0, 1] or null")
+        if balance_loss_counts not in ("all_slots", "top1_before_drop"):
+            raise ValueError(f"ffn.balance_loss_counts={balance_loss_counts!r} is not one of ['all_slots', 'top1_before_drop']")
         if not 0 <= coactivation_prob <= 1:
             raise ValueError(f"ffn.coactivation_prob={coactivation_prob} must be in [0, 1]")
         if coactivation_prob > 0 and k_ideal is None:
@@ -104,12 +112,14 @@ class MoEFFN(nn.Module):
         self.router_noise, self.capacity_factor, self.backend = router_noise, capacity_factor, backend
         self.balance_loss_coef, self.seq_balance_loss_coef, self.z_loss_coef = balance_loss_coef, seq_balance_loss_coef, z_loss_coef
         self.bias_update_rate = bias_update_rate
+        self.second_expert_drop, self.eval_capacity_fraction = second_expert_drop, eval_capacity_fraction
+        self.balance_loss_counts = balance_loss_counts
         self.coactivation_prob, self.k_ideal = coactivation_prob, k_ideal or top_k
         self.coactivation_mode, self.keep_top1 = coactivation_mode, keep_top1
         self.hier_loss_coef, self.hier_gamma = hier_loss_coef, hier_gamma
         self.n_clusters, self.cluster_var_loss_coef, self.cluster_dropout = n_clusters, cluster_var_loss_coef, cluster_dropout
 
-        self.router = XMoERouter(d_model, n_experts, xmoe_dim, xmoe_temperature) if router == "xmoe" else LinearRouter(d_model, n_experts)
+        self.router = build_router(router, d_model, n_experts, xmoe_dim, xmoe_temperature)
         self.w_in_EDH = nn.Parameter(torch.empty(n_experts, d_model, 2 * self.F))  # [:F] gate, [F:] up
         self.w_out_EFD = nn.Parameter(torch.empty(n_experts, self.F, d_model))
         self.shared_experts = SwiGLUMLP(d_model, layer_idx, hidden_dim=n_shared_experts * self.F) if n_shared_experts else None
@@ -157,21 +167,34 @@ class MoEFFN(nn.Module):
             gates_NK = gates_NK / gates_NK.sum(-1, keepdim=True).clamp(min=1e-9)
         return ids_NK, gates_NK, probs_NE, logits_NE
 
+    def capacity(self, n_tokens: int, k: int) -> int | None:
+        """Slots per expert: ⌈capacity_factor · N·k / E⌉ (None: dropless); at eval ⌈eval_capacity_fraction · N⌉
+        when set (X-MoE's 0.25 [CODE]; its training capacity 2·⌈N/E⌉ is capacity_factor=1 at k=2)."""
+        if not self.training and self.eval_capacity_fraction is not None:
+            return math.ceil(self.eval_capacity_fraction * n_tokens)
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * n_tokens * k / self.E)
+
     # ------------------------------------------------------------------ forward
     def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
         ids_NK, gates_NK, probs_NE, logits_NE = self.route(x_ND, ctx)
+        routed_NK = ids_NK  # before any drop: what balance_loss_counts=top1_before_drop counts
+        if self.training and self.second_expert_drop:
+            ids_NK = drop_second_experts(ids_NK, probs_NE)
         dropped = torch.zeros((), device=x_ND.device)
-        if self.capacity_factor is not None:
-            capacity = math.ceil(self.capacity_factor * ids_NK.numel() / self.E)
+        capacity = self.capacity(ids_NK.shape[0], ids_NK.shape[1])
+        if capacity is not None:
             ids_NK, dropped = apply_capacity(ids_NK, self.E, capacity)
         y_ND = expert_compute(x_ND, ids_NK, gates_NK.to(x_ND.dtype), self.w_in_EDH, self.w_out_EFD, "swiglu", self.backend,
                               getattr(self, "expert_shard", None))
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND, ctx)
         if self.training:
-            self._add_losses(ctx, probs_NE, logits_NE, ids_NK, B, T)
+            counted_NK = routed_NK[:, :1] if self.balance_loss_counts == "top1_before_drop" else ids_NK
+            self._add_losses(ctx, probs_NE, logits_NE, counted_NK, B, T)
             if ctx.elastic.is_full and self.bias_update_rate > 0:
                 with torch.no_grad():
                     self.pending_counts_E += torch.bincount(ids_NK[ids_NK >= 0], minlength=self.E).float()

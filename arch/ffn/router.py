@@ -4,7 +4,7 @@ Legend: N tokens (B·T), D d_model, E experts, K experts per token, R reduced ro
 
 References: Switch Transformer (Fedus et al. 2021) load-balance loss; ST-MoE (Zoph et al. 2022)
 router z-loss; DeepSeek-V3 (2024) auxiliary-loss-free bias balancing and sequence-wise balance
-loss; X-MoE (Chi et al. 2022) low-dimensional cosine routing.
+loss; X-MoE (Chi et al. 2022) low-dimensional routing, as torchscale computes it and as the paper writes it.
 """
 from __future__ import annotations
 
@@ -27,19 +27,52 @@ class LinearRouter(nn.Module):
 
 
 class XMoERouter(nn.Module):
-    """X-MoE routing on a low-dimensional hypersphere (Chi et al., NeurIPS 2022).
+    """X-MoE routing (Chi et al., NeurIPS 2022) as torchscale's ``Top2Gate(use_xmoe=True)`` computes it [CODE]:
 
-    logits = cos(W_red x, e_i) / τ with W_red: D → R (R=16), expert embeddings e ∈ R^{E×R} and a
-    learnable temperature τ (the paper's form; the torchscale code instead rescales the
-    embeddings to norm 1.5 and leaves tokens unnormalised). τ is stored as log τ to stay positive.
+        logits = (W_red x) · normalize(e_i, eps=1e-4)ᵀ        W_red: D → R (R = 16), e ∈ R^{E×R}
+
+    The token projection is not normalised and there is no temperature. The expert embeddings
+    (orthogonal init, gain 0.32) are rescaled to L2 norm 1.5 before every forward in the official code;
+    here right after construction and after every optimizer step (``after_optimizer_step``), which
+    is the same for every forward and never mutates a tensor that autograd saved (a looped layer
+    calls its router several times per step).
     """
+
+    def __init__(self, d_model: int, n_experts: int, reduced_dim: int = 16):
+        super().__init__()
+        self.reduce = nn.Linear(d_model, reduced_dim, bias=False)
+        self.expert_embed_ER = nn.Parameter(torch.empty(n_experts, reduced_dim))
+        self.init_parameters(0.0, 0.0)
+
+    def init_parameters(self, std: float, residual_std: float) -> None:
+        nn.init.orthogonal_(self.expert_embed_ER, gain=0.32)  # torchscale xmoe init
+        self.rescale_expert_embeddings()
+
+    @torch.no_grad()
+    def rescale_expert_embeddings(self) -> None:
+        norm_E1 = self.expert_embed_ER.norm(p=2.0, dim=1, keepdim=True)
+        self.expert_embed_ER.mul_(1.5 / norm_E1)
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.rescale_expert_embeddings()
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        h_NR = self.reduce(x_ND).float()
+        e_ER = F.normalize(self.expert_embed_ER.float(), p=2.0, dim=1, eps=1e-4)
+        return h_NR @ e_ER.T
+
+
+class XMoECosineRouter(nn.Module):
+    """The X-MoE paper's form (``router=xmoe_cosine``): logits = cos(W_red x, e_i) / τ, with both sides
+    normalised and a learnable temperature τ (init 0.3, stored as log τ to stay positive). Not what the
+    official torchscale code computes (see ``XMoERouter``); kept as a named variant."""
 
     def __init__(self, d_model: int, n_experts: int, reduced_dim: int = 16, temperature: float = 0.3):
         super().__init__()
         self.reduce = nn.Linear(d_model, reduced_dim, bias=False)
         self.expert_embed_ER = nn.Parameter(torch.empty(n_experts, reduced_dim))
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
-        nn.init.orthogonal_(self.expert_embed_ER, gain=0.32)  # torchscale xmoe init
+        nn.init.orthogonal_(self.expert_embed_ER, gain=0.32)
 
     def init_parameters(self, std: float, residual_std: float) -> None:
         nn.init.orthogonal_(self.expert_embed_ER, gain=0.32)
@@ -50,8 +83,35 @@ class XMoERouter(nn.Module):
         return h_NR @ e_ER.T / self.log_temperature.exp()
 
 
+def build_router(kind: str, d_model: int, n_experts: int, reduced_dim: int, temperature: float) -> nn.Module:
+    """``router`` option → module: linear | xmoe (official torchscale) | xmoe_cosine (the paper's form)."""
+    if kind == "linear":
+        return LinearRouter(d_model, n_experts)
+    if kind == "xmoe":
+        return XMoERouter(d_model, n_experts, reduced_dim)
+    if kind == "xmoe_cosine":
+        return XMoECosineRouter(d_model, n_experts, reduced_dim, temperature)
+    raise ValueError(f"ffn.router={kind!r} is not one of ['linear', 'xmoe', 'xmoe_cosine']")
+
+
+def drop_second_experts(ids_NK: torch.Tensor, probs_NE: torch.Tensor) -> torch.Tensor:
+    """X-MoE / torchscale ``second_expert_policy='random'`` [CODE]: in training each token keeps its second
+    expert with probability min(1, 2·p₂) (p₂ its router probability), else the slot becomes -1 (empty)."""
+    if ids_NK.shape[1] < 2:
+        return ids_NK
+    p2_N = probs_NE.gather(1, ids_NK[:, 1:2]).squeeze(1)
+    keep_N = 2 * p2_N > torch.rand_like(p2_N)
+    out_NK = ids_NK.clone()
+    out_NK[:, 1] = torch.where(keep_N, ids_NK[:, 1], torch.full_like(ids_NK[:, 1], -1))
+    return out_NK
+
+
 def switch_balance_loss(probs_NE: torch.Tensor, ids_NK: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """E · Σ_e f_e · P_e: f_e the fraction of routed slots on e, P_e the mean router probability."""
+    """E · Σ_e f_e · P_e: f_e the fraction of the given slots (ids ≥ 0) on e, P_e the mean router probability.
+
+    Which slots count is the caller's choice (``balance_loss_counts``): all k slots after capacity drops,
+    or each token's top-1 choice before any drop, as the official X-MoE and MH-MoE codes count
+    (``me · ce`` with ``ce`` = the mean of the top-1 one-hot mask: E²·mean_e(me·ce) = E·Σ_e f_e·P_e)."""
     valid = ids_NK >= 0
     counts_E = torch.zeros(n_experts, device=ids_NK.device).index_add_(
         0, ids_NK[valid], torch.ones_like(ids_NK[valid], dtype=torch.float)

@@ -14,14 +14,12 @@ fusion history, the val losses and the KV-cache bytes per token. METHODS.md §4.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import get_type_hints
 
-from arch.registry import ConfigError, suggest
+from arch.registry import ConfigError
 
 
 @dataclass
@@ -45,6 +43,18 @@ class ConvertOptions:
     granularity: str = "scalar"     # scalar | channel fusion weights
     train_base: bool = True
 
+    HELP = {"ckpt": "MHA run folder or checkpoint file", "out": "the new run folder",
+            "budget": "fraction of MHA's KV heads kept (sum of key and value heads <= budget * 2 * layers * heads)",
+            "cpt_steps": "trainer.max_steps of the converted run; 0 = the source run's", "device": "auto, cpu or cuda",
+            "similarity": "mha_to_dha: head similarity from params or activations (calibration batches)",
+            "calib_batches": "mha_to_dha: calibration batches for similarity=activations",
+            "allocation": "mha_to_dha: per-layer head counts by redundancy (dp) or uniform",
+            "fusion_steps": "mha_to_dha: augmented-Lagrangian fusion steps", "fusion_tol": "mha_to_dha: fusion stop tolerance",
+            "fusion_lr": "mha_to_dha: fusion learning rate", "omega_lr": "mha_to_dha: fusion-weight learning rate",
+            "rho_init": "mha_to_dha: initial penalty", "rho_growth": "mha_to_dha: penalty growth",
+            "al_every": "mha_to_dha: multiplier update interval", "granularity": "mha_to_dha: scalar or channel fusion weights",
+            "train_base": "mha_to_dha: train all weights during fusion"}
+
 
 @dataclass
 class RecipeOptions:
@@ -57,31 +67,10 @@ class RecipeOptions:
     fusion_tol: float = 0.01
     granularity: str = "scalar"
 
-
-def _parse(argv: list[str], schema: type, extra_ok: bool = False):
-    """key=value arguments → schema instance (values coerced to the field types), plus unknown keys if extra_ok."""
-    hints, known = get_type_hints(schema), {f.name for f in dataclasses.fields(schema)}
-    values, extra = {}, []
-    for arg in argv:
-        key, eq, raw = arg.partition("=")
-        if not eq:
-            raise ConfigError(f"argument {arg!r} is not key=value")
-        if key not in known:
-            if extra_ok:
-                extra.append(arg)
-                continue
-            raise ConfigError(f"unknown option {key!r}; allowed: {sorted(known)}." + suggest(key, known))
-        kind = hints[key]
-        try:
-            if kind is bool:
-                if raw.lower() not in ("true", "false"):
-                    raise ValueError
-                values[key] = raw.lower() == "true"
-            else:
-                values[key] = kind(raw)
-        except ValueError:
-            raise ConfigError(f"{key}={raw!r} is invalid; expected a {kind.__name__}") from None
-    return (schema(**values), extra) if extra_ok else schema(**values)
+    HELP = {"run_dir": "folder of the whole recipe (mha/, dha/, gqa/, summary.json)", "budget": "KV-head budget fraction",
+            "cpt_steps": "continued-pretraining steps; 0 = the MHA run's trainer.max_steps",
+            "similarity": "params or activations", "allocation": "dp or uniform", "fusion_steps": "DHA fusion steps",
+            "fusion_tol": "fusion stop tolerance", "granularity": "scalar or channel fusion weights"}
 
 
 def _fusion_config(o: ConvertOptions, batch_size: int, seed: int):
@@ -262,25 +251,52 @@ def plot_comparison(root_dir: Path, summary: dict) -> Path:
     return path
 
 
-COMMANDS = ("mha_to_dha", "mha_to_gqa", "continue", "dha_vs_gqa")
+COMMANDS = {
+    "mha_to_dha": "convert an MHA run to DHA (head search, fusion, collapse) into a new run folder",
+    "mha_to_gqa": "convert an MHA run to GQA (mean-pooled head groups) at the same KV budget",
+    "continue": "continued pretraining of a converted run folder",
+    "dha_vs_gqa": "the whole recipe: train MHA, convert both ways, continue both, plot (extra key=value: train.py overrides)",
+}
 
 
-def main(argv: list[str]) -> None:
-    if not argv or argv[0] not in COMMANDS:
-        raise ConfigError(f"usage: python -m recipes.dha.convert {{{'|'.join(COMMANDS)}}} key=value ...")
-    command, args = argv[0], argv[1:]
+def build_parser():
+    from training.tool_args import add_dataclass_options, tool_parser
+
+    parser = tool_parser("python -m recipes.dha.convert", __doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for name, text in COMMANDS.items():
+        sub = commands.add_parser(name, help=text, description=text, formatter_class=parser.formatter_class)
+        if name == "continue":
+            sub.add_argument("--run", required=True, help="the converted run folder")
+            sub.add_argument("--steps", type=int, default=0, help="trainer.max_steps to continue to (0: the run's own)")
+        else:
+            add_dataclass_options(sub, RecipeOptions if name == "dha_vs_gqa" else ConvertOptions)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from training.tool_args import dataclass_from, parse
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    # sub-command options are declared on the sub-parser: read them there, key=value included
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    sub = parser._subparsers._group_actions[0].choices[command] if command else None
+    if sub is None:
+        parser.parse_args(argv)  # prints usage / --help and exits
+        return
+    if command == "dha_vs_gqa":
+        args, overrides = parse(sub, argv[1:], overrides=True)
+    else:
+        args, overrides = parse(sub, argv[1:]), []
     if command == "continue":
-        opts = dict(a.partition("=")[::2] for a in args)
-        unknown = set(opts) - {"run", "steps"}
-        if unknown or "run" not in opts:
-            raise ConfigError(f"continue takes run=<converted run folder> [steps=N]; got {sorted(opts)}")
-        print(json.dumps(continue_training(opts["run"], int(opts.get("steps", 0))), indent=1))
+        print(json.dumps(continue_training(args.run, args.steps), indent=1))
     elif command == "dha_vs_gqa":
-        summary = dha_vs_gqa(*_parse(args, RecipeOptions, extra_ok=True))
+        summary = dha_vs_gqa(dataclass_from(args, RecipeOptions), overrides)
         print(json.dumps({k: v for k, v in summary.items() if k not in ("dha", "gqa")} | {
             m: {k: v for k, v in summary[m].items() if k != "curve"} for m in ("dha", "gqa")}, indent=1))
     else:
-        report = (mha_to_dha if command == "mha_to_dha" else mha_to_gqa)(_parse(args, ConvertOptions))
+        report = (mha_to_dha if command == "mha_to_dha" else mha_to_gqa)(dataclass_from(args, ConvertOptions))
         print(json.dumps({k: v for k, v in report.items() if k not in ("similarity", "fusion_history")}, indent=1))
 
 
@@ -288,4 +304,4 @@ if __name__ == "__main__":
     from training.cli import report_errors
 
     with report_errors():
-        main(sys.argv[1:])
+        main()

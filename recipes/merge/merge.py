@@ -192,28 +192,48 @@ def _print_report(report: dict) -> None:
             print(f"{name:<14}{task:>16}  " + " ".join(f"{a:.3f}" for a in layers))
 
 
+def build_parser():
+    from training.tool_args import tool_parser
+
+    parser = tool_parser("python -m recipes.merge.merge", __doc__.split("\n\n")[0])
+    parser.add_argument("--base", required=True, help="the base run folder or checkpoint the sources were fine-tuned from")
+    parser.add_argument("--sources", required=True, help="comma-separated fine-tuned run folders or checkpoints")
+    parser.add_argument("--out", required=True, help="output folder (plain/, harc/, merge_report.json)")
+    parser.add_argument("--method", default="ties", choices=["ties", "task_arithmetic"], help="dense merge of the task vectors")
+    parser.add_argument("--scale", type=float, default=None, help="λ (default: 1/n_sources for task_arithmetic, 1 for ties)")
+    parser.add_argument("--density", type=float, default=0.2, help="ties: fraction of each task vector kept")
+    parser.add_argument("--harc", type=_bool, default=True, help="calibrate the routers with HARC after merging")
+    parser.add_argument("--calib_batches", type=int, default=8, help="HARC calibration batches per source")
+    parser.add_argument("--batch_size", type=int, default=8, help="batch size of calibration and evaluation")
+    parser.add_argument("--eval_batches", type=int, default=20, help="validation batches per task")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration batches")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    defaults = HARCOptions()
+    for name, value in vars(defaults).items():
+        parser.add_argument(f"--harc.{name}", dest=f"harc.{name}", type=type(value), default=value, help=f"HARC option {name}")
+    return parser
+
+
+def _bool(raw: str) -> bool:
+    from training.tool_args import _parse_bool
+
+    return _parse_bool(raw)
+
+
 def main(argv: list[str] | None = None) -> None:
     from training.cli import report_errors
     from training.config import ConfigError
+    from training.tool_args import parse
 
-    argv = sys.argv[1:] if argv is None else argv
-    args = dict(a.split("=", 1) for a in argv if "=" in a)
-    if any("=" not in a for a in argv) or not {"base", "sources", "out"} <= set(args):
-        print(__doc__.split("\n\n")[1], file=sys.stderr)
-        sys.exit(2)
-    value = {k: yaml.safe_load(v) for k, v in args.items() if k not in ("base", "sources", "out")}
-    harc_options = {k.split(".", 1)[1]: value.pop(k) for k in list(value) if k.startswith("harc.")}
-    allowed = {"method", "scale", "density", "harc", "calib_batches", "batch_size", "eval_batches", "seed", "device"}
     with report_errors():
-        unknown = sorted(set(value) - allowed) + [f"harc.{k}" for k in harc_options if k not in vars(HARCOptions())]
-        if unknown:
-            raise ConfigError(f"unknown merge option(s) {unknown}; options are {sorted(allowed)} "
-                              f"and harc.{{{','.join(vars(HARCOptions()))}}}")
+        args = vars(parse(build_parser(), argv))
+        harc_options = {k.split(".", 1)[1]: args.pop(k) for k in list(args) if k.startswith("harc.")}
         try:
             options = HARCOptions(**harc_options)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        run(args["base"], args["sources"].split(","), args["out"], harc_options=options, **value)
+        base, sources, out = args.pop("base"), args.pop("sources").split(","), args.pop("out")
+        run(base, sources, out, harc_options=options, **args)
 
 
 if __name__ == "__main__":

@@ -229,27 +229,34 @@ def continue_training(out: str | Path, overrides: dict[str, str] | None = None) 
     return train(config)
 
 
+def build_parser():
+    from training.tool_args import _parse_bool, tool_parser
+
+    parser = tool_parser("python -m recipes.moue.convert", __doc__.split("\n\n")[0],
+                         epilog="Any other key=value (e.g. model.ffn.widen_to=16 trainer.max_steps=450) overrides the converted config.")
+    parser.add_argument("--ckpt", default=None, help="the MoE run folder or .pt to convert (omit with train=true to continue a converted run)")
+    parser.add_argument("--out", required=True, help="the new run folder")
+    parser.add_argument("--optimizer", default="carry", choices=["carry", "fresh"], help="move AdamW moments with their weights, or start empty")
+    parser.add_argument("--train", type=_parse_bool, default=False, help="train the converted run to trainer.max_steps right away")
+    parser.add_argument("--check", type=_parse_bool, default=True, help="check that the converted model computes the MoE's function")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
     from training.cli import report_errors
+    from training.tool_args import parse
 
-    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv) if "=" in a)
-    bad = [a for a in (sys.argv[1:] if argv is None else argv) if "=" not in a]
-    if bad or "out" not in args:
-        print(__doc__.split("\n\n")[1], file=sys.stderr)
-        sys.exit(2)
-    out, source = args.pop("out"), args.pop("ckpt", None)
-    do_train = yaml.safe_load(args.pop("train", "false"))
-    check = yaml.safe_load(args.pop("check", "true"))
-    optimizer = args.pop("optimizer", "carry")
     with report_errors():
-        if source is not None:
-            written = convert(source, out, args, optimizer, check)
-            print(f"converted {source} → {written}")
-            args = {}  # already in the converted run's config
-        elif not do_train:
+        args, words = parse(build_parser(), argv, overrides=True)
+        overrides = dict(w.split("=", 1) for w in words)
+        if args.ckpt is not None:
+            written = convert(args.ckpt, args.out, overrides, args.optimizer, args.check)
+            print(f"converted {args.ckpt} → {written}")
+            overrides = {}  # already in the converted run's config
+        elif not args.train:
             raise ConfigError("give ckpt=<MoE run folder or .pt> to convert, or train=true to continue a converted run")
-        if do_train:
-            continue_training(out, args)
+        if args.train:
+            continue_training(args.out, overrides)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ selection schedule are scaled by the same factor, so they keep their place in tr
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -253,7 +252,9 @@ def _configured_steps(folder: Path) -> int | None:
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recipes.reproduce.suite", description=__doc__.split("\n\n")[0])
+    from training.tool_args import parse, tool_parser
+
+    parser = tool_parser("python -m recipes.reproduce.suite", __doc__.split("\n\n")[0])
     parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHOD_NAMES)} (default: all)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per variant (default 3)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"training steps per run (default {DEFAULT_STEPS})")
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="write REPORT.md from the runs that exist")
     parser.add_argument("--runs-dir", default=str(DEFAULT_RUNS), help="where the runs go (default runs/reproduce)")
     parser.add_argument("--results-dir", default=str(DEFAULT_RESULTS), help="where REPORT.md goes (default benchmarks/results/reproduce)")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     runs, results = Path(args.runs_dir).resolve(), Path(args.results_dir).resolve()
     chosen = args.methods.split(",") if args.methods else METHOD_NAMES
     unknown = [m for m in chosen if m not in METHOD_NAMES]

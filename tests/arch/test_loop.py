@@ -135,3 +135,22 @@ def test_every_looped_preset_trains_and_its_sweep_runs(tmp_path: Path, experimen
     assert len(rows) == 3 and (tmp_path / "eval" / "depth.png").stat().st_size > 0
     flops = [float(r.split(",")[-1]) for r in rows[1:]]
     assert flops[1] > flops[0] and all(math.isfinite(float(r.split(",")[3])) for r in rows[1:])
+
+
+@pytest.mark.parametrize("d_model", [32, 64, 256])
+def test_recurrent_initial_state_has_the_official_scale_for_any_width(d_model):
+    """Huginn's initialize_state: sqrt(D) · TruncNormal(0, 2/(5D)) on ±3σ, so std ≈ sqrt(2/5)·0.986 whatever D."""
+    from arch.depth.loop import RecurrentDepth
+    from arch.layers import ModelShared
+
+    depth = RecurrentDepth(4, lambda i: torch.nn.Identity(), ModelShared(d_model=d_model, n_layers=4, n_heads=2))
+    torch.manual_seed(0)
+    s = depth.initial_state(torch.empty(64, 64, d_model))
+    truncated_std = math.sqrt(2 / 5) * 0.98654  # std of a N(0,1) truncated at ±3σ is 0.98654σ
+    assert s.std().item() == pytest.approx(truncated_std, rel=0.02)
+    assert s.abs().max().item() <= 3 * math.sqrt(2 / (5 * d_model)) * math.sqrt(d_model) + 1e-6
+    for init, expected in (("normal", 1.0), ("embed", 1 / math.sqrt(d_model))):
+        other = RecurrentDepth(4, lambda i: torch.nn.Identity(), ModelShared(d_model=d_model, n_layers=4, n_heads=2), state_init=init)
+        assert other.initial_state(torch.empty(64, 64, d_model)).std().item() == pytest.approx(expected, rel=0.02)
+    zero = RecurrentDepth(4, lambda i: torch.nn.Identity(), ModelShared(d_model=d_model, n_layers=4, n_heads=2), state_init="zero")
+    assert zero.initial_state(torch.empty(2, 3, d_model)).abs().sum() == 0

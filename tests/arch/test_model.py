@@ -37,8 +37,13 @@ def test_ignore_index_targets_are_not_scored():
     assert not torch.isclose(full, part)
     targets[:, :] = -100
     targets[0, 5] = idx[0, 5]
-    logits = model(idx).logits  # last position only at inference
-    assert logits.shape == (2, 1, 97)
+    logits = model(idx).logits  # every position without targets, as in other causal-LM libraries
+    assert logits.shape == (2, 8, 97)
+    last = model(idx, last_position_only=True).logits  # the generation path
+    assert last.shape == (2, 1, 97)
+    torch.testing.assert_close(last, logits[:, -1:])
+    with pytest.raises(ValueError, match="computes no loss"):
+        model(idx, targets, last_position_only=True)
 
 
 def test_kv_cache_generation_matches_full_recompute():

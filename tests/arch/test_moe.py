@@ -55,11 +55,65 @@ def test_shared_experts_are_always_active_and_add_parameters():
     torch.testing.assert_close(shared(x, ctx()), plain(x, ctx()))  # the difference was the shared branch
 
 
-def test_xmoe_router_is_cosine_over_temperature():
-    layer = moe(router="xmoe", xmoe_dim=4, xmoe_temperature=0.5)
+def test_xmoe_router_reproduces_the_official_torchscale_logits():
+    """torchscale Top2Gate(use_xmoe=True) [CODE]: wg rescaled to norm 1.5, then
+    logits = (W_red x) · normalize(wg, eps=1e-4)ᵀ — token side unnormalised, no temperature."""
+    layer = moe(router="xmoe", xmoe_dim=4)
+    router = layer.router
+    assert torch.allclose(router.expert_embed_ER.norm(dim=1), torch.full((6,), 1.5))  # rescaled at init
+    torch.manual_seed(1)
+    with torch.no_grad():
+        router.reduce.weight.copy_(torch.randn(4, 16))
+        router.expert_embed_ER.copy_(torch.randn(6, 4) * 3)  # an optimizer step moved the norms
+    x = torch.randn(7, 16)
+    wg = router.expert_embed_ER.detach().clone()
+    wg = wg * (1.5 / wg.norm(dim=1, keepdim=True))  # the official forward's in-place rescale
+    expected = (x @ router.reduce.weight.T) @ (wg / wg.norm(dim=1, keepdim=True).clamp(min=1e-4)).T
+    router.after_optimizer_step(0)  # ours rescales after each optimizer step, before the next forward
+    torch.testing.assert_close(router(x), expected, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(router.expert_embed_ER.norm(dim=1), torch.full((6,), 1.5))
+    assert not hasattr(router, "log_temperature")
+
+
+def test_xmoe_cosine_variant_is_the_papers_cosine_over_temperature():
+    layer = moe(router="xmoe_cosine", xmoe_dim=4, xmoe_temperature=0.5)
     logits = layer.router(torch.randn(7, 16))
     assert logits.abs().max() <= 1 / 0.5 + 1e-5  # |cos| ≤ 1
     assert layer.router.log_temperature.requires_grad
+    with pytest.raises(ValueError, match="xmoe_cosine"):
+        moe(router="cosine")
+
+
+def test_second_expert_is_kept_with_probability_twice_its_gate():
+    from arch.ffn.router import drop_second_experts
+
+    torch.manual_seed(0)
+    probs_NE = torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.45, 0.05], [0.7, 0.2, 0.1]]).repeat(20000, 1)
+    ids_NK = torch.tensor([[0, 1], [0, 1], [0, 1]]).repeat(20000, 1)
+    kept = drop_second_experts(ids_NK, probs_NE)
+    assert torch.equal(kept[:, 0], ids_NK[:, 0])  # the first expert is never dropped
+    rate = (kept[:, 1] >= 0).float().view(20000, 3).mean(0)
+    torch.testing.assert_close(rate, torch.tensor([0.6, 0.9, 0.4]), atol=0.01, rtol=0)  # min(1, 2·p2)
+    layer = moe(second_expert_drop=True).eval()
+    ids = layer.route(torch.randn(5, 16), ctx())[0]
+    assert (ids >= 0).all()  # the route itself never drops; forward drops in training only
+
+
+def test_eval_capacity_and_top1_balance_counting():
+    layer = moe(n_experts=8, capacity_factor=1.0, eval_capacity_fraction=0.25)
+    assert layer.capacity(64, 2) == 16  # training: ⌈1.0 · 64·2 / 8⌉ = 2·⌈64/8⌉, X-MoE's capacity
+    layer.eval()
+    assert layer.capacity(64, 2) == 16 and layer.capacity(10, 2) == 3  # eval: ⌈0.25 · N⌉
+    assert moe().capacity(64, 2) is None  # dropless
+    from arch.ffn.router import switch_balance_loss
+
+    probs_NE = torch.softmax(torch.randn(6, 8), -1)
+    ids_NK = probs_NE.topk(2, -1).indices
+    top1 = switch_balance_loss(probs_NE, ids_NK[:, :1], 8)
+    f_E = torch.bincount(ids_NK[:, 0], minlength=8).float() / 6  # torchscale: ce = mean(mask1), me = mean(gates)
+    torch.testing.assert_close(top1, 8 * 8 * (f_E * probs_NE.mean(0)).mean())
+    with pytest.raises(ValueError, match="balance_loss_counts"):
+        moe(balance_loss_counts="top2")
 
 
 def test_eval_top_k_applies_only_at_inference():

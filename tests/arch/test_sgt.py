@@ -62,6 +62,60 @@ def _new_selections(sgt, step):
     return [layer for layer in sgt.selected if layer not in before]
 
 
+def drive_phases(sgt: SGTDepth, phases: dict[int, dict[int, float]], until: int, start: int = 0) -> list[tuple[int, str, int]]:
+    """Like ``drive``, with the layer entropies replaced at given completed steps; returns every scheduler
+    action as (completed step, "select" | "deepen", layer)."""
+    head_offsets = torch.tensor([0.03, 0.01, 0.04, 0.02])
+    sgt.ema_ready, actions = True, []
+    for step in range(start, until):
+        if step + 1 in phases:
+            sgt.ema_LH.zero_()
+            for layer, value in phases[step + 1].items():
+                sgt.ema_LH[layer] = value + head_offsets
+        selected, depth = list(sgt.selected), list(sgt.loop_depth)
+        sgt.after_optimizer_step(step)
+        actions += [(step + 1, "select", layer) for layer in sgt.selected if layer not in selected]
+        actions += [(step + 1, "deepen", i) for i, (a, b) in enumerate(zip(depth, sgt.loop_depth)) if b > a and a > 0]
+    return actions
+
+
+def test_deeper_loops_check_every_selected_layer_and_keep_decayed_heads_at_zero():
+    """max_loop_depth=2, top-2 layers. Hand-computed from the official DynamicLayerScheduler: at each window
+    end the FIRST selected layer (selection order) still in the top-2 and below max depth is deepened —
+    here layer 5 at step 750, although the window that just ended was opened by selecting layer 4."""
+    sgt = sgt_model(top_k_layers=2, max_loop_depth=2).depth
+    phases = {1: {5: 0.9, 4: 0.8, 3: 0.7}, 500: {4: 0.9, 3: 0.8, 5: 0.1}, 750: {5: 0.9, 4: 0.8, 3: 0.1}}
+    actions = drive_phases(sgt, phases, until=760)
+    # 250: select the deepest top-2 layer (5). 500: 5 left the top-2, so no deepening; select 4 (top-2 {4, 3},
+    # deepest not selected and no deeper than 5). 750: 5 is back in the top-2 → deepen 5 (not 4).
+    assert actions == [(250, "select", 5), (500, "select", 4), (750, "deepen", 5)]
+    assert sgt.loop_depth[5] == 2 and sgt.loop_depth[4] == 1
+    # layer 5's heads decayed to 0 by step 500 and a deeper loop does not reopen the decay
+    assert torch.equal(sgt.head_decay_LH[5], torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    actions += drive_phases(sgt, {}, until=1300, start=760)
+    # 1000: 5 is at max depth, 4 is in the top-2 → deepen 4. 1250: nothing to deepen; top-2 {5, 4} has no
+    # unselected layer no deeper than 4 → the structure freezes.
+    assert actions[3:] == [(1000, "deepen", 4)] and sgt.frozen and sgt.loop_depth == [0, 0, 0, 0, 2, 2]
+
+
+def test_loop_depth_three_grows_each_layer_before_selecting_a_shallower_one():
+    sgt = sgt_model(max_loop_depth=3, max_selected_layers=2).depth
+    actions = drive_phases(sgt, {1: {1: 0.9, 2: 0.5, 3: 0.8, 4: 0.7, 5: 0.2}}, until=1800)
+    assert actions == [(250, "select", 4), (500, "deepen", 4), (750, "deepen", 4), (1000, "select", 3),
+                       (1250, "deepen", 3), (1500, "deepen", 3)]
+    assert sgt.frozen and sgt.loop_depth == [0, 0, 0, 3, 3, 0]  # 1750: two layers selected = max → frozen
+    for layer in (3, 4):
+        assert torch.equal(sgt.head_decay_LH[layer], torch.tensor([1.0, 0.0, 1.0, 0.0]))
+
+
+def test_official_exponential_decay_goes_from_one_to_1e_minus_8():
+    sgt = sgt_model(decay_type="exponential").depth
+    drive(sgt, {1: 0.9, 2: 0.5, 3: 0.8, 4: 0.7, 5: 0.2}, until=375)  # selected at 250, halfway at 375
+    assert sgt.head_decay_LH[4, 1].item() == pytest.approx(1e-4, rel=1e-3)  # (1e-8)^(1/2)
+    drive_phases(sgt, {}, until=500, start=375)
+    assert sgt.head_decay_LH[4, 1].item() == 0.0
+
+
 def test_low_entropy_selection_keeps_the_lowest_heads():
     sgt = sgt_model(head_selection="low_entropy").depth
     drive(sgt, {1: 0.9, 2: 0.5, 3: 0.8, 4: 0.7, 5: 0.2}, until=250)
@@ -83,7 +137,7 @@ def test_kept_heads_loop_equals_the_masked_all_heads_computation(n_kv_heads):
     sgt.loop_depth[2] = 1
     sgt.kept_LH[2] = torch.tensor([False, True, False, True])
     idx = torch.randint(0, 64, (2, 11))
-    got = model(idx).logits
+    got = model(idx, last_position_only=True).logits
 
     def reference_loop(block, x, cos, sin):
         """All heads through the block's own projections, non-kept heads masked to 0 (the official code)."""
@@ -139,7 +193,8 @@ def test_resume_restores_the_scheduler_and_continues_identically(tmp_path):
         Trainer(tiny_config(resumed, *SGT_TINY, "trainer.max_steps=16", "trainer.checkpoint_every=5", "trainer.sample_tokens=0"),
                 callbacks=(stop_at_5,)).fit()
     trainer = Trainer(tiny_config(resumed, *SGT_TINY, "trainer.max_steps=16", "trainer.checkpoint_every=5", "trainer.sample_tokens=0"))
-    assert trainer.model.depth.selected == [3] and trainer.model.depth.windows == {3: (3, 6)}
+    depth = trainer.model.depth
+    assert depth.selected == [3] and depth.decay_windows == {3: (3, 6)} and depth.window_end == 6
     trainer.fit()
 
     def losses(run):

@@ -33,7 +33,6 @@ Conventions (every number is per token):
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from dataclasses import asdict, dataclass, field
@@ -230,7 +229,9 @@ def _vocab_size(root, given: int | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Other arguments are Hydra overrides.")
+    from training.tool_args import parse, tool_parser
+
+    parser = tool_parser("python -m training.accounting.account", __doc__.split("\n\n")[0], epilog="Other key=value words are Hydra overrides of the model config.")
     parser.add_argument("--seq-len", type=int, help="sequence length (default: data.seq_len)")
     parser.add_argument("--vocab-size", type=int, help="vocabulary size when model.vocab_size is null")
     parser.add_argument("--dtype-bytes", type=int, default=2, help="bytes per KV-cache element (2 = bf16)")
@@ -238,9 +239,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", help="elastic depth: comma-separated layer indices that run")
     parser.add_argument("--experts", type=int, help="elastic width: only the first N experts are routable")
     parser.add_argument("--top-k", type=int, help="elastic sparsity: experts per token")
-    args, overrides = parser.parse_known_args(argv)
-    from training.cli import compose
+    args, overrides = parse(parser, argv, overrides=True)
+    from training.cli import check_overrides, compose
     from training.config import ConfigError, validate
+
+    check_overrides(overrides)  # an unknown key or bad value: one line naming it, exit 2
 
     try:
         root = validate(compose(overrides))

@@ -383,7 +383,7 @@ def _sgt_cost(depth: nn.Module, u: Usage) -> Cost:
 def _sgt_head_pass(depth: nn.Module, layer: int, attn: nn.Module, u: Usage) -> Cost:
     """One loop pass of ``SGTDepth._loop_attention``: the heads' rows of wq and wo, their key/value heads' rows of wkv."""
     H, d, D = attn.n_heads, attn.head_dim, attn.wq.in_features
-    if u.training and layer in depth.windows:
+    if u.training and depth.is_decaying(layer):
         heads = list(range(H))
     else:
         heads = depth.kept_LH[layer].nonzero().flatten().tolist()

@@ -18,7 +18,6 @@ model weights as one safetensors file (no process group needed).
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import warnings
@@ -235,12 +234,14 @@ def consolidate(path: str | Path, out: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m training.checkpoint.sharded", description=__doc__.split("\n")[0])
+    from training.tool_args import parse, tool_parser
+
+    parser = tool_parser("python -m training.checkpoint.sharded", __doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("consolidate", help="write a sharded checkpoint's model weights as one safetensors file")
     c.add_argument("checkpoint", help="a checkpoints/step_XXXXXXXX folder")
     c.add_argument("out", help="output .safetensors path")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     try:
         out = consolidate(args.checkpoint, args.out)
     except CheckpointError as e:

@@ -16,7 +16,6 @@ Legend: B batch, T tokens, V vocab.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -179,7 +178,9 @@ def evaluate(run: str, tasks: list[str], include_path: str | None = None, includ
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from training.tool_args import parse, tool_parser
+
+    parser = tool_parser("python -m training.eval.lm_eval_adapter", __doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="a run folder (uses its newest checkpoint) or a checkpoint .pt file")
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     parser.add_argument("--include_path", default=None, help="a folder of extra task YAMLs")
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output", default=None, help="write the results dict here as JSON")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     from lm_eval.utils import make_table
 
     results = evaluate(args.run, [t for t in args.tasks.split(",") if t], args.include_path, not args.no_default_tasks,

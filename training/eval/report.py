@@ -20,7 +20,6 @@ as they changed). Activated parameters come from a logged ``acct/active_params``
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -364,11 +363,13 @@ def write_report(groups: dict[str, list[Run]], out: Path, title: str = "Run repo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.eval.report", description=__doc__.split("\n\n")[0])
+    from training.tool_args import parse, tool_parser
+
+    parser = tool_parser("python -m training.eval.report", __doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="run folders, multirun folders or any folder above run folders")
     parser.add_argument("--out", help="output folder (default: the first path's folder, or ./report for a single run)")
     parser.add_argument("--group-by", help="comma-separated keys to group by (default: the overridden keys that differ)")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     try:
         runs = find_runs(args.paths)
         keys = [k.strip() for k in args.group_by.split(",") if k.strip()] if args.group_by else None

@@ -1,7 +1,6 @@
 """Generate text from a checkpoint: ``python -m training.eval.sample RUN_DIR_OR_CHECKPOINT --prompt "..."``."""
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -44,7 +43,9 @@ def _check_finite_logits(model, idx_BT: torch.Tensor) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    from training.tool_args import parse, tool_parser
+
+    parser = tool_parser("python -m training.eval.sample", __doc__)
     parser.add_argument("target", help="a run folder (uses its latest checkpoint) or a checkpoint .pt file")
     parser.add_argument("--prompt", default="ROMEO:")
     parser.add_argument("--tokens", type=int, default=200, help="new tokens to generate")
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     try:
         model, data, _, _ = load_trained(args.target, args.device)
         text = generate_text(model, data.tokenizer, args.prompt, args.tokens, args.temperature, args.top_k, args.seed)

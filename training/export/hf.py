@@ -1,6 +1,6 @@
 """Export a trained checkpoint as a Hugging Face ``transformers`` model folder.
 
-    python -m training.export.hf RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype fp32|bf16]
+    python -m training.export.hf RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype fp32|bf16] [--format auto|native|remote_code]
 
 writes ``config.json``, ``model.safetensors``, ``generation_config.json`` (via ``save_pretrained``)
 and the tokenizer (``tokenizer.json`` + ``tokenizer_config.json``), so that
@@ -11,7 +11,9 @@ Only architectures that a stock ``transformers`` class computes *exactly* are ex
 - dense: attention=mha, ffn=swiglu, depth=plain → ``LlamaForCausalLM``
 - MoE: attention=mha (no bias), ffn=moe/emoe with Mixtral's routing, depth=plain → ``MixtralForCausalLM``
 
-Anything else raises :class:`UnsupportedArchitectureError` naming every offending setting.
+Anything else raises :class:`UnsupportedArchitectureError` naming every offending setting with
+``--format native``; the default ``--format auto`` then writes the package of
+``training.export.remote_code`` instead (our own modelling code, loaded with ``trust_remote_code=True``).
 
 Conventions checked against transformers' Llama/Mixtral code (and by tests/training/export/test_hf_export.py):
 - RoPE: ``arch.layers.apply_rope`` rotates the halves (x[:d/2], x[d/2:]), which is HF's
@@ -26,14 +28,13 @@ Conventions checked against transformers' Llama/Mixtral code (and by tests/train
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from training.data.tokenizer import EOS_TOKEN, BytesTokenizer, HFTokenizer
+from training.export.tokenizer_files import save_tokenizer, tokenizer_backend  # noqa: F401  (re-exported)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -51,7 +52,8 @@ KNOWN_OPTIONS = {
     "mha": {"n_kv_heads", "qk_norm", "bias", "backend"},
     "swiglu": {"hidden_dim", "multiple_of", "bias"},
     "moe": {"n_experts", "top_k", "expert_hidden", "n_shared_experts", "scoring", "renormalize", "router", "xmoe_dim",
-            "xmoe_temperature", "router_noise", "capacity_factor", "balance_loss_coef", "seq_balance_loss_coef",
+            "xmoe_temperature", "second_expert_drop", "router_noise", "capacity_factor", "eval_capacity_fraction",
+            "balance_loss_counts", "balance_loss_coef", "seq_balance_loss_coef",
             "z_loss_coef", "bias_update_rate", "eval_top_k", "coactivation_prob", "k_ideal", "coactivation_mode",
             "keep_top1", "hier_loss_coef", "hier_gamma", "n_clusters", "cluster_var_loss_coef", "cluster_dropout", "backend"},
     "plain": set(),
@@ -102,7 +104,8 @@ def check_exportable(model) -> str:
 def _mixtral_problems(model, ffn: dict) -> list[str]:
     """The settings of an MoE FFN that change inference away from Mixtral's routing."""
     problems = []
-    wanted = {"scoring": "softmax", "renormalize": True, "router": "linear", "n_shared_experts": 0, "capacity_factor": None}
+    wanted = {"scoring": "softmax", "renormalize": True, "router": "linear", "n_shared_experts": 0, "capacity_factor": None,
+              "eval_capacity_fraction": None}
     for key, value in wanted.items():
         if key in ffn and ffn[key] != value:
             problems.append(f"model.ffn.{key}={ffn[key]!r} (Mixtral needs {json.dumps(value)})")
@@ -231,53 +234,6 @@ def to_hf_model(model, tokenizer=None):
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte → printable character map, the alphabet of the ``tokenizers`` ByteLevel steps."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = iter(range(256, 512))
-    return {b: chr(b if b in printable else next(extra)) for b in range(256)}
-
-
-def tokenizer_backend(tokenizer):
-    """A ``tokenizers.Tokenizer`` that encodes text to the same ids as ours, or None if it has none.
-
-    Byte-level BPE and hub tokenizers are already ``tokenizers`` objects. Raw bytes become a
-    byte-level BPE with no merges (id = byte value) plus ``<|endoftext|>`` at 256.
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-    if isinstance(tokenizer, HFTokenizer):
-        return Tokenizer.from_str(tokenizer.to_json())
-    if isinstance(tokenizer, BytesTokenizer):
-        vocab = {char: b for b, char in _bytes_to_unicode().items()}
-        backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-        backend.decoder = decoders.ByteLevel()
-        backend.add_special_tokens([AddedToken(EOS_TOKEN, special=True)])  # → id 256 = BytesTokenizer.eos_id
-        return backend
-    return None  # e.g. the fixed word vocabularies of the synthetic tasks
-
-
-def save_tokenizer(tokenizer, out_dir: Path, max_length: int) -> bool:
-    """Write tokenizer.json + tokenizer_config.json (a PreTrainedTokenizerFast); False if not expressible."""
-    from transformers import PreTrainedTokenizerFast
-
-    backend = tokenizer_backend(tokenizer)
-    if backend is None:
-        return False
-    eos = backend.id_to_token(tokenizer.eos_id) if tokenizer.eos_id is not None else None
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, model_max_length=max_length)
-    wrapped.save_pretrained(str(out_dir))
-    # transformers 5 records its own class name; the 4.x name loads in both major versions.
-    config_path = out_dir / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
-    return True
-
-
-# ----------------------------------------------------------------------------- entry points
-
 def export_model(model, out_dir: str | Path, tokenizer=None, dtype: torch.dtype = torch.float32) -> Path:
     """Write ``model`` (and ``tokenizer`` when expressible) as a transformers folder at ``out_dir``.
 
@@ -297,28 +253,68 @@ def export_model(model, out_dir: str | Path, tokenizer=None, dtype: torch.dtype 
     return out_dir
 
 
-def export_checkpoint(target: str | Path, out_dir: str | Path, dtype: str = "fp32") -> Path:
-    """Load a run folder (its newest checkpoint) or a .pt file and export it; see :func:`export_model`."""
+FORMATS = ("auto", "native", "remote_code")
+
+
+def export_checkpoint(target: str | Path, out_dir: str | Path, dtype: str = "fp32", format: str = "auto") -> Path:
+    """Load a run folder (its newest checkpoint) or a .pt file and export it.
+
+    ``format=native``: a stock Llama / Mixtral folder (:func:`export_model`; refused for other blocks);
+    ``remote_code``: the package of ``training.export.remote_code`` (any block, ``trust_remote_code=True``);
+    ``auto``: native when the architecture allows it, else remote_code."""
+    from dataclasses import asdict
+
     from training.eval.loss import load_trained
+    from training.export.remote_code import export_remote_code
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
-    model, data, _, _ = load_trained(target, device="cpu")
-    return export_model(model, out_dir, data.tokenizer, DTYPES[dtype])
+    if format not in FORMATS:
+        raise ValueError(f"--format {format!r} is not one of {list(FORMATS)}")
+    model, data, root, path = load_trained(target, device="cpu")
+    if format == "native" or (format == "auto" and _natively_exportable(model)):
+        return export_model(model, out_dir, data.tokenizer, DTYPES[dtype])
+    return export_remote_code(model, out_dir, data.tokenizer, DTYPES[dtype], run_config=asdict(root),
+                              final_metrics=_final_metrics(Path(path)))
+
+
+def _natively_exportable(model) -> bool:
+    try:
+        check_exportable(model)
+        return True
+    except UnsupportedArchitectureError:
+        return False
+
+
+def _final_metrics(checkpoint: Path) -> dict:
+    """The last eval row of the run whose checkpoint this is (for the model card), if its folder has one."""
+    from training.metrics import read_metrics
+
+    for run_dir in (checkpoint.parent.parent, checkpoint.parent):
+        if (run_dir / "metrics.jsonl").is_file():
+            evals = [r for r in read_metrics(run_dir) if "val_loss" in r]
+            return {k: evals[-1][k] for k in ("step", "val_loss", "val_ppl", "val_bpb") if k in evals[-1]} if evals else {}
+    return {}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    from training.tool_args import parse, tool_parser
+
+    parser = tool_parser("python -m training.export.hf", __doc__.split("\n\n")[0])
     parser.add_argument("target", help="a run folder (uses its newest checkpoint) or a checkpoint .pt file")
     parser.add_argument("out_dir", help="folder to write config.json, model.safetensors and the tokenizer into")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the saved weights")
-    args = parser.parse_args(argv)
+    parser.add_argument("--format", default="auto", choices=FORMATS,
+                        help="native: Llama/Mixtral classes; remote_code: our own modelling code (any block); auto: native if possible")
+    args = parse(parser, argv)
     try:
-        out = export_checkpoint(args.target, args.out_dir, args.dtype)
+        out = export_checkpoint(args.target, args.out_dir, args.dtype, args.format)
     except Exception as e:  # one clear line instead of a traceback for bad input
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {args.target} → {out} (load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    remote = (Path(out) / "modeling_sparse_arch.py").exists()
+    how = f"from_pretrained({str(out)!r}" + (", trust_remote_code=True)" if remote else ")")
+    print(f"exported {args.target} → {out} (load with transformers.AutoModelForCausalLM.{how})")
     return 0
 
 

@@ -250,7 +250,7 @@ def test_sgt_loops_the_kept_heads_of_selected_layers():
     assert acc.total_params == acc.active_params == 3 * LAYER + OUTSIDE  # SGT adds no parameters
     assert account(model, T, dtype_bytes=4).kv_cache_bytes_per_token == measured_kv_bytes(model)
     model.train()
-    model.depth.windows[2] = (0, 10)  # decay window open in training: every head runs
+    model.depth.decay_windows[2] = (0, 10)  # decay window open in training: every head runs
     assert account(model, T).forward_flops_per_token == base + 2 * ATTN + SCORES
     block = build(n_layers=3, n_heads=4, depth={"name": "sgt", "exclude_layers": [0], "top_k_layers": 2, "loop_mode": "block"})
     block.depth.loop_depth[2] = 1

@@ -140,7 +140,7 @@ def _entry_points(run: Path, planted_ckpt: Path, tmp_path: Path, overrides: list
         "evaluate.py": evaluate_cli,
         "export.hf": lambda: hf.main([str(run), str(tmp_path / "hf")]),
         "sharded consolidate": lambda: sharded.main(["consolidate", str(planted_ckpt), str(tmp_path / "c.safetensors")]),
-        "merge": lambda: merge.main([f"base={run}", f"sources={run}", f"out={tmp_path / 'merged'}"]),
+        "merge": lambda: merge.main(["--base", str(run), "--sources", str(run), "--out", str(tmp_path / "merged")]),
     }
 
 

@@ -1,0 +1,1 @@
+"""Static GPU-quality checks without a GPU: ahead-of-time compiles (compile.py) and ptxas reports (ptxas.py)."""

@@ -33,7 +33,7 @@ def _check_finite_logits(model, idx_BT: torch.Tensor) -> None:
     """Refuse to sample from NaN/inf logits (greedy argmax would silently pick token 0), naming bad weights."""
     was_training = model.training
     model.eval()
-    logits = model(idx_BT).logits
+    logits = model(idx_BT, last_position_only=True).logits  # what sampling draws from
     model.train(was_training)
     if torch.isfinite(logits).all():
         return

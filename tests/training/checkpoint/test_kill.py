@@ -39,7 +39,7 @@ FORMATS = {
 }
 FILE_POINTS = ["atomic_write:before_rename", "atomic_write:after_rename", "prune:before", "prune:after_one"]
 DCP_POINTS = ["dcp:after_extra", "dcp:before_manifest"]
-KILLS_PER_FORMAT = 7  # 21 in all
+HOOK_KILLS, TIMER_KILLS = 5, 2  # per checkpoint format: 21 kills in all
 
 
 def _child(run: Path, overrides: list[str], kill_at: str | None) -> None:
@@ -120,14 +120,15 @@ def test_sigkill_at_random_moments_resumes_bit_exact(tmp_path):
         reference = tmp_path / f"{name}-straight"
         assert _run_once(reference, overrides, ("none",)) == 0  # forked too: the test process never trains
         points = FILE_POINTS + (DCP_POINTS if name != "pt" else [])
-        chain, done, format_kills = 0, False, 0
+        chain, done, wanted = 0, False, {"hook": HOOK_KILLS, "time": TIMER_KILLS}
         run = tmp_path / f"{name}-0"
-        while format_kills < KILLS_PER_FORMAT:
+        while any(wanted.values()):
             if done:  # the chain reached max_steps: check it, start another one
                 _check_chain(run, reference)
                 chain += 1
                 run, done = tmp_path / f"{name}-{chain}", False
-            if rng.random() < 0.6:
+            kind = rng.choice([k for k, left in wanted.items() if left])
+            if kind == "hook":
                 moment = ("hook", rng.choice(points), rng.randint(1, 3))
             else:
                 moment = ("time", round(rng.uniform(0.0, 0.5), 3))
@@ -135,7 +136,7 @@ def test_sigkill_at_random_moments_resumes_bit_exact(tmp_path):
             log.append((name, chain, moment, rc))
             if rc == -signal.SIGKILL:
                 kills += 1
-                format_kills += 1
+                wanted[kind] -= 1
             else:
                 done = True
         if not done:
@@ -144,4 +145,4 @@ def test_sigkill_at_random_moments_resumes_bit_exact(tmp_path):
     hook_kills = sum(1 for _, _, m, rc in log if rc == -signal.SIGKILL and m[0] == "hook")
     print(f"\n{kills} SIGKILLs ({hook_kills} inside saves by hook, {kills - hook_kills} by timer) "
           f"in {time.monotonic() - started:.0f} s; all resumes bit-exact")
-    assert kills >= 20 and hook_kills >= 10 and kills - hook_kills >= 5, log
+    assert kills == 3 * (HOOK_KILLS + TIMER_KILLS) and hook_kills == 3 * HOOK_KILLS, log

@@ -5,6 +5,7 @@ renaming, between a checkpoint and its ``latest`` pointer, in the middle of prun
 contain ``:`` themselves; the count is what follows the last one. Unset (the normal case) every
 call is one comparison.
 """
+
 from __future__ import annotations
 
 import os

@@ -11,6 +11,7 @@ A checkpoint is written to a temporary file, fsynced and renamed, then ``latest`
 same way, so a crash at any moment leaves the previous checkpoint intact and pointed to. Reading
 is in ``load.py`` (re-exported here): weights-only, checksum-verified, never runs code.
 """
+
 from __future__ import annotations
 
 import errno
@@ -74,21 +75,32 @@ def fsync_dir(folder: Path) -> None:
 def write_failed(path: Path, error: OSError, run_dir: str | Path) -> CheckpointError:
     """A disk-full / permission error while writing ``path`` → a message naming it and what was kept."""
     kept = read_latest(run_dir)
-    kept_text = f"the previous checkpoint {kept} is intact and still named by latest" if kept and kept.exists() \
+    kept_text = (
+        f"the previous checkpoint {kept} is intact and still named by latest"
+        if kept and kept.exists()
         else "no earlier checkpoint exists"
-    reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-              errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only",
-              errno.EPERM: "operation not permitted"}.get(error.errno, error.strerror or type(error).__name__)
-    return CheckpointError(f"cannot write checkpoint {path}: {reason} ({type(error).__name__}: {error}); {kept_text}. "
-                           "Free space or fix permissions, then rerun the same command to resume.")
+    )
+    reason = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exceeded",
+        errno.EACCES: "permission denied",
+        errno.EROFS: "the file system is read-only",
+        errno.EPERM: "operation not permitted",
+    }.get(error.errno, error.strerror or type(error).__name__)
+    return CheckpointError(
+        f"cannot write checkpoint {path}: {reason} ({type(error).__name__}: {error}); {kept_text}. "
+        "Free space or fix permissions, then rerun the same command to resume."
+    )
 
 
 def checkpoint_folder(run_dir: str | Path) -> Path:
     """``run_dir/checkpoints``, created; refused if it is a symbolic link (outputs never go through links)."""
     folder = checkpoint_dir(run_dir)
     if folder.is_symlink():
-        raise CheckpointError(f"{folder} is a symbolic link (to {os.readlink(folder)}); checkpoints are never written "
-                              "through links. Remove it, or put the whole run_dir on the other disk.")
+        raise CheckpointError(
+            f"{folder} is a symbolic link (to {os.readlink(folder)}); checkpoints are never written "
+            "through links. Remove it, or put the whole run_dir on the other disk."
+        )
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -122,7 +134,7 @@ def point_latest_and_prune(run_dir: str | Path, path: Path, keep_last: int) -> N
     head = step_of(path)
     others = [p for p in list_checkpoints(run_dir) if p.name != path.name]
     older = [p for p in others if step_of(p) < head]
-    keep = set(older[-(keep_last - 1):]) if keep_last > 1 else set()
+    keep = set(older[-(keep_last - 1) :]) if keep_last > 1 else set()
     for old in others:
         if old in keep:
             continue
@@ -153,8 +165,14 @@ def sweep_stale(run_dir: str | Path) -> list[Path]:
                 else:
                     p.unlink(missing_ok=True)
                 removed.append(p)
-            elif folder.name == CHECKPOINT_DIR and p.is_dir() and not p.is_symlink() and p.name.startswith("step_") \
-                    and not (p / integrity.MANIFEST).exists() and not (p / ".metadata").exists():
+            elif (
+                folder.name == CHECKPOINT_DIR
+                and p.is_dir()
+                and not p.is_symlink()
+                and p.name.startswith("step_")
+                and not (p / integrity.MANIFEST).exists()
+                and not (p / ".metadata").exists()
+            ):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
@@ -190,7 +208,7 @@ def discard_all(run_dir: str | Path) -> Path | None:
 
 
 def replace_link(path: Path, keep_content: bool = False) -> None:
-    """If ``path`` is a symbolic link, replace it by a regular file (warning); optionally with the link target's bytes."""
+    """If ``path`` is a symbolic link, replace it by a regular file (warning), optionally with the target's bytes."""
     if not path.is_symlink():
         return
     target = os.readlink(path)
@@ -203,8 +221,11 @@ def replace_link(path: Path, keep_content: bool = False) -> None:
     path.unlink()
     if content is not None:
         path.write_bytes(content)
-    warnings.warn(f"{path} was a symbolic link (to {target}); replaced it by a regular file: outputs of a run are "
-                  "never written through links", stacklevel=2)
+    warnings.warn(
+        f"{path} was a symbolic link (to {target}); replaced it by a regular file: outputs of a run are "
+        "never written through links",
+        stacklevel=2,
+    )
 
 
 def rng_state() -> dict[str, Any]:

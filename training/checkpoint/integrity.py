@@ -10,6 +10,7 @@ torch's zip reader does not check CRCs, so corruption in tensor data loads silen
 
 SHA-256 runs at about 1–2 GB/s on one core (hashlib); a few-MB checkpoint costs milliseconds.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -60,11 +61,15 @@ def verify_content(state: dict[str, Any], path: Path) -> dict[str, Any]:
     """Check and strip ``state``'s content checksum; a mismatch raises CheckpointError naming ``path``."""
     expected = state.pop(CHECKSUM_KEY, None)
     if not isinstance(expected, str):
-        raise CheckpointError(f"checkpoint {path} carries no content checksum (written by an older version of this "
-                              "framework, or not by it); it cannot be verified")
+        raise CheckpointError(
+            f"checkpoint {path} carries no content checksum (written by an older version of this "
+            "framework, or not by it); it cannot be verified"
+        )
     if content_sha256(state) != expected:
-        raise CheckpointError(f"checkpoint {path} failed its checksum: its content changed after it was written "
-                              "(a flipped bit or a partial overwrite)")
+        raise CheckpointError(
+            f"checkpoint {path} failed its checksum: its content changed after it was written "
+            "(a flipped bit or a partial overwrite)"
+        )
     return state
 
 
@@ -78,8 +83,11 @@ def file_sha256(path: Path) -> str:
 
 def manifest_of(folder: Path, step: int, format_version: int) -> bytes:
     """``manifest.json`` bytes for every regular file in ``folder`` (except a previous manifest)."""
-    files = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
-             for p in sorted(folder.iterdir()) if p.is_file() and not p.is_symlink() and p.name != MANIFEST}
+    files = {
+        p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and not p.is_symlink() and p.name != MANIFEST
+    }
     return json.dumps({"format_version": format_version, "step": step, "files": files}, indent=1).encode()
 
 
@@ -87,8 +95,10 @@ def verify_folder(folder: Path, required: tuple[str, ...]) -> dict[str, Any]:
     """Check every file listed in ``folder/manifest.json`` (size, SHA-256); ``required`` must be listed."""
     path = folder / MANIFEST
     if not path.is_file():
-        raise IncompleteCheckpointError(f"checkpoint {folder} is incomplete (no {MANIFEST}: the save was interrupted, "
-                                        "or an older version of this framework wrote it)")
+        raise IncompleteCheckpointError(
+            f"checkpoint {folder} is incomplete (no {MANIFEST}: the save was interrupted, "
+            "or an older version of this framework wrote it)"
+        )
     try:
         manifest = json.loads(path.read_bytes().decode("utf-8"))
         files = manifest["files"]
@@ -103,6 +113,8 @@ def verify_folder(folder: Path, required: tuple[str, ...]) -> dict[str, Any]:
         if "/" in name or name in ("", ".", "..") or file.is_symlink() or not file.is_file():
             raise CheckpointError(f"checkpoint file {file} (listed in {path}) is missing or not a regular file")
         if file.stat().st_size != entry.get("bytes") or file_sha256(file) != entry.get("sha256"):
-            raise CheckpointError(f"checkpoint file {file} failed its checksum (size or SHA-256 differs from {path}): "
-                                  "it changed after it was written")
+            raise CheckpointError(
+                f"checkpoint file {file} failed its checksum (size or SHA-256 differs from {path}): "
+                "it changed after it was written"
+            )
     return manifest

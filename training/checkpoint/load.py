@@ -12,6 +12,7 @@ Resume discovery (``trainer.resume=auto``) tries the checkpoint ``latest`` names
 one newest-first; if there are checkpoints but none is usable it stops and names each of them
 (``trainer.resume=restart`` starts again from step 0, moving them aside).
 """
+
 from __future__ import annotations
 
 import re
@@ -60,12 +61,17 @@ def read_latest(run_dir: str | Path) -> Path | None:
     try:
         name = pointer.read_bytes().decode("utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
-        warnings.warn(f"ignoring {pointer}: not a readable UTF-8 checkpoint name ({type(e).__name__}); "
-                      "trying every checkpoint newest-first", stacklevel=3)
+        warnings.warn(
+            f"ignoring {pointer}: not a readable UTF-8 checkpoint name ({type(e).__name__}); "
+            "trying every checkpoint newest-first",
+            stacklevel=3,
+        )
         return None
     if not _NAME.match(name):
-        warnings.warn(f"ignoring {pointer}: {name[:80]!r} is not a checkpoint name; trying every checkpoint newest-first",
-                      stacklevel=3)
+        warnings.warn(
+            f"ignoring {pointer}: {name[:80]!r} is not a checkpoint name; trying every checkpoint newest-first",
+            stacklevel=3,
+        )
         return None
     return checkpoint_dir(run_dir) / name
 
@@ -85,7 +91,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} does not exist")
     state = _torch_load(path)
     if not isinstance(state, dict) or state.get("format_version") not in (1, FORMAT_VERSION) or "model" not in state:
-        raise CheckpointError(f"checkpoint {path} is not a checkpoint of this framework (format_version != {FORMAT_VERSION})")
+        raise CheckpointError(
+            f"checkpoint {path} is not a checkpoint of this framework (format_version != {FORMAT_VERSION})"
+        )
     if state["format_version"] == 1:
         warnings.warn(f"checkpoint {path} predates checksums (format_version 1): it is loaded unverified", stacklevel=2)
         return state
@@ -97,7 +105,8 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip errors, refused globals, EOF: all mean "not a usable checkpoint"
         raise CheckpointError(
-            f"checkpoint {path} is unreadable (truncated or corrupt; {type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            f"checkpoint {path} is unreadable (truncated or corrupt; "
+            f"{type(e).__name__}: {str(e).splitlines()[0][:200]})"
         ) from e
 
 
@@ -106,12 +115,14 @@ def _load_folder(path: Path) -> dict[str, Any]:
     metadata = read_metadata(path)
     unlisted = sorted({info.relative_path for info in metadata.storage_data.values()} - set(manifest["files"]))
     if unlisted:
-        raise CheckpointError(f"checkpoint file {path / METADATA} references {unlisted}, which "
-                              f"{path / integrity.MANIFEST} does not cover")
+        raise CheckpointError(
+            f"checkpoint file {path / METADATA} references {unlisted}, which {path / integrity.MANIFEST} does not cover"
+        )
     extra = _torch_load(path / EXTRA)
     if not isinstance(extra, dict) or extra.get("format_version") != FORMAT_VERSION or "step" not in extra:
-        raise CheckpointError(f"checkpoint file {path / EXTRA} is not a checkpoint of this framework "
-                              f"(format_version != {FORMAT_VERSION})")
+        raise CheckpointError(
+            f"checkpoint file {path / EXTRA} is not a checkpoint of this framework (format_version != {FORMAT_VERSION})"
+        )
     return {**extra, "sharded": path}
 
 
@@ -155,7 +166,8 @@ def find_resume_checkpoint(run_dir: str | Path, model_config: dict | None = None
 
     Tries the one named by ``latest`` first, then every other checkpoint newest-first; an unusable one
     is reported and skipped. If every checkpoint is unusable this raises NoUsableCheckpointError
-    naming each; a sharded save that never finished (no manifest) is skipped and counts as absent. A config mismatch raises at once (every checkpoint of the run would share it).
+    naming each; a sharded save that never finished (no manifest) is skipped and counts as absent.
+    A config mismatch raises at once (every checkpoint of the run would share it).
     """
     candidates = list(reversed(list_checkpoints(run_dir)))
     named = read_latest(run_dir)
@@ -163,8 +175,11 @@ def find_resume_checkpoint(run_dir: str | Path, model_config: dict | None = None
         candidates.remove(named)
         candidates.insert(0, named)
     elif named is not None:
-        warnings.warn(f"{checkpoint_dir(run_dir) / LATEST} names {named.name}, which does not exist; "
-                      "trying every checkpoint newest-first", stacklevel=2)
+        warnings.warn(
+            f"{checkpoint_dir(run_dir) / LATEST} names {named.name}, which does not exist; "
+            "trying every checkpoint newest-first",
+            stacklevel=2,
+        )
     failures = []
     for path in candidates:
         try:
@@ -190,7 +205,7 @@ def find_resume_checkpoint(run_dir: str | Path, model_config: dict | None = None
 
 
 def checkpoint_to_resume(run_dir: str | Path, mode: str, model_config: dict) -> tuple[Path, dict] | None:
-    """What ``trainer.resume`` (auto | none | restart | a path) asks to continue from, checked against the model config."""
+    """What ``trainer.resume`` (auto | none | restart | a path) asks to continue from, checked against the config."""
     if mode == "none":
         if list_checkpoints(run_dir):
             raise CheckpointError(
@@ -211,8 +226,9 @@ def resolve_target(target: str | Path) -> tuple[Path, dict]:
     """(checkpoint path, loaded state) for a run folder, its ``checkpoints/`` folder, a ``.pt`` file or a DCP folder."""
     target = Path(target)
     if not target.exists():
-        raise CheckpointError(f"{target} does not exist (give a run folder, a step_XXXXXXXX.pt file or a sharded "
-                              "step_XXXXXXXX folder)")
+        raise CheckpointError(
+            f"{target} does not exist (give a run folder, a step_XXXXXXXX.pt file or a sharded step_XXXXXXXX folder)"
+        )
     is_run = target.is_dir() and not _NAME.match(target.name) and not (target / METADATA).exists()
     if not is_run:
         return target, load_checkpoint(target)

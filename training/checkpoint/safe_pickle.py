@@ -13,6 +13,7 @@ DCP's own ``FileSystemReader.read_metadata`` calls ``pickle.load`` on ``.metadat
 - non-tensor items load with ``torch.load(weights_only=True)`` (:class:`SafeLoadPlanner`);
   tensor items already do in DCP's reader.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,12 +29,22 @@ from training.errors import CheckpointError
 
 METADATA = ".metadata"
 _METADATA_MODULES = ("torch.distributed.checkpoint.metadata",)
-_STORAGE_INFO = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-                 ("torch.distributed.checkpoint.metadata", "_StorageInfo")}
+_STORAGE_INFO = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.distributed.checkpoint.metadata", "_StorageInfo"),
+}
 _INERT = {
-    ("builtins", n) for n in ("set", "frozenset", "tuple", "list", "dict", "int", "float", "bool", "str", "bytes", "complex", "slice")
-} | {("collections", "OrderedDict"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
-     ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath")}
+    ("builtins", n)
+    for n in ("set", "frozenset", "tuple", "list", "dict", "int", "float", "bool", "str", "bytes", "complex", "slice")
+} | {
+    ("collections", "OrderedDict"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+}
 
 
 class MetadataUnpickler(pickle.Unpickler):
@@ -42,7 +53,9 @@ class MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _INERT or (module, name) in _STORAGE_INFO:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+        if module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
+        ):
             return getattr(torch, name)
         if module in _METADATA_MODULES:
             import importlib
@@ -63,18 +76,29 @@ def read_metadata(folder: Path):
         with open(path, "rb") as f:
             metadata = MetadataUnpickler(f).load()
     except Exception as e:  # UnpicklingError, EOF, a refused global: all mean "do not use this folder"
-        raise CheckpointError(f"checkpoint file {path} is unreadable or not plain DCP metadata "
-                              f"({type(e).__name__}: {str(e)[:200]})") from e
+        raise CheckpointError(
+            f"checkpoint file {path} is unreadable or not plain DCP metadata ({type(e).__name__}: {str(e)[:200]})"
+        ) from e
     if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
         raise CheckpointError(f"checkpoint file {path} does not hold DCP metadata (found {type(metadata).__name__})")
     for index, info in metadata.storage_data.items():
         rel = getattr(info, "relative_path", None)
-        if not isinstance(rel, str) or "/" in rel or "\\" in rel or rel in ("", ".", "..") or not (path.parent / rel).is_file():
-            raise CheckpointError(f"checkpoint file {path} points {getattr(index, 'fqn', index)!r} at {rel!r}, "
-                                  "which is not a file of this checkpoint folder")
+        if (
+            not isinstance(rel, str)
+            or "/" in rel
+            or "\\" in rel
+            or rel in ("", ".", "..")
+            or not (path.parent / rel).is_file()
+        ):
+            raise CheckpointError(
+                f"checkpoint file {path} points {getattr(index, 'fqn', index)!r} at {rel!r}, "
+                "which is not a file of this checkpoint folder"
+            )
         if getattr(info, "transform_descriptors", None):
-            raise CheckpointError(f"checkpoint file {path} asks for stream transforms {info.transform_descriptors!r} "
-                                  "(this framework never writes them)")
+            raise CheckpointError(
+                f"checkpoint file {path} asks for stream transforms {info.transform_descriptors!r} "
+                "(this framework never writes them)"
+            )
     return metadata
 
 
@@ -97,8 +121,10 @@ def safe_reader(folder: Path):
                 raise
             except Exception as e:
                 where = Path(folder) / (self.current_file or "?")
-                raise CheckpointError(f"checkpoint file {where} is unreadable or not plain tensor data "
-                                      f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
+                raise CheckpointError(
+                    f"checkpoint file {where} is unreadable or not plain tensor data "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+                ) from e
 
         def read_metadata(self, *args: Any, **kwargs: Any):
             metadata = read_metadata(Path(folder))
@@ -119,8 +145,10 @@ def safe_planner():
             try:
                 obj = torch.load(value, weights_only=True)
             except Exception as e:
-                raise CheckpointError(f"checkpoint item {read_item.dest_index.fqn!r} is not plain data "
-                                      f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+                raise CheckpointError(
+                    f"checkpoint item {read_item.dest_index.fqn!r} is not plain data "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                ) from e
             if self.flatten_state_dict:
                 from torch.distributed.checkpoint._traverse import set_element
 
@@ -142,7 +170,9 @@ def dcp_load(state: dict[str, Any], folder: Path, no_dist: bool) -> None:
         inner = next(iter(e.failures.values()))[0] if e.failures else e
         if isinstance(inner, CheckpointError):
             raise inner from None
-        raise CheckpointError(f"checkpoint {folder} could not be loaded ({type(inner).__name__}: {str(inner)[:300]})") from None
+        raise CheckpointError(
+            f"checkpoint {folder} could not be loaded ({type(inner).__name__}: {str(inner)[:300]})"
+        ) from None
     except CheckpointError:
         raise
     except Exception as e:

@@ -16,6 +16,7 @@ as DTensors sharded over the ep mesh dimension so that they reshard the same way
 ``python -m training.checkpoint.sharded consolidate CKPT OUT.safetensors`` writes a sharded checkpoint's
 model weights as one safetensors file (no process group needed).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -56,8 +57,10 @@ def _map_expert_tensors(model_sd: dict, optim_sd: dict, fqns: set[str], fn) -> N
     for fqn in fqns:
         model_sd[fqn] = fn(model_sd[fqn])
         if fqn in optim_sd["state"]:
-            optim_sd["state"][fqn] = {key: fn(value) if isinstance(value, torch.Tensor) and value.dim() > 0 else value
-                                      for key, value in optim_sd["state"][fqn].items()}
+            optim_sd["state"][fqn] = {
+                key: fn(value) if isinstance(value, torch.Tensor) and value.dim() > 0 else value
+                for key, value in optim_sd["state"][fqn].items()
+            }
 
 
 def _as_ep_dtensor(local: torch.Tensor, parallel):
@@ -82,12 +85,15 @@ def apply_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[
 
     model_sd, optim_sd = state["model"], state["optim"]
     # back to the plain local slices the expert parameters are
-    _map_expert_tensors(model_sd, optim_sd, _expert_fqns(model, parallel),
-                        lambda t: t.to_local() if isinstance(t, DTensor) else t)
+    _map_expert_tensors(
+        model_sd, optim_sd, _expert_fqns(model, parallel), lambda t: t.to_local() if isinstance(t, DTensor) else t
+    )
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
 
 
-def load_model_and_optimizer(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, parallel) -> None:
+def load_model_and_optimizer(
+    state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, parallel
+) -> None:
     """Weights and optimizer state from any checkpoint (``load_checkpoint``'s result) into this run's layout."""
     if "sharded" in state:  # a DCP folder, resharded to this run's world size
         load_dcp(state["sharded"], model, optimizer, parallel)
@@ -106,14 +112,21 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: d
     optim_sd = optimizer_state_by_name(state["optimizer"], model, optimizer)
     if parallel.ep > 1:
         ep_rank = parallel.mesh["ep"].get_local_rank()
-        _map_expert_tensors(model_sd, optim_sd, _expert_fqns(model, parallel), lambda t: _ep_slice(t, parallel.ep, ep_rank))
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(full_state_dict=True))
+        _map_expert_tensors(
+            model_sd, optim_sd, _expert_fqns(model, parallel), lambda t: _ep_slice(t, parallel.ep, ep_rank)
+        )
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_sd,
+        optim_state_dict=optim_sd,
+        options=StateDictOptions(full_state_dict=True),
+    )
 
 
 def _ep_slice(full: torch.Tensor, ep: int, ep_rank: int) -> torch.Tensor:
     per_rank = full.shape[0] // ep
-    return full[ep_rank * per_rank:(ep_rank + 1) * per_rank]
+    return full[ep_rank * per_rank : (ep_rank + 1) * per_rank]
 
 
 def optimizer_state_by_name(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -220,13 +233,17 @@ def consolidate(path: str | Path, out: str | Path) -> Path:
 
     path, out = Path(path), Path(out)
     if not path.is_dir():
-        raise CheckpointError(f"{path} is not a sharded checkpoint folder (expected a checkpoints/step_XXXXXXXX folder "
-                              f"with {METADATA}, {EXTRA} and {integrity.MANIFEST})")
+        raise CheckpointError(
+            f"{path} is not a sharded checkpoint folder (expected a checkpoints/step_XXXXXXXX folder "
+            f"with {METADATA}, {EXTRA} and {integrity.MANIFEST})"
+        )
     load_checkpoint(path)  # verifies every file's checksum and the metadata's allowlist before any tensor is read
     metadata = read_metadata(path)
-    model_sd = {fqn[len("model."):]: torch.empty(tuple(md.size), dtype=md.properties.dtype)
-                for fqn, md in metadata.state_dict_metadata.items()
-                if fqn.startswith("model.") and isinstance(md, TensorStorageMetadata) and not fqn.endswith("_extra_state")}
+    model_sd = {
+        fqn[len("model.") :]: torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        for fqn, md in metadata.state_dict_metadata.items()
+        if fqn.startswith("model.") and isinstance(md, TensorStorageMetadata) and not fqn.endswith("_extra_state")
+    }
     dcp_load({"model": model_sd}, path, no_dist=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     ckpt.export_safetensors(model_sd, out)

@@ -1,6 +1,7 @@
 """Run bookkeeping that never lies: unusable checkpoints stop the run, pruning keeps ``latest``,
 metrics.jsonl matches the checkpoint after any crash, no temp files or links survive, disk errors
 name the path and what was kept, skipped non-finite steps still evaluate and checkpoint."""
+
 import errno
 import json
 import os
@@ -19,8 +20,13 @@ from training.metrics import read_metrics
 from training.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[3]
-QUICK = ["trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.eval_every=2", "trainer.sample_tokens=0",
-         "trainer.export_safetensors=false"]
+QUICK = [
+    "trainer.max_steps=4",
+    "trainer.checkpoint_every=2",
+    "trainer.eval_every=2",
+    "trainer.sample_tokens=0",
+    "trainer.export_safetensors=false",
+]
 
 
 def _state(value: float) -> dict:
@@ -137,7 +143,9 @@ def test_outputs_are_never_written_through_symbolic_links(tmp_path):
 
 @pytest.mark.parametrize("error", [errno.ENOSPC, errno.EROFS])
 @pytest.mark.parametrize("kind", ["pt", "dcp"])
-def test_disk_full_or_read_only_names_the_path_keeps_the_previous_checkpoint_and_exits_2(tmp_path, monkeypatch, error, kind):
+def test_disk_full_or_read_only_names_the_path_keeps_the_previous_checkpoint_and_exits_2(
+    tmp_path, monkeypatch, error, kind
+):
     run = tmp_path / "run"
     overrides = [*QUICK, *(["trainer.checkpoint_format=dcp"] if kind == "dcp" else [])]
     real_fsync = os.fsync
@@ -175,17 +183,27 @@ def _poison_after(step_to_poison):
         if event == "step_end" and step == step_to_poison:
             with torch.no_grad():
                 trainer.model.depth.blocks[0].ffn.w_down.weight.fill_(float("nan"))
+
     return callback
 
 
 def test_a_skipped_step_still_evaluates_checkpoints_and_logs_the_skip_count_and_the_sample_refuses(tmp_path, capsys):
     run = tmp_path / "run"
-    cfg = tiny_config(run, "trainer.max_steps=6", "trainer.checkpoint_every=2", "trainer.eval_every=2",
-                      "trainer.sample_tokens=8", "trainer.export_safetensors=false")
+    cfg = tiny_config(
+        run,
+        "trainer.max_steps=6",
+        "trainer.checkpoint_every=2",
+        "trainer.eval_every=2",
+        "trainer.sample_tokens=8",
+        "trainer.export_safetensors=false",
+    )
     summary = Trainer(cfg, callbacks=(_poison_after(3),)).fit()  # steps 4, 5, 6 see NaN weights
     rows = read_metrics(run)
-    assert [(r["step"], r["nonfinite_skipped"]) for r in rows if "loss" not in r and "nonfinite_skipped" in r] == \
-        [(4, 1), (5, 2), (6, 3)]
+    assert [(r["step"], r["nonfinite_skipped"]) for r in rows if "loss" not in r and "nonfinite_skipped" in r] == [
+        (4, 1),
+        (5, 2),
+        (6, 3),
+    ]
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 2, 4, 6]
     assert _names(run)[-2:] == ["step_00000004.pt", "step_00000006.pt"]
     assert summary["nonfinite_skipped"] == 3

@@ -1,7 +1,8 @@
 """Acceptance: SIGKILL at seeded random moments, resume, and get the uninterrupted run bit for bit.
 
 Two kinds of moments, for single-file, sharded (DCP) and asynchronous sharded checkpoints:
-- a hook (``faults.arm("<point>:<n>")``, as ``SPARSE_KILL_AT`` does; training/checkpoint/faults.py) kills the process at the
+- a hook (``faults.arm("<point>:<n>")``, as ``SPARSE_KILL_AT`` does; training/checkpoint/faults.py)
+  kills the process at the
   n-th crossing of a named point inside a save: between a temp file's fsync and its rename, right
   after the rename, between ``latest`` and pruning, in the middle of pruning, after a sharded
   folder's ``extra.pt``, before its ``manifest.json``;
@@ -9,11 +10,13 @@ Two kinds of moments, for single-file, sharded (DCP) and asynchronous sharded ch
 
 Each training process is forked from the test process (which imported everything but never
 trains), so a restart costs no interpreter start-up; it is still a separate process that dies by
-SIGKILL with nothing flushed. Each chain restarts the same run folder (``trainer.resume=auto``) after every kill until it
+SIGKILL with nothing flushed. Each chain restarts the same run folder (``trainer.resume=auto``)
+after every kill until it
 finishes. Checked at the end of each chain: every train and eval loss equals the uninterrupted
 run's exactly, every row appears once (none missing), the exported weights are identical, and no
 temp file or unfinished checkpoint is left.
 """
+
 import os
 import random
 import signal
@@ -30,8 +33,14 @@ from training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[3]
 MAX_STEPS, EVAL_EVERY = 12, 4
-COMMON = [f"trainer.max_steps={MAX_STEPS}", "trainer.checkpoint_every=2", f"trainer.eval_every={EVAL_EVERY}",
-          "trainer.sample_tokens=0", "trainer.keep_last=2", "trainer.log_every=1"]
+COMMON = [
+    f"trainer.max_steps={MAX_STEPS}",
+    "trainer.checkpoint_every=2",
+    f"trainer.eval_every={EVAL_EVERY}",
+    "trainer.sample_tokens=0",
+    "trainer.keep_last=2",
+    "trainer.log_every=1",
+]
 FORMATS = {
     "pt": ["trainer.checkpoint_format=torch"],
     "dcp": ["trainer.checkpoint_format=dcp"],
@@ -83,15 +92,19 @@ def _run_once(run: Path, overrides: list[str], moment: tuple) -> int:
             os.kill(proc.pid, signal.SIGKILL)
     proc.join(timeout=300)
     error = run.parent / f"{run.name}.error"
-    assert proc.exitcode in (0, -signal.SIGKILL), f"moment {moment}: exit {proc.exitcode}\n" + \
-        (error.read_text()[-3000:] if error.exists() else "")
+    assert proc.exitcode in (0, -signal.SIGKILL), f"moment {moment}: exit {proc.exitcode}\n" + (
+        error.read_text()[-3000:] if error.exists() else ""
+    )
     return proc.exitcode
 
 
 def _rows(run: Path):
     rows = read_metrics(run)
-    return ([(r["step"], r["loss"]) for r in rows if "loss" in r], [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r],
-            [r["step"] for r in rows if any(k.startswith("acct/") for k in r)])
+    return (
+        [(r["step"], r["loss"]) for r in rows if "loss" in r],
+        [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r],
+        [r["step"] for r in rows if any(k.startswith("acct/") for k in r)],
+    )
 
 
 def _check_chain(run: Path, reference: Path) -> None:
@@ -143,6 +156,8 @@ def test_sigkill_at_random_moments_resumes_bit_exact(tmp_path):
             assert _run_once(run, overrides, ("none",)) == 0
         _check_chain(run, reference)
     hook_kills = sum(1 for _, _, m, rc in log if rc == -signal.SIGKILL and m[0] == "hook")
-    print(f"\n{kills} SIGKILLs ({hook_kills} inside saves by hook, {kills - hook_kills} by timer) "
-          f"in {time.monotonic() - started:.0f} s; all resumes bit-exact")
+    print(
+        f"\n{kills} SIGKILLs ({hook_kills} inside saves by hook, {kills - hook_kills} by timer) "
+        f"in {time.monotonic() - started:.0f} s; all resumes bit-exact"
+    )
     assert kills == 3 * (HOOK_KILLS + TIMER_KILLS) and hook_kills == 3 * HOOK_KILLS, log

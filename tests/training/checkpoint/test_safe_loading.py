@@ -5,6 +5,7 @@ A code-running pickle is planted in each file a checkpoint consists of (a sharde
 ``manifest.json`` rewritten to match, so that the checksum does not hide the unpickling defence.
 Every entry point must refuse, name the file, and leave the marker the payload would create absent.
 """
+
 import contextlib
 import dataclasses
 import io
@@ -26,8 +27,13 @@ from training.errors import CheckpointError
 from training.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[3]
-COMMON = ["trainer.max_steps=2", "trainer.checkpoint_every=2", "trainer.eval_every=2", "trainer.sample_tokens=0",
-          "trainer.keep_last=1"]
+COMMON = [
+    "trainer.max_steps=2",
+    "trainer.checkpoint_every=2",
+    "trainer.eval_every=2",
+    "trainer.sample_tokens=0",
+    "trainer.keep_last=1",
+]
 DCP = ["trainer.checkpoint_format=dcp"]
 
 
@@ -89,8 +95,12 @@ def plant_pt(path: Path, marker: Path) -> Path:
     return path
 
 
-PLANTS = {"dcp .metadata": ("dcp", plant_metadata), "dcp extra.pt": ("dcp", plant_extra),
-          "dcp .distcp": ("dcp", plant_distcp), "single .pt": ("pt", plant_pt)}
+PLANTS = {
+    "dcp .metadata": ("dcp", plant_metadata),
+    "dcp extra.pt": ("dcp", plant_extra),
+    "dcp .distcp": ("dcp", plant_distcp),
+    "single .pt": ("pt", plant_pt),
+}
 
 
 def _refusal(fn) -> str:
@@ -126,8 +136,14 @@ def _entry_points(run: Path, planted_ckpt: Path, tmp_path: Path, overrides: list
         Trainer(tiny_config(tmp_path / "other", *overrides, f"trainer.resume={planted_ckpt}"))
 
     def evaluate_cli():
-        proc = subprocess.run([sys.executable, "evaluate.py", f"ckpt={run}"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=300, check=False)
+        proc = subprocess.run(
+            [sys.executable, "evaluate.py", f"ckpt={run}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         sys.stderr.write(proc.stderr)
         return proc.returncode
 
@@ -139,7 +155,9 @@ def _entry_points(run: Path, planted_ckpt: Path, tmp_path: Path, overrides: list
         "sample <checkpoint>": lambda: sample.main([str(planted_ckpt), "--tokens", "4"]),
         "evaluate.py": evaluate_cli,
         "export.hf": lambda: hf.main([str(run), str(tmp_path / "hf")]),
-        "sharded consolidate": lambda: sharded.main(["consolidate", str(planted_ckpt), str(tmp_path / "c.safetensors")]),
+        "sharded consolidate": lambda: sharded.main(
+            ["consolidate", str(planted_ckpt), str(tmp_path / "c.safetensors")]
+        ),
         "merge": lambda: merge.main(["--base", str(run), "--sources", str(run), "--out", str(tmp_path / "merged")]),
     }
 
@@ -174,7 +192,10 @@ def test_the_safe_loader_still_reads_every_legitimate_checkpoint(runs, tmp_path,
         assert sample.main([str(target), "--tokens", "4", "--prompt", "AB"]) == 0, capsys.readouterr().err
         assert capsys.readouterr().out.startswith("AB")
     sharded.main(["consolidate", str(folder), str(tmp_path / "c.safetensors")])
-    consolidated, exported = load_file(str(tmp_path / "c.safetensors")), load_file(str(runs / "dcp" / "model.safetensors"))
+    consolidated, exported = (
+        load_file(str(tmp_path / "c.safetensors")),
+        load_file(str(runs / "dcp" / "model.safetensors")),
+    )
     assert all(torch.equal(consolidated[name], tensor) for name, tensor in exported.items())
     model, *_ = load_trained(folder, "cpu")
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in exported.items())
@@ -200,8 +221,14 @@ def _flip_in_tensor_bytes(path: Path, tensor: torch.Tensor) -> None:
 @pytest.mark.parametrize("kind", ["pt", "dcp"])
 def test_a_flipped_bit_in_tensor_data_is_named_and_resume_falls_back(tmp_path, kind):
     run = tmp_path / "run"
-    overrides = ["trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.eval_every=2", "trainer.sample_tokens=0",
-                 "trainer.export_safetensors=false", *(DCP if kind == "dcp" else [])]
+    overrides = [
+        "trainer.max_steps=4",
+        "trainer.checkpoint_every=2",
+        "trainer.eval_every=2",
+        "trainer.sample_tokens=0",
+        "trainer.export_safetensors=false",
+        *(DCP if kind == "dcp" else []),
+    ]
     trainer = Trainer(tiny_config(run, *overrides))
     trainer.fit()
     older, newest = ckpt.list_checkpoints(run)[-2:]

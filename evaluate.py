@@ -11,10 +11,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from training.cli import report_errors
+from training.cli import CONF_DIR, check_evaluate_arguments, report_errors
 
 
-@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from training.eval.elastic_sweeps import run_evaluation
 
@@ -24,7 +24,8 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     if any(a.startswith("ckpt=") for a in sys.argv[1:]) or any(a in ("-h", "--help", "--cfg") for a in sys.argv[1:]):
+        check_evaluate_arguments(sys.argv[1:])  # exits 2 with one line before anything is loaded or written
         main()
     else:
-        print("usage: python evaluate.py ckpt=<run folder or checkpoint .pt> [analysis=elastic|routing|all]", file=sys.stderr)
+        print("usage: python evaluate.py ckpt=<run folder or checkpoint .pt> [analysis=elastic|routing|depth|all]", file=sys.stderr)
         sys.exit(2)

@@ -6,7 +6,14 @@ arguments (``d_model``, ``n_heads``, ``layer_idx`` …) are supplied by the mode
 So "the YAML's keys are exactly the class's constructor arguments" is checked mechanically,
 before any tensor is allocated (see :func:`Registry.validate_options`).
 
-This module does not import torch: ``training.config`` uses it to validate configs.
+A block also declares what it can do, as a class attribute ``capabilities = Capabilities(...)``
+(see :class:`Capabilities`), read through :meth:`Registry.capabilities`; its option defaults are
+its constructor's (:meth:`Registry.resolved_options`). Nothing outside the block file lists
+blocks by name.
+
+This module does not import torch: ``training.config`` imports it to validate configs. Reading a
+block's options, defaults or capabilities loads its class (and so torch) on first use, once, at
+validation time; importing ``training.config`` stays torch-free.
 """
 from __future__ import annotations
 
@@ -14,7 +21,36 @@ import difflib
 import importlib
 import inspect
 import typing
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a block declares about itself (class attribute ``capabilities``; the default: none of these).
+
+    ``expert_banks``: routed experts; a token reads k of E. ``elastic_width``: supports elastic
+    expert subsets and elastic top-k (``ElasticSetting.expert_mask_E`` / ``top_k``); such a block
+    takes ``n_experts`` and ``top_k`` constructor options. ``expert_parallel``: its expert banks
+    shard over ranks (``expert_parallel_params()`` through ``arch/ffn/expert_parallel.py``).
+    ``hf_export``: the options the Hugging Face exporter maps for it (None: not exportable; an
+    option missing here is refused by the exporter until someone decides how it maps).
+    ``needs_attention``: the attention blocks it works with (None: any).
+    """
+
+    expert_banks: bool = False
+    elastic_width: bool = False
+    expert_parallel: bool = False
+    hf_export: tuple[str, ...] | None = None
+    needs_attention: tuple[str, ...] | None = None
+
+    @property
+    def exportable(self) -> bool:
+        return self.hf_export is not None
+
+
+NO_CAPABILITIES = Capabilities()
 
 
 class ConfigError(ValueError):
@@ -52,6 +88,10 @@ class Registry:
     def register_lazy(self, name: str, target: str) -> None:
         self._entries.setdefault(name, target)
 
+    def unregister(self, name: str) -> None:
+        """Forget block `name` (a block registered for one experiment or test)."""
+        self._entries.pop(name, None)
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 
@@ -72,6 +112,27 @@ class Registry:
         """The keyword-only constructor parameters of block `name`: exactly its YAML keys."""
         signature = inspect.signature(self.get(name).__init__)
         return {p.name: p for p in signature.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+    def resolved_options(self, name: str, options: dict) -> dict:
+        """Every keyword option of block `name`: the given values, the constructor's defaults for the rest."""
+        resolved = {k: p.default for k, p in self.options(name).items() if p.default is not inspect.Parameter.empty}
+        return {**resolved, **{k: v for k, v in options.items() if k != "name"}}
+
+    def capabilities(self, name: str) -> Capabilities:
+        """What block `name` declares (``cls.capabilities``), checked for consistency with its options."""
+        cls = self.get(name)
+        caps = getattr(cls, "capabilities", NO_CAPABILITIES)
+        if not isinstance(caps, Capabilities):
+            raise TypeError(f"{cls.__qualname__}.capabilities must be an arch.registry.Capabilities, got {caps!r}")
+        if caps.elastic_width and not {"n_experts", "top_k"} <= set(self.options(name)):
+            raise TypeError(
+                f"{cls.__qualname__} declares elastic_width but lacks the n_experts / top_k options it implies"
+            )
+        return caps
+
+    def with_capability(self, flag: str) -> list[str]:
+        """Names of the registered blocks whose capability `flag` is set (loads every class)."""
+        return [n for n in self.names() if getattr(self.capabilities(n), flag)]
 
     def validate_options(self, name: str, options: dict, where: str) -> None:
         """Raise ConfigError for unknown keys, missing required keys or values of the wrong type."""

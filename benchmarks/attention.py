@@ -2,8 +2,9 @@
 
 FLOPs (FlashAttention's accounting): forward = 4·B·H·T·S·d (QKᵀ and PV, 2 FLOPs per MAC),
 halved when causal with T == S; forward+backward = 3.5 × forward (backward = 2.5 × forward:
-recompute QKᵀ, dV, dP, dQ, dK). The same formula is used for every method, so the decoupled
-map's extra QKᵀ recompute in the backward is counted as overhead, not as work.
+recompute QKᵀ, dV, dP, dQ, dK). The same formula is used for every method, so work our
+deterministic backward issues on top of those five products (QKᵀ and dO Vᵀ again in its dQ
+pass, see kernels/attention/flash_bwd.py) is counted as overhead, not as work.
 
 Maps (query heads → key / value heads): mha (Hk = Hv = H); gqa (4 query heads per KV head,
 contiguous groups); decoupled (25 % of the key heads and 25 % of the value heads, independent

@@ -452,7 +452,8 @@ def graph_breaks(suite, shapes):
 
 def mfu(suite, shapes):
     """Tokens/s and MFU of full training steps (forward, backward, AdamW) with random tokens."""
-    from training.accounting.flops import forward_flops_per_token, peak_flops
+    from training.accounting.account import account
+    from training.accounting.hardware import peak_flops
 
     m, dev = shapes["MFU_MODEL"], suite.device
     precisions = {"bf16 weights": {"cast": _perf_dtype(suite), "autocast": False}}
@@ -481,7 +482,7 @@ def mfu(suite, shapes):
         suite.sync()
         seconds = (time.perf_counter() - t0) / m["steps"]
         tokens = m["batch"] * m["seq_len"]
-        fwd_per_token = forward_flops_per_token(model, m["seq_len"])
+        fwd_per_token = account(model, m["seq_len"]).forward_flops_per_token
         peak = peak_flops(dev)
         achieved = 3 * fwd_per_token * tokens / seconds
         return [

@@ -19,12 +19,12 @@ from arch.layers import FULL_MODEL, ElasticSetting
 from arch.model import LanguageModel
 from training.checkpoint import files as ckpt
 from training.distributed import parallel as dist_utils
-from training.config import MOE_BLOCKS, RootConfig, validate
+from training.config import RootConfig, elastic_dims, validate
 from training.elastic import describe as describe_elastic
 from training.eval.loss import evaluate_loss
 from training.elastic import sample_setting as sample_elastic
 from training.accounting.account import account, format_accounting
-from training.accounting.flops import peak_flops
+from training.accounting.hardware import peak_flops
 from training.metrics import MetricsLogger, NullLogger, plot_losses
 from training.build import build_model, check_model_builds, resolve_device, seed_everything
 from training.errors import NonFiniteLossError, NonFiniteOutputError
@@ -204,7 +204,7 @@ class Trainer:
         reduced = self.parallel.all_reduce_mean({"loss": lm_loss_sum / t.grad_accum, **aux_sums})
         loss, aux_sums = reduced.pop("loss"), reduced
         if self.root.elastic.enabled:
-            aux_sums.update(describe_elastic(sub_model, *self._elastic_dims()))
+            aux_sums.update(describe_elastic(sub_model, *elastic_dims(self.root.model)))
         clip = self.root.optim.grad_clip if self.root.optim.grad_clip > 0 else float("inf")
         grad_norm = dist_utils.clip_grad_norm(self.model, clip, self.parallel)
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
@@ -216,17 +216,11 @@ class Trainer:
         self.step += 1
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **aux_sums}
 
-    def _elastic_dims(self) -> tuple[int, int | None, int | None]:
-        ffn = self.root.model.ffn
-        if ffn["name"] in MOE_BLOCKS:
-            return self.root.model.n_layers, ffn.get("n_experts", 8), ffn.get("top_k", 2)
-        return self.root.model.n_layers, None, None
-
     def _elastic_setting(self) -> ElasticSetting:
         """This step's sub-network under elastic training (same on every rank: seeded by step)."""
         if not self.root.elastic.enabled:
             return FULL_MODEL
-        return sample_elastic(self.root.elastic, self.step, self.root.seed, *self._elastic_dims())
+        return sample_elastic(self.root.elastic, self.step, self.root.seed, *elastic_dims(self.root.model))
 
     def _nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         what = f"loss={loss.item()} grad_norm={grad_norm.item()} at step {self.step}"

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from arch.cost import Cost, CostSetting, causal_attention_flops, linear_flops, numel
 from arch.layers import ForwardContext, ModelShared, RMSNorm, apply_rope
 from arch.registry import ConfigError
 from kernels.attention import attention
@@ -128,23 +129,25 @@ class DecoupledHeadAttention(nn.Module):
         """KV-cache bytes one token costs in this layer: (g_K + g_V)·d·bytes."""
         return (self.n_k_heads + self.n_v_heads) * self.head_dim * bytes_per_element
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per token besides the projections: QKᵀ and PV over the causal span (T+1)/2."""
-        return 2 * 2 * self.n_heads * self.head_dim * (seq_len + 1) / 2
+    def cost(self, setting: CostSetting) -> Cost:
+        """Projections (g_K + g_V shared heads in wkv), causal QKᵀ + PV over all H query heads,
+        and the g_K + g_V shared heads in the cache."""
+        return Cost(
+            {id(self): numel(self)},
+            matmul_flops=linear_flops(self),
+            attention_flops=causal_attention_flops(self.n_heads, self.head_dim, setting.seq_len),
+            kv_bytes=self.kv_bytes_per_token(setting.dtype_bytes),
+        )
 
 
 def kv_bytes_per_token(model: nn.Module, bytes_per_element: int = 2) -> dict:
-    """KV-cache bytes per token of every attention layer (DHA or MHA/GQA/MQA) and their total.
+    """KV-cache bytes per token of every layer's attention (any block: its own ``cost()``) and their total.
 
     Returns {"per_layer": [bytes of layer 0, 1, …], "total": Σ}. bytes_per_element 2 = bf16/fp16.
+    One call per layer; depth schemes that run a layer several times cache more (see its ``cost()``).
     """
-    per_layer: dict[int, int] = {}
-    for module in model.modules():
-        if hasattr(module, "kv_bytes_per_token"):
-            per_layer[module.layer_idx] = module.kv_bytes_per_token(bytes_per_element)
-        elif hasattr(module, "n_kv_heads") and hasattr(module, "head_dim"):  # mha.MultiHeadAttention
-            per_layer[module.layer_idx] = 2 * module.n_kv_heads * module.head_dim * bytes_per_element
-    layers = [per_layer[i] for i in sorted(per_layer)]
+    setting = CostSetting(1, training=False, dtype_bytes=bytes_per_element)
+    layers = [int(block.attn.cost(setting).kv_bytes) for block in model.depth.blocks]
     return {"per_layer": layers, "total": sum(layers)}
 
 
@@ -218,5 +221,13 @@ class HeadFusionAttention(nn.Module):
             energy = energy + flat_HF.pow(2).sum()
         return spread, energy
 
-    def flops_per_token(self, seq_len: int) -> float:
-        return 2 * 2 * self.n_heads * self.head_dim * (seq_len + 1) / 2
+    def cost(self, setting: CostSetting) -> Cost:
+        """MHA's cost (all H key and value heads); fusing the head weights costs per forward, not per
+        token, and is not counted (``setting.notes`` says so)."""
+        setting.note("DHA fusion stage: fusing the head weights costs per forward, not per token; not counted")
+        return Cost(
+            {id(self): numel(self)},
+            matmul_flops=linear_flops(self),
+            attention_flops=causal_attention_flops(self.n_heads, self.head_dim, setting.seq_len),
+            kv_bytes=2 * self.n_heads * self.head_dim * setting.dtype_bytes,
+        )

@@ -9,7 +9,9 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
+from arch.cost import Cost, CostSetting, causal_attention_flops, linear_flops, numel
 from arch.layers import ForwardContext, ModelShared, RMSNorm, apply_rope
+from arch.registry import Capabilities
 from kernels.attention import attention
 
 
@@ -21,6 +23,8 @@ class MultiHeadAttention(nn.Module):
     ``kernels.attention.attention``: ``auto`` = the Triton flash kernel on CUDA, SDPA on CPU;
     ``sdpa``, ``triton``, ``flash_attn``, ``reference``).
     """
+
+    capabilities = Capabilities(hf_export=("n_kv_heads", "qk_norm", "bias", "backend"))
 
     def __init__(
         self,
@@ -65,6 +69,11 @@ class MultiHeadAttention(nn.Module):
         out_BTHd = attention(q_BTHd, k_BTHd, v_BTHd, causal=True, backend=self.backend)
         return self.wo(out_BTHd.reshape(B, T, -1))
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per token besides the projections: QKᵀ and PV over the causal span (T+1)/2."""
-        return 2 * 2 * self.n_heads * self.head_dim * (seq_len + 1) / 2
+    def cost(self, setting: CostSetting) -> Cost:
+        """Projections, causal QKᵀ + PV over all H heads, and n_kv_heads keys and values in the cache."""
+        return Cost(
+            {id(self): numel(self)},
+            matmul_flops=linear_flops(self),
+            attention_flops=causal_attention_flops(self.n_heads, self.head_dim, setting.seq_len),
+            kv_bytes=2 * self.n_kv_heads * self.head_dim * setting.dtype_bytes,
+        )

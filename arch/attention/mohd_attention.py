@@ -9,7 +9,7 @@ to sparsify both sublayer inputs. Routing options mean the same as in arch/ffn/m
 Projections run as an ordinary ``MultiHeadAttention`` on the gated input (x ⊙ c per group) with
 its output masked to the active groups: the same numbers as gathering rows/columns of the
 weights (``kernels.mohd``), without touching the attention module. The compute saving of the
-gather is therefore not realised here; FLOP accounting still reports activated FLOPs.
+gather is therefore not realised here; ``cost()`` still reports activated FLOPs.
 
 Legend: B batch, T tokens, N = B·T, D d_model, G groups, A active groups, g = D/G.
 """
@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from arch.attention.mha import MultiHeadAttention
 from arch.ffn.mohd import Fusion, GroupFusion, GroupRouter, Scaling
+from arch.cost import Cost, CostSetting, causal_attention_flops, linear_flops, numel
 from arch.layers import ForwardContext, ModelShared
 from kernels.mohd import dense_gates
 
@@ -68,13 +69,18 @@ class MoHDAttention(nn.Module):
         o_NGg = self.attn(x_in, ctx).reshape(-1, self.G, self.g)
         return self.fusion(o_NGg, r.active_NG).reshape(B, T, D)
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Activated FLOPs beyond what training.accounting.flops counts itself (the router and the MHA's
-        Linears, in full): fusion, minus the projection rows/columns of the inactive groups."""
-        a = self.attn
-        proj_in = a.wq.out_features + a.wkv.out_features
-        unused = 2 * self.D * (proj_in + a.wo.in_features) * (self.G - self.A) / self.G
-        return self.fusion.active_flops(self.A) - unused
+    def cost(self, setting: CostSetting) -> Cost:
+        """The projections read (q, k, v) and write (o) only the A of G active groups of D; scores run on
+        every head, and the cache holds every key/value head (the projections output all of them)."""
+        mha, active_share = self.attn, self.A / self.G
+        projection_weights = self.D * (mha.wq.out_features + mha.wkv.out_features + mha.wo.in_features)
+        inactive = projection_weights * (1 - active_share) + self.fusion.inactive_count(self.A)
+        return Cost(
+            {id(self): numel(self) - inactive},
+            matmul_flops=linear_flops(self.routing) + linear_flops(mha) * active_share + self.fusion.active_flops(self.A),
+            attention_flops=causal_attention_flops(mha.n_heads, mha.head_dim, setting.seq_len),
+            kv_bytes=2 * mha.n_kv_heads * mha.head_dim * setting.dtype_bytes,
+        )
 
     def inactive_parameters(self) -> int:
         a = self.attn

@@ -32,9 +32,9 @@ from typing import Callable, Literal, Optional
 import torch
 import torch.nn as nn
 
-from arch.depth.loop import block_flops
+from arch.cost import Cost, CostSetting, block_cost, linear_flops, numel
 from arch.layers import ForwardContext, ModelShared, apply_rope
-from arch.registry import ConfigError
+from arch.registry import Capabilities, ConfigError
 from kernels.attention import attention
 
 _MHA_PARTS = ("wq", "wkv", "wo", "n_heads", "n_kv_heads", "head_dim", "q_norm", "k_norm", "backend")
@@ -72,7 +72,7 @@ class ThinkingSteps(nn.Module):
 class ITTDepth(nn.Module):
     """Plain blocks, with ITT layers (``steps`` thinking steps each) at ``layers``."""
 
-    counts_own_linears = True
+    capabilities = Capabilities(needs_attention=("mha",))  # runs MHA's projections itself for gathered tokens
 
     def __init__(
         self,
@@ -226,28 +226,41 @@ class ITTDepth(nn.Module):
         ctx.add_metric(f"itt/layer{layer}/step{j + 2}_selected", fraction)
         return mask_BT, (r_BT[..., None] if self.scale_by_router else None)
 
-    # ------------------------------------------------------------------ accounting
-    def flops_per_token(self, seq_len: int) -> float:
-        """Only computed tokens count: an ITT layer costs (1 + Σ_t ρ_t) blocks, plus routers and, for
-        ``kv=recompute``, the K/V projections of unselected tokens. Threshold selection uses the
-        last measured fractions."""
-        total = 0.0
+    # ------------------------------------------------------------------ cost
+    def step_fraction(self, thinking: ThinkingSteps, step: int, ratio: float, seq_len: int) -> float:
+        """Share of the tokens that extra step ``step`` (0-based) processes, as ``_route`` selects them:
+        all or none without routing; round(ρ·T) tokens per sequence for top-ρ; for threshold
+        selection the last measured share (ρ before any forward)."""
+        if not self.routing:
+            return 1.0 if ratio > 0 else 0.0
+        if ratio in (0.0, 1.0):
+            return ratio
+        if self.selection == "threshold":
+            measured = thinking.last_fraction_S[step]
+            return ratio if measured is None else measured
+        return max(0, min(seq_len, round(ratio * seq_len))) / seq_len
+
+    def cost(self, setting: CostSetting) -> Cost:
+        """An ITT layer: the block on every token, then each extra step on its selected share of the
+        tokens (queries of the selected tokens against all keys), the step routers on every token;
+        under ``kv=recompute`` each partial step also runs ``_qkv`` (wq and wkv) on every token, as the
+        forward does; every step keeps a cache slot.
+        ``setting.ratios`` prices other selection ratios than the current ones."""
+        ratios = self.ratios if setting.ratios is None else [float(r) for r in setting.ratios]
+        if len(ratios) != self.steps - 1:
+            raise ValueError(f"setting.ratios={list(ratios)} needs {self.steps - 1} values (one per extra step)")
+        total = Cost()
         for i, block in enumerate(self.blocks):
-            once = block_flops(block, seq_len)
-            th = self.thinking[str(i)] if str(i) in self.thinking else None
-            if th is None:
-                total += once
+            if not setting.runs(i):
                 continue
-            total += once
-            attn = block.attn
-            kv_flops = 2 * attn.wkv.in_features * attn.wkv.out_features
-            for j, rho in enumerate(self.ratios):
-                measured = th.last_fraction_S[j]
-                frac = rho if rho in (0.0, 1.0) or not self.routing or self.selection == "top_ratio" or measured is None else measured
-                frac = frac if self.routing else float(rho > 0)
-                total += frac * once
-                if self.routing:
-                    total += 2 * th.routers[j].in_features
-                if self.kv == "recompute" and 0 < frac < 1:
-                    total += (1 - frac) * kv_flops
+            if str(i) not in self.thinking:
+                total = total + block_cost(block, setting)
+                continue
+            thinking = self.thinking[str(i)]
+            shares = [self.step_fraction(thinking, j, rho, setting.seq_len) for j, rho in enumerate(ratios)]
+            extra = linear_flops(thinking.routers) if self.routing else 0.0
+            if self.kv == "recompute":
+                extra += sum(0 < f < 1 for f in shares) * (linear_flops(block.attn.wq) + linear_flops(block.attn.wkv))
+            steps = block_cost(block, setting).repeated(1 + sum(shares), kv_times=self.steps)
+            total = total + steps + Cost({id(thinking): numel(thinking)}, matmul_flops=extra)
         return total

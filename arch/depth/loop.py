@@ -15,17 +15,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from arch.cost import Cost, CostSetting, block_cost, linear_flops, numel
 from arch.layers import ForwardContext, ModelShared, RMSNorm
 from arch.registry import ConfigError
 
 _STREAM = 0x100B  # separates the iteration-count RNG stream from the data and elastic streams
-
-
-def block_flops(module: nn.Module, seq_len: int) -> float:
-    """Forward FLOPs per token of one block (its Linears plus its blocks' own ``flops_per_token``)."""
-    from training.accounting.flops import forward_flops_per_token  # torch-free helper; arch does not import training at load
-
-    return forward_flops_per_token(module, seq_len)
 
 
 def _check_layers(layers, n_layers: int, key: str) -> list[int]:
@@ -44,8 +38,6 @@ class LoopDepth(nn.Module):
     place (ITT's "Loop×4" on every other layer, METHODS.md §5(d)), and ``pattern=stack`` runs the
     whole stack ``repeats`` times. ``set_repeats`` changes the count at evaluation time.
     """
-
-    counts_own_linears = True
 
     def __init__(
         self,
@@ -74,12 +66,15 @@ class LoopDepth(nn.Module):
         if repeats < 1:
             raise ConfigError(f"model.depth.repeats={repeats} must be >= 1")
         self.repeats = repeats
+        self.order = self.execute_order(repeats)
+
+    def execute_order(self, repeats: int) -> list[int]:
+        """The layer indices run, in order, at ``repeats`` repeats."""
         if self.explicit is not None:
-            self.order = list(self.explicit)
-        elif self.pattern == "stack":
-            self.order = list(range(self.n_layers)) * repeats
-        else:
-            self.order = [i for i in range(self.n_layers) for _ in range(repeats if self.looped is None or i in self.looped else 1)]
+            return list(self.explicit)
+        if self.pattern == "stack":
+            return list(range(self.n_layers)) * repeats
+        return [i for i in range(self.n_layers) for _ in range(repeats if self.looped is None or i in self.looped else 1)]
 
     def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         active = ctx.elastic.active_layers  # elastic depth skips a layer at every one of its repeats
@@ -88,8 +83,14 @@ class LoopDepth(nn.Module):
                 x_BTD = self.blocks[i](x_BTD, ctx)
         return x_BTD
 
-    def flops_per_token(self, seq_len: int) -> float:
-        return sum(block_flops(self.blocks[i], seq_len) for i in self.order)
+    def cost(self, setting: CostSetting) -> Cost:
+        """A layer appearing c times in the execute order costs c calls (and c cache slots); its
+        parameters count once. ``setting.repeats`` prices another repeat count than the current one."""
+        total = Cost()
+        for i in self.order if setting.repeats is None else self.execute_order(setting.repeats):
+            if setting.runs(i):
+                total = total + block_cost(self.blocks[i], setting)
+        return total
 
 
 class RecurrentDepth(nn.Module):
@@ -110,8 +111,6 @@ class RecurrentDepth(nn.Module):
     forward index) instead of the global RNG, so every rank and every resumed run draws the same
     r. ``injection=add`` (s + e, no adapter) and ``sampler=fixed`` are ablations, not Huginn.
     """
-
-    counts_own_linears = True
 
     def __init__(
         self,
@@ -239,15 +238,51 @@ class RecurrentDepth(nn.Module):
         ctx.add_metric("recurrent/iterations", torch.tensor(float(n_frozen + n_grad)))
         return self.coda(s_BTD, ctx)
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs at the sampler's expected iteration count in training (r̄ + 1 for the
-        log-normal Poisson sampler, r̄ when fixed), at ``eval_iterations`` in eval mode. Training
-        FLOPs, where the no-grad iterations cost forward only, come from ``training.accounting.account``."""
-        from training.accounting.blocks import expected_iterations  # arch does not import training at load
+    def cost(self, setting: CostSetting) -> Cost:
+        """Prelude and coda once; the core (adapter + core blocks) r times. Training: the expected
+        iteration counts of the sampler (``expected_iterations``), the no-grad ones costing forward
+        only. Evaluation: ``setting.iterations`` or ``eval_iterations``. The KV cache holds every core
+        call at the evaluation iteration count (generation runs in eval mode)."""
+        eval_iterations = setting.iterations or self.eval_iterations
+        if setting.training:
+            frozen, with_grad = expected_iterations(self.mean_recurrence, self.mean_backprop_depth, self.sigma, self.sampler)
+        else:
+            frozen, with_grad = 0.0, float(eval_iterations)
+        first_core, first_coda = self.n_prelude, self.n_prelude + self.n_core
+        once, core = Cost(), Cost()
+        if self.adapter is not None:
+            core = Cost({id(self.adapter): numel(self.adapter)}, matmul_flops=linear_flops(self.adapter))
+        if self.out_norm is not None:
+            once = Cost({id(self.out_norm): numel(self.out_norm)})
+        for i, block in enumerate(self.blocks):
+            if not setting.runs(i):
+                continue
+            if first_core <= i < first_coda:
+                core = core + block_cost(block, setting)
+            else:
+                once = once + block_cost(block, setting)
+        return once + core.repeated(frozen + with_grad, kv_times=eval_iterations, no_grad_times=frozen)
 
-        r = sum(expected_iterations(self.mean_recurrence, self.mean_backprop_depth, self.sigma, self.sampler)) \
-            if self.training else self.eval_iterations
-        once = sum(block_flops(b, seq_len) for i, b in enumerate(self.blocks) if not self.n_prelude <= i < self.n_prelude + self.n_core)
-        core = sum(block_flops(b, seq_len) for b in self.blocks[self.n_prelude : self.n_prelude + self.n_core])
-        adapter = block_flops(self.adapter, seq_len) if self.adapter is not None else 0.0
-        return once + r * (core + adapter)
+
+def expected_iterations(mean_recurrence: int, backprop_depth: int, sigma: float, sampler: str) -> tuple[float, float]:
+    """(E[iterations without gradient], E[iterations with gradient]) of one training forward of
+    ``RecurrentDepth`` (Huginn's sampler, METHODS.md §8.5).
+
+    ``fixed``: r̄ iterations, the last min(k̄, r̄) with gradient. ``lognormal_poisson``:
+    p = Poisson(τ) + 1 with τ ~ LogNormal(ln(t + k̄) − σ²/2, σ), t = max(r̄ − k̄, 0), so
+    E[p] = t + k̄ + 1 exactly; E[min(k̄, p)] = Σ_{m<k̄} P(Poisson(τ) ≥ m) is integrated over τ by
+    Gauss–Hermite quadrature (deterministic, ~1e-9 accurate).
+    """
+    s = backprop_depth
+    if sampler == "fixed":
+        return float(max(mean_recurrence - s, 0)), float(min(s, mean_recurrence))
+    t = max(mean_recurrence - s, 0)
+    mu = np.log(t + s) - sigma**2 / 2
+    nodes, weights = np.polynomial.hermite.hermgauss(80)
+    tau_Q, w_Q = np.exp(mu + np.sqrt(2) * sigma * nodes), weights / np.sqrt(np.pi)
+    n_M = np.arange(s)
+    log_factorial_M = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, s)))])
+    pmf_QM = np.exp(-tau_Q[:, None] + n_M * np.log(tau_Q[:, None]) - log_factorial_M)  # P(N = m | τ)
+    below_QM = np.cumsum(pmf_QM, axis=1) - pmf_QM  # P(N < m | τ)
+    with_grad = float(w_Q @ (1 - below_QM).sum(1))
+    return t + s + 1 - with_grad, with_grad

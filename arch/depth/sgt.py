@@ -22,7 +22,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from arch.cost import Cost, CostSetting, block_cost, causal_attention_flops
 from arch.layers import ForwardContext, ModelShared, apply_rope
+from arch.registry import Capabilities
 from kernels.attention import attention, last_row_attention_entropy
 
 STASH_KEY = "sgt_stash_qk"  # tells MultiHeadAttention to leave its last-row q and its k in ctx.state
@@ -30,6 +32,8 @@ STASH_KEY = "sgt_stash_qk"  # tells MultiHeadAttention to leave its last-row q a
 
 class SGTDepth(nn.Module):
     """A plain stack of blocks plus SGT's scheduled attention loops (see module docstring)."""
+
+    capabilities = Capabilities(needs_attention=("mha",))  # loops the layer's own MHA projections
 
     def __init__(
         self,
@@ -274,26 +278,38 @@ class SGTDepth(nn.Module):
             else:
                 self.frozen = True
 
-    # ------------------------------------------------------------------ accounting
-    def flops_per_token(self, seq_len: int) -> float:
-        """Extra forward FLOPs of the loops at the current structure (the base blocks count elsewhere)."""
-        from training.accounting.flops import forward_flops_per_token
-
-        total = 0.0
-        for i, depth in enumerate(self.loop_depth):
-            if depth == 0:
+    # ------------------------------------------------------------------ cost
+    def cost(self, setting: CostSetting) -> Cost:
+        """Plain blocks plus each looped layer's extra passes: attention of the kept heads (all heads
+        while, in training, the other heads' decay has not reached 0) with their own cache slot, or whole blocks in
+        ``loop_mode=block``. The entropy statistics of training are not counted."""
+        total = Cost()
+        for i, block in enumerate(self.blocks):
+            if not setting.runs(i):
                 continue
-            block = self.blocks[i]
-            if self.loop_mode == "block":
-                total += depth * forward_flops_per_token(block, seq_len)
-                continue
-            attn = block.attn
-            heads = self.n_heads if self.is_decaying(i) else int(self.kept_LH[i].sum())  # decaying heads still run
-            kv_heads = min(attn.n_kv_heads, heads)
-            d, D = attn.head_dim, attn.wq.in_features
-            projections = 2 * D * heads * d + 2 * D * 2 * kv_heads * d + 2 * heads * d * D
-            total += depth * (projections + 2 * 2 * heads * d * (seq_len + 1) / 2)
+            loops = self.loop_depth[i]
+            if loops and self.loop_mode == "block":
+                total = total + block_cost(block, setting).repeated(1 + loops)
+            elif loops:
+                total = total + block_cost(block, setting) + self._head_pass_cost(i, block.attn, setting).repeated(loops)
+            else:
+                total = total + block_cost(block, setting)
         return total
+
+    def _head_pass_cost(self, layer: int, attn: nn.Module, setting: CostSetting) -> Cost:
+        """One ``_loop_attention`` pass: the heads' rows of wq and columns of wo, and the rows of wkv
+        of the key/value heads those query heads read (under GQA, the distinct groups h // (H/Hk))."""
+        H, d, D = attn.n_heads, attn.head_dim, attn.wq.in_features
+        if setting.training and self.is_decaying(layer):  # decaying heads still run (in training)
+            heads = list(range(H))
+        else:
+            heads = self.kept_LH[layer].nonzero().flatten().tolist()
+        kv_heads = len({h // (H // attn.n_kv_heads) for h in heads})
+        return Cost(
+            matmul_flops=2 * D * len(heads) * d + 2 * D * 2 * kv_heads * d + 2 * len(heads) * d * D,
+            attention_flops=causal_attention_flops(len(heads), d, setting.seq_len),
+            kv_bytes=2 * kv_heads * d * setting.dtype_bytes,
+        )
 
 
 def _gqa_map(attn) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from arch.ffn.moe import MoEFFN
 from arch.layers import ForwardContext, ModelShared
+from arch.registry import Capabilities
 
 
 class MultiHeadMoEFFN(MoEFFN):
@@ -39,6 +40,9 @@ class MultiHeadMoEFFN(MoEFFN):
     ``expert_hidden=None`` sizes experts at (8/3·D)/top_k, as ``ffn=moe`` does for the full width:
     h sub-tokens × k experts × 3·(D/h)·F then activate the same FLOPs per token as a top-k MoE.
     """
+
+    # Elastic widths are not offered (never validated for sub-token routing); no HF counterpart.
+    capabilities = Capabilities(expert_banks=True, expert_parallel=True)
 
     def __init__(
         self,
@@ -100,8 +104,9 @@ class MultiHeadMoEFFN(MoEFFN):
         y_BTxhS = super().forward(sub_BTxhS, ctx)  # routing, experts, balance loss over N·h sub-tokens
         return self.merge_proj(y_BTxhS.reshape(B, T, D))
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """h sub-tokens × k experts × 3 matrices of (D/h)×F, plus the router's h−1 extra calls per token
-        (training.accounting.flops counts each nn.Linear, the router and the projections, once per token)."""
-        router_linears = sum(2 * m.in_features * m.out_features for m in self.router.modules() if isinstance(m, nn.Linear))
-        return self.n_heads * super().flops_per_token(seq_len) + (self.n_heads - 1) * router_linears
+    @property
+    def sub_tokens(self) -> int:  # MoEFFN.cost: router and k experts per sub-token
+        return self.n_heads
+
+    def projections(self) -> tuple[nn.Module, ...]:
+        return (self.head_proj, self.merge_proj)

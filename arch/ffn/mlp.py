@@ -8,7 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from arch.cost import Cost, CostSetting, dense_cost
 from arch.layers import ForwardContext, ModelShared
+from arch.registry import Capabilities
 
 
 class SwiGLUMLP(nn.Module):
@@ -16,6 +18,8 @@ class SwiGLUMLP(nn.Module):
 
     Options: ``hidden_dim`` (None → 8/3·D rounded up to ``multiple_of``), ``bias``.
     """
+
+    capabilities = Capabilities(hf_export=("hidden_dim", "multiple_of", "bias"))
 
     def __init__(self, d_model: int, layer_idx: int, shared: ModelShared | None = None, *, hidden_dim: int | None = None, multiple_of: int = 32, bias: bool = False):
         super().__init__()
@@ -31,3 +35,7 @@ class SwiGLUMLP(nn.Module):
     def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         gate_BTF, up_BTF = self.w_gate_up(x_BTD).chunk(2, dim=-1)
         return self.w_down(F.silu(gate_BTF) * up_BTF)
+
+    def cost(self, setting: CostSetting) -> Cost:
+        """Dense: every token reads all three matrices."""
+        return dense_cost(self)

@@ -37,8 +37,10 @@ from arch.ffn.router import (
     switch_balance_loss,
     z_loss,
 )
+from arch.cost import Cost, CostSetting, ExpertUse, cost_of, linear_flops, numel
 from arch.layers import ForwardContext, ModelShared
 from arch.ffn.expert_parallel import expert_compute
+from arch.registry import Capabilities
 
 
 class MoEFFN(nn.Module):
@@ -47,6 +49,18 @@ class MoEFFN(nn.Module):
     ``expert_hidden=None`` sizes each expert at (8/3·D)/top_k, so k experts activate about as
     many parameters as the dense SwiGLU of the same d_model (fine-grained experts).
     """
+
+    # Mixtral-compatible when its routing is (training/export/hf.py checks the values of these options).
+    capabilities = Capabilities(
+        expert_banks=True, elastic_width=True, expert_parallel=True,
+        hf_export=("n_experts", "top_k", "expert_hidden", "n_shared_experts", "scoring", "renormalize", "router",
+                   "xmoe_dim", "xmoe_temperature", "second_expert_drop", "router_noise", "capacity_factor",
+                   "eval_capacity_fraction", "balance_loss_counts", "balance_loss_coef", "seq_balance_loss_coef",
+                   "z_loss_coef", "bias_update_rate", "eval_top_k", "coactivation_prob",
+                   "k_ideal", "coactivation_mode", "keep_top1", "hier_loss_coef", "hier_gamma", "n_clusters",
+                   "cluster_var_loss_coef", "cluster_dropout", "backend"),
+    )
+    sub_tokens = 1  # routed (sub-)tokens per token: MH-MoE splits each token into n_heads
 
     def __init__(
         self,
@@ -241,7 +255,36 @@ class MoEFFN(nn.Module):
         self.expert_bias_E += self.bias_update_rate * torch.sign(counts_E.mean() - counts_E)
         self.pending_counts_E.zero_()
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Activated expert FLOPs: k experts × 3 matrices of D×F. (Router and shared experts are
-        nn.Linear layers and are counted as such by training.accounting.flops.)"""
-        return self.top_k * 2 * 3 * self.d_model * self.F
+    # ------------------------------------------------------------------ cost
+    def routable_experts(self, setting: CostSetting) -> int:
+        return self.E if setting.routable_experts is None else min(setting.routable_experts, self.E)
+
+    def cost_top_k(self, setting: CostSetting) -> int:
+        """Experts per (sub-)token as ``route`` picks them: the elastic k, else top_k in training and
+        eval_top_k (if set) in evaluation, never more than the routable experts."""
+        if setting.top_k is not None:
+            k = min(setting.top_k, self.E)
+        else:
+            k = self.top_k if setting.training or self.eval_top_k is None else self.eval_top_k
+        return min(k, self.routable_experts(setting))
+
+    def projections(self) -> tuple[nn.Module, ...]:
+        """Dense layers around the experts, run once per token (MH-MoE's split and merge)."""
+        return ()
+
+    def cost(self, setting: CostSetting) -> Cost:
+        """Router (X-MoE: its expert-embedding scores too) and shared experts per (sub-)token in full,
+        k routed experts of 3·D·F each. Sized from E, F, d_model, not the weight tensors, so the count
+        stays global when the experts are sharded across ranks. Dropless: capacity drops (``capacity_factor``,
+        ``eval_capacity_fraction``) and X-MoE's random second-expert drop in training are not subtracted."""
+        k, routable = self.cost_top_k(setting), self.routable_experts(setting)
+        per_expert = 3 * self.d_model * self.F  # SwiGLU: D×2F in (gate | up), F×D out
+        router = cost_of(self.router, setting)
+        fixed = sum(router.params.values()) + numel(self.shared_experts) + sum(numel(p) for p in self.projections())
+        per_sub_token = router.matmul_flops + linear_flops(self.shared_experts) + k * 2 * per_expert
+        return Cost(
+            {id(self): fixed},
+            experts={id(self): ExpertUse(self.sub_tokens * k, per_expert, routable)},
+            dropped={id(self): (self.E - routable) * per_expert},
+            matmul_flops=self.sub_tokens * per_sub_token + sum(linear_flops(p) for p in self.projections()),
+        )

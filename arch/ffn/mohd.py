@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as Fn
 
 from arch.ffn.router import LinearRouter, routing_metrics, switch_balance_loss
+from arch.cost import Cost, CostSetting, linear_flops, numel
 from arch.layers import ForwardContext, ModelShared
 from kernels.mohd import dense_gates, group_in_matmul, group_out_matmul
 
@@ -153,8 +154,6 @@ class MoHDFFN(nn.Module):
     instead of routing the FFN input again (whether the paper routes per sublayer is unknown).
     """
 
-    counts_own_linears = True  # flops_per_token counts the router too
-
     def __init__(
         self,
         d_model: int,
@@ -225,10 +224,18 @@ class MoHDFFN(nn.Module):
         o_NGg = group_out_matmul(a_NF, r.ids_NA, ones_NA, self.w_out_FD, G, self.backend).view(N, G, self.g)
         return self.fusion(o_NGg, r.active_NG).reshape(N, self.D)
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Activated forward FLOPs: router (2·D·G unless shared), the active slices of W_in/W_out, fusion."""
-        router = 0 if self.share_routing else 2 * self.D * self.G
-        return router + 2 * 3 * self.D * self.F * self.A / self.G + self.fusion.active_flops(self.A)
+    def cost(self, setting: CostSetting) -> Cost:
+        """The A of G active groups of W_in / W_out and of the fusion; the router (2·D·G) unless the
+        attention's routing is reused (``share_routing``)."""
+        active_share = self.A / self.G
+        inactive = 3 * self.D * self.F * (1 - active_share) + self.fusion.inactive_count(self.A)
+        if self.share_routing:
+            inactive += numel(self.routing)
+        router_flops = 0.0 if self.share_routing else linear_flops(self.routing)
+        return Cost(
+            {id(self): numel(self) - inactive},
+            matmul_flops=router_flops + 2 * 3 * self.D * self.F * active_share + self.fusion.active_flops(self.A),
+        )
 
     def inactive_parameters(self) -> int:
         """Parameters a token does not use: the inactive groups' share of W_in/W_out and of fusion."""

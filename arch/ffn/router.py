@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from arch.cost import Cost, CostSetting, dense_cost, linear_flops, numel
+
 
 class LinearRouter(nn.Module):
     """logits = x W_rᵀ: the standard dot-product router."""
@@ -24,6 +26,10 @@ class LinearRouter(nn.Module):
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
         return self.proj(x_ND).float()
+
+    def cost(self, setting: CostSetting) -> Cost:
+        """2·D·E per token."""
+        return dense_cost(self)
 
 
 class XMoERouter(nn.Module):
@@ -56,6 +62,9 @@ class XMoERouter(nn.Module):
     def after_optimizer_step(self, step: int) -> None:
         self.rescale_expert_embeddings()
 
+    def cost(self, setting: CostSetting) -> Cost:
+        return _reduced_router_cost(self)
+
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
         h_NR = self.reduce(x_ND).float()
         e_ER = F.normalize(self.expert_embed_ER.float(), p=2.0, dim=1, eps=1e-4)
@@ -81,6 +90,14 @@ class XMoECosineRouter(nn.Module):
         h_NR = F.normalize(self.reduce(x_ND).float(), dim=-1)
         e_ER = F.normalize(self.expert_embed_ER.float(), dim=-1)
         return h_NR @ e_ER.T / self.log_temperature.exp()
+
+    def cost(self, setting: CostSetting) -> Cost:
+        return _reduced_router_cost(self)
+
+
+def _reduced_router_cost(router: nn.Module) -> Cost:
+    """X-MoE routers: the D → R reduction (2·D·R) and the scores against the E expert embeddings (2·R·E)."""
+    return Cost({id(router): numel(router)}, matmul_flops=linear_flops(router.reduce) + 2 * router.expert_embed_ER.numel())
 
 
 def build_router(kind: str, d_model: int, n_experts: int, reduced_dim: int, temperature: float) -> nn.Module:

@@ -44,8 +44,10 @@ from arch.ffn.universal_topology import (
     widened_size,
     window_members,
 )
+from arch.cost import Cost, CostSetting, ExpertUse, linear_flops, numel
 from arch.layers import ForwardContext, ModelShared
 from arch.ffn.expert_parallel import expert_compute
+from arch.registry import Capabilities
 
 POOL_NAME = "moue_pool"
 _STATS, _TRAJECTORY = "moue/stats", "moue/trajectory_NZ"
@@ -92,6 +94,9 @@ class UniversalPool(nn.Module):
 
 class UniversalMoEFFN(nn.Module):
     """A MoUE layer: routes each token to ``top_k`` of (its pool window ∪ its local experts)."""
+
+    # Elastic expert subsets are refused (route() raises); elastic top-k is honoured.
+    capabilities = Capabilities(expert_banks=True, expert_parallel=True)
 
     def __init__(
         self,
@@ -286,11 +291,28 @@ class UniversalMoEFFN(nn.Module):
             ctx.add_metric("moue/load_per_exposure_cv", per_exposure.std(unbiased=False) / per_exposure.mean().clamp(min=1e-9))
             ctx.add_metric("moue/window_size", torch.tensor(float(self.pool.window_size)))
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Activated expert FLOPs (k × 3 matrices of D×F, the same as MoEFFN), plus the shared router
-        (an nn.Linear is counted by training.accounting.flops; a shared Parameter is not) and the trajectory EMA."""
-        shared_router = 2 * self.pool.router_MI.numel() if self.pool.router_MI is not None else 0
-        return self.top_k * 2 * 3 * self.d_model * self.F + shared_router + 2 * self.top_k * self.trajectory_dim
+    def cost(self, setting: CostSetting) -> Cost:
+        """Per-layer routers in full; k experts from the shared pool (+ this layer's locals), each 3·D·F
+        weights and its trajectory embedding; the pool, shared by all layers, counts once. FLOPs: the
+        routers (a shared pool router is a Parameter, not an nn.Linear), k experts, and the trajectory
+        EMA Σ_k g_k u_k (2·k·Z)."""
+        if setting.routable_experts is not None:
+            raise ValueError("ffn=moue does not support elastic expert subsets (elastic.width_full_prob must be 1)")
+        pool = self.pool
+        reachable = min(pool.window_size, self.M) + self.n_local
+        k = min(setting.top_k or self.top_k, reachable)
+        per_expert = 3 * self.d_model * self.F + self.trajectory_dim
+        params = {id(self): numel(self.router) + numel(self.local_router)}
+        shared_router_flops = 0.0
+        if pool.router_MI is not None:  # one router for every layer: its parameters count once
+            params[id(pool.router_MI)] = pool.router_MI.numel()
+            shared_router_flops = 2 * pool.router_MI.numel()
+        return Cost(
+            params,
+            experts={id(pool): ExpertUse(k, per_expert, self.M + self.n_layers * self.n_local)},
+            matmul_flops=linear_flops(self.router) + linear_flops(self.local_router) + shared_router_flops
+            + k * 2 * 3 * self.d_model * self.F + 2 * k * self.trajectory_dim,
+        )
 
 
 class _Layout(NamedTuple):

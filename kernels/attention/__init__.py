@@ -2,13 +2,12 @@
 
 Public API (attention blocks and tests call exactly this):
     attention(q, k, v, *, causal=True, k_head=None, v_head=None, q_positions=None,
-              softmax_scale=None, return_lse=False, backend="auto") -> out (or (out, lse))
+              softmax_scale=None, return_lse=False, backend="auto", deterministic=True) -> out (or (out, lse))
     last_row_attention_entropy(q, k, *, k_head=None, softmax_scale=None, backend="auto") -> ent (B, H)
 """
 from kernels.attention.ops import (
     BACKENDS,
     ENTROPY_BACKENDS,
-    FlashAttentionFunction,
     attention,
     last_row_attention_entropy,
 )
@@ -17,7 +16,6 @@ from kernels.attention.reference import attention_reference, last_row_entropy_re
 __all__ = [
     "BACKENDS",
     "ENTROPY_BACKENDS",
-    "FlashAttentionFunction",
     "attention",
     "attention_reference",
     "last_row_attention_entropy",

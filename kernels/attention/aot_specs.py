@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from kernels.compile_spec import KernelSpec
 
-
-EXTRA_DIMS = (64, 80)  # 80: a head dim padded to 128 (masked loads)
+DIMS = (64, 128)  # the model's head dims (the issue-18 shapes: T 4096, 32 query / 8 KV heads, causal)
+MASKED_DIM = 80   # a head dim padded to 128 (masked loads), first config only
 
 
 def _sig(fn, dt: str, ints: tuple[str, ...], fp32_ptrs: tuple[str, ...]) -> dict:
     """Signature for all runtime args: pointers in `dt` except int maps / fp32 buffers, scalars."""
     sig = {}
     for name in fn.arg_names:
-        if name in ("pos_ptr", "k_head_ptr", "v_head_ptr", "order_ptr", "offsets_ptr"):
+        if name in ("pos_ptr", "k_head_ptr", "v_head_ptr", "order_ptr", "offsets_ptr", "first_bad_ptr"):
             sig[name] = "*i32"
         elif name in fp32_ptrs:
             sig[name] = "*fp32"
@@ -32,36 +32,47 @@ def _sig(fn, dt: str, ints: tuple[str, ...], fp32_ptrs: tuple[str, ...]) -> dict
 
 
 def aot_specs() -> list[KernelSpec]:
-    """(name, kernel, signature, constexprs, options, must_fit) for every compile."""
+    """Every kernel × every GPU config the autotuner can pick, bf16 at d 64 and 128 with default
+    (increasing) positions, plus explicit q_positions (HAS_POS, a different mask split) at d 128,
+    the decoupled-map dK-only / dV-only launches and the optional non-deterministic single pass
+    (ATOMIC_DQ, fused and dK-only) at d 64 and 128, a masked d 80, and fp32 at d 128 (which must
+    fit only on the smallest pickable config: the autotuner skips fp32 configs that exceed shared
+    memory)."""
     from kernels.attention import flash as fw
     from kernels.attention import flash_bwd as bw
 
     out = []
+    both = {"DO_DK": True, "DO_DV": True, "ATOMIC_DQ": False}
+    dk_only = {"DO_DK": True, "DO_DV": False, "ATOMIC_DQ": False}
+    dv_only = {"DO_DK": False, "DO_DV": True, "ATOMIC_DQ": False}
+    single_pass = [dict(both, ATOMIC_DQ=True), dict(dk_only, ATOMIC_DQ=True)]
     kernels = [
-        ("fwd", fw._attn_fwd.fn, fw.FWD_CONFIGS, {}, ("T", "S", "H"), ("lse_ptr",)),
-        ("dq", bw._attn_bwd_dq.fn, bw.DQ_CONFIGS, {}, ("T", "S", "H"), ("lse_ptr", "delta_ptr")),
-        ("dkdv", bw._attn_bwd_dkdv.fn, bw.DKDV_CONFIGS, {"DO_DK": True, "DO_DV": True}, ("T", "S", "H", "G"),
-         ("lse_ptr", "delta_ptr")),
+        ("fwd", fw._attn_fwd.fn, fw.FWD_TABLE, [{}], ("T", "S", "H"), ("lse_ptr",)),
+        ("dq", bw._attn_bwd_dq.fn, bw.DQ_TABLE, [{}], ("T", "S", "H"), ("lse_ptr", "delta_ptr")),
+        ("dkdv", bw._attn_bwd_dkdv.fn, bw.DKDV_TABLE,
+         [both, dk_only, dv_only, *single_pass], ("T", "S", "H", "G"), ("lse_ptr", "delta_ptr", "dq_ptr")),
     ]
-    for kname, fn, configs, flags, ints, f32 in kernels:
+    for kname, fn, table, flag_sets, ints, f32 in kernels:
+        configs = [e[0] for e in table]
         for i, cfg in enumerate(configs):
-            runs = [("bf16", 128, flags)]
-            if i == 0:
-                runs += [("bf16", d, flags) for d in EXTRA_DIMS]
-                if kname == "dkdv":  # the decoupled-map launches: dK only, dV only
-                    runs += [("bf16", 128, {"DO_DK": True, "DO_DV": False}),
-                             ("bf16", 128, {"DO_DK": False, "DO_DV": True})]
-            if i == len(configs) - 1:
-                runs.append(("fp32", 128, flags))
-            for dt, d, fl in runs:
-                consts = dict(D=d, DV=d, CAUSAL=True, HAS_POS=True, BLOCK_D=fw.block_dim(d), BLOCK_DV=fw.block_dim(d),
-                              **fl, **cfg.kwargs)
+            runs = [("bf16", d, fl, False) for d in DIMS for fl in flag_sets]
+            runs.append(("bf16", 128, flag_sets[0], True))
+            runs.append(("bf16", MASKED_DIM, flag_sets[0], False))
+            runs.append(("fp32", 128, flag_sets[0], False))
+            # only where the autotuner may pick it: configs are pruned by head dim (flash.configs_for)
+            runs = [(dt, d, fl, pos) for dt, d, fl, pos in runs
+                    if any(c is cfg for c in fw.configs_for(table, fw.block_dim(d), fl.get("ATOMIC_DQ", False)))]
+            for dt, d, fl, has_pos in runs:
+                consts = dict(D=d, DV=d, CAUSAL=True, HAS_POS=has_pos, BLOCK_D=fw.block_dim(d),
+                              BLOCK_DV=fw.block_dim(d), **fl, **cfg.kwargs)
                 opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-                tag = ",".join(f"{k}={v}" for k, v in fl.items())
-                must_fit = dt != "fp32" or i == len(configs) - 1
-                out.append((f"{kname}[cfg{i},{dt},d={d}{',' + tag if tag else ''}]", fn, _sig(fn, dt, ints, f32),
-                            consts, opts, must_fit))
-    delta_consts = {"DV": 128, "BLOCK_DV": 128, "BLOCK_M": bw.DELTA_BLOCK_M}
-    out.append(("delta[bf16]", bw._attn_bwd_delta, _sig(bw._attn_bwd_delta, "bf16", ("T", "H"), ("delta_ptr",)),
-                delta_consts, {}, True))
+                tag = "".join(f",{k}={v}" for k, v in fl.items()) + (",pos" if has_pos else "")
+                # fp32: only the smallest pickable config must fit (the autotuner skips the others)
+                pick = fw.configs_for(table, fw.block_dim(d), fl.get("ATOMIC_DQ", False))
+                must_fit = dt != "fp32" or cfg is pick[-1]
+                out.append((f"{kname}[cfg{i},{dt},d={d}{tag}]", fn, _sig(fn, dt, ints, f32), consts, opts, must_fit))
+    for d in DIMS:
+        delta_consts = {"DV": d, "BLOCK_DV": d, "BLOCK_M": bw.DELTA_BLOCK_M}
+        out.append((f"delta[bf16,d={d}]", bw._attn_bwd_delta,
+                    _sig(bw._attn_bwd_delta, "bf16", ("T", "H"), ("delta_ptr",)), delta_consts, {}, True))
     return [KernelSpec(*spec) for spec in out]

@@ -14,6 +14,14 @@ Causal masking is by position: query row i may see key j iff j <= pos[i], where 
 ``q_positions`` (token-sparse queries) or defaults to S - T + i. The key loop is split into a
 mask-free part (key blocks every row in the tile may see) and a masked tail.
 
+Non-finite inputs (the contract is documented once, in kernels.attention.ops.attention): a row
+whose query, or a key/value it may see, holds NaN or ±inf is written as all-NaN (out and lse). The
+first non-finite key position per (batch, query head) comes in as ``first_bad_BH`` (S when none):
+rows at or past it are flagged, and masked blocks load keys from it on as zeros, so a key a row
+may not see never reaches it through 0·inf; the mask-free loop needs no check at all (a non-finite
+query makes every score of its row non-finite, which IEEE arithmetic carries to a NaN row).
+Positions outside [0, S) (checked on the host only when cheap, see ops) give NaN rows too.
+
 Only pointer arithmetic is used (no ``tl.make_block_ptr``: removed in newer Triton).
 """
 from __future__ import annotations
@@ -30,17 +38,50 @@ LOG2E = 1.4426950408889634
 
 
 def _fwd_configs():
-    """Forward block configs the autotuner may pick on a GPU (compiled for sm_80/sm_90 by
-    tests/kernels/test_attention_compile.py). Configs whose shared memory does not fit (fp32 at
-    d=128) fail to compile and the autotuner skips them; the last one always fits."""
+    """(config, largest padded head dim it may run at) for the forward, as the autotuner sees them
+    on a GPU (compiled and ptxas-checked for sm_80 / sm_90a by the static gates, aot_specs.py).
+    Measured (bf16): BLOCK_M = 128 on 4 warps spills at d = 128 on both archs (196 - 880 B: a
+    128 × d fp32 accumulator plus Q and the score tile), so 128-row tiles use 8 warps; the
+    128 × 128 and 64 × 64 tiles are clean at d = 64 but spill at d = 128 on sm_80 (64 B, 4 B),
+    so they are pruned there (``configs_for``). Configs whose shared memory does not fit (fp32 at
+    d = 128) fail to compile and the autotuner skips them; the last one always fits."""
     cfg = triton.Config
     return [
-        cfg({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        cfg({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),  # small: fp32 at d=128 fits here
+        (cfg({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3), 128),
+        (cfg({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2), 64),
+        (cfg({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3), 64),
+        (cfg({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2), 128),  # small: fp32 at d=128 fits here
     ]
+
+
+def _config_key(c) -> tuple:
+    return tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
+
+
+def _limit(entry, atomic: bool) -> int:
+    """Largest padded head dim of a table entry (config, max_d[, max_d with ATOMIC_DQ])."""
+    return entry[2] if atomic and len(entry) > 2 else entry[1]
+
+
+def configs_for(table, block_d: int, atomic: bool = False) -> list:
+    """The configs of a (config, max padded head dim[, max with ATOMIC_DQ]) table that the
+    autotuner may pick at `block_d` (for the dK/dV kernel: with or without ATOMIC_DQ)."""
+    return [e[0] for e in table if block_d <= _limit(e, atomic)]
+
+
+def prune_by_head_dim(table):
+    """An autotune ``early_config_prune`` keeping the configs `table` allows at the launch's padded
+    head dim (max of BLOCK_D and BLOCK_DV); configs not in the table (the interpreter's) stay."""
+    entries = {_config_key(e[0]): e for e in table}
+
+    def prune(configs, named_args, **kwargs):
+        block_d = max(kwargs["BLOCK_D"], kwargs.get("BLOCK_DV", 0))
+        atomic = bool(kwargs.get("ATOMIC_DQ", False))
+        kept = [c for c in configs
+                if _config_key(c) not in entries or block_d <= _limit(entries[_config_key(c)], atomic)]
+        return kept or configs[-1:]
+
+    return prune
 
 
 def _interp_configs():
@@ -54,7 +95,8 @@ def block_dim(d: int) -> int:
 
 
 if HAS_TRITON:
-    FWD_CONFIGS = _fwd_configs()
+    FWD_TABLE = _fwd_configs()
+    FWD_CONFIGS = [e[0] for e in FWD_TABLE]
     ACTIVE_FWD_CONFIGS = _interp_configs() if INTERPRET else FWD_CONFIGS
 
     @triton.jit
@@ -73,23 +115,27 @@ if HAS_TRITON:
     @triton.jit
     def _query_positions(pos_ptr, b, offs_m, row_ok, T, S, HAS_POS: tl.constexpr):
         """pos_M: each query's key position (q_positions[b] or S - T + i); rows >= T get S - 1
-        so they never empty a softmax row (their results are not stored)."""
+        so they never empty a softmax row (their results are not stored). Explicit positions are
+        clamped to [0, S) so no loop bound leaves the key range (the forward flags those rows)."""
         if HAS_POS:
             pos = tl.load(pos_ptr + b * T + offs_m, mask=row_ok, other=0).to(tl.int32)
+            pos = tl.minimum(tl.maximum(pos, 0), S - 1)
         else:
             pos = S - T + offs_m
         return tl.where(row_ok, pos, S - 1)
 
     @triton.jit
-    def _fwd_block(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, pos, S, scale_log2,
+    def _fwd_block(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, pos, S, key_lim, scale_log2,
                    offs_n, offs_d, offs_dv, D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr,
                    MASKED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-        """One key block of the online softmax. MASKED blocks check key bounds and causality."""
+        """One key block of the online softmax. MASKED blocks check key bounds and causality, and
+        load keys from `key_lim` (the first non-finite one) on as zeros."""
         cols = start_n + offs_n
         col_ok = cols < S
-        k = _load_rows(k_base + cols[:, None] * stride_ks + offs_d[None, :], col_ok, offs_d < D,
+        load_ok = cols < key_lim
+        k = _load_rows(k_base + cols[:, None] * stride_ks + offs_d[None, :], load_ok, offs_d < D,
                        MASKED, D != BLOCK_D)
-        v = _load_rows(v_base + cols[:, None] * stride_vs + offs_dv[None, :], col_ok, offs_dv < DV,
+        v = _load_rows(v_base + cols[:, None] * stride_vs + offs_dv[None, :], load_ok, offs_dv < DV,
                        MASKED, DV != BLOCK_DV)
         s = tl.dot(q, tl.trans(k)) * scale_log2  # (M, N) scores in log2 units
         if MASKED:
@@ -105,9 +151,10 @@ if HAS_TRITON:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return acc, m_new, l_i
 
-    @triton.autotune(configs=ACTIVE_FWD_CONFIGS, key=["D", "DV", "CAUSAL", "HAS_POS"])
+    @triton.autotune(configs=ACTIVE_FWD_CONFIGS, key=["D", "DV", "CAUSAL", "HAS_POS"],
+                     prune_configs_by={"early_config_prune": prune_by_head_dim(FWD_TABLE)})
     @triton.jit
-    def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, k_head_ptr, v_head_ptr,
+    def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, k_head_ptr, v_head_ptr, first_bad_ptr,
                   scale_log2, T, S, H,
                   stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                   stride_vb, stride_vs, stride_vh, stride_ob, stride_ot, stride_oh,
@@ -115,7 +162,11 @@ if HAS_TRITON:
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Grid (cdiv(T, BLOCK_M), B·H). Writes o_BTHdv and lse_BHT (natural log, fp32)."""
-        pid_m = tl.program_id(0)
+        # causal: later query blocks see more keys; launch them first so the tail of the grid is short
+        if CAUSAL:
+            pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        else:
+            pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
         h = pid_bh % H
@@ -132,6 +183,8 @@ if HAS_TRITON:
         pos = _query_positions(pos_ptr, b, offs_m, row_ok, T, S, HAS_POS)
         k_base = k_ptr + b * stride_kb + kh * stride_kh
         v_base = v_ptr + b * stride_vb + vh * stride_vh
+        first_bad = tl.load(first_bad_ptr + pid_bh)
+        key_lim = tl.minimum(first_bad, S)
 
         if CAUSAL:  # keys [0, hi) are seen by some row; [0, full) by every row of the tile
             hi = tl.minimum(tl.max(tl.where(row_ok, pos, 0), 0) + 1, S)
@@ -145,15 +198,25 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         for start_n in range(0, full, BLOCK_N):
             acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, pos, S,
-                                       scale_log2, offs_n, offs_d, offs_dv, D, DV, CAUSAL, False, BLOCK_D, BLOCK_DV)
+                                       key_lim, scale_log2, offs_n, offs_d, offs_dv, D, DV, CAUSAL, False,
+                                       BLOCK_D, BLOCK_DV)
         for start_n in range(full, hi, BLOCK_N):
             acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, pos, S,
-                                       scale_log2, offs_n, offs_d, offs_dv, D, DV, CAUSAL, True, BLOCK_D, BLOCK_DV)
+                                       key_lim, scale_log2, offs_n, offs_d, offs_dv, D, DV, CAUSAL, True,
+                                       BLOCK_D, BLOCK_DV)
 
-        acc = acc / l_i[:, None]
+        # NaN rows: a non-finite key/value at a position the row sees, or a position outside [0, S)
+        if CAUSAL:
+            bad = first_bad <= pos
+        else:
+            bad = (first_bad < S) | (offs_m < 0)
+        if HAS_POS:
+            raw = tl.load(pos_ptr + b * T + offs_m, mask=row_ok, other=0)
+            bad = bad | (raw < 0) | (raw >= S)
+        acc = tl.where(bad[:, None], float("nan"), acc / l_i[:, None])
         o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_dv[None, :]
         tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < DV)[None, :])
-        lse = (m_i + tl.log2(l_i)) / 1.4426950408889634  # back to natural log
+        lse = tl.where(bad, float("nan"), (m_i + tl.log2(l_i)) / 1.4426950408889634)  # back to natural log
         tl.store(lse_ptr + pid_bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
 
 
@@ -166,8 +229,25 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def flash_fwd(q_BTHd, k_BSHkd, v_BSHvdv, k_head_H, v_head_H, pos_BT, causal: bool, scale: float):
+def first_nonfinite_key(k_BSHkd, v_BSHvdv, k_head_H, v_head_H) -> torch.Tensor:
+    """first_bad_BH (int32): the first key position whose K row (of head k_head[h]) or V row (of
+    v_head[h]) holds a NaN / ±inf, S when there is none. Device ops only (no host sync)."""
+    S = k_BSHkd.shape[1]
+    keys_S1 = torch.arange(S, device=k_BSHkd.device, dtype=torch.int32)[:, None]
+    sentinel = torch.full((), S, device=k_BSHkd.device, dtype=torch.int32)  # a fill: no host copy
+
+    def first(x_BSHd):
+        bad_BSH = ~torch.isfinite(x_BSHd).all(-1)
+        return torch.where(bad_BSH, keys_S1, sentinel).amin(1)  # (B, heads)
+
+    return torch.minimum(first(k_BSHkd).index_select(1, k_head_H.long()),
+                         first(v_BSHvdv).index_select(1, v_head_H.long())).contiguous()
+
+
+def flash_fwd(q_BTHd, k_BSHkd, v_BSHvdv, k_head_H, v_head_H, pos_BT, causal: bool, scale: float,
+              first_bad_BH=None):
     """Launch the forward. Inputs are validated by kernels.attention.ops; maps/positions are int32.
+    `first_bad_BH`: from ``first_nonfinite_key`` (computed here when not given).
 
     Returns out_BTHdv (q's dtype) and lse_BHT (fp32, natural log).
     """
@@ -180,12 +260,14 @@ def flash_fwd(q_BTHd, k_BSHkd, v_BSHvdv, k_head_H, v_head_H, pos_BT, causal: boo
         return out_BTHdv, lse_BHT
     has_pos = pos_BT is not None
     pos_arg = pos_BT if has_pos else k_head_H  # never read when HAS_POS is False
+    if first_bad_BH is None:
+        first_bad_BH = first_nonfinite_key(k_BSHkd, v_BSHvdv, k_head_H, v_head_H)
 
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
     _attn_fwd[grid](
-        q_BTHd, k_BSHkd, v_BSHvdv, out_BTHdv, lse_BHT, pos_arg, k_head_H, v_head_H,
+        q_BTHd, k_BSHkd, v_BSHvdv, out_BTHdv, lse_BHT, pos_arg, k_head_H, v_head_H, first_bad_BH,
         scale * LOG2E, T, S, H,
         *_strides(q_BTHd), *_strides(k_BSHkd), *_strides(v_BSHvdv), *_strides(out_BTHdv),
         D=d, DV=dv, CAUSAL=causal, HAS_POS=has_pos, BLOCK_D=block_dim(d), BLOCK_DV=block_dim(dv),

@@ -2,15 +2,20 @@
 
 Legend (shape suffixes):
     N  tokens            k  slots per token (runtime value)     M = N·k  assignments ("slots")
-    E  experts           B  routing blocks of ROUTE_BLOCK slots  R = next_pow2(E + 1) histogram bins
-    S  valid assignments (ids != -1), S ≤ M
+    E  experts           B  routing blocks of ROUTE_BLOCK slots  R = next_pow2(E + 2) histogram bins
+    S  valid assignments (ids in [0, E)), S ≤ M
 
 Slot ``m = n·k + j`` is token ``n``'s j-th choice. The sorted order is a *stable* sort of the slots by
 expert id with dropped slots (id ``-1``) last, so it is deterministic and identical between the
 Triton kernels and the torch fallback:
 
     sorted_slot_M[offsets_E1[e] : offsets_E1[e + 1]]   slots routed to expert e, ascending
-    sorted_slot_M[offsets_E1[E] :]                     dropped slots, ascending
+    sorted_slot_M[offsets_E1[E] :]                     dropped slots (-1), ascending, then slots
+                                                       with an out-of-range id, ascending
+
+An id outside [-1, E) is never an address: it goes to its own discard bin (E + 1), is treated as
+dropped by every kernel, and is counted in ``invalid_1`` on the device (no host sync; read it when
+logging, or pass ``check_ids=True`` / SPARSE_ARCH_DEBUG_CHECKS=1 to ``expert_mlp`` for an error).
 
 Triton path = three launches (ScatterMoE / megablocks style, but without any host sync):
     1. ``_histogram_kernel``  per routing block: counts per expert (dropped slots → bin E)
@@ -43,26 +48,35 @@ class Routing(NamedTuple):
     sorted_slot_M: int32 (M,)   slot index m = n·k + j, grouped by expert, dropped slots last
     counts_E:      int32 (E,)   assignments per expert
     offsets_E1:    int32 (E+1,) exclusive prefix sum of counts; offsets_E1[E] = S
+    invalid_1:     int32 (1,)   slots whose id is outside [-1, E) (treated as dropped)
     """
 
     sorted_slot_M: torch.Tensor
     counts_E: torch.Tensor
     offsets_E1: torch.Tensor
+    invalid_1: torch.Tensor
 
 
 if HAS_TRITON:
 
     @triton.jit
+    def _bin(ids, E):
+        """Histogram bin of each id: the expert, E for -1, E + 1 for anything else (compared in the
+        ids' own width, so huge int64 ids cannot wrap into range)."""
+        return tl.where(ids == -1, E, tl.where((ids >= 0) & (ids < E), ids, E + 1)).to(tl.int32)
+
+    @triton.jit
     def _histogram_kernel(ids_ptr, hist_ptr, M, E, R: tl.constexpr, BLOCK: tl.constexpr):
-        """hist_BR[b, r] = #slots of block b in bin r (bin E collects dropped and padding lanes)."""
+        """hist_BR[b, r] = #slots of block b in bin r (bin E: dropped and padding lanes, E + 1: ids
+        out of range, so no id can index past the R bins)."""
         b = tl.program_id(0)
         offs = b * BLOCK + tl.arange(0, BLOCK)
-        ids = tl.load(ids_ptr + offs, mask=offs < M, other=-1).to(tl.int32)
-        bins = tl.where(ids < 0, E, ids)
+        ids = tl.load(ids_ptr + offs, mask=offs < M, other=-1)
+        bins = _bin(ids, E)
         tl.store(hist_ptr + b * R + tl.arange(0, R), tl.histogram(bins, R))
 
     @triton.jit
-    def _scan_kernel(hist_ptr, base_ptr, counts_ptr, offsets_ptr, NB, M, E,
+    def _scan_kernel(hist_ptr, base_ptr, counts_ptr, offsets_ptr, invalid_ptr, NB, M, E,
                      R: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         """One program: totals per bin, then base_BR[b, r] = where block b's bin-r slots start,
         minus the in-block start of bin r (so the scatter kernel adds its in-block sorted lane)."""
@@ -78,6 +92,7 @@ if HAS_TRITON:
         start_R = tl.cumsum(total_R, 0) - total_R  # exclusive: where each bin starts globally
         tl.store(counts_ptr + r, total_R, mask=r < E)
         tl.store(offsets_ptr + r, start_R, mask=r <= E)
+        tl.store(invalid_ptr + r * 0, total_R, mask=r == E + 1)
         running_R = start_R
         for b0 in range(0, NB, ROWS):
             mask = (b0 + rows)[:, None] < NB
@@ -94,8 +109,8 @@ if HAS_TRITON:
         b = tl.program_id(0)
         lane = tl.arange(0, BLOCK)
         offs = b * BLOCK + lane
-        ids = tl.load(ids_ptr + offs, mask=offs < M, other=-1).to(tl.int32)
-        bins = tl.where(ids < 0, E, ids)
+        ids = tl.load(ids_ptr + offs, mask=offs < M, other=-1)
+        bins = _bin(ids, E)
         key = tl.sort(bins * BLOCK + lane)  # lane in the low bits keeps the sort stable
         bin_s = key // BLOCK
         slot = b * BLOCK + key % BLOCK
@@ -105,7 +120,7 @@ if HAS_TRITON:
 
 def _route_triton(ids_M: torch.Tensor, num_experts: int) -> Routing:
     M = ids_M.numel()
-    R = triton.next_power_of_2(num_experts + 1)
+    R = triton.next_power_of_2(num_experts + 2)
     NB = triton.cdiv(M, ROUTE_BLOCK)
     dev = ids_M.device
     hist_BR = torch.empty((NB, R), dtype=torch.int32, device=dev)
@@ -113,27 +128,33 @@ def _route_triton(ids_M: torch.Tensor, num_experts: int) -> Routing:
     counts_E = torch.empty(num_experts, dtype=torch.int32, device=dev)
     offsets_E1 = torch.empty(num_experts + 1, dtype=torch.int32, device=dev)
     sorted_slot_M = torch.empty(M, dtype=torch.int32, device=dev)
+    invalid_1 = torch.empty(1, dtype=torch.int32, device=dev)
     _histogram_kernel[(NB,)](ids_M, hist_BR, M, num_experts, R=R, BLOCK=ROUTE_BLOCK)
-    _scan_kernel[(1,)](hist_BR, base_BR, counts_E, offsets_E1, NB, M, num_experts,
+    _scan_kernel[(1,)](hist_BR, base_BR, counts_E, offsets_E1, invalid_1, NB, M, num_experts,
                        R=R, ROWS=SCAN_ROWS, BLOCK=ROUTE_BLOCK, num_warps=8)
     _scatter_kernel[(NB,)](ids_M, base_BR, sorted_slot_M, M, num_experts, R=R, BLOCK=ROUTE_BLOCK, num_warps=8)
-    return Routing(sorted_slot_M, counts_E, offsets_E1)
+    return Routing(sorted_slot_M, counts_E, offsets_E1, invalid_1)
 
 
 def _route_torch(ids_M: torch.Tensor, num_experts: int) -> Routing:
-    bins_M = torch.where(ids_M < 0, num_experts, ids_M.long())
+    """Same bins and order as the Triton path, with fixed-size ops only (no data-dependent shapes,
+    so torch.compile traces it: bincount's length depends on the largest id)."""
+    E = num_experts
+    ids_M = ids_M.long()
+    bins_M = torch.where(ids_M == -1, E, torch.where((ids_M >= 0) & (ids_M < E), ids_M, E + 1))
     sorted_slot_M = torch.argsort(bins_M, stable=True).to(torch.int32)
-    counts_E = torch.bincount(bins_M, minlength=num_experts + 1)[:num_experts].to(torch.int32)
-    offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids_M.device)
-    offsets_E1[1:] = torch.cumsum(counts_E, 0)
-    return Routing(sorted_slot_M, counts_E, offsets_E1)
+    hist = torch.zeros(E + 2, dtype=torch.int32, device=ids_M.device).scatter_add_(
+        0, bins_M, torch.ones_like(bins_M, dtype=torch.int32))
+    counts_E = hist[:E].contiguous()
+    offsets_E1 = torch.cat([hist.new_zeros(1), torch.cumsum(counts_E, 0, dtype=torch.int32)])
+    return Routing(sorted_slot_M, counts_E, offsets_E1, hist[E + 1:].contiguous())
 
 
 def route(expert_ids: torch.Tensor, num_experts: int, backend: str = "auto") -> Routing:
     """Sort the (N, k) assignments by expert. ``-1`` ids are dropped (sorted last, not counted).
 
-    expert_ids: int32/int64 (N, k) with values in [0, num_experts) or -1. Ids are not range-checked
-    here (``expert_mlp`` does that once); an id ≥ num_experts would be silently miscounted.
+    expert_ids: int32/int64 (N, k) with values in [0, num_experts) or -1. Any other id is treated as
+    dropped (sorted after the -1 slots) and counted in ``invalid_1``: no host sync, no bad address.
     backend: "triton" | "torch" | "auto" (Triton on CUDA, torch elsewhere). Both give identical output.
     """
     if not isinstance(expert_ids, torch.Tensor) or expert_ids.dtype not in (torch.int32, torch.int64):

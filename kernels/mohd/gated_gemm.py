@@ -34,9 +34,28 @@ def _gemm_configs():
     return [
         cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
         cfg({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-        cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        # BLOCK_K 32 (was 64 × 3 stages): gated_in spilled 32–104 B on sm_80 at K 64
+        cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
         cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+        # fp32 only (see fp32_config_ok): the FMA dot keeps its operand tiles in registers
+        cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=4, num_stages=3),
     ]
+
+
+def fp32_config_ok(cfg) -> bool:
+    """fp32 inputs run the 'ieee' FMA dot: the 64 × 64 × 32 tile spilled 40–236 B (ptxas -v, sm_90a),
+    64 × 64 × 16 does not, so fp32 autotunes over the K-16 config only (and bf16 over the rest)."""
+    return cfg.kwargs["BLOCK_K"] <= 16
+
+
+def _prune_by_dtype(configs, named_args, **kwargs):
+    """early_config_prune: fp32 keeps the fp32_config_ok configs, other dtypes the rest."""
+    first = next((v for v in named_args.values() if isinstance(v, torch.Tensor)), None)
+    is_fp32 = first is not None and first.dtype == torch.float32
+    return [c for c in configs if fp32_config_ok(c) == is_fp32] or configs
+
+
+PRUNE = {"early_config_prune": _prune_by_dtype}
 
 
 def _interp_configs():
@@ -50,7 +69,7 @@ if HAS_TRITON:
     GEMM_CONFIGS = _gemm_configs()
     ACTIVE_CONFIGS = _interp_configs() if INTERPRET else GEMM_CONFIGS
 
-    @triton.autotune(configs=ACTIVE_CONFIGS, key=["K", "M", "G"])
+    @triton.autotune(configs=ACTIVE_CONFIGS, key=["K", "M", "G"], prune_configs_by=PRUNE)
     @triton.jit
     def _gated_in_kernel(x_ptr, w_ptr, gate_ptr, y_ptr, N, K, M, G, B_IN, stride_wk, stride_wm,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -60,7 +79,7 @@ if HAS_TRITON:
         rows = offs_m.to(tl.int64)
         arange_k = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for e in range(0, G):
+        for e in range(G):
             g = tl.load(gate_ptr + rows * G + e, mask=m_mask, other=0.0).to(tl.float32)
             if tl.max(tl.abs(g), 0) > 0:  # some row of the tile uses group e
                 part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -71,11 +90,13 @@ if HAS_TRITON:
                     wt = tl.load(w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wm,
                                  mask=in_blk[:, None] & n_mask[None, :], other=0.0)
                     part = tl.dot(xa, wt, part, input_precision=PRECISION)
-                acc += part * g[:, None]
+                # rows that do not use group e add exactly 0, even when their x block or w's rows
+                # hold NaN/inf (0 · NaN would leak it)
+                acc += tl.where((g != 0)[:, None], part * g[:, None], 0.0)
         tl.store(y_ptr + rows[:, None] * M + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & n_mask[None, :])
 
-    @triton.autotune(configs=ACTIVE_CONFIGS, key=["K", "M", "G"])
+    @triton.autotune(configs=ACTIVE_CONFIGS, key=["K", "M", "G"], prune_configs_by=PRUNE)
     @triton.jit
     def _gated_out_kernel(x_ptr, w_ptr, gate_ptr, y_ptr, N, K, M, G, B_OUT, stride_wk, stride_wm,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -97,7 +118,7 @@ if HAS_TRITON:
                 wt = tl.load(w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wm,
                              mask=k_mask[:, None] & n_mask[None, :], other=0.0)
                 acc = tl.dot(xa, wt, acc, input_precision=PRECISION)
-        acc = acc * g[:, None]
+        acc = tl.where((g != 0)[:, None], acc * g[:, None], 0.0)  # unselected blocks: exactly 0, even for NaN x
         tl.store(y_ptr + rows[:, None] * M + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & n_mask[None, :])
 
@@ -107,7 +128,7 @@ def gated_in(x_NK: torch.Tensor, gate_NG: torch.Tensor, w_KM: torch.Tensor) -> t
     N, K = x_NK.shape
     M, G = w_KM.shape[1], gate_NG.shape[1]
     y_NM = torch.empty((N, M), dtype=x_NK.dtype, device=x_NK.device)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(M, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(M, meta["BLOCK_N"]))
     _gated_in_kernel[grid](x_NK, w_KM, gate_NG, y_NM, N, K, M, G, K // G, *w_KM.stride())
     return y_NM
 
@@ -118,6 +139,6 @@ def gated_out(x_NK: torch.Tensor, gate_NG: torch.Tensor, w_KM: torch.Tensor) -> 
     M, G = w_KM.shape[1], gate_NG.shape[1]
     b = M // G
     y_NM = torch.empty((N, M), dtype=x_NK.dtype, device=x_NK.device)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), G * triton.cdiv(b, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), G * triton.cdiv(b, meta["BLOCK_N"]))
     _gated_out_kernel[grid](x_NK, w_KM, gate_NG, y_NM, N, K, M, G, b, *w_KM.stride())
     return y_NM

@@ -15,6 +15,8 @@ twice for a token adds its gates (the same as a dense gate matrix would).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kernels import resolve_backend
@@ -26,14 +28,43 @@ ID_DTYPES = (torch.int32, torch.int64)
 
 
 def dense_gates(ids_NA: torch.Tensor, gates_NA: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """gate_NG[n, e] = Σ_j gates[n, j] over the slots with ids[n, j] = e (differentiable in gates)."""
-    keep_NA = ids_NA >= 0
+    """gate_NG[n, e] = Σ_j gates[n, j] over the slots with ids[n, j] = e (differentiable in gates).
+    Slots with id -1 or any id outside [0, G) add nothing (never an out-of-bounds index)."""
+    keep_NA = (ids_NA >= 0) & (ids_NA < n_groups)
     return gates_NA.new_zeros(ids_NA.shape[0], n_groups).scatter_add(
-        1, ids_NA.clamp(min=0).long(), torch.where(keep_NA, gates_NA, torch.zeros_like(gates_NA)))
+        1, ids_NA.clamp(0, n_groups - 1).long(), torch.where(keep_NA, gates_NA, torch.zeros_like(gates_NA)))
 
 
 def _gate_grad(dG_NG: torch.Tensor, ids_NA: torch.Tensor, dtype) -> torch.Tensor:
-    return torch.where(ids_NA >= 0, dG_NG.gather(1, ids_NA.clamp(min=0).long()), 0.0).to(dtype)
+    G = dG_NG.shape[1]
+    keep_NA = (ids_NA >= 0) & (ids_NA < G)
+    return torch.where(keep_NA, dG_NG.gather(1, ids_NA.clamp(0, G - 1).long()), 0.0).to(dtype)
+
+
+# the Triton launchers as torch.library ops (fake impls give shapes), so torch.compile traces the
+# autograd.Functions below without a graph break
+@torch.library.custom_op("sparse_arch::mohd_gated_in", mutates_args=())
+def _gated_in_op(x_NK: torch.Tensor, gate_NG: torch.Tensor, w_KM: torch.Tensor) -> torch.Tensor:
+    from kernels.mohd.gated_gemm import gated_in
+
+    return gated_in(x_NK, gate_NG, w_KM)
+
+
+@_gated_in_op.register_fake
+def _(x_NK, gate_NG, w_KM):
+    return x_NK.new_empty((x_NK.shape[0], w_KM.shape[1]))
+
+
+@torch.library.custom_op("sparse_arch::mohd_gated_out", mutates_args=())
+def _gated_out_op(x_NK: torch.Tensor, gate_NG: torch.Tensor, w_KM: torch.Tensor) -> torch.Tensor:
+    from kernels.mohd.gated_gemm import gated_out
+
+    return gated_out(x_NK, gate_NG, w_KM)
+
+
+@_gated_out_op.register_fake
+def _(x_NK, gate_NG, w_KM):
+    return x_NK.new_empty((x_NK.shape[0], w_KM.shape[1]))
 
 
 class GroupInMatmul(torch.autograd.Function):
@@ -41,24 +72,20 @@ class GroupInMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_NK, ids_NA, gates_NA, w_KM, n_groups: int):
-        from kernels.mohd.gated_gemm import gated_in
-
         gate_NG = dense_gates(ids_NA, gates_NA.float(), n_groups).contiguous()
         ctx.save_for_backward(x_NK, ids_NA, gate_NG, w_KM)
         ctx.n_groups, ctx.gate_dtype = n_groups, gates_NA.dtype
-        return gated_in(x_NK, gate_NG, w_KM)
+        return _gated_in_op(x_NK, gate_NG, w_KM)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy_NM):
-        from kernels.mohd.gated_gemm import gated_out
-
         x_NK, ids_NA, gate_NG, w_KM = ctx.saved_tensors
         N, K, G = x_NK.shape[0], x_NK.shape[1], ctx.n_groups
         dy_NM = dy_NM.contiguous().to(x_NK.dtype)
         active_NG = dense_gates(ids_NA, torch.ones_like(gate_NG[:, :1]).expand_as(ids_NA), G).clamp(max=1)
         # t = dy @ wᵀ on the selected blocks only; dx and the gate gradient both come from it
-        t_NGb = gated_out(dy_NM, active_NG.contiguous(), w_KM.T).view(N, G, -1).float()
+        t_NGb = _gated_out_op(dy_NM, active_NG.contiguous(), w_KM.T).view(N, G, -1).float()
         x_NGb = x_NK.view(N, G, -1).float()
         dx = (t_NGb * gate_NG[..., None]).view(N, K).to(x_NK.dtype) if ctx.needs_input_grad[0] else None
         dgates = _gate_grad((t_NGb * x_NGb).sum(-1), ids_NA, ctx.gate_dtype) if ctx.needs_input_grad[2] else None
@@ -73,26 +100,22 @@ class GroupOutMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_NK, ids_NA, gates_NA, w_KM, n_groups: int):
-        from kernels.mohd.gated_gemm import gated_out
-
         gate_NG = dense_gates(ids_NA, gates_NA.float(), n_groups).contiguous()
         ctx.save_for_backward(x_NK, ids_NA, gate_NG, w_KM)
         ctx.n_groups, ctx.gate_dtype = n_groups, gates_NA.dtype
-        return gated_out(x_NK, gate_NG, w_KM)
+        return _gated_out_op(x_NK, gate_NG, w_KM)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy_NM):
-        from kernels.mohd.gated_gemm import gated_in, gated_out
-
         x_NK, ids_NA, gate_NG, w_KM = ctx.saved_tensors
         N, M, G = x_NK.shape[0], w_KM.shape[1], ctx.n_groups
         dy_NM = dy_NM.contiguous().to(x_NK.dtype)
-        dx = gated_in(dy_NM, gate_NG, w_KM.T) if ctx.needs_input_grad[0] else None
+        dx = _gated_in_op(dy_NM, gate_NG, w_KM.T) if ctx.needs_input_grad[0] else None
         dgates = dw = None
         if ctx.needs_input_grad[2]:  # recompute x @ w on the selected blocks (cheaper than storing it)
             active_NG = dense_gates(ids_NA, torch.ones_like(gate_NG[:, :1]).expand_as(ids_NA), G).clamp(max=1)
-            t_NGb = gated_out(x_NK, active_NG.contiguous(), w_KM).view(N, G, -1).float()
+            t_NGb = _gated_out_op(x_NK, active_NG.contiguous(), w_KM).view(N, G, -1).float()
             dgates = _gate_grad((t_NGb * dy_NM.view(N, G, -1).float()).sum(-1), ids_NA, ctx.gate_dtype)
         if ctx.needs_input_grad[3]:
             gated_dy = (dy_NM.view(N, G, -1).float() * gate_NG[..., None]).view(N, M).to(x_NK.dtype)
@@ -102,14 +125,17 @@ class GroupOutMatmul(torch.autograd.Function):
 
 def _torch_in(x_NK, ids_NA, gates_NA, w_KM, n_groups):
     N, K = x_NK.shape
-    gate_NG = dense_gates(ids_NA, gates_NA, n_groups).to(x_NK.dtype)
-    return (x_NK.view(N, n_groups, -1) * gate_NG[..., None]).view(N, K) @ w_KM
+    gate_NG1 = dense_gates(ids_NA, gates_NA, n_groups).to(x_NK.dtype)[..., None]
+    # where, not a multiply: an unselected block of x adds exactly 0 even if it holds NaN/inf
+    x_NGb = torch.where(gate_NG1 != 0, x_NK.view(N, n_groups, -1) * gate_NG1, 0.0)
+    return x_NGb.view(N, K) @ w_KM
 
 
 def _torch_out(x_NK, ids_NA, gates_NA, w_KM, n_groups):
     N, M = x_NK.shape[0], w_KM.shape[1]
-    gate_NG = dense_gates(ids_NA, gates_NA, n_groups).to(x_NK.dtype)
-    return ((x_NK @ w_KM).view(N, n_groups, -1) * gate_NG[..., None]).view(N, M)
+    gate_NG1 = dense_gates(ids_NA, gates_NA, n_groups).to(x_NK.dtype)[..., None]
+    y_NGb = (x_NK @ w_KM).view(N, n_groups, -1)
+    return torch.where(gate_NG1 != 0, y_NGb * gate_NG1, 0.0).view(N, M)  # unselected blocks: exactly 0
 
 
 def _fail(exc, op, name, msg):
@@ -144,8 +170,11 @@ def _check(op, x, ids, gates, w, n_groups, grouped_dim):
         _fail(ValueError, op, f"{grouped_dim}={width}", f"must be divisible by n_groups={n_groups}")
     if not x.is_contiguous():
         _fail(ValueError, op, "x", f"must be contiguous (call .contiguous()); got strides {x.stride()}")
-    if ids.numel():
-        lo, hi = (int(v) for v in torch.aminmax(ids))  # one host sync; a bad id is never silent
+    if x.device.type == "meta":
+        _fail(ValueError, op, "x", "is on the meta device: real data is needed (use a cpu or cuda tensor)")
+    if os.environ.get("SPARSE_ARCH_DEBUG_CHECKS", "0") == "1" and ids.numel():
+        # debug only (one host sync); otherwise an id outside [-1, G) acts like -1 (see dense_gates)
+        lo, hi = (int(v) for v in torch.aminmax(ids))
         if lo < -1 or hi >= n_groups:
             _fail(ValueError, op, "ids", f"values must be in [0, n_groups={n_groups}) or -1, found {lo if lo < -1 else hi}")
 
@@ -171,6 +200,10 @@ def group_in_matmul(x, ids, gates, w, n_groups: int, backend: str = "auto"):
         w:        (K, M), x's dtype, any strides (e.g. a Linear's weight.T).
         n_groups: G. backend: "triton" | "torch" (dense masked matmul) | "reference" | "auto".
     Returns: y (N, M) = Σ_j gates[:, j] · x[:, blk(ids_j)] @ w[blk(ids_j), :] in x's dtype.
+    NaN / inf: a non-finite value in a selected block of x[n] (or its gate) makes y[n] non-finite;
+    x's unselected blocks contribute exactly nothing (all backends). Non-finite rows of w in a group
+    token n did not select: nothing on the Triton and reference paths; the torch path's dense
+    matmul multiplies them by 0 and gives NaN (keep weights finite, as training does).
     Raises: TypeError for types/dtypes, ValueError for shapes, devices, contiguity, ids, backend.
     """
     _check("group_in_matmul", x, ids, gates, w, n_groups, "K")
@@ -182,6 +215,8 @@ def group_out_matmul(x, ids, gates, w, n_groups: int, backend: str = "auto"):
 
     Args as ``group_in_matmul`` except that M = G·b is the grouped width.
     Returns: y (N, M) with y[:, blk(e)] = (Σ_{j: ids_j = e} gates[:, j]) · x @ w[:, blk(e)].
+    NaN / inf: a block whose summed gate is 0 (unselected) is exactly 0 on every backend, even when
+    x[n], w or the gate hold NaN/inf; a non-finite x[n] or gate makes x[n]'s selected blocks non-finite.
     """
     _check("group_out_matmul", x, ids, gates, w, n_groups, "M")
     return _dispatch("group_out_matmul", GroupOutMatmul, _torch_out, group_out_matmul_reference, x, ids, gates, w, n_groups, backend)

@@ -4,7 +4,7 @@ import torch
 
 from arch.model import LanguageModel
 from arch.registry import ATTENTION, ConfigError
-from training.accounting.flops import forward_flops_per_token
+from training.accounting.account import account
 from tests.arch.depth_helpers import model
 
 
@@ -61,10 +61,10 @@ def test_extra_steps_compute_only_the_selected_tokens():
     flops = []
     for ratios in ([0, 0, 0], [0.5, 0.5, 0.5], [0.7, 0.7, 0.7], [1, 1, 1]):
         itt.depth.set_ratios(ratios)
-        flops.append(forward_flops_per_token(itt, 16))
-    vanilla = forward_flops_per_token(model({"name": "plain"}), 16)
+        flops.append(account(itt, 16).forward_flops_per_token)
+    vanilla = account(model({"name": "plain"}), 16).forward_flops_per_token
     assert flops == sorted(flops) and flops[0] == pytest.approx(vanilla, rel=0.01)
-    block = (vanilla - forward_flops_per_token(model({"name": "plain"}, n_layers=3), 16))
+    block = vanilla - account(model({"name": "plain"}, n_layers=3), 16).forward_flops_per_token
     assert flops[-1] - flops[0] == pytest.approx(3 * block, rel=0.02)  # 3 extra full steps of one layer
 
 

@@ -9,7 +9,7 @@ import torch
 from arch.registry import ConfigError
 from tests.arch.depth_helpers import model
 from tests.helpers import tiny_config
-from training.accounting.flops import forward_flops_per_token
+from training.accounting.account import account
 from training.trainer import train
 
 
@@ -25,8 +25,8 @@ def test_loop_runs_its_execute_order_with_shared_weights():
     assert model({"name": "loop", "pattern": "stack", "repeats": 2}).depth.order == [0, 1, 2, 3, 0, 1, 2, 3]
     plain = model({"name": "plain"})
     assert loop.num_parameters() == plain.num_parameters()
-    block = forward_flops_per_token(plain, 12) - forward_flops_per_token(model({"name": "plain"}, n_layers=3), 12)
-    assert forward_flops_per_token(loop, 12) - forward_flops_per_token(plain, 12) == pytest.approx(4 * block)
+    block = account(plain, 12).forward_flops_per_token - account(model({"name": "plain"}, n_layers=3), 12).forward_flops_per_token
+    assert account(loop, 12).forward_flops_per_token - account(plain, 12).forward_flops_per_token == pytest.approx(4 * block)
     loop.depth.set_repeats(1)  # evaluation at another count; repeats=1 is the plain stack
     loop.load_state_dict(plain.state_dict())
     assert torch.equal(loop(IDX, IDX).logits, plain(IDX, IDX).logits)
@@ -88,12 +88,12 @@ def test_truncated_backprop_keeps_no_graph_for_the_early_iterations():
 
 def test_recurrent_core_evaluates_at_any_iteration_count():
     rec = model({"name": "recurrent", "state_init": "zero"}).eval()
-    base = forward_flops_per_token(rec, 12)
+    base = account(rec, 12).forward_flops_per_token
     losses, flops = [], []
     for r in (1, 2, 4, 9):
         rec.depth.set_iterations(r)
         losses.append(rec(IDX, IDX).loss)
-        flops.append(forward_flops_per_token(rec, 12))
+        flops.append(account(rec, 12).forward_flops_per_token)
     assert all(torch.isfinite(l) for l in losses) and len({round(l.item(), 6) for l in losses}) == 4
     assert flops[3] - flops[2] == pytest.approx(5 * (flops[1] - flops[0]))  # linear in r
     assert flops[2] == base  # eval default r = r̄ = 4

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from arch.cost import CostSetting
 from arch.ffn.mhmoe import MultiHeadMoEFFN
 from arch.ffn.moe import MoEFFN
 from arch.ffn.router import cluster_dropout_mask, cluster_variance_loss, switch_balance_loss
@@ -73,7 +74,8 @@ def test_mhmoe_projection_init_follows_the_official_code_inside_the_model():
     assert ffn.merge_proj.weight.std() > 0.7 * math.sqrt(2 / (2 * D)) and not ffn.merge_proj.bias.any()
     # activated expert FLOPs per token equal a top-k MoE's with the same (full-width) expert size
     assert ffn.F == MoEFFN(D, 0, top_k=2).F
-    assert ffn.flops_per_token(32) == 2 * 2 * 3 * D * ffn.F + 1 * 2 * (D // 2) * 8
+    # h = 2 sub-tokens × (router 2·(D/2)·E + k = 2 experts of 3·(D/2)·F), plus the two D×D projections
+    assert ffn.cost(CostSetting(32)).matmul_flops == 2 * 2 * 3 * D * ffn.F + 2 * 2 * (D // 2) * 8 + 2 * 2 * D * D
 
 
 def test_mhmoe_heads_must_divide_d_model():

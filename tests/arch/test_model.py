@@ -155,19 +155,21 @@ def test_registry_lists_names_and_rejects_unknown_options():
 
 
 def test_every_block_yaml_matches_its_constructor():
-    """conf/model/<group>/<name>.yaml keys are exactly the class's keyword-only constructor args."""
+    """conf/model/<group>/<name>.yaml keys, as Hydra composes them (a variant inherits its parent through
+    its defaults list), are exactly the class's keyword-only constructor args."""
     from pathlib import Path
 
-    import yaml
+    from omegaconf import OmegaConf
 
     from arch.registry import REGISTRIES
+    from training.cli import compose
 
     conf = Path(__file__).resolve().parents[2] / "conf" / "model"
     for group, registry in REGISTRIES.items():
         files = sorted((conf / group).glob("*.yaml"))
         assert {f.stem for f in files} >= {n for n in registry.names() if not n.endswith("_test")}
         for f in files:
-            node = yaml.safe_load(f.read_text())
+            node = OmegaConf.to_container(compose([f"model/{group}={f.stem}"]).model[group])
             assert node["name"] == f.stem
             assert set(node) - {"name"} == set(registry.options(f.stem)), f
 

@@ -14,7 +14,7 @@ from arch.layers import ForwardContext
 from tests.helpers import tiny_config
 from training.cli import compose
 from training.config import validate
-from training.accounting.flops import forward_flops_per_token
+from training.accounting.account import account
 from training.metrics import read_metrics
 from training.trainer import train
 
@@ -172,7 +172,7 @@ def _build(experiment):
 
 def test_presets_report_activated_and_total_parameters():
     counts = {e: parameter_counts(_build(e), exclude_embeddings=True) for e in ("mohd_baseline", "mohd_half", "mohd_3x")}
-    flops = {e: forward_flops_per_token(_build(e), 256) for e in counts}
+    flops = {e: account(_build(e), 256).forward_flops_per_token for e in counts}
     for e in counts:
         print(f"{e}: total {counts[e]['total']:,} activated {counts[e]['activated']:,} params; {flops[e] / 1e6:.2f} MFLOP/token")
     base = counts["mohd_baseline"]

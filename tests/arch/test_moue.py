@@ -20,7 +20,8 @@ from arch.model import LanguageModel
 from kernels.moe import expert_mlp_reference
 from training.cli import compose
 from training.config import ModelConfig, validate
-from training.accounting.flops import forward_flops_per_token
+from arch.cost import CostSetting, linear_flops
+from training.accounting.account import account
 
 D = 16
 MOUE = {"name": "moue", "n_universal": 10, "window_size": 4, "window_stride": 3, "top_k": 2, "expert_hidden": 8, "backend": "torch"}
@@ -216,11 +217,14 @@ def test_moue_preset_matches_its_moe_baseline_in_activated_flops_and_total_param
     moue, moe = _preset_model("moue"), _preset_model("moue_baseline")
     ffn_u, ffn_e = moue.depth.blocks[0].ffn, moe.depth.blocks[0].ffn
     assert (ffn_u.top_k, ffn_u.F) == (ffn_e.top_k, ffn_e.F)
-    assert ffn_u.flops_per_token(256) - 2 * ffn_u.top_k * ffn_u.trajectory_dim == ffn_e.flops_per_token(256)
+    at = CostSetting(256)  # expert FLOPs alike: take off the routers and MoUE's trajectory EMA
+    moue_experts = ffn_u.cost(at).matmul_flops - linear_flops(ffn_u.router) - 2 * ffn_u.top_k * ffn_u.trajectory_dim
+    assert moue_experts == ffn_e.cost(at).matmul_flops - linear_flops(ffn_e.router)
     # Whole-model FLOPs differ only by the router widths (pool of M vs E experts) and the trajectory EMA.
     router_diff = sum(2 * (b.ffn.router.weight.numel() - e.ffn.router.proj.weight.numel()) for b, e in zip(moue.depth.blocks, moe.depth.blocks))
     extra = router_diff + len(moue.depth.blocks) * 2 * ffn_u.top_k * ffn_u.trajectory_dim
-    assert forward_flops_per_token(moue, 256) - forward_flops_per_token(moe, 256) == extra
-    assert extra < 0.02 * forward_flops_per_token(moe, 256)
+    flops_u, flops_e = account(moue, 256).forward_flops_per_token, account(moe, 256).forward_flops_per_token
+    assert flops_u - flops_e == extra
+    assert extra < 0.02 * flops_e
     n_u, n_e = moue.num_parameters(), moe.num_parameters()
     assert abs(n_u - n_e) / n_e < 0.01, (n_u, n_e)  # pool 32 experts = 4 layers × 8 experts

@@ -205,7 +205,10 @@ def test_resume_restores_the_scheduler_and_continues_identically(tmp_path):
 
 
 def test_flops_overhead_of_loops_is_counted_and_kept_heads_are_cheaper_than_block_loops():
-    from training.accounting.flops import forward_flops_per_token
+    from training.accounting.account import account
+
+    def forward_flops_per_token(model, seq_len):
+        return account(model, seq_len).forward_flops_per_token
 
     heads = sgt_model(exclude_layers=[0])
     block = sgt_model(exclude_layers=[0], loop_mode="block")

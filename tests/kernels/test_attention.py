@@ -90,12 +90,12 @@ def ref_run(q, k, v, do, k_head, v_head, pos, causal, H, Hk, Hv):
     return out.detach(), lse.detach(), torch.autograd.grad(out, (q, k, v), do.float())
 
 
-def check_against_reference(map_name, pos_name, dtype, d=16, dv=16, B=2, seed=0):
+def check_against_reference(map_name, pos_name, dtype, d=16, dv=16, B=2, seed=0, **extra):
     H, Hk, Hv, k_head, v_head = MAPS[map_name]
     T, S, causal, positions = POSITIONS[pos_name]
     q, k, v, do, pos = make_problem(B, T, S, H, Hk, Hv, d, dv, positions, dtype, seed)
     kw = dict(causal=causal, k_head=None if k_head is None else torch.tensor(k_head),
-              v_head=None if v_head is None else torch.tensor(v_head), q_positions=pos)
+              v_head=None if v_head is None else torch.tensor(v_head), q_positions=pos, **extra)
     out, lse, grads = run("triton", q, k, v, do, **kw)
     r_out, r_lse, r_grads = ref_run(q, k, v, do, k_head, v_head, pos, causal, H, Hk, Hv)
     assert out.dtype == dtype and out.shape == (B, T, H, dv)
@@ -120,6 +120,13 @@ def test_triton_fp32_matches_reference(map_name, pos_name, poisoned_empty):
 @pytest.mark.parametrize("map_name", sorted(MAPS))
 def test_triton_fp16_matches_reference(map_name, pos_name, poisoned_empty):
     check_against_reference(map_name, pos_name, torch.float16)
+
+
+@pytest.mark.parametrize("map_name,pos_name", [("gqa", "causal"), ("decoupled", "subset"), ("mha", "full"),
+                                               ("mqa", "decode"), ("decoupled", "cross")])
+def test_triton_single_pass_atomic_dq(map_name, pos_name, poisoned_empty):
+    """deterministic=False: dQ added with atomics inside the dK/dV launch (FA2's single pass)."""
+    check_against_reference(map_name, pos_name, torch.float32, deterministic=False)
 
 
 @pytest.mark.parametrize("d,dv", [(24, 40), (8, 16), (64, 64), (128, 128)])

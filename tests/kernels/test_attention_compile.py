@@ -2,12 +2,13 @@
 
 The interpreter runs kernels on CPU but does not prove they build for a GPU (layouts, shared
 memory, dot shapes). Each kernel is compiled for sm_80 and sm_90 at every block config the
-autotuner can pick on a GPU, at head dim 128 in bf16 (the largest shared-memory footprint of
-the 16-bit dtypes), plus the first config at d=64 and at a masked d=80, and the small fallback
-config in fp32 at d=128. Every 16-bit compile must fit the device's shared memory; in fp32 the
-autotuner skips configs that do not fit, so only the fallback must fit. Compiles run in one
-subprocess per arch (in parallel) with TRITON_INTERPRET=0, so the modules expose real
-JITFunctions and the GPU config lists.
+autotuner can pick on a GPU (configs are pruned by head dim: kernels.attention.flash.configs_for),
+in bf16 at head dims 64 and 128 (default positions; explicit q_positions and a masked d=80 too),
+the decoupled-map dK-only / dV-only launches, and fp32 at d=128. Every 16-bit compile must fit
+the device's shared memory; in fp32 the autotuner skips configs that do not fit, so only the
+small fallback config must fit. The specs come from kernels/attention/aot_specs.py (shared with
+the ptxas spill gate). Compiles run in one subprocess per arch (in parallel) with
+TRITON_INTERPRET=0, so the modules expose real JITFunctions and the GPU config lists.
 """
 from __future__ import annotations
 

@@ -50,9 +50,10 @@ def _grads(fn, inputs, do):
     return out.detach(), torch.autograd.grad(out, leaves, do)
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bf16_flash_attention_rule(case, d):
+def test_bf16_flash_attention_rule(case, d, deterministic):
     _, B, T, S, H, Hk, Hv, k_head, v_head, positions, causal = case
     dev, dt = "cuda", torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
@@ -67,7 +68,7 @@ def test_bf16_flash_attention_rule(case, d):
         pos = (S - T + torch.arange(T, device=dev)).expand(B, T)
     scale = d ** -0.5
     kw = dict(causal=causal, k_head=None if k_head is None else kh, v_head=None if v_head is None else vh,
-              q_positions=pos if positions == "subset" else None, backend="triton")
+              q_positions=pos if positions == "subset" else None, backend="triton", deterministic=deterministic)
 
     out, grads = _grads(lambda q, k, v: attention(q, k, v, **kw), (q, k, v), do)
     ref, ref_grads = _grads(lambda q, k, v: attention_reference(q, k, v, kh, vh, pos, causal, scale)[0],
@@ -109,3 +110,25 @@ def test_auto_is_triton_on_cuda_and_entropy():
     ent = last_row_attention_entropy(q * 4, k)  # auto → triton on CUDA
     # fp32 dots run as TF32 on GPU (TRITON_F32_DEFAULT=ieee makes them exact): ~1e-3 on scores
     torch.testing.assert_close(ent, last_row_entropy_reference(q * 4, k, kh, 64 ** -0.5), atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("maps", ["default", "device"])
+def test_no_host_sync_forward_backward(maps):
+    """torch.cuda.set_sync_debug_mode("error") raises on any synchronising call: the Triton
+    forward + backward with default maps or device-resident decoupled maps and positions has none."""
+    dev, dt = "cuda", torch.bfloat16
+    B, T, H, Hk, d = 2, 256, 8, 2, 64
+    q, k, v = (torch.randn(B, T, h, d, device=dev, dtype=dt, requires_grad=True) for h in (H, Hk, Hk))
+    kw = {}
+    if maps == "device":
+        kw = dict(k_head=torch.tensor([1, 0, 1, 1, 0, 1, 0, 0], device=dev),
+                  v_head=torch.tensor([0, 0, 1, 1, 0, 1, 1, 0], device=dev),
+                  q_positions=torch.arange(T, device=dev).expand(B, T).contiguous())
+    attention(q, k, v, backend="triton", **kw).sum().backward()  # autotune / compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = attention(q, k, v, backend="triton", **kw)
+        torch.autograd.grad(out.sum(), (q, k, v))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -59,8 +59,6 @@ def test_fp32_matches_torch_on_gpu():
 
 
 def test_auto_backend_is_triton_on_cuda():
-    from kernels.moe.ops import ExpertMLPFunction
-
     x, ids, gates, w_in, w_out = (t.cuda() for t in make_problem(64, 64, 32, 4, 2, torch.bfloat16))
     y = expert_mlp(x.requires_grad_(), ids, gates, w_in, w_out)
-    assert y.grad_fn is not None and type(y.grad_fn).__name__ == ExpertMLPFunction.__name__ + "Backward"
+    assert y.grad_fn is not None and "moe_triton_fwd" in type(y.grad_fn).__name__

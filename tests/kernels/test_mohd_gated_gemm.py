@@ -122,7 +122,8 @@ def test_out_op_leaves_unselected_blocks_exactly_zero():
         (dict(backend="cuda"), ValueError, "backend='cuda' is not one of"),
     ],
 )
-def test_invalid_inputs_raise_clear_errors(change, exc, match):
+def test_invalid_inputs_raise_clear_errors(change, exc, match, monkeypatch):
+    monkeypatch.setenv("SPARSE_ARCH_DEBUG_CHECKS", "1")  # the id range check is a debug check (host sync)
     x, ids, gates, w = make(*CASES[0], "in")
     args = {**dict(x=x, ids=ids, gates=gates, w=w, n_groups=5, backend="torch"), **change}
     with pytest.raises(exc, match=match):

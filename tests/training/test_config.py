@@ -63,7 +63,7 @@ def test_invalid_values_are_rejected_with_allowed_choices(overrides, message):
 
 
 def _run_train(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
 
 
 @pytest.mark.parametrize(
@@ -71,7 +71,7 @@ def _run_train(*args, cwd=ROOT):
     [
         (["trainer.max_step=5"], "unknown config key 'trainer.max_step': trainer has keys"),
         (["optim.lr=-1"], "optim.lr=-1 must be > 0"),
-        (["model/attention=flash9"], "Could not find 'model/attention/flash9'"),
+        (["model/attention=flash9"], "model/attention=flash9: no such option in config group 'model/attention'; choices: dha, mha, mohd_mha"),
         (["model.attention.n_kv_heads=3"], "n_kv_heads=3 must divide model.n_heads=4"),
     ],
 )
@@ -104,3 +104,55 @@ def test_a_block_option_only_its_constructor_can_judge_fails_before_anything_is_
     with pytest.raises(ValueError, match=r"ffn.top_k=99 must be in \[1, n_experts=8\]"):
         Trainer(tiny_config(run_dir, "model=moe_tiny", "model.ffn.top_k=99"))
     assert not run_dir.exists()
+
+
+def _numeric_fields(schema, prefix=""):
+    """(dotted key, type) of every int / float field of the schema, nested dataclasses included."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        hint, key = hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            yield from _numeric_fields(hint, f"{key}.")
+        elif {int, float} & set(typing.get_args(hint) or (hint,)):
+            yield key
+
+
+def test_every_numeric_option_of_the_schema_has_a_range_check():
+    """-1 is out of range for every numeric option we have; each must be refused, naming its key."""
+    from training.config import RootConfig
+
+    keys = list(_numeric_fields(RootConfig))
+    assert len(keys) > 40
+    accepted = []
+    for key in keys:
+        try:
+            validate(compose([f"++{key}=-1"]))  # ++: also keys the default preset leaves out (data.hf ...)
+            accepted.append(key)
+        except ConfigError as e:
+            assert key in str(e) or key.split(".")[-1] in str(e), (key, str(e))
+    assert not accepted, f"-1 accepted for {accepted}"
+
+
+def test_every_numeric_block_option_has_a_range_rule():
+    """A new block option that is a number needs a rule in BLOCK_OPTION_RANGES (or a reason to have none)."""
+    import typing
+
+    from arch.registry import REGISTRIES
+    from training.config import BLOCK_OPTION_RANGES
+
+    no_range = {"step_init": "any real initial step scale phi_t"}
+    missing = []
+    for group, registry in REGISTRIES.items():
+        for name in registry.names():
+            hints = typing.get_type_hints(registry.get(name).__init__)
+            for key, param in registry.options(name).items():
+                hint = hints.get(key, param.annotation)
+                types = set(typing.get_args(hint) or (hint,))
+                if {int, float} & types and key not in BLOCK_OPTION_RANGES and key not in no_range:
+                    missing.append(f"{group}/{name}.{key}")
+    assert not missing, missing
+    for key, (test, _) in BLOCK_OPTION_RANGES.items():
+        assert not test(-1), key

@@ -5,8 +5,9 @@
 
 ``account(model, seq_len, elastic)`` reads a built model (or a sub-network of it);
 ``account_config(cfg, seq_len, vocab_size)`` builds the model on the ``meta`` device first, so a
-config of any size is accounted in well under a second without allocating its weights. The
-per-block rules live in ``training/accounting/blocks.py``.
+config of any size is accounted in well under a second without allocating its weights. This
+module only walks the model and sums: every block answers its own ``cost(setting)`` from its own
+file (the record and the shared conventions are in ``arch/cost.py``).
 
 Conventions (every number is per token):
 
@@ -40,8 +41,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
+from arch.cost import Cost, CostSetting, cost_of, linear_flops, numel
 from arch.layers import ElasticSetting
-from training.accounting.blocks import Cost, Usage, depth_cost, linear_flops, numel
 
 _DTYPE_NAMES = {1: "fp8/int8", 2: "bf16/fp16", 4: "fp32"}
 
@@ -88,9 +89,10 @@ def account(
     ``dtype_bytes``: bytes per KV-cache element (2 = bf16).
     """
     setting = model.elastic if elastic is None else elastic
-    usage = Usage(seq_len, setting, model.training if training is None else training, dtype_bytes)
+    training = model.training if training is None else training
+    usage = CostSetting.from_elastic(seq_len, setting, training=training, dtype_bytes=dtype_bytes)
     depth = model.depth
-    cost = depth_cost(depth, usage) + Cost(
+    cost = cost_of(depth, usage) + Cost(
         {id(model.embed.weight): model.embed.weight.numel(), id(model.lm_head.weight): model.lm_head.weight.numel(),
          id(model.norm): numel(model.norm)},
         matmul_flops=linear_flops(model.lm_head),
@@ -109,11 +111,11 @@ def account(
         active_non_embedding_params=active - embedding,
         forward_flops_per_token=cost.forward_flops,
         attention_flops_per_token=cost.attention_flops,
-        train_flops_per_token=3 * cost.forward_flops - 2 * cost.no_grad_flops,
+        train_flops_per_token=cost.train_flops,
         kv_cache_bytes_per_token=cost.kv_bytes,
         seq_len=seq_len,
         dtype_bytes=dtype_bytes,
-        mode="train" if usage.training else "eval",
+        mode="train" if training else "eval",
         elastic=describe_setting(setting),
         notes=tuple(usage.notes),
     )
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, help="elastic sparsity: experts per token")
     args, overrides = parse(parser, argv, overrides=True)
     from training.cli import check_overrides, compose
-    from training.config import ConfigError, validate
+    from training.config import ConfigError, elastic_dims, validate
 
     check_overrides(overrides)  # an unknown key or bad value: one line naming it, exit 2
 
@@ -251,7 +253,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"config error: {e}")
     mask_E = None
     if args.experts is not None:
-        mask_E = torch.arange(root.model.ffn.get("n_experts", 8)) < args.experts
+        _, n_experts, _ = elastic_dims(root.model)
+        if n_experts is None:
+            raise SystemExit(f"--experts needs an FFN with elastic widths; model.ffn.name={root.model.ffn['name']!r} has none")
+        mask_E = torch.arange(n_experts) < args.experts
     layers = tuple(int(i) for i in args.layers.split(",")) if args.layers else None
     setting = ElasticSetting(active_layers=layers, expert_mask_E=mask_E, top_k=args.top_k)
     vocab_size = _vocab_size(root, args.vocab_size)

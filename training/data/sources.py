@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from training.data.errors import DataError, SourceUnavailable
 from training.data.tokenizer import _cfg_get
 
 SOURCES = ("embedded", "files", "hf", "synthetic")
@@ -51,11 +52,36 @@ def embedded_path(data_cfg) -> Path:
     return path
 
 
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as handle:
+                return handle.read()
+        return path.read_bytes()
+    except (OSError, EOFError) as err:  # unreadable, or a damaged / not-really gzip file
+        raise DataError(f"{path}: cannot read ({type(err).__name__}: {err})") from None
+
+
+def decode_text(data: bytes, where: Path | str) -> str:
+    """UTF-8 text of `data`; DataError naming `where` and the line for binary or non-UTF-8 content."""
+    nul = data.find(b"\0", 0, 1 << 20)
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise DataError(f"{where}:{line}: looks binary (NUL byte at offset {nul}); text files must be UTF-8 text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(f"{where}:{line}: not UTF-8 (byte 0x{data[err.start]:02x} at column {column}, offset "
+                        f"{err.start}); re-encode the file as UTF-8 (e.g. iconv -t UTF-8)") from None
+
+
 def _read_text(path: Path) -> str:
-    if path.suffix == ".gz":
-        with gzip.open(path, "rt", encoding="utf-8") as handle:
-            return handle.read()
-    return path.read_text(encoding="utf-8")
+    text = decode_text(_read_bytes(path), path)
+    if not text.strip():
+        raise DataError(f"{path}: empty file (no text); remove it from data.paths")
+    return text
 
 
 def _embedded_boundary(data_cfg) -> str:
@@ -84,7 +110,7 @@ def expand_globs(patterns) -> list[Path]:
         matched = [Path(p) for p in glob.glob(str(Path(str(pattern)).expanduser()), recursive=True)]
         matched = [p for p in matched if p.is_file()]
         if not matched:
-            raise ValueError(f"data.paths glob {str(pattern)!r} matches no files (relative to {Path.cwd()})")
+            raise DataError(f"data.paths glob {str(pattern)!r} matches no files (relative to {Path.cwd()})")
         files.update(p.resolve() for p in matched)
     ordered = sorted(files)
     bad = [p for p in ordered if p.suffix not in FILE_TYPES]
@@ -96,7 +122,7 @@ def expand_globs(patterns) -> list[Path]:
 
 
 def _missing_field(field: str, present, where) -> ValueError:
-    return ValueError(
+    return DataError(
         f"text_field {field!r} not found in {where}; fields present: {', '.join(map(str, present))} "
         "(set data.text_field)"
     )
@@ -104,25 +130,40 @@ def _missing_field(field: str, present, where) -> ValueError:
 
 def _jsonl_documents(path: Path, field: str) -> list[str]:
     docs = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
+    text = decode_text(_read_bytes(path), path)
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
             record = json.loads(line)
-            if not isinstance(record, dict) or field not in record:
-                present = list(record) if isinstance(record, dict) else [type(record).__name__]
-                raise _missing_field(field, present, f"{path}:{line_no}")
-            docs.append(str(record[field]))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno}); "
+                            "a .jsonl file holds one JSON object per line") from None
+        if not isinstance(record, dict) or field not in record:
+            present = list(record) if isinstance(record, dict) else [type(record).__name__]
+            raise _missing_field(field, present, f"{path}:{line_no}")
+        docs.append(str(record[field]))
+    if not docs:
+        raise DataError(f"{path}: empty file (no JSON records); remove it from data.paths")
     return docs
 
 
 def _parquet_documents(path: Path, field: str) -> list[str]:
     import pyarrow.parquet as pq
 
-    names = pq.read_schema(path).names
+    try:
+        names = pq.read_schema(path).names
+    except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError ...
+        raise DataError(f"{path}: not a readable parquet file ({type(err).__name__}: {err})") from None
     if field not in names:
         raise _missing_field(field, names, path)
-    return [str(t) for t in pq.read_table(path, columns=[field]).column(field).to_pylist() if t is not None]
+    try:
+        docs = [str(t) for t in pq.read_table(path, columns=[field]).column(field).to_pylist() if t is not None]
+    except Exception as err:  # noqa: BLE001
+        raise DataError(f"{path}: cannot read column {field!r} ({type(err).__name__}: {err})") from None
+    if not docs:
+        raise DataError(f"{path}: empty file (no rows in column {field!r}); remove it from data.paths")
+    return docs
 
 
 def file_documents(data_cfg, progress: bool = True) -> list[str]:
@@ -132,7 +173,7 @@ def file_documents(data_cfg, progress: bool = True) -> list[str]:
     docs: list[str] = []
     for path in tqdm(files, desc="reading files", unit="file", disable=not progress or len(files) < 20):
         if path.suffix == ".txt":
-            docs.append(path.read_text(encoding="utf-8"))
+            docs.append(_read_text(path))
         elif path.suffix == ".jsonl":
             docs.extend(_jsonl_documents(path, field))
         else:
@@ -147,7 +188,9 @@ def _hf_cfg(data_cfg) -> dict:
     keys = ("path", "name", "split", "data_files", "streaming", "max_docs", "max_bytes")
     out = {k: _cfg_get(hf, k) for k in keys}
     if out["data_files"] is not None and not isinstance(out["data_files"], (str, list, dict)):
-        from omegaconf import OmegaConf  # a ListConfig/DictConfig: datasets wants plain containers
+        from omegaconf import (
+            OmegaConf,  # a ListConfig/DictConfig: datasets wants plain containers
+        )
 
         out["data_files"] = OmegaConf.to_container(out["data_files"])
     out["split"] = out["split"] or "train"
@@ -170,7 +213,7 @@ def hf_documents(data_cfg, progress: bool = True) -> list[str]:
             hf["path"], hf["name"], split=hf["split"], data_files=hf["data_files"], streaming=hf["streaming"]
         )
     except Exception as err:
-        raise RuntimeError(
+        raise SourceUnavailable(
             f"datasets.load_dataset({hf['path']!r}, {hf['name']!r}, split={hf['split']!r}) failed: {err}. "
             "Hub datasets need network access or a local cache (check HF_DATASETS_OFFLINE / HF_HUB_OFFLINE)."
         ) from err

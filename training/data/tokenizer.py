@@ -7,6 +7,7 @@ stored in each shard's meta.json, so a checkpoint sampler needs no training text
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -14,6 +15,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+
+from training.data.cache import temp_name, writing
+from training.data.errors import SourceUnavailable
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_KINDS = ("bpe", "bytes", "hf")
@@ -143,9 +147,37 @@ def _find_eos_id(backend) -> int | None:
 
 # ----------------------------------------------------------------------------------------- BPE
 
+# BPE training cost grows with the square of a word's length: one 2 MB run without whitespace kept
+# training busy for more than 300 s. So for *training only* a run of non-whitespace characters is cut
+# into pieces of at most MAX_TRAIN_WORD_CHARS (each piece its own training text, so merges never
+# span a cut). Encoding still sees the whole text: decode(encode(s)) == s is unaffected.
+MAX_TRAIN_WORD_CHARS = 256
+_LONG_RUN = re.compile(rf"\S{{{MAX_TRAIN_WORD_CHARS}}}")
+
+
+def training_pieces(text: str) -> Iterator[str]:
+    """`text` cut after every MAX_TRAIN_WORD_CHARS characters of an unbroken non-whitespace run."""
+    start = 0
+    for match in _LONG_RUN.finditer(text):
+        yield text[start:match.end()]
+        start = match.end()
+    if start < len(text):
+        yield text[start:]
+
+
+def _bounded(texts: Iterable[str]) -> Iterator[str]:
+    for text in texts:
+        yield from training_pieces(text)
+
+
 def _train_bpe(texts: Iterable[str], vocab_size: int, progress: bool = False):
-    """Train a byte-level BPE (ByteLevel pre-tokenizer and decoder, so decode(encode(s)) == s)."""
-    from tokenizers import Tokenizer as _Backend, decoders, models, pre_tokenizers, trainers
+    """Train a byte-level BPE (ByteLevel pre-tokenizer and decoder, so decode(encode(s)) == s).
+
+    Words longer than MAX_TRAIN_WORD_CHARS are cut for training (bounded time on pathological lines).
+    """
+    from tokenizers import Tokenizer as _Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from tqdm.auto import tqdm
 
     backend = _Backend(models.BPE())
     # add_prefix_space=False keeps the text unchanged; use_regex keeps GPT-2's word splitting.
@@ -158,7 +190,10 @@ def _train_bpe(texts: Iterable[str], vocab_size: int, progress: bool = False):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=progress,
     )
-    backend.train_from_iterator(texts, trainer=trainer)
+    total = len(texts) if hasattr(texts, "__len__") else None
+    reading = tqdm(texts, total=total, desc="training BPE tokenizer: reading", unit="doc", disable=not progress)
+    backend.train_from_iterator(_bounded(reading), trainer=trainer)  # then tokenizers' own bar shows merges
+    reading.close()
     return backend
 
 
@@ -239,10 +274,17 @@ def build_tokenizer(
     name = tokenizer_name(tok_cfg, corpus_id)
     backend = _train_bpe(training_text_iter_factory(), vocab_size, progress=progress)
     path = Path(cache_dir) / "tokenizers" / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    backend.save(str(tmp))
-    os.replace(tmp, path)  # atomic: a reader sees either no file or the whole file
+    tmp = path.with_name(temp_name(path.name, prefix=".", suffix=".tmp"))  # swept by cache.sweep_stale_temp if killed
+    with writing(tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            backend.save(str(tmp))
+            os.replace(tmp, path)  # atomic: a reader sees either no file or the whole file
+        except Exception as err:
+            tmp.unlink(missing_ok=True)
+            if isinstance(err, OSError):
+                raise
+            raise OSError(errno.EIO, str(err)) from None  # tokenizers reports I/O failures as a plain Exception
     return _bpe_from_json(path, name, vocab_size)
 
 
@@ -265,7 +307,7 @@ def load_hf_tokenizer(name_or_path: str, display_name: str | None = None) -> HFT
         backend = _Backend.from_pretrained(name_or_path)
     except Exception as err:  # the hub raises several types (offline, 404, connection)
         offline = os.environ.get("HF_HUB_OFFLINE", "0")
-        raise RuntimeError(
+        raise SourceUnavailable(
             f"could not load Hugging Face tokenizer {name_or_path!r} ({type(err).__name__}: {err}). "
             f"It must be in the local hub cache or reachable online (HF_HUB_OFFLINE={offline}; "
             "unset HF_HUB_OFFLINE to download it), or pass a local folder holding tokenizer.json."

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from training.config import ConfigError
 from training.eval.loss import evaluate_loss
-from training.accounting.flops import forward_flops_per_token
+from training.accounting.account import account
 
 
 def _sweep_value(cfg, key: str):
@@ -71,7 +71,7 @@ def depth_sweeps(model, data, root, cfg, out_dir: Path) -> dict[str, Path]:
             rows.append({
                 "dimension": dimension, "value": label, "trained": value == trained[dimension],
                 "val_loss": result["val_loss"], "val_ppl": result["val_ppl"], "val_bpb": result["val_bpb"],
-                "forward_flops_per_token": forward_flops_per_token(model, root.data.seq_len),
+                "forward_flops_per_token": account(model, root.data.seq_len, training=False).forward_flops_per_token,
             })
     finally:
         _apply(depth, points[0][0], saved[points[0][0]])

@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from arch.layers import FULL_MODEL, ElasticSetting
-from training.config import MOE_BLOCKS, ConfigError
+from training.config import ConfigError, elastic_dims
 from training.eval.loss import evaluate_loss, load_trained
 
 
@@ -34,15 +34,10 @@ def run_evaluation(cfg) -> dict[str, Path]:
     return outputs
 
 
-def _moe_dims(root) -> tuple[int | None, int | None]:
-    ffn = root.model.ffn
-    return (ffn.get("n_experts", 8), ffn.get("top_k", 2)) if ffn["name"] in MOE_BLOCKS else (None, None)
-
-
 def _settings(root, cfg) -> list[tuple[str, int, list[ElasticSetting]]]:
     """(dimension, value, settings to average) for every point of the sweep."""
     n_layers = root.model.n_layers
-    n_experts, top_k = _moe_dims(root)
+    _, n_experts, top_k = elastic_dims(root.model)
     points = []
     if n_experts:
         ks = cfg.sweep.top_k or list(range(1, min(n_experts, 3 * top_k) + 1))
@@ -69,7 +64,7 @@ def _settings(root, cfg) -> list[tuple[str, int, list[ElasticSetting]]]:
 
 def elastic_sweep(model, data, root, cfg, out_dir: Path) -> dict[str, Path]:
     device = next(model.parameters()).device
-    n_experts, top_k = _moe_dims(root)
+    _, n_experts, top_k = elastic_dims(root.model)
     rows = []
     for dimension, value, settings in tqdm(_settings(root, cfg), desc="elastic sweep", unit="setting"):
         losses = []

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from arch.registry import REGISTRIES
 from training.export.tokenizer_files import save_tokenizer, tokenizer_backend  # noqa: F401  (re-exported)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -44,21 +45,11 @@ class UnsupportedArchitectureError(ValueError):
 
 
 # Every option the mapping below accounts for: either it maps onto the HF config, it only acts in
-# training (losses, noise, sampling, schedules), or check_exportable checks its value. An option
-# added to a block later is refused until someone decides how it exports.
+# training (losses, noise, sampling, schedules), or check_exportable checks its value. Each block
+# lists its own in ``capabilities.hf_export`` (arch/registry.py); an option added to a block later
+# is refused until someone decides how it exports and adds it there.
 KNOWN_MODEL_FIELDS = {"name", "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "tie_embeddings",
                       "norm_eps", "rope_theta", "init_std", "attention", "ffn", "depth"}
-KNOWN_OPTIONS = {
-    "mha": {"n_kv_heads", "qk_norm", "bias", "backend"},
-    "swiglu": {"hidden_dim", "multiple_of", "bias"},
-    "moe": {"n_experts", "top_k", "expert_hidden", "n_shared_experts", "scoring", "renormalize", "router", "xmoe_dim",
-            "xmoe_temperature", "second_expert_drop", "router_noise", "capacity_factor", "eval_capacity_fraction",
-            "balance_loss_counts", "balance_loss_coef", "seq_balance_loss_coef",
-            "z_loss_coef", "bias_update_rate", "eval_top_k", "coactivation_prob", "k_ideal", "coactivation_mode",
-            "keep_top1", "hier_loss_coef", "hier_gamma", "n_clusters", "cluster_var_loss_coef", "cluster_dropout", "backend"},
-    "plain": set(),
-}
-KNOWN_OPTIONS["emoe"] = KNOWN_OPTIONS["moe"]
 
 
 # ----------------------------------------------------------------------------- what is exportable
@@ -85,7 +76,8 @@ def check_exportable(model) -> str:
         kind = "unsupported"
         problems.append(f"model.ffn.name={ffn['name']!r} (only 'swiglu' → Llama, or 'moe'/'emoe' → Mixtral)")
     for group, node in (("attention", attention), ("ffn", ffn), ("depth", depth)):
-        unknown = sorted(set(node) - {"name"} - KNOWN_OPTIONS.get(node["name"], set(node)))
+        mapped = REGISTRIES[group].capabilities(node["name"]).hf_export
+        unknown = sorted(set(node) - {"name"} - set(node if mapped is None else mapped))
         problems += [f"model.{group}.{key} (an option the exporter does not know how to map)" for key in unknown]
     fields = cfg.__dataclass_fields__ if hasattr(cfg, "__dataclass_fields__") else {}
     problems += [f"model.{key} (a model setting the exporter does not know how to map)" for key in sorted(set(fields) - KNOWN_MODEL_FIELDS)]

@@ -2,7 +2,12 @@
 import pytest
 
 from training.data import tokenizer as tokmod
-from training.data.tokenizer import BytesTokenizer, build_tokenizer, load_hf_tokenizer, tokenizer_from_spec
+from training.data.tokenizer import (
+    BytesTokenizer,
+    build_tokenizer,
+    load_hf_tokenizer,
+    tokenizer_from_spec,
+)
 
 TRICKY = [
     "Hello, world!",

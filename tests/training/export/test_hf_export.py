@@ -122,9 +122,10 @@ def test_expert_selection_bias_and_elastic_subnetworks_are_refused(tmp_path):
 
 def test_an_option_the_exporter_does_not_know_is_refused(tmp_path, monkeypatch):
     """A block option added later must not export silently before someone decides how it maps."""
-    import training.export.hf as hf_export
+    from arch.ffn.mlp import SwiGLUMLP
+    from arch.registry import Capabilities
 
-    monkeypatch.setitem(hf_export.KNOWN_OPTIONS, "swiglu", {"hidden_dim", "multiple_of"})
+    monkeypatch.setattr(SwiGLUMLP, "capabilities", Capabilities(hf_export=("hidden_dim", "multiple_of")))
     model = build_model(validate(tiny_config(tmp_path / "unused")), 257)
     with pytest.raises(UnsupportedArchitectureError, match=r"model.ffn.bias \(an option the exporter does not know"):
         export_model(model, tmp_path / "hf")

@@ -140,11 +140,22 @@ def point_latest_and_prune(run_dir: str | Path, path: Path, keep_last: int) -> N
             continue
         if step_of(old) > head:
             warnings.warn(f"removing {old}: it is newer than {path.name}, which this run continued from", stacklevel=2)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+        remove_checkpoint(old)
         faults.point("prune:after_one")
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint so that a crash midway never leaves half of one: a folder is first renamed
+    (atomically) to a temp name that :func:`sweep_stale` finishes removing at the next start."""
+    if path.is_dir() and not path.is_symlink():
+        doomed = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+        if doomed.exists():
+            shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(path, doomed)
+        faults.point("remove:renamed")
+        shutil.rmtree(doomed, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def sweep_stale(run_dir: str | Path) -> list[Path]:

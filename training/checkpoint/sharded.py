@@ -19,7 +19,6 @@ model weights as one safetensors file (no process group needed).
 
 from __future__ import annotations
 
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -161,7 +160,7 @@ class DCPWriter:
             try:
                 ckpt.checkpoint_folder(run_dir)
                 if path.exists():  # a stale partial folder from a crash at this very step
-                    shutil.rmtree(path)
+                    ckpt.remove_checkpoint(path)
                 path.mkdir(parents=True)
                 ckpt._atomic_write(path / EXTRA, lambda f: torch.save(extra, f))
             except OSError as e:

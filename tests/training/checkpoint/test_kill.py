@@ -2,10 +2,10 @@
 
 Two kinds of moments, for single-file, sharded (DCP) and asynchronous sharded checkpoints:
 - a hook (``faults.arm("<point>:<n>")``, as ``SPARSE_KILL_AT`` does; training/checkpoint/faults.py)
-  kills the process at the
-  n-th crossing of a named point inside a save: between a temp file's fsync and its rename, right
-  after the rename, between ``latest`` and pruning, in the middle of pruning, after a sharded
-  folder's ``extra.pt``, before its ``manifest.json``;
+  kills the process at the n-th crossing of a named point inside a save: between a temp file's
+  fsync and its rename, right after the rename, between ``latest`` and pruning, in the middle of
+  pruning (also right after a sharded folder is renamed to its temp name for deletion), after a
+  sharded folder's ``extra.pt``, before its ``manifest.json``;
 - a timer kills it a random delay after it logged its first row (anywhere: steps, evals, saves).
 
 Each training process is forked from the test process (which imported everything but never
@@ -47,7 +47,7 @@ FORMATS = {
     "dcp_async": ["trainer.checkpoint_format=dcp", "trainer.checkpoint_async=true"],
 }
 FILE_POINTS = ["atomic_write:before_rename", "atomic_write:after_rename", "prune:before", "prune:after_one"]
-DCP_POINTS = ["dcp:after_extra", "dcp:before_manifest"]
+DCP_POINTS = ["dcp:after_extra", "dcp:before_manifest", "remove:renamed"]
 HOOK_KILLS, TIMER_KILLS = 5, 2  # per checkpoint format: 21 kills in all
 
 

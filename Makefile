@@ -50,11 +50,14 @@ lint: setup
 bench: setup
 	$(PY) -m benchmarks.step_time $(ARGS)
 
-# Every method's small preset against its baseline over 3 seeds on CPU (~1 h on 2 cores; resumable)
-# → benchmarks/results/reproduce/REPORT.md. ARGS="--dry-run" prints the plan, "--methods emoe,sgt --seeds 1" a subset.
+# Every method's small preset against its baseline over 3 seeds on CPU (≤ 45 min on 2 cores by the suite's estimator;
+# resumable) → benchmarks/results/reproduce/REPORT.md. SCALE=full: the core claims at the steps the power calculation
+# asks for, cut to ≤ 2 h (resumable) → benchmarks/results/reproduce_full/REPORT.md.
+# ARGS="--dry-run" prints the plan, "--methods emoe,sgt --seeds 1" a subset.
+SCALE ?= small
 .PHONY: reproduce
 reproduce: setup
-	$(PY) -m recipes.reproduce.suite $(ARGS)
+	$(PY) -m recipes.reproduce.suite --scale $(SCALE) $(ARGS)
 
 # Registers / spills / shared memory of every kernel config for sm_90a and sm_80 (no GPU; cached in .cache/static-gates)
 # → benchmarks/results/local/kernels_static.csv; ARGS="--out benchmarks/results" writes the tracked table.

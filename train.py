@@ -28,9 +28,17 @@ def main(cfg: DictConfig) -> float:
     from training.trainer import train
 
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode.name == "MULTIRUN":  # each sweep job trains in its own numbered folder
-        cfg.run_dir = hydra_cfg.runtime.output_dir
     with report_errors():
+        if hydra_cfg.mode.name == "MULTIRUN":  # each sweep job trains in its own numbered folder
+            cfg.run_dir = hydra_cfg.runtime.output_dir
+        else:  # re-launching into a run folder continues the config saved there (training/run_config.py)
+            from training.config import validate
+            from training.run_config import continue_from_folder, describe
+
+            continued = continue_from_folder(list(hydra_cfg.overrides.task), validate(cfg))
+            if continued is not None:
+                cfg, changes, path = continued
+                print(describe(path, changes), flush=True)
         summary = train(cfg)
     return summary["final_val_loss"]  # the objective for sweeper plugins (e.g. Optuna)
 

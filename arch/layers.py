@@ -37,8 +37,20 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_TF", angles_TF.sin(), persistent=False)
         self.max_seq_len = max_seq_len
 
+    def span(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for positions [start, start + length): the forward pass's call. The bound is checked
+        on Python ints, so it costs no host↔device sync and traces under torch.compile."""
+        if start + length > self.max_seq_len:
+            raise ValueError(
+                f"position {start + length - 1} is beyond model.max_seq_len={self.max_seq_len}; "
+                "raise model.max_seq_len or shorten the input"
+            )
+        return self.cos_TF[start : start + length], self.sin_TF[start : start + length]
+
     def forward(self, positions_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if int(positions_T.max()) >= self.max_seq_len:
+        """Tables for arbitrary positions. Checking them reads the largest one on the host (a sync):
+        use ``span`` on the hot path."""
+        if positions_T.numel() and int(positions_T.max()) >= self.max_seq_len:
             raise ValueError(
                 f"position {int(positions_T.max())} is beyond model.max_seq_len={self.max_seq_len}; "
                 "raise model.max_seq_len or shorten the input"
@@ -97,6 +109,13 @@ class ElasticSetting:
     active_layers: tuple[int, ...] | None = None
     expert_mask_E: torch.Tensor | None = None
     top_k: int | None = None
+    # experts the mask keeps, counted once here (settings are built on the host between steps) so
+    # that routing sizes its top-k from a Python int instead of reading the mask in every layer
+    n_routable: int | None = field(default=None, init=False, compare=False)
+
+    def __post_init__(self):
+        if self.expert_mask_E is not None:
+            object.__setattr__(self, "n_routable", int(self.expert_mask_E.sum()))
 
     @property
     def is_full(self) -> bool:
@@ -130,7 +149,8 @@ class ForwardContext:
     """What every block sees besides its input: positions, RoPE tables, cache, and the aux-loss sink.
 
     Sparse blocks call ``add_aux_loss`` / ``add_metric``; the model sums the losses into the
-    training loss and returns both dicts, so the trainer never needs to know about them. A loss
+    training loss and returns both dicts, so the trainer never needs to know about them. Metrics
+    are only gathered when ``collect_metrics`` is set (the trainer sets it on log steps). A loss
     that needs statistics pooled over all layers accumulates them in ``state`` and registers a
     finalizer, which the model calls once after the last layer.
     """
@@ -144,6 +164,7 @@ class ForwardContext:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)  # per-forward state carried across layers
     finalizers: list[Callable[["ForwardContext"], None]] = field(default_factory=list)  # run after the last layer
+    collect_metrics: bool = True  # False on training steps that are not logged: diagnostics are not computed
     _attention_calls: int = 0
 
     def next_cache_slot(self) -> int:
@@ -156,5 +177,10 @@ class ForwardContext:
         self.aux_losses[name] = self.aux_losses[name] + value if name in self.aux_losses else value
 
     def add_metric(self, name: str, value: torch.Tensor) -> None:
-        """Record a detached diagnostic (averaging across layers is the caller's choice of name)."""
-        self.metrics[name] = value.detach()
+        """Record a detached diagnostic (averaging across layers is the caller's choice of name).
+
+        Metrics stay device tensors; whoever logs them converts them to numbers (one host read per
+        log step, none on other steps). Blocks whose statistics cost work check ``collect_metrics``
+        first; ignoring it is harmless, the value is simply not kept."""
+        if self.collect_metrics:
+            self.metrics[name] = value.detach()

@@ -87,15 +87,19 @@ class LanguageModel(nn.Module):
         targets_BT: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         last_position_only: bool = False,
+        collect_metrics: bool = True,
     ) -> ModelOutput:
         """idx_BT (B, T) token ids → ``ModelOutput`` with logits (B, T, V) for every position, like any
         causal LM library. With ``targets_BT`` (B, T; -100 = ignored) also the loss. Generation passes
-        ``last_position_only=True`` to compute the head for the last position only: logits (B, 1, V)."""
+        ``last_position_only=True`` to compute the head for the last position only: logits (B, 1, V).
+        ``collect_metrics=False`` skips the blocks' diagnostics (router loads, entropy …): the trainer
+        asks for them only on the steps it logs."""
         B, T = idx_BT.shape
         start = kv_cache.length if kv_cache is not None else 0
         positions_T = torch.arange(start, start + T, device=idx_BT.device)
-        cos_TF, sin_TF = self.rope(positions_T)
-        ctx = ForwardContext(cos_TF=cos_TF, sin_TF=sin_TF, positions_T=positions_T, kv_cache=kv_cache, elastic=self.elastic)
+        cos_TF, sin_TF = self.rope.span(start, T)
+        ctx = ForwardContext(cos_TF=cos_TF, sin_TF=sin_TF, positions_T=positions_T, kv_cache=kv_cache, elastic=self.elastic,
+                              collect_metrics=collect_metrics)
 
         x_BTD = self.depth(self.embed(idx_BT), ctx)
         for finalize in ctx.finalizers:  # losses over statistics pooled across layers

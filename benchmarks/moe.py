@@ -1,6 +1,16 @@
-"""Expert-MLP benchmark: Triton grouped GEMMs vs the torch backend, a per-expert loop and the dense bound.
+"""Expert-MLP benchmark. CPU: the torch backend against Hugging Face's Mixtral sparse-MoE block.
+CUDA: Triton grouped GEMMs vs the torch backend, a per-expert loop and the dense bound.
 
-    python -m benchmarks.moe [--quick]
+    python -m benchmarks.moe [--quick] [--check] [--out DIR] [--pairs 7] [--threads 2]
+
+On CPU (fp32, ``--threads`` intra-op threads, forward+backward, same weights): for every shape in
+CPU_SHAPES, "ours" = router linear + softmax + top-k (renormalised, as Mixtral does) +
+``expert_mlp(backend="torch")`` and "theirs" = ``transformers``' ``MixtralSparseMoeBlock`` (eager
+experts) with identical weights; the outputs and all gradients are checked to agree first. The two
+are timed in interleaved pairs (ours, theirs, ours, theirs, ...) so load from other processes hits
+both alike; each pair gives one ratio ours / theirs, and the median and min..max over pairs are
+printed with the load average. Target: median ratio <= CPU_TARGET at every shape (``--check``
+exits 1 when one is missed).
 
 On CUDA: bf16, forward and forward+backward for every (D, F, E, k) in GPU_SHAPES at each N in
 GPU_TOKENS with uniform-random top-k routing. Methods measured in the same run:
@@ -8,27 +18,41 @@ GPU_TOKENS with uniform-random top-k routing. Methods measured in the same run:
     torch   expert_mlp(backend="torch")   (sort + torch._grouped_mm where it works)
     loop    the torch backend with one matmul per expert
     dense   a dense SwiGLU/GELU FFN of hidden width k·F: the same FLOPs with no routing (the bound)
-On CPU: the torch backend against the dense FFN at CPU_SHAPE (fp32, torch.utils.benchmark).
 
 FLOPs (SwiGLU, H = 2F): forward = 2·N·k·D·(H + F) = 6·N·k·D·F; forward+backward = 3× forward.
 GELU has H = F: forward = 4·N·k·D·F. Routing, activation and combine are not counted.
-Writes benchmarks/results/moe_gpu.csv|png or moe_cpu.csv|png with device and torch/triton versions.
+Writes moe_cpu.csv|png or moe_gpu.csv|png (device, torch/triton versions in every row) to ``--out``,
+by default the untracked benchmarks/results/local/ (pass ``--out benchmarks/results`` for the
+tracked results).
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import statistics
+import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as Fn
 
-from benchmarks.common import environment, save_mode_bars, write_csv
+import benchmarks.common as common
+from benchmarks.common import environment, save_boxplot, save_mode_bars
 from kernels.moe import expert_mlp
 from kernels.moe.torch_backend import expert_mlp_torch
 
 GPU_SHAPES = [(1024, 512, 64, 8), (2048, 1408, 64, 6), (2048, 768, 128, 8), (4096, 14336, 8, 2)]  # (D, F, E, k)
 GPU_TOKENS = [8192, 32768]
-CPU_SHAPE = dict(N=4096, D=256, F=512, E=8, k=2)
+CPU_SHAPES = [  # the issue's shape first; then wider, more experts with higher k, fewer tokens
+    dict(N=4096, D=256, F=512, E=8, k=2),
+    dict(N=4096, D=512, F=1024, E=8, k=2),
+    dict(N=4096, D=256, F=256, E=16, k=4),
+    dict(N=1024, D=256, F=512, E=8, k=2),
+    dict(N=2048, D=384, F=192, E=32, k=8),
+]
+CPU_TARGET = 0.9  # ours / Mixtral block time, median over pairs
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "local"
 ACTIVATION = "swiglu"
 
 
@@ -82,12 +106,6 @@ def fwd_bwd(fn, inputs):
     return run
 
 
-def time_cpu(fn) -> float:
-    from torch.utils.benchmark import Timer
-
-    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.5).median * 1e3
-
-
 def time_gpu(fn) -> tuple[float, float]:
     """(median ms, peak MiB allocated during one call)."""
     import triton
@@ -100,32 +118,6 @@ def time_gpu(fn) -> tuple[float, float]:
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"), peak
-
-
-def run_cpu(rounds: int = 5) -> list[dict]:
-    """Methods alternate within each round so load from other processes hits all of them; the
-    per-method median over rounds is reported."""
-    s = CPU_SHAPE
-    rows = []
-    fl_fwd = flops_fwd(s["N"], s["D"], s["F"], s["k"])
-    for mode in ("fwd", "fwd+bwd"):
-        fns = {name: (torch.no_grad()(fn) if mode == "fwd" else fwd_bwd(fn, inputs))
-               for name, (fn, inputs) in methods(s["N"], s["D"], s["F"], s["E"], s["k"], torch.float32, "cpu").items()}
-        for f in fns.values():
-            f()  # warm-up (grouped_mm probe, allocator)
-        times = {name: [] for name in fns}
-        for _ in range(rounds):
-            for name, f in fns.items():
-                times[name].append(time_cpu(f))
-        med = {name: statistics.median(v) for name, v in times.items()}
-        for name, ms in med.items():
-            fl = fl_fwd * (3 if mode == "fwd+bwd" else 1)
-            rows.append(dict(**environment(), dtype="float32", **s, method=name, mode=mode, ms=round(ms, 3),
-                             tflops=round(fl / ms / 1e9, 4), time_vs_dense=round(ms / med["dense"], 3)))
-        ratio = med["torch"] / med["dense"]
-        print(f"CPU {mode}: torch backend {med['torch']:.1f} ms, dense FFN {med['dense']:.1f} ms, "
-              f"ratio {ratio:.2f} (target <= 1.3: {'PASS' if ratio <= 1.3 else 'FAIL'})")
-    return rows
 
 
 def run_gpu(quick: bool) -> list[dict]:
@@ -152,24 +144,157 @@ def run_gpu(quick: bool) -> list[dict]:
     return rows
 
 
+class _Ours(torch.nn.Module):
+    """Router (linear, fp32 softmax, top-k, renormalised: Mixtral's rule) + the torch expert MLP."""
+
+    def __init__(self, w_router_ED, w_in_EDH, w_out_EFD, k):
+        super().__init__()
+        self.w_router_ED = torch.nn.Parameter(w_router_ED)
+        self.w_in_EDH = torch.nn.Parameter(w_in_EDH)
+        self.w_out_EFD = torch.nn.Parameter(w_out_EFD)
+        self.k = k
+
+    def forward(self, x_ND):
+        probs_NE = torch.softmax(Fn.linear(x_ND, self.w_router_ED).float(), dim=-1)
+        gates_NK, ids_NK = probs_NE.topk(self.k, dim=-1)
+        gates_NK = (gates_NK / gates_NK.sum(-1, keepdim=True)).to(x_ND.dtype)
+        return expert_mlp(x_ND, ids_NK, gates_NK, self.w_in_EDH, self.w_out_EFD, "swiglu", backend="torch")
+
+
+def mixtral_pair(N, D, F, E, k, seed=0):
+    """(ours, theirs, x) with identical weights: theirs is transformers' MixtralSparseMoeBlock."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    cfg = MixtralConfig(hidden_size=D, intermediate_size=F, num_local_experts=E, num_experts_per_tok=k,
+                        router_jitter_noise=0.0, num_hidden_layers=1, vocab_size=16)
+    cfg._experts_implementation = "eager"  # the block's own per-expert loop (what a standalone block runs)
+    theirs = MixtralSparseMoeBlock(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # the block allocates with torch.empty: give it real weights
+        theirs.gate.weight.copy_(torch.randn(E, D, generator=g) / D**0.5)
+        theirs.experts.gate_up_proj.copy_(torch.randn(E, 2 * F, D, generator=g) / D**0.5)
+        theirs.experts.down_proj.copy_(torch.randn(E, D, F, generator=g) / F**0.5)
+    # ours stores (E, D, 2F) [gate | up] and (E, F, D): the transposes of Mixtral's (out, in) layout
+    ours = _Ours(theirs.gate.weight.detach().clone(), theirs.experts.gate_up_proj.detach().transpose(1, 2).contiguous(),
+                 theirs.experts.down_proj.detach().transpose(1, 2).contiguous(), k)
+    x = torch.randn(N, D, generator=g)
+    return ours, theirs, x
+
+
+def _step(module, x_ND, dy_ND, batched):
+    """Forward + backward: the output and the gradients of x and every parameter."""
+    x = x_ND.detach().requires_grad_()
+    y = module(x[None] if batched else x)
+    y = y.reshape(x.shape)
+    params = list(module.parameters())
+    return [y.detach()] + list(torch.autograd.grad(y, [x] + params, dy_ND))
+
+
+def check_agree(ours, theirs, x, dy):
+    """Outputs and gradients (x, router, w_in, w_out) agree to fp32 rounding; raises otherwise."""
+    a, b = _step(ours, x, dy, False), _step(theirs, x, dy, True)
+    b[3], b[4] = b[3].transpose(1, 2), b[4].transpose(1, 2)  # Mixtral layout → ours
+    for name, u, v in zip(("y", "dx", "dw_router", "dw_in", "dw_out"), a, b):
+        err = ((u - v).abs().max() / v.abs().max().clamp_min(1e-30)).item()
+        if not err < 1e-4:
+            raise RuntimeError(f"torch backend and Mixtral block disagree on {name}: max rel error {err:.2e}")
+
+
+def _time(fn, reps) -> float:
+    """Median seconds of `reps` calls."""
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def run_mixtral(pairs: int, reps: int, shapes=None) -> tuple[list[dict], dict[str, list[float]], bool]:
+    """Interleaved (ours, theirs) timing per shape → (csv rows, ratios per shape, all targets met)."""
+    rows, groups, ok = [], {}, True
+    for s in shapes or CPU_SHAPES:
+        ours, theirs, x = mixtral_pair(**s)
+        dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+        check_agree(ours, theirs, x, dy)
+        f_ours, f_theirs = (lambda: _step(ours, x, dy, False)), (lambda: _step(theirs, x, dy, True))
+        f_ours(), f_theirs()  # warm-up: allocator, first-call dispatch
+        ratios, t_o, t_t = [], [], []
+        for p in range(pairs):
+            to, tt = _time(f_ours, reps), _time(f_theirs, reps)
+            t_o.append(to), t_t.append(tt), ratios.append(to / tt)
+            rows.append(dict(**environment(), dtype="float32", **s, pair=p, ours_ms=round(to * 1e3, 3),
+                             mixtral_ms=round(tt * 1e3, 3), ratio=round(to / tt, 4)))
+        med = statistics.median(ratios)
+        hit = med <= CPU_TARGET
+        ok &= hit
+        label = "N{N} D{D} F{F} E{E} k{k}".format(**s)
+        groups[label.replace(" E", "\nE")] = ratios
+        tflops = flops_fwd(s["N"], s["D"], s["F"], s["k"]) * 3 / statistics.median(t_o) / 1e12
+        print(f"{label:28s} ours {statistics.median(t_o) * 1e3:8.1f} ms ({tflops:.3f} TFLOP/s)  "
+              f"mixtral {statistics.median(t_t) * 1e3:8.1f} ms  ratio median {med:.3f} "
+              f"[{min(ratios):.3f}..{max(ratios):.3f}] over {pairs} pairs  <= {CPU_TARGET}: {'yes' if hit else 'NO'}  "
+              f"(loadavg {_loadavg()})", flush=True)
+    return rows, groups, ok
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:  # not Linux
+        return "n/a"
+
+
+def write_rows(out: Path, name: str, rows: list[dict]) -> Path:
+    path = out / f"{name}.csv"
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def plot(rows, name):
     return save_mode_bars(
         rows, key=lambda r: (r["N"], r["D"], r["F"], r["E"], r["k"]), label=lambda s: "N{}\nD{} F{}\nE{} k{}".format(*s),
         value="tflops", ylabel="TFLOP/s", title=f"expert MLP ({rows[0]['dtype']})", name=name, dpi=120)
 
 
-def main():
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="GPU: first shape and token count only")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="GPU: first shape and token count only; CPU: first shape")
+    parser.add_argument("--check", action="store_true", help=f"CPU: exit 1 unless every median ratio <= {CPU_TARGET}")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the CSV and PNG (default: %(default)s)")
+    parser.add_argument("--pairs", type=int, default=7, help="CPU: interleaved (ours, theirs) pairs per shape")
+    parser.add_argument("--reps", type=int, default=3, help="CPU: calls per timing (median taken)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU: torch intra-op threads")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.out.resolve() == DEFAULT_OUT and not (args.out / ".gitignore").exists():
+        (args.out / ".gitignore").write_text("*\n")  # local results stay out of git
+    common.RESULTS = args.out  # the shared plot helpers write to common.RESULTS
     env = environment()
-    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}")
+    ok = True
     if torch.cuda.is_available():
+        print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}")
         rows, name = run_gpu(args.quick), "moe_gpu"
+        png = plot(rows, name)
     else:
-        rows, name = run_cpu(), "moe_cpu"
-    print(f"wrote {write_csv(name, rows)} and {plot(rows, name)}")
+        torch.set_num_threads(args.threads)
+        env = environment()
+        print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  loadavg {_loadavg()}")
+        rows, groups, ok = run_mixtral(args.pairs, args.reps, CPU_SHAPES[:1] if args.quick else None)
+        name = "moe_cpu"
+        png = save_boxplot(groups, "time ours / Mixtral block", f"torch backend vs Mixtral sparse-MoE (fp32, "
+                           f"{args.threads} threads; target <= {CPU_TARGET})", name)
+    print(f"wrote {write_rows(args.out, name, rows)} and {png}")
+    if args.check and not ok:
+        print(f"FAIL: a median ratio is above {CPU_TARGET}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

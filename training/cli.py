@@ -168,6 +168,11 @@ def _check_one(overrides: list[str], data: bool) -> None:
     from training.distributed.env import env_world
 
     root = _validated(overrides, with_hydra=True)
+    from training.run_config import continue_from_folder
+
+    continued = continue_from_folder(overrides, root)  # run_dir=R with a saved config: R's config is the base
+    if continued is not None:
+        root = continued[0]
     _, _, world = env_world()
     from training.build import check_runtime
 

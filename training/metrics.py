@@ -31,12 +31,30 @@ class MetricsLogger:
         clean = {k: _plain(v) for k, v in row.items()}
         self._file.write(json.dumps(clean) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in clean.items() if k != "step" and isinstance(v, (int, float))}, step=clean["step"])
+            self.wandb_run.log(wandb_row(clean), step=clean["step"])
 
     def close(self) -> None:
         self._file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def wandb_row(clean: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row as wandb takes it: numbers as they are; per-expert vectors (e.g. ``moe/layer0/load``) as a
+    bar-chart histogram (one bin per expert, height = its load)."""
+    import wandb
+
+    out: dict[str, Any] = {}
+    for key, value in clean.items():
+        if key == "step":
+            continue
+        if isinstance(value, bool):
+            out[key] = int(value)
+        elif isinstance(value, (int, float)):
+            out[key] = value
+        elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+            out[key] = wandb.Histogram(np_histogram=(value, list(range(len(value) + 1))))
+    return out
 
 
 class NullLogger:

@@ -182,17 +182,20 @@ class Trainer:
         aux_sums: dict[str, torch.Tensor] = {}
         sub_model = self._elastic_setting()
         also_full = sub_model is not FULL_MODEL and self.root.elastic.mode == "full_plus_sub"
+        # Block diagnostics (router loads, entropy …) only on steps that are logged: on the others
+        # the model does not even compute them. Everything stays on the device until fit() logs.
+        collect = self._logs_step(self.step + 1)
         for micro in range(t.grad_accum):
             x_BT, y_BT = self.sampler.get_batch(self.step, micro)
             x_BT, y_BT = x_BT.to(self.device, non_blocking=True), y_BT.to(self.device, non_blocking=True)
             if also_full:  # the full model and the sampled sub-model share one backward
                 self.model.set_elastic(FULL_MODEL)
                 with self._autocast():
-                    full = self.train_model(x_BT, y_BT)
+                    full = self.train_model(x_BT, y_BT, collect_metrics=collect)
                 (full.loss / t.grad_accum).backward()
             self.model.set_elastic(sub_model)
             with self._autocast():
-                out = self.train_model(x_BT, y_BT)
+                out = self.train_model(x_BT, y_BT, collect_metrics=collect)
             (out.loss / t.grad_accum).backward()
             reported = full if also_full else out
             lm_loss_sum += reported.lm_loss.detach()
@@ -207,7 +210,8 @@ class Trainer:
             aux_sums.update(describe_elastic(sub_model, *elastic_dims(self.root.model)))
         clip = self.root.optim.grad_clip if self.root.optim.grad_clip > 0 else float("inf")
         grad_norm = dist_utils.clip_grad_norm(self.model, clip, self.parallel)
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        # The one host read of a training step (trainer.nonfinite must know before optimizer.step).
+        if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             return self._nonfinite(loss, grad_norm)
         self.optimizer.step()
@@ -215,6 +219,11 @@ class Trainer:
         self.model.after_optimizer_step(self.step)
         self.step += 1
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **aux_sums}
+
+    def _logs_step(self, step: int) -> bool:
+        """Whether fit() logs the train metrics after optimizer step ``step`` (1-based count)."""
+        t = self.root.trainer
+        return step % t.log_every == 0 or step == t.max_steps
 
     def _elastic_setting(self) -> ElasticSetting:
         """This step's sub-network under elastic training (same on every rank: seeded by step)."""
@@ -271,7 +280,7 @@ class Trainer:
                 self.logger.log({"step": self.step, "nonfinite_skipped": self.nonfinite_skipped})
             else:
                 window_steps += 1
-            if metrics is not None and (self.step % t.log_every == 0 or self.step == t.max_steps):
+            if metrics is not None and self._logs_step(self.step):
                 tokens_per_s = window_steps * self.tokens_per_step / window_time
                 self.logger.log({"step": self.step, **self._throughput(metrics, tokens_per_s, window_time / window_steps)})
                 bar.set_postfix(loss=f"{metrics['loss'].item():.3f}", tok_s=f"{tokens_per_s:,.0f}")

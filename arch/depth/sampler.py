@@ -65,7 +65,7 @@ class _Runner:
 
     def ctx(self, start: int, T: int, slot: int, cache=True) -> ForwardContext:
         positions_T = torch.arange(start, start + T, device=self.model.embed.weight.device)
-        cos_TF, sin_TF = self.model.rope(positions_T)
+        cos_TF, sin_TF = self.model.rope.span(start, T)
         return ForwardContext(cos_TF=cos_TF, sin_TF=sin_TF, positions_T=positions_T, kv_cache=self.cache if cache else None,
                               elastic=self.model.elastic, _attention_calls=slot)
 

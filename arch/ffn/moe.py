@@ -32,6 +32,7 @@ from arch.ffn.router import (
     apply_capacity,
     cluster_dropout_mask,
     cluster_variance_loss,
+    expert_counts,
     routing_metrics,
     sequence_balance_loss,
     switch_balance_loss,
@@ -163,8 +164,7 @@ class MoEFFN(nn.Module):
             selection_NE = selection_NE.masked_fill(~ctx.elastic.expert_mask_E.to(x_ND.device), float("-inf"))
         k, k_ideal = self.active_top_k(ctx), max(self.k_ideal, self.active_top_k(ctx))
         if ctx.elastic.expert_mask_E is not None:  # never pick (or sample from) a masked expert
-            routable = int(ctx.elastic.expert_mask_E.sum())
-            k, k_ideal = min(k, routable), min(k_ideal, routable)
+            k, k_ideal = min(k, ctx.elastic.n_routable), min(k_ideal, ctx.elastic.n_routable)
         gate_probs_NE = probs_NE
         if self.training and self.cluster_dropout > 0 and ctx.elastic.expert_mask_E is None:
             drop_NE = cluster_dropout_mask(x_ND.shape[0], self.E, self.n_clusters, k_ideal, self.cluster_dropout, x_ND.device)
@@ -211,7 +211,7 @@ class MoEFFN(nn.Module):
             self._add_losses(ctx, probs_NE, logits_NE, counted_NK, B, T)
             if ctx.elastic.is_full and self.bias_update_rate > 0:
                 with torch.no_grad():
-                    self.pending_counts_E += torch.bincount(ids_NK[ids_NK >= 0], minlength=self.E).float()
+                    self.pending_counts_E += expert_counts(ids_NK, self.E)
         self._add_metrics(ctx, probs_NE, ids_NK, dropped)
         return y_ND.view(B, T, D)
 
@@ -231,14 +231,15 @@ class MoEFFN(nn.Module):
             ctx.add_aux_loss("cluster_var_loss", self.cluster_var_loss_coef * cluster_variance_loss(p_NE, self.n_clusters))
 
     def _add_metrics(self, ctx, probs_NE, ids_NK, dropped) -> None:
-        metrics = routing_metrics(probs_NE if self.scoring == "softmax" else probs_NE / probs_NE.sum(-1, keepdim=True), ids_NK, self.E)
-        prefix = f"moe/layer{self.layer_idx}"
-        ctx.add_metric(f"{prefix}/load", metrics["load"])
-        ctx.add_metric(f"{prefix}/max_min_load", metrics["max_min_load"])
-        ctx.add_metric(f"{prefix}/entropy", metrics["entropy"])
-        ctx.add_metric(f"{prefix}/dropped", dropped.float())
         if ctx.kv_cache is None and not self.training:
             self.last_ids_NK = ids_NK.detach()  # for routing analysis (evaluate.py analysis=routing)
+        if not ctx.collect_metrics:
+            return
+        metrics = routing_metrics(probs_NE if self.scoring == "softmax" else probs_NE / probs_NE.sum(-1, keepdim=True), ids_NK, self.E)
+        prefix = f"moe/layer{self.layer_idx}"
+        for key, value in metrics.items():
+            ctx.add_metric(f"{prefix}/{key}", value)
+        ctx.add_metric(f"{prefix}/dropped", dropped.float())
 
     def expert_parallel_params(self) -> tuple[str, ...]:
         """Expert banks (dim 0 = expert) that ``trainer.expert_parallel`` splits over ranks."""
@@ -247,8 +248,8 @@ class MoEFFN(nn.Module):
     # ------------------------------------------------------------------ aux-loss-free balancing
     def after_optimizer_step(self, step: int) -> None:
         """b_e += rate · sign(mean load − load_e), from the tokens of full-model steps since the last update."""
-        if self.bias_update_rate <= 0 or self.pending_counts_E.sum() == 0:
-            return
+        if self.bias_update_rate <= 0:
+            return  # no early exit on "no tokens counted" (a host sync): zero counts give sign(0) = 0, no change
         counts_E = self.pending_counts_E
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts_E)  # every rank applies the same update → identical biases

@@ -95,9 +95,11 @@ class GroupRouter(nn.Module):
         spec_NK = r.ids_NA[:, self.n_shared:] - self.n_shared
         if training and coef > 0:
             ctx.add_aux_loss("mohd_balance_loss", coef * switch_balance_loss(p_NS, spec_NK, S))
+        if not ctx.collect_metrics:
+            return
         metrics = routing_metrics(p_NS, spec_NK, S)
-        ctx.add_metric(f"{prefix}/load", metrics["load"])
-        ctx.add_metric(f"{prefix}/max_min_load", metrics["max_min_load"])
+        for key in ("load", "load_entropy", "max_load_ratio", "min_load_ratio", "dead_experts"):
+            ctx.add_metric(f"{prefix}/{key}", metrics[key])
 
 
 class GroupFusion(nn.Module):

@@ -123,17 +123,25 @@ def drop_second_experts(ids_NK: torch.Tensor, probs_NE: torch.Tensor) -> torch.T
     return out_NK
 
 
+def expert_counts(ids_NK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(E,) float slots routed to each expert; dropped slots (-1) are not counted.
+
+    A scatter into E+1 bins (bin E collects the -1 slots) has a fixed output shape, so unlike
+    boolean indexing or ``bincount`` it needs no host sync and traces under torch.compile.
+    """
+    bins_M = torch.where(ids_NK >= 0, ids_NK, n_experts).reshape(-1).long()
+    ones_M = torch.ones_like(bins_M, dtype=torch.float)
+    return torch.zeros(n_experts + 1, device=ids_NK.device).scatter_add_(0, bins_M, ones_M)[:n_experts]
+
+
 def switch_balance_loss(probs_NE: torch.Tensor, ids_NK: torch.Tensor, n_experts: int) -> torch.Tensor:
     """E · Σ_e f_e · P_e: f_e the fraction of the given slots (ids ≥ 0) on e, P_e the mean router probability.
 
     Which slots count is the caller's choice (``balance_loss_counts``): all k slots after capacity drops,
     or each token's top-1 choice before any drop, as the official X-MoE and MH-MoE codes count
     (``me · ce`` with ``ce`` = the mean of the top-1 one-hot mask: E²·mean_e(me·ce) = E·Σ_e f_e·P_e)."""
-    valid = ids_NK >= 0
-    counts_E = torch.zeros(n_experts, device=ids_NK.device).index_add_(
-        0, ids_NK[valid], torch.ones_like(ids_NK[valid], dtype=torch.float)
-    )
-    f_E = counts_E / valid.sum().clamp(min=1)
+    counts_E = expert_counts(ids_NK, n_experts)
+    f_E = counts_E / counts_E.sum().clamp(min=1)
     return n_experts * (f_E * probs_NE.mean(0)).sum()
 
 
@@ -164,17 +172,35 @@ def apply_capacity(ids_NK: torch.Tensor, n_experts: int, capacity: int) -> tuple
 
 
 def routing_metrics(probs_NE: torch.Tensor, ids_NK: torch.Tensor, n_experts: int) -> dict[str, torch.Tensor]:
-    """Load fraction per expert, max/min load ratio and normalised routing entropy (all detached)."""
+    """How evenly the routed slots spread over the experts, and how decided each token's router is
+    (detached device tensors: the trainer converts them to numbers on log steps only).
+
+    load            (E,) fraction of the routed slots on each expert (sums to 1)
+    load_entropy    entropy of ``load`` / log E: 1 = perfectly balanced, 0 = every slot on one expert
+    max_load_ratio  max load / mean load (1 = balanced; E = everything on one expert)
+    min_load_ratio  min load / mean load (0 when some expert received no slot)
+    dead_experts    number of experts that received no slot
+    router_entropy  mean over tokens of the router distribution's entropy / log E: 1 = a uniform (undecided)
+                    router for every token, whatever the load; small = confident routing
+    """
     with torch.no_grad():
-        valid = ids_NK >= 0
-        counts_E = torch.bincount(ids_NK[valid], minlength=n_experts).float()
+        counts_E = expert_counts(ids_NK, n_experts)
         load_E = counts_E / counts_E.sum().clamp(min=1)
-        entropy = -(probs_NE * probs_NE.clamp(min=1e-12).log()).sum(-1).mean() / math.log(n_experts)
+        mean_load = 1.0 / n_experts
+        log_E = math.log(n_experts) if n_experts > 1 else 1.0
+        load_entropy = -(load_E * load_E.clamp(min=1e-12).log()).sum() / log_E
+        router_entropy = -(probs_NE * probs_NE.clamp(min=1e-12).log()).sum(-1).mean() / log_E
         return {
             "load": load_E,
-            "max_min_load": counts_E.max() / counts_E.min().clamp(min=1),
-            "entropy": entropy,
+            "load_entropy": load_entropy,
+            "max_load_ratio": load_E.max() / mean_load,
+            "min_load_ratio": load_E.min() / mean_load,
+            "dead_experts": (counts_E == 0).sum().float(),
+            "router_entropy": router_entropy,
         }
+
+
+LOAD_METRICS = ("load", "load_entropy", "max_load_ratio", "min_load_ratio", "dead_experts", "router_entropy")
 
 
 def cluster_variance_loss(probs_NE: torch.Tensor, n_clusters: int) -> torch.Tensor:

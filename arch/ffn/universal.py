@@ -268,13 +268,15 @@ class UniversalMoEFFN(nn.Module):
                 ctx.add_aux_loss("balance_loss", self.balance_loss_coef * per_layer_balance_loss(p_NX, ids_NK, n))
             if self.z_loss_coef > 0:
                 ctx.add_aux_loss("z_loss", self.z_loss_coef * z_loss(logits_NX.masked_fill(~mask_X, float("-inf"))))
+        if ctx.kv_cache is None and not self.training:
+            self.last_ids_NK = ids_NK.detach()  # for routing analysis (evaluate.py analysis=routing)
+        if not ctx.collect_metrics:
+            return
         metrics = routing_metrics(p_NX[:, layout.routable_R], layout.position_X[ids_NK], n)
         prefix = f"moe/layer{self.layer_idx}"
         ctx.add_metric(f"{prefix}/load", torch.zeros(self.E, device=mask_X.device).index_copy(0, layout.routable_R, metrics["load"]))
-        ctx.add_metric(f"{prefix}/max_min_load", metrics["max_min_load"])
-        ctx.add_metric(f"{prefix}/entropy", metrics["entropy"])
-        if ctx.kv_cache is None and not self.training:
-            self.last_ids_NK = ids_NK.detach()  # for routing analysis (evaluate.py analysis=routing)
+        for key in ("load_entropy", "max_load_ratio", "min_load_ratio", "dead_experts", "router_entropy"):
+            ctx.add_metric(f"{prefix}/{key}", metrics[key])  # over the experts this layer can reach
 
     def _finalize(self, ctx: ForwardContext) -> None:
         """After the last layer: the pooled balance loss and the pool-wide load metrics."""
@@ -283,6 +285,8 @@ class UniversalMoEFFN(nn.Module):
             n = self.layout(stats.f_G.device).n  # the same in every layer (shared window size, same n_local)
             loss = universal_balance_loss(stats.f_G, stats.P_G, stats.c_G, n, self.balance_loss == "universal")
             ctx.add_aux_loss("balance_loss", self.balance_loss_coef * loss)
+        if not ctx.collect_metrics:
+            return
         with torch.no_grad():
             reachable = stats.c_G > 0
             per_exposure = stats.f_G[reachable] / stats.c_G[reachable]

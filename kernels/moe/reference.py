@@ -30,9 +30,12 @@ def expert_mlp_reference(x_ND, expert_ids_NK, expert_weights_NK, w_in_EDH, w_out
     """y[n] = Σ_j expert_weights[n, j] · expert_{ids[n, j]}(x[n]); slots with id -1 add nothing."""
     N, k = expert_ids_NK.shape
     D = x_ND.shape[1]
+    # an exact 0 that depends on every input (sums of empty slices: NaN-free), so the output stays
+    # in the graph, with zero gradients, when no slot is kept or there are no tokens
+    anchor = sum(t.reshape(-1)[:0].sum().to(x_ND.dtype) for t in (x_ND, expert_weights_NK, w_in_EDH, w_out_EFD))
     rows = []
     for n in range(N):
-        y_D = torch.zeros(D, dtype=x_ND.dtype, device=x_ND.device)
+        y_D = torch.zeros(D, dtype=x_ND.dtype, device=x_ND.device) + anchor
         for j in range(k):
             e = int(expert_ids_NK[n, j])
             if e < 0:
@@ -40,5 +43,5 @@ def expert_mlp_reference(x_ND, expert_ids_NK, expert_weights_NK, w_in_EDH, w_out
             y_D = y_D + expert_weights_NK[n, j].to(x_ND.dtype) * _expert(x_ND[n], w_in_EDH[e], w_out_EFD[e], activation)
         rows.append(y_D)
     if not rows:
-        return x_ND[:0] * 0  # keeps the (empty) graph connected to x
+        return torch.zeros(0, D, dtype=x_ND.dtype, device=x_ND.device) + anchor
     return torch.stack(rows)

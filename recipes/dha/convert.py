@@ -11,7 +11,18 @@ its full config (model.attention = the DHA / GQA node), a fresh optimizer and ``
 = cpt_steps``; ``continue`` (or ``Trainer`` on that folder) trains it from step 0, logging the
 val loss right after conversion as the step-0 eval. ``conversion.json`` records the search, the
 fusion history, the val losses and the KV-cache bytes per token. METHODS.md §4.
+
+Matched budget in ``dha_vs_gqa``: DHA's fusion trains every weight for F steps (F = the fusion
+steps actually taken, ≤ ``fusion_steps``) before its CPT, on batches of the same size and length.
+The GQA arm gets those F steps too, as F more CPT steps (GQA CPT = cpt + F, DHA = F fusion + cpt),
+so both arms see the same number of post-MHA optimizer steps and tokens. Their training FLOPs then
+differ only by the per-token cost of the model being trained (fusion runs at MHA width, CPT at the
+reduced KV width); ``summary.json`` ("training_budget") and the plot legend state each arm's steps,
+tokens and FLOPs (flops_per_token as logged in metrics.jsonl; fusion steps at the MHA run's rate,
+fusion-weight mixing not counted), and ``val_loss_at_fusion_budget`` is GQA's val loss after F CPT
+steps, the budget-matched counterpart of DHA's ``val_loss_converted``.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,15 +35,15 @@ from arch.registry import ConfigError
 
 @dataclass
 class ConvertOptions:
-    ckpt: str = ""                  # MHA run folder or checkpoint file
-    out: str = ""                   # the new run folder
-    budget: float = 0.25            # fraction of MHA's KV heads kept (Σ g^K + g^V ≤ budget·2·L·H)
-    cpt_steps: int = 0              # trainer.max_steps of the converted run; 0 = the source run's
+    ckpt: str = ""  # MHA run folder or checkpoint file
+    out: str = ""  # the new run folder
+    budget: float = 0.25  # fraction of MHA's KV heads kept (Σ g^K + g^V ≤ budget·2·L·H)
+    cpt_steps: int = 0  # trainer.max_steps of the converted run; 0 = the source run's
     device: str = "auto"
     # mha_to_dha only
-    similarity: str = "params"      # params | activations (calibration batches from the train split)
+    similarity: str = "params"  # params | activations (calibration batches from the train split)
     calib_batches: int = 4
-    allocation: str = "dp"          # dp (per-layer counts by redundancy) | uniform
+    allocation: str = "dp"  # dp (per-layer counts by redundancy) | uniform
     fusion_steps: int = 300
     fusion_tol: float = 0.01
     fusion_lr: float = 1e-3
@@ -40,37 +51,51 @@ class ConvertOptions:
     rho_init: float = 1.0
     rho_growth: float = 2.0
     al_every: int = 10
-    granularity: str = "scalar"     # scalar | channel fusion weights
+    granularity: str = "scalar"  # scalar | channel fusion weights
     train_base: bool = True
 
-    HELP = {"ckpt": "MHA run folder or checkpoint file", "out": "the new run folder",
-            "budget": "fraction of MHA's KV heads kept (sum of key and value heads <= budget * 2 * layers * heads)",
-            "cpt_steps": "trainer.max_steps of the converted run; 0 = the source run's", "device": "auto, cpu or cuda",
-            "similarity": "mha_to_dha: head similarity from params or activations (calibration batches)",
-            "calib_batches": "mha_to_dha: calibration batches for similarity=activations",
-            "allocation": "mha_to_dha: per-layer head counts by redundancy (dp) or uniform",
-            "fusion_steps": "mha_to_dha: augmented-Lagrangian fusion steps", "fusion_tol": "mha_to_dha: fusion stop tolerance",
-            "fusion_lr": "mha_to_dha: fusion learning rate", "omega_lr": "mha_to_dha: fusion-weight learning rate",
-            "rho_init": "mha_to_dha: initial penalty", "rho_growth": "mha_to_dha: penalty growth",
-            "al_every": "mha_to_dha: multiplier update interval", "granularity": "mha_to_dha: scalar or channel fusion weights",
-            "train_base": "mha_to_dha: train all weights during fusion"}
+    HELP = {
+        "ckpt": "MHA run folder or checkpoint file",
+        "out": "the new run folder",
+        "budget": "fraction of MHA's KV heads kept (sum of key and value heads <= budget * 2 * layers * heads)",
+        "cpt_steps": "trainer.max_steps of the converted run; 0 = the source run's",
+        "device": "auto, cpu or cuda",
+        "similarity": "mha_to_dha: head similarity from params or activations (calibration batches)",
+        "calib_batches": "mha_to_dha: calibration batches for similarity=activations",
+        "allocation": "mha_to_dha: per-layer head counts by redundancy (dp) or uniform",
+        "fusion_steps": "mha_to_dha: augmented-Lagrangian fusion steps",
+        "fusion_tol": "mha_to_dha: fusion stop tolerance",
+        "fusion_lr": "mha_to_dha: fusion learning rate",
+        "omega_lr": "mha_to_dha: fusion-weight learning rate",
+        "rho_init": "mha_to_dha: initial penalty",
+        "rho_growth": "mha_to_dha: penalty growth",
+        "al_every": "mha_to_dha: multiplier update interval",
+        "granularity": "mha_to_dha: scalar or channel fusion weights",
+        "train_base": "mha_to_dha: train all weights during fusion",
+    }
 
 
 @dataclass
 class RecipeOptions:
     run_dir: str = ""
     budget: float = 0.25
-    cpt_steps: int = 0              # 0 = the MHA run's trainer.max_steps ("the same number of steps")
+    cpt_steps: int = 0  # 0 = the MHA run's trainer.max_steps ("the same number of steps")
     similarity: str = "params"
     allocation: str = "dp"
     fusion_steps: int = 300
     fusion_tol: float = 0.01
     granularity: str = "scalar"
 
-    HELP = {"run_dir": "folder of the whole recipe (mha/, dha/, gqa/, summary.json)", "budget": "KV-head budget fraction",
-            "cpt_steps": "continued-pretraining steps; 0 = the MHA run's trainer.max_steps",
-            "similarity": "params or activations", "allocation": "dp or uniform", "fusion_steps": "DHA fusion steps",
-            "fusion_tol": "fusion stop tolerance", "granularity": "scalar or channel fusion weights"}
+    HELP = {
+        "run_dir": "folder of the whole recipe (mha/, dha/, gqa/, summary.json)",
+        "budget": "KV-head budget fraction",
+        "cpt_steps": "continued-pretraining steps; 0 = the MHA run's trainer.max_steps",
+        "similarity": "params or activations",
+        "allocation": "dp or uniform",
+        "fusion_steps": "DHA fusion steps",
+        "fusion_tol": "fusion stop tolerance",
+        "granularity": "scalar or channel fusion weights",
+    }
 
 
 def _fusion_config(o: ConvertOptions, batch_size: int, seed: int):
@@ -78,9 +103,19 @@ def _fusion_config(o: ConvertOptions, batch_size: int, seed: int):
 
     if o.granularity not in ("scalar", "channel"):
         raise ConfigError(f"granularity={o.granularity!r} is invalid; allowed: ['scalar', 'channel']")
-    return FusionConfig(steps=o.fusion_steps, tol=o.fusion_tol, lr=o.fusion_lr, omega_lr=o.omega_lr, rho_init=o.rho_init,
-                        rho_growth=o.rho_growth, al_every=o.al_every, granularity=o.granularity, train_base=o.train_base,
-                        batch_size=batch_size, seed=seed + 1)
+    return FusionConfig(
+        steps=o.fusion_steps,
+        tol=o.fusion_tol,
+        lr=o.fusion_lr,
+        omega_lr=o.omega_lr,
+        rho_init=o.rho_init,
+        rho_growth=o.rho_growth,
+        al_every=o.al_every,
+        granularity=o.granularity,
+        train_base=o.train_base,
+        batch_size=batch_size,
+        seed=seed + 1,
+    )
 
 
 def _val_loss(model, data, root) -> float:
@@ -104,8 +139,14 @@ def mha_to_dha(o: ConvertOptions) -> dict:
     if o.similarity == "activations":
         from training.data.shards import WindowSampler
 
-        sampler = WindowSampler(data.train, data.train_mask, root.data.seq_len, root.trainer.batch_size, root.seed + 2,
-                                align=data.window_align)
+        sampler = WindowSampler(
+            data.train,
+            data.train_mask,
+            root.data.seq_len,
+            root.trainer.batch_size,
+            root.seed + 2,
+            align=data.window_align,
+        )
         calib = [sampler.get_batch(i)[0].to(next(model.parameters()).device) for i in range(o.calib_batches)]
     result = search(model, o.budget, o.similarity, o.allocation, calib)
     fusion_cfg = _fusion_config(o, root.trainer.batch_size, root.seed)
@@ -114,13 +155,23 @@ def mha_to_dha(o: ConvertOptions) -> dict:
     history = fuse(fused, data, root.data.seq_len, fusion_cfg)
     dha = collapse(fused)
     report = {
-        "method": "dha", "source": str(path), "budget": o.budget, "budget_heads": result.budget_heads,
-        "k_heads": result.counts["k"], "v_heads": result.counts["v"],
-        "k_maps": result.groups["k"], "v_maps": result.groups["v"], "search_cost": result.total_cost,
-        "val_loss_mha": _val_loss(model, data, root), "val_loss_fusion_start": start,
-        "val_loss_fused": _val_loss(fused, data, root), "val_loss_converted": _val_loss(dha, data, root),
-        "fusion_steps": history[-1]["step"], "fusion_disagreement": history[-1]["disagreement"],
-        "kv_bytes_per_token_bf16": kv_bytes_per_token(dha), "kv_bytes_per_token_mha_bf16": kv_bytes_per_token(model),
+        "method": "dha",
+        "source": str(path),
+        "budget": o.budget,
+        "budget_heads": result.budget_heads,
+        "k_heads": result.counts["k"],
+        "v_heads": result.counts["v"],
+        "k_maps": result.groups["k"],
+        "v_maps": result.groups["v"],
+        "search_cost": result.total_cost,
+        "val_loss_mha": _val_loss(model, data, root),
+        "val_loss_fusion_start": start,
+        "val_loss_fused": _val_loss(fused, data, root),
+        "val_loss_converted": _val_loss(dha, data, root),
+        "fusion_steps": history[-1]["step"],
+        "fusion_disagreement": history[-1]["disagreement"],
+        "kv_bytes_per_token_bf16": kv_bytes_per_token(dha),
+        "kv_bytes_per_token_mha_bf16": kv_bytes_per_token(model),
         "similarity": {kind: [layer.similarity_HH for layer in result.layers[kind]] for kind in result.layers},
         "fusion_history": history,
     }
@@ -140,9 +191,16 @@ def mha_to_gqa(o: ConvertOptions) -> dict:
     L, H = root.model.n_layers, root.model.n_heads
     n_kv = budget_heads(o.budget, L, H) // (2 * L)
     gqa = mean_pool_gqa(model, n_kv)
-    report = {"method": "gqa", "source": str(path), "budget": o.budget, "n_kv_heads": n_kv,
-              "val_loss_mha": _val_loss(model, data, root), "val_loss_converted": _val_loss(gqa, data, root),
-              "kv_bytes_per_token_bf16": kv_bytes_per_token(gqa), "kv_bytes_per_token_mha_bf16": kv_bytes_per_token(model)}
+    report = {
+        "method": "gqa",
+        "source": str(path),
+        "budget": o.budget,
+        "n_kv_heads": n_kv,
+        "val_loss_mha": _val_loss(model, data, root),
+        "val_loss_converted": _val_loss(gqa, data, root),
+        "kv_bytes_per_token_bf16": kv_bytes_per_token(gqa),
+        "kv_bytes_per_token_mha_bf16": kv_bytes_per_token(model),
+    }
     write_run(o.out, root, gqa, data, o.cpt_steps, report)
     return report
 
@@ -156,10 +214,10 @@ def _require_paths(o: ConvertOptions) -> None:
 
 def write_run(out: str, root, model, data, cpt_steps: int, report: dict) -> Path:
     """A run folder whose step-0 checkpoint is ``model`` with fresh optimizer state, ready for CPT."""
-    from training.checkpoint import files as ckpt
-    from training.data.shards import WindowSampler
     from omegaconf import OmegaConf
 
+    from training.checkpoint import files as ckpt
+    from training.data.shards import WindowSampler
     from training.optim import build_optimizer
 
     config = asdict(root)
@@ -168,12 +226,19 @@ def write_run(out: str, root, model, data, cpt_steps: int, report: dict) -> Path
     config["seed"] = root.seed + 1  # CPT draws windows other than the source run's
     config["trainer"]["resume"] = "auto"
     config["trainer"]["max_steps"] = cpt_steps or root.trainer.max_steps
-    sampler = WindowSampler(data.train, data.train_mask, root.data.seq_len, root.trainer.batch_size, config["seed"],
-                            align=data.window_align)
+    sampler = WindowSampler(
+        data.train, data.train_mask, root.data.seq_len, root.trainer.batch_size, config["seed"], align=data.window_align
+    )
     optimizer = build_optimizer(model, root.optim, next(model.parameters()).device.type)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
-             "schedule": {"name": root.schedule.name, "step": 0}, "rng": ckpt.rng_state(), "nonfinite_skipped": 0,
-             "config": config}
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "sampler": sampler.state_dict(),
+        "schedule": {"name": root.schedule.name, "step": 0},
+        "rng": ckpt.rng_state(),
+        "nonfinite_skipped": 0,
+        "config": config,
+    }
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
     (Path(out) / "conversion.json").write_text(json.dumps(report, indent=1))
@@ -197,32 +262,98 @@ def continue_training(run: str, steps: int = 0) -> dict:
 def dha_vs_gqa(o: RecipeOptions, overrides: list[str]) -> dict:
     """Train MHA (experiment=dha_vs_gqa), convert both ways at o.budget, CPT both, plot and summarise."""
     from training.cli import compose
+    from training.eval.report import load_run
     from training.metrics import read_metrics
     from training.trainer import train
 
     if not o.run_dir:
         raise ConfigError("dha_vs_gqa needs run_dir=<folder for the three runs>")
     root_dir = Path(o.run_dir)
-    mha = train(compose(["experiment=dha_vs_gqa", f"run_dir={root_dir / 'mha'}", *overrides]))
-    common = dict(ckpt=str(root_dir / "mha"), budget=o.budget, cpt_steps=o.cpt_steps)
+    config = compose(["experiment=dha_vs_gqa", f"run_dir={root_dir / 'mha'}", *overrides])
+    mha = train(config)
+    mha_run = load_run(root_dir / "mha")
+    cpt_steps = o.cpt_steps or mha_run.max_steps
+    common = dict(ckpt=str(root_dir / "mha"), budget=o.budget)
     reports = {
-        "dha": mha_to_dha(ConvertOptions(out=str(root_dir / "dha"), similarity=o.similarity, allocation=o.allocation,
-                                         fusion_steps=o.fusion_steps, fusion_tol=o.fusion_tol, granularity=o.granularity,
-                                         **common)),
-        "gqa": mha_to_gqa(ConvertOptions(out=str(root_dir / "gqa"), **common)),
+        "dha": mha_to_dha(
+            ConvertOptions(
+                out=str(root_dir / "dha"),
+                similarity=o.similarity,
+                allocation=o.allocation,
+                fusion_steps=o.fusion_steps,
+                fusion_tol=o.fusion_tol,
+                granularity=o.granularity,
+                cpt_steps=cpt_steps,
+                **common,
+            )
+        )
     }
-    summary = {"mha_val_loss": mha["final_val_loss"], "budget": o.budget,
-               "kv_bytes_per_token_bf16": {"mha": reports["dha"]["kv_bytes_per_token_mha_bf16"]["total"]}}
+    fusion_done = int(reports["dha"]["fusion_steps"])  # the fusion may stop early on its tolerance
+    # the matched budget: GQA continues the F steps DHA spent on fusion (see the module docstring)
+    reports["gqa"] = mha_to_gqa(ConvertOptions(out=str(root_dir / "gqa"), cpt_steps=cpt_steps + fusion_done, **common))
+    summary = {
+        "mha_val_loss": mha["final_val_loss"],
+        "budget": o.budget,
+        "kv_bytes_per_token_bf16": {"mha": reports["dha"]["kv_bytes_per_token_mha_bf16"]["total"]},
+    }
     for name, report in reports.items():
         cpt = continue_training(str(root_dir / name))
         curve = [(r["step"], r["val_loss"]) for r in read_metrics(root_dir / name) if "val_loss" in r]
-        summary[name] = {"val_loss_converted": report["val_loss_converted"], "val_loss_after_cpt": cpt["final_val_loss"],
-                         "curve": curve}
+        summary[name] = {
+            "val_loss_converted": report["val_loss_converted"],
+            "val_loss_after_cpt": cpt["final_val_loss"],
+            "curve": curve,
+        }
         summary["kv_bytes_per_token_bf16"][name] = report["kv_bytes_per_token_bf16"]["total"]
-    summary["dha"].update({k: reports["dha"][k] for k in ("k_heads", "v_heads", "fusion_steps", "fusion_disagreement", "val_loss_fused")})
+    summary["dha"].update(
+        {k: reports["dha"][k] for k in ("k_heads", "v_heads", "fusion_steps", "fusion_disagreement", "val_loss_fused")}
+    )
+    summary["gqa"]["val_loss_at_fusion_budget"] = loss_at_step(summary["gqa"]["curve"], fusion_done)
+    summary["training_budget"] = training_budget(
+        mha_run, load_run(root_dir / "dha"), load_run(root_dir / "gqa"), fusion_done
+    )
     summary["plot"] = str(plot_comparison(root_dir, summary))
     (root_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def loss_at_step(curve: list[tuple[int, float]], step: float) -> float | None:
+    """Val loss linearly interpolated between the evals of ``curve`` [(step, loss)] at ``step`` (None outside it)."""
+    for (s0, l0), (s1, l1) in zip(curve, curve[1:]):
+        if s0 <= step <= s1:
+            return l0 + (l1 - l0) * (step - s0) / (s1 - s0) if s1 > s0 else l1
+    return curve[0][1] if curve and curve[0][0] == step else None
+
+
+def training_budget(mha, dha, gqa, fusion_steps: int) -> dict:
+    """Steps, tokens and training FLOPs of each arm (training.eval.report.Run objects), fusion counted for DHA.
+
+    Fusion steps use the MHA run's batch shape and logged flops_per_token (fusion trains the MHA-width model);
+    CPT steps and FLOPs are read from the converted runs' own metrics.
+    """
+    fusion_flops = mha.cumulative_flops(fusion_steps) if fusion_steps else 0.0
+    out = {
+        "mha": {
+            "steps": mha.max_steps,
+            "tokens": mha.max_steps * mha.tokens_per_step,
+            "train_flops": mha.cumulative_flops(mha.max_steps),
+        }
+    }
+    for name, run, extra_steps, extra_flops in (("dha", dha, fusion_steps, fusion_flops), ("gqa", gqa, 0, 0.0)):
+        cpt = run.max_steps
+        out[name] = {
+            "fusion_steps": extra_steps,
+            "cpt_steps": cpt,
+            "steps": extra_steps + cpt,
+            "tokens": (extra_steps + cpt) * run.tokens_per_step,
+            "train_flops": extra_flops + run.cumulative_flops(cpt),
+            "fusion_flops": extra_flops,
+        }
+    out["matched"] = (
+        "post-MHA steps and tokens equal: GQA continues the DHA fusion steps as extra CPT steps; "
+        "FLOPs differ by the per-token cost of the MHA-width fusion model"
+    )
+    return out
 
 
 def plot_comparison(root_dir: Path, summary: dict) -> Path:
@@ -234,16 +365,25 @@ def plot_comparison(root_dir: Path, summary: dict) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     fusion = summary["dha"].get("fusion_steps", 0)
+    budget = summary.get("training_budget", {})
     for name, style in (("dha", "o-"), ("gqa", "s-")):
         steps, losses = zip(*summary[name]["curve"])
-        label = f"DHA (after {fusion} fusion steps)" if name == "dha" else "GQA (mean-pooled)"
+        if name == "dha":  # DHA's CPT starts after its fusion steps: plot it at post-MHA steps
+            steps = [s + fusion for s in steps]
+        label = f"DHA ({fusion} fusion + CPT)" if name == "dha" else "GQA (mean-pooled, CPT only)"
+        if name in budget:
+            b = budget[name]
+            label += f": {b['steps']} steps, {b['tokens'] / 1e6:.2f}M tokens, {b['train_flops']:.2e} FLOPs"
         ax.plot(steps, losses, style, label=label)
-    ax.axhline(summary["mha_val_loss"], color="k", ls="--", label="MHA (source)")
-    ax.set_xlabel("continued-pretraining step")
+    mha_label = "MHA (source)"
+    if "mha" in budget:
+        mha_label += f": {budget['mha']['steps']} steps, {budget['mha']['train_flops']:.2e} FLOPs"
+    ax.axhline(summary["mha_val_loss"], color="k", ls="--", label=mha_label)
+    ax.set_xlabel("optimizer steps after the MHA run (DHA: fusion, then CPT; GQA: CPT)")
     ax.set_ylabel("val loss (nats/token)")
     ax.set_title(f"MHA → DHA vs GQA at {summary['budget']:.0%} KV budget")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path = root_dir / "dha_vs_gqa.png"
     fig.savefig(path, dpi=110)
@@ -255,7 +395,8 @@ COMMANDS = {
     "mha_to_dha": "convert an MHA run to DHA (head search, fusion, collapse) into a new run folder",
     "mha_to_gqa": "convert an MHA run to GQA (mean-pooled head groups) at the same KV budget",
     "continue": "continued pretraining of a converted run folder",
-    "dha_vs_gqa": "the whole recipe: train MHA, convert both ways, continue both, plot (extra key=value: train.py overrides)",
+    "dha_vs_gqa": "the whole recipe: train MHA, convert both ways, continue both at a matched budget, plot "
+    "(extra key=value: train.py overrides)",
 }
 
 
@@ -293,8 +434,13 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(continue_training(args.run, args.steps), indent=1))
     elif command == "dha_vs_gqa":
         summary = dha_vs_gqa(dataclass_from(args, RecipeOptions), overrides)
-        print(json.dumps({k: v for k, v in summary.items() if k not in ("dha", "gqa")} | {
-            m: {k: v for k, v in summary[m].items() if k != "curve"} for m in ("dha", "gqa")}, indent=1))
+        print(
+            json.dumps(
+                {k: v for k, v in summary.items() if k not in ("dha", "gqa")}
+                | {m: {k: v for k, v in summary[m].items() if k != "curve"} for m in ("dha", "gqa")},
+                indent=1,
+            )
+        )
     else:
         report = (mha_to_dha if command == "mha_to_dha" else mha_to_gqa)(dataclass_from(args, ConvertOptions))
         print(json.dumps({k: v for k, v in report.items() if k not in ("similarity", "fusion_history")}, indent=1))

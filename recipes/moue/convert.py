@@ -17,7 +17,8 @@ MoE itself (``python train.py <the MoE's arguments> trainer.max_steps=<more>``).
   router entries); ``fresh``: empty optimizer state.
 - ``train=true``: train the converted run to ``trainer.max_steps`` right away. Without ``ckpt=``,
   ``out=<folder> train=true trainer.max_steps=N`` continues an existing converted run from its saved
-  config (``train.py`` composes the default config, so it cannot resume a converted run by itself).
+  config; ``python train.py run_dir=<folder> trainer.max_steps=N`` does the same (it trains the config saved
+  in the folder, training/run_config.py).
 - ``check=false``: skip the identity check.
 - any other ``a.b.c=value`` overrides the converted config, e.g. the widening schedule
   ``model.ffn.widen_to=16 model.ffn.widen_steps=100`` (``model.ffn.widen_start`` defaults to the

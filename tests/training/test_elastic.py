@@ -96,8 +96,8 @@ def test_evaluate_py_writes_elastic_curve_and_routing_heatmaps(tmp_path):
     for name in ("elastic.csv", "elastic.png", "routing.csv", "routing_load.png", "routing_coactivation.png"):
         assert (out / name).exists(), name
     lines = (out / "elastic.csv").read_text().splitlines()
-    assert lines[0] == "dimension,value,trained_value,val_loss,val_bpb"
-    assert [line.split(",")[:3] for line in lines[1:5]] == [["top_k", str(k), "2"] for k in (1, 2, 3, 4)]
+    assert lines[0] == "dimension,setting,trained,active_params,forward_flops_per_token,val_loss,delta_val_loss,val_bpb"
+    assert [line.split(",")[:3] for line in lines[1:5]] == [["top_k", str(k), str(k == 2)] for k in (1, 2, 3, 4)]
     assert {line.split(",")[0] for line in lines[1:]} == {"top_k", "experts", "depth"}
     dense = tmp_path / "dense"
     train(tiny_config(dense, "trainer.max_steps=2", "trainer.sample_tokens=0"))

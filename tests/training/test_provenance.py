@@ -29,3 +29,14 @@ def test_console_lines_printed_before_the_run_folder_exists_are_kept_and_bars_co
     lines = (tmp_path / "train.log").read_text().splitlines()
     assert lines[1:] == ["before the folder", "bar 100%", "after"]
     assert "before the folder" in capsys.readouterr().out  # the console still shows everything
+
+
+def test_per_expert_loads_reach_wandb_as_histograms():
+    pytest = __import__("pytest")
+    wandb = pytest.importorskip("wandb")
+    from training.metrics import wandb_row
+
+    row = wandb_row({"step": 3, "loss": 2.5, "moe/layer0/load": [0.5, 0.25, 0.25, 0.0], "moe/layer0/dead_experts": 1.0})
+    assert row["loss"] == 2.5 and "step" not in row and row["moe/layer0/dead_experts"] == 1.0
+    hist = row["moe/layer0/load"]
+    assert isinstance(hist, wandb.Histogram) and list(hist.histogram) == [0.5, 0.25, 0.25, 0.0] and len(hist.bins) == 5

@@ -1,18 +1,20 @@
 """Looped-depth sweeps for ``evaluate.py``: val loss and FLOPs over test-time iteration counts
 (``depth=recurrent`` / ``depth=loop``) and over ITT selection ratios (``depth=itt``).
 
-Writes ``depth.csv`` and ``depth.png`` (val loss against forward FLOPs per token, each point
-labelled with its setting). Defaults: iterations 1, 2, r̄/2, r̄, 2r̄, 4r̄ (recurrent) or 1 … 2n
+Prints the sweep table and writes ``depth.csv`` (the columns of every sweep: setting, active
+params, forward FLOPs/token, val loss, Δ vs the trained setting) and ``depth.png`` (val loss against
+the setting and against forward FLOPs per token, one point per setting). The trained setting is
+always evaluated (it is the Δ reference). Defaults: iterations 1, 2, r̄/2, r̄, 2r̄, 4r̄ (recurrent) or 1 … 2n
 repeats (loop); ITT ratios follow METHODS.md §5(d) Table 2 plus the all-0 (vanilla compute) point.
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
+from training.accounting.account import account
 from training.config import ConfigError
 from training.eval.loss import evaluate_loss
-from training.accounting.account import account
+from training.eval.sweep_table import plot_sweep, print_table, with_deltas, write_csv
 
 
 def _sweep_value(cfg, key: str):
@@ -25,17 +27,17 @@ def _settings(model, root, cfg) -> list[tuple[str, str, object]]:
     depth, name = model.depth, root.model.depth["name"]
     if name == "recurrent":
         r = depth.mean_recurrence
-        values = _sweep_value(cfg, "iterations") or sorted({1, 2, max(1, r // 2), r, 2 * r, 4 * r})
-        return [("iterations", str(int(v)), int(v)) for v in values]
+        values = _sweep_value(cfg, "iterations") or [1, 2, max(1, r // 2), r, 2 * r, 4 * r]
+        return [("iterations", v, v) for v in sorted({int(v) for v in values} | {int(depth.eval_iterations)})]
     if name == "loop":
-        values = _sweep_value(cfg, "iterations") or list(range(1, 2 * depth.repeats + 1))
-        return [("repeats", str(int(v)), int(v)) for v in values]
+        values = _sweep_value(cfg, "iterations") or range(1, 2 * depth.repeats + 1)
+        return [("repeats", v, v) for v in sorted({int(v) for v in values} | {int(depth.repeats)})]
     if name == "itt":
         n = depth.steps - 1
         trained = list(depth.ratios)
         grid = _sweep_value(cfg, "itt_ratios") or [trained, [0.5] * n, [0.7] * (n - 1) + [0.9], [0.9] * n,
                                                     [0.9] * (n - 1) + [0.0], [1.0] * n, [0.0] * n]
-        unique = list(dict.fromkeys(tuple(float(x) for x in ratios) for ratios in grid))
+        unique = list(dict.fromkeys(tuple(float(x) for x in ratios) for ratios in [trained, *grid]))
         return [("ratios", "/".join(f"{x:g}" for x in ratios), list(ratios)) for ratios in unique]
     return []
 
@@ -68,40 +70,24 @@ def depth_sweeps(model, data, root, cfg, out_dir: Path) -> dict[str, Path]:
             except ValueError as error:
                 raise ConfigError(f"sweep value {label!r} for {dimension}: {error}") from error
             result = evaluate_loss(model, data, root.data.seq_len, cfg.batch_size, cfg.eval_batches, device)
+            cost = account(model, root.data.seq_len, training=False)  # reads the iteration count / ratios just set
             rows.append({
-                "dimension": dimension, "value": label, "trained": value == trained[dimension],
-                "val_loss": result["val_loss"], "val_ppl": result["val_ppl"], "val_bpb": result["val_bpb"],
-                "forward_flops_per_token": account(model, root.data.seq_len, training=False).forward_flops_per_token,
+                "dimension": dimension, "setting": label, "trained": _same(value, trained[dimension]),
+                "active_params": cost.active_params, "forward_flops_per_token": cost.forward_flops_per_token,
+                "val_loss": result["val_loss"], "val_bpb": result["val_bpb"],
             })
     finally:
         _apply(depth, points[0][0], saved[points[0][0]])
-    csv_path = out_dir / "depth.csv"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return {"depth csv": csv_path, "depth plot": _plot(rows, out_dir / "depth.png", root)}
+    rows = with_deltas(rows)
+    print_table(rows, f"depth sweep: {root.model.name} / depth={root.model.depth['name']}")
+    csv_path = write_csv(rows, out_dir / "depth.csv")
+    title = f"{root.model.name} / depth={root.model.depth['name']}: {points[0][0]} sweep"
+    plot = plot_sweep(rows, out_dir / "depth.png", title)
+    return {"depth csv": csv_path, "depth plot": plot}
 
 
-def _plot(rows, path: Path, root) -> Path:
-    import matplotlib
+def _same(value, trained) -> bool:
+    if isinstance(value, (list, tuple)):
+        return [float(x) for x in value] == [float(x) for x in trained]
+    return value == trained
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    flops = [r["forward_flops_per_token"] / 1e6 for r in rows]
-    losses = [r["val_loss"] for r in rows]
-    ax.scatter(flops, losses, c=["tab:red" if r["trained"] else "tab:blue" for r in rows], zorder=3)
-    if rows[0]["dimension"] != "ratios":
-        ax.plot(flops, losses, "-", color="tab:blue", alpha=0.5)
-    for r, x, y in zip(rows, flops, losses):
-        ax.annotate(r["value"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("forward MFLOPs per token")
-    ax.set_ylabel("val loss")
-    ax.set_title(f"{root.model.depth['name']}: {rows[0]['dimension']} sweep (red: training setting)", fontsize=10)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

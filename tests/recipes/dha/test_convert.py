@@ -1,4 +1,5 @@
 """MHA → DHA conversion (search, fusion, collapse), the GQA baseline, and the dha_vs_gqa recipe."""
+
 import itertools
 import json
 
@@ -8,18 +9,26 @@ import torch
 from arch.attention.dha import check_head_map, kv_bytes_per_token
 from arch.model import LanguageModel
 from arch.registry import ConfigError
-from tests.helpers import TINY, DATA_CACHE
 from recipes.dha import convert
-from training.config import ModelConfig
 from recipes.dha.fusion import FusionConfig, collapse, disagreement, fuse, fusion_layers, mean_pool_gqa, wrap_for_fusion
 from recipes.dha.search import allocate, budget_heads, search
+from tests.helpers import DATA_CACHE, TINY
+from training.config import ModelConfig
 from training.metrics import read_metrics
 
 
 def mha(n_layers=3, n_heads=4, **attention) -> LanguageModel:
     torch.manual_seed(0)
-    return LanguageModel(ModelConfig(vocab_size=97, d_model=32, n_layers=n_layers, n_heads=n_heads, max_seq_len=64,
-                                     attention={"name": "mha", "backend": "sdpa", **attention})).eval()
+    return LanguageModel(
+        ModelConfig(
+            vocab_size=97,
+            d_model=32,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            max_seq_len=64,
+            attention={"name": "mha", "backend": "sdpa", **attention},
+        )
+    ).eval()
 
 
 IDX = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -92,11 +101,15 @@ def test_allocation_is_the_exact_minimum():
     gen = torch.Generator().manual_seed(0)
     costs = [sorted(torch.rand(4, generator=gen).tolist(), reverse=True) for _ in range(4)]
     for total in (4, 7, 10, 16):
-        best = min((c for c in itertools.product(range(1, 5), repeat=4) if sum(c) <= total),
-                   key=lambda c: sum(costs[i][g - 1] for i, g in enumerate(c)))
+        best = min(
+            (c for c in itertools.product(range(1, 5), repeat=4) if sum(c) <= total),
+            key=lambda c: sum(costs[i][g - 1] for i, g in enumerate(c)),
+        )
         got = allocate(costs, total, "dp")
         assert sum(got) <= total
-        assert sum(costs[i][g - 1] for i, g in enumerate(got)) == pytest.approx(sum(costs[i][g - 1] for i, g in enumerate(best)))
+        assert sum(costs[i][g - 1] for i, g in enumerate(got)) == pytest.approx(
+            sum(costs[i][g - 1] for i, g in enumerate(best))
+        )
     assert allocate(costs, 8, "uniform") == [2, 2, 2, 2]
 
 
@@ -117,9 +130,9 @@ def test_gqa_mean_pools_contiguous_groups():
 
 
 def test_augmented_lagrangian_fusion_reaches_agreement(tmp_path):
-    from training.data.shards import prepare_data
     from training.cli import compose
     from training.config import validate
+    from training.data.shards import prepare_data
 
     root = validate(compose([*TINY, f"data.cache_dir={DATA_CACHE}", f"run_dir={tmp_path}"]))
     data = prepare_data(root.data, progress=False)
@@ -137,17 +150,38 @@ def test_augmented_lagrangian_fusion_reaches_agreement(tmp_path):
 
 def test_recipe_trains_converts_both_ways_continues_and_plots(tmp_path):
     """The dha_vs_gqa recipe end to end at test size (budget 0.5 of 2 layers × 4 heads)."""
-    overrides = [*TINY, f"data.cache_dir={DATA_CACHE}", "model.n_heads=4", "trainer.max_steps=20", "trainer.sample_tokens=0"]
-    summary = convert.dha_vs_gqa(convert.RecipeOptions(run_dir=str(tmp_path), budget=0.5, fusion_steps=30, cpt_steps=10),
-                                 overrides)
+    overrides = [
+        *TINY,
+        f"data.cache_dir={DATA_CACHE}",
+        "model.n_heads=4",
+        "trainer.max_steps=20",
+        "trainer.sample_tokens=0",
+    ]
+    summary = convert.dha_vs_gqa(
+        convert.RecipeOptions(run_dir=str(tmp_path), budget=0.5, fusion_steps=30, cpt_steps=10), overrides
+    )
+    fusion = summary["dha"]["fusion_steps"]
+    assert 0 < fusion <= 30
     for name in ("dha", "gqa"):
         rows = [r for r in read_metrics(tmp_path / name) if "val_loss" in r]
-        assert rows[0]["step"] == 0 and rows[-1]["step"] == 10
+        # matched budget: GQA continues the steps DHA spent on fusion
+        assert rows[0]["step"] == 0 and rows[-1]["step"] == (10 if name == "dha" else 10 + fusion)
         assert rows[0]["val_loss"] == pytest.approx(summary[name]["val_loss_converted"], rel=1e-5)
         assert summary[name]["val_loss_after_cpt"] == rows[-1]["val_loss"]
     bytes_ = summary["kv_bytes_per_token_bf16"]
     assert bytes_["dha"] <= bytes_["mha"] / 2 and bytes_["gqa"] == bytes_["mha"] / 2
     assert (tmp_path / "dha_vs_gqa.png").stat().st_size > 0
+    budget = json.loads((tmp_path / "summary.json").read_text())["training_budget"]
+    assert (
+        budget["dha"]["steps"] == budget["gqa"]["steps"] == 10 + fusion
+        and budget["dha"]["tokens"] == budget["gqa"]["tokens"]
+    )
+    assert (
+        budget["dha"]["fusion_steps"] == fusion and budget["gqa"]["fusion_steps"] == 0 and budget["mha"]["steps"] == 20
+    )
+    mha_rate = budget["mha"]["train_flops"] / 20  # fusion steps run at the MHA model's logged rate
+    assert budget["dha"]["fusion_flops"] == pytest.approx(fusion * mha_rate, rel=1e-6)
+    assert 0 < budget["gqa"]["train_flops"] < budget["dha"]["train_flops"]  # equal steps; fusion steps cost MHA width
     report = json.loads((tmp_path / "dha" / "conversion.json").read_text())
     assert sum(report["k_heads"]) + sum(report["v_heads"]) <= report["budget_heads"] == 8
     with pytest.raises(ConfigError, match="already holds checkpoints"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,15 @@ class MetricsLogger:
     """Appends one JSON object per event to ``run_dir/metrics.jsonl`` and mirrors it to wandb.
 
     Every row has ``step``; train rows have ``loss``, ``lr``, ``tokens_per_s``; eval rows ``val_loss``.
+    The file always matches the checkpoint the run continues from: a fresh start truncates it, a
+    resume keeps rows up to the resumed step (dropping a torn last line), and it is never written
+    through a symbolic link.
     """
 
     def __init__(self, run_dir: str | Path, logger_cfg, config_dict: dict, resume_step: int | None):
         self.path = Path(run_dir) / METRICS_FILE
-        if resume_step is not None:
-            truncate_after(self.path, resume_step)
+        _replace_link(self.path)
+        truncate_after(self.path, resume_step if resume_step is not None else -1)
         self._file = open(self.path, "a", buffering=1)
         self.wandb_run = _init_wandb(logger_cfg, Path(run_dir), config_dict) if logger_cfg.name == "wandb" else None
 
@@ -64,18 +68,62 @@ class NullLogger:
 
 
 def truncate_after(path: Path, step: int) -> None:
-    """Drop rows logged after ``step`` (a resumed run re-logs them), atomically."""
+    """Keep only rows with ``step <= step`` (a resumed run re-logs the rest; -1: none), atomically.
+
+    A line that is not a JSON object (a crash tore the last write) is dropped with a warning.
+    """
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            row_step = int(row["step"])
+        except (ValueError, KeyError, TypeError):
+            where = "its last line" if number >= len(lines) - 1 else f"line {number}"
+            warnings.warn(f"{path}: dropped {where}, which is not a complete metrics row (torn by a crash): "
+                          f"{line[:80]!r}", stacklevel=2)
+            continue
+        if row_step <= step:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _replace_link(path: Path) -> None:
+    """A symbolic link at ``path`` is replaced by a regular file holding the same rows (with a warning)."""
+    if not path.is_symlink():
+        return
+    target = os.readlink(path)
+    try:
+        content = path.read_bytes()
+    except OSError:
+        content = b""
+    path.unlink()
+    path.write_bytes(content)
+    warnings.warn(f"{path} was a symbolic link (to {target}); replaced it by a regular file: outputs of a run are "
+                  "never written through links", stacklevel=3)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a torn line from a crash (the next resume drops it with a warning)
+    return rows
 
 
 def _plain(value: Any) -> Any:
@@ -135,6 +183,9 @@ def plot_losses(run_dir: str | Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     path = Path(run_dir) / PLOT_FILE
+    if path.is_symlink():
+        warnings.warn(f"{path} was a symbolic link (to {os.readlink(path)}); replaced it by a regular file", stacklevel=2)
+        path.unlink()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

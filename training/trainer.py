@@ -27,7 +27,7 @@ from training.accounting.account import account, format_accounting
 from training.accounting.hardware import peak_flops
 from training.metrics import MetricsLogger, NullLogger, plot_losses
 from training.build import build_model, check_model_builds, resolve_device, seed_everything
-from training.errors import NonFiniteLossError
+from training.errors import NonFiniteLossError, NonFiniteOutputError
 from training.optim import build_optimizer, lr_at, set_lr, warmup_warning
 from training.data.run_copy import save_run_data
 from training.provenance import CONSOLE_LOG, ConsoleLog, record_launch
@@ -56,12 +56,14 @@ class Trainer:
         self.parallel = dist_utils.setup_parallel(t, device)  # one process: Parallel() and nothing happens
         self.device = dist_utils.device_for(self.parallel, device)
         self._check_parallel()
-        if t.resume not in ("auto", "none") and not Path(t.resume).exists():  # before anything is written
+        if t.resume not in ("auto", "none", "restart") and not Path(t.resume).exists():  # before anything is written
             raise ckpt.CheckpointError(f"trainer.resume={t.resume}: no such checkpoint (give a step_XXXXXXXX.pt file or "
-                                       "folder, or auto / none)")
+                                       "folder, or auto / none / restart)")
         self.is_main = self.parallel.is_main
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:  # each launch appends its overrides, git commit and time; train.log gets the console
+            for stale in ckpt.sweep_stale(self.run_dir):  # temp files and unfinished folders of killed saves
+                tqdm.write(f"removed {stale} (left by an interrupted save)")
             record_launch(self.run_dir, self.parallel.world)
             if console is not None:
                 console.attach(self.run_dir / CONSOLE_LOG)
@@ -114,6 +116,11 @@ class Trainer:
         """Load the checkpoint named by ``trainer.resume``; return its step, or None for a fresh run."""
         from training.checkpoint.sharded import load_model_and_optimizer
 
+        if self.root.trainer.resume == "restart" and self.is_main:
+            moved = ckpt.discard_all(self.run_dir)
+            if moved is not None:
+                tqdm.write(f"trainer.resume=restart: moved the existing checkpoints to {moved}; starting from step 0")
+        self.parallel.barrier()
         found = ckpt.checkpoint_to_resume(self.run_dir, self.root.trainer.resume, self.config_dict["model"])
         if found is None:
             return None
@@ -272,10 +279,11 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             window_time += time.perf_counter() - step_start
             bar.update(1)
-            if metrics is None:
-                continue
-            window_steps += 1
-            if self._logs_step(self.step):
+            if metrics is None:  # a skipped non-finite step: logged, and its eval and checkpoint still happen
+                self.logger.log({"step": self.step, "nonfinite_skipped": self.nonfinite_skipped})
+            else:
+                window_steps += 1
+            if metrics is not None and self._logs_step(self.step):
                 tokens_per_s = window_steps * self.tokens_per_step / window_time
                 self.logger.log({"step": self.step, **self._throughput(metrics, tokens_per_s, window_time / window_steps)})
                 bar.set_postfix(loss=f"{metrics['loss'].item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
@@ -288,8 +296,8 @@ class Trainer:
                 self.save()
             self._emit("step_end")
         bar.close()
-        if last_eval is None:
-            last_eval = self._log_eval()
+        if last_eval is None:  # resumed at max_steps: the run had finished; its final eval row is already logged
+            last_eval = self.evaluate()
         self._wait_for_checkpoint()
         return self._finish(first_eval, last_eval, tokens_per_s)
 
@@ -377,8 +385,15 @@ class Trainer:
         prompt = t.sample_prompt
         if self.root.data.source == "synthetic":  # a task prompt: the start of the first validation example
             prompt = self.data.tokenizer.decode(self.data.val[: self.root.data.seq_len // 2].tolist())
-        text = generate_text(self.model, self.data.tokenizer, prompt, t.sample_tokens, t.sample_temperature, t.sample_top_k, seed=self.root.seed)
+        try:
+            text = generate_text(self.model, self.data.tokenizer, prompt, t.sample_tokens, t.sample_temperature,
+                                 t.sample_top_k, seed=self.root.seed)
+        except NonFiniteOutputError as e:
+            if self.is_main:
+                tqdm.write(f"sample skipped: {e}")
+            return f"(no sample: {e})"
         if self.is_main:
+            ckpt.replace_link(self.run_dir / "sample.txt")
             (self.run_dir / "sample.txt").write_text(text + "\n")
         return text
 
@@ -386,6 +401,7 @@ class Trainer:
 def _write_config(path: Path, config_dict: dict) -> None:
     from omegaconf import OmegaConf
 
+    ckpt.replace_link(path)
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(config_dict)))
 
 

@@ -90,7 +90,10 @@ def _load_model(target: str | Path, device):
     from training.eval.loss import load_trained
 
     model, data, root, path = load_trained(target, device)
-    return model, data, root, ckpt.load_checkpoint(path)
+    state = ckpt.load_checkpoint(path)  # the one verified loader (again: config, step and, for .pt files, weights)
+    if "model" not in state:  # a sharded folder: its weights are those load_trained just read into the model
+        state["model"] = model.state_dict()
+    return model, data, root, state
 
 
 def _task_eval(model, tasks, batch_size: int, eval_batches: int, device) -> list[float]:

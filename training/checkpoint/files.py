@@ -1,21 +1,22 @@
-"""Checkpoints: atomic writes, keep-last-K, safe loading, resume discovery, safetensors export.
+"""Checkpoints: atomic, checksummed writes, keep-last-K, run-folder hygiene, safetensors export.
 
 Layout inside a run folder::
 
-    checkpoints/step_00000200.pt   model, optimizer, schedule, step, RNG states, sampler, config
+    checkpoints/step_00000200.pt   model, optimizer, schedule, step, RNG states, sampler, config, checksum
     checkpoints/step_00000400/     the same as a sharded torch.distributed.checkpoint folder
                                    (several processes; see training/checkpoint/sharded.py)
     checkpoints/latest             the name of the newest complete checkpoint (written last)
 
 A checkpoint is written to a temporary file, fsynced and renamed, then ``latest`` is updated the
-same way, so a crash at any moment leaves the previous checkpoint intact and pointed to.
-Loading always uses ``torch.load(weights_only=True)``: a checkpoint can never execute code.
+same way, so a crash at any moment leaves the previous checkpoint intact and pointed to. Reading
+is in ``load.py`` (re-exported here): weights-only, checksum-verified, never runs code.
 """
+
 from __future__ import annotations
 
+import errno
 import os
 import random
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -24,148 +25,218 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.errors import CheckpointError  # noqa: F401  (re-exported: ckpt.CheckpointError)
+from training.checkpoint import faults, integrity
+from training.checkpoint.load import (  # noqa: F401  (re-exported: the loader lives in load.py)
+    CHECKPOINT_DIR,
+    FORMAT_VERSION,
+    LATEST,
+    check_model_config,
+    checkpoint_dir,
+    checkpoint_to_resume,
+    find_resume_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_latest,
+    step_of,
+)
+from training.errors import CheckpointError
 
-CHECKPOINT_DIR = "checkpoints"
-LATEST = "latest"
-_NAME = re.compile(r"^step_(\d{8,})(\.pt)?$")
-FORMAT_VERSION = 1
-
-
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIR
+TMP_MARK = ".tmp-"
 
 
 def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write through a fresh temp file (never through a planted link), fsync, rename over ``path``."""
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        faults.point("atomic_write:before_rename")
+        os.replace(tmp, path)  # replaces a link at ``path`` itself, never writes through it
+        faults.point("atomic_write:after_rename")
     finally:
         if tmp.exists():
             tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
-    """Write ``state`` as the checkpoint for ``step``, point ``latest`` at it, prune to ``keep_last``."""
+def write_failed(path: Path, error: OSError, run_dir: str | Path) -> CheckpointError:
+    """A disk-full / permission error while writing ``path`` → a message naming it and what was kept."""
+    kept = read_latest(run_dir)
+    kept_text = (
+        f"the previous checkpoint {kept} is intact and still named by latest"
+        if kept and kept.exists()
+        else "no earlier checkpoint exists"
+    )
+    reason = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exceeded",
+        errno.EACCES: "permission denied",
+        errno.EROFS: "the file system is read-only",
+        errno.EPERM: "operation not permitted",
+    }.get(error.errno, error.strerror or type(error).__name__)
+    return CheckpointError(
+        f"cannot write checkpoint {path}: {reason} ({type(error).__name__}: {error}); {kept_text}. "
+        "Free space or fix permissions, then rerun the same command to resume."
+    )
+
+
+def checkpoint_folder(run_dir: str | Path) -> Path:
+    """``run_dir/checkpoints``, created; refused if it is a symbolic link (outputs never go through links)."""
     folder = checkpoint_dir(run_dir)
+    if folder.is_symlink():
+        raise CheckpointError(
+            f"{folder} is a symbolic link (to {os.readlink(folder)}); checkpoints are never written "
+            "through links. Remove it, or put the whole run_dir on the other disk."
+        )
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{step:08d}.pt"
-    payload = {"format_version": FORMAT_VERSION, "step": step, **state}
-    _atomic_write(path, lambda f: torch.save(payload, f))
+    return folder
+
+
+def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+    """Write ``state`` (checksummed) as the checkpoint for ``step``, point ``latest`` at it, prune to ``keep_last``."""
+    path = checkpoint_dir(run_dir) / f"step_{step:08d}.pt"
+    payload = integrity.with_checksum({"format_version": FORMAT_VERSION, "step": step, **state})
+    try:
+        checkpoint_folder(run_dir)
+        _atomic_write(path, lambda f: torch.save(payload, f))
+    except OSError as e:
+        raise write_failed(path, e, run_dir) from e
     point_latest_and_prune(run_dir, path, keep_last)
     return path
 
 
 def point_latest_and_prune(run_dir: str | Path, path: Path, keep_last: int) -> None:
-    """Point ``latest`` at a checkpoint that is complete on disk, then keep only the newest ``keep_last``."""
-    _atomic_write(checkpoint_dir(run_dir) / LATEST, lambda f: f.write(path.name.encode()))
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+    """Point ``latest`` at a checkpoint that is complete on disk, then prune; ``path`` itself is never pruned.
 
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Checkpoints (files and sharded folders) in ``run_dir``, oldest first (by step number)."""
-    folder = checkpoint_dir(run_dir)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint safely (weights only). Truncated/corrupt/foreign files raise CheckpointError.
-
-    For a sharded (DCP) folder this returns its ``extra.pt`` (step, sampler, RNG, config) with
-    ``"sharded": path``; the tensors are read later, straight into the (possibly sharded) model.
+    Kept: ``path`` and the newest ``keep_last - 1`` older ones. Checkpoints with a *higher* step than
+    ``path`` belong to an abandoned continuation (the run resumed from an earlier one because they
+    were unusable, or from an explicit older path) and are removed, so a fallback never picks them.
     """
-    path = Path(path)
-    if path.is_dir():
-        from training.checkpoint.sharded import read_extra
-
-        return {**read_extra(path), "sharded": path}
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # zip errors, unpickling errors, EOF: all mean "not a usable checkpoint"
-        raise CheckpointError(
-            f"checkpoint {path} is unreadable (truncated or corrupt; {type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        ) from e
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "model" not in state:
-        raise CheckpointError(f"checkpoint {path} is not a checkpoint of this framework (format_version != {FORMAT_VERSION})")
-    return state
-
-
-def check_model_config(state: dict, model_config: dict, path: str | Path) -> None:
-    """Refuse a checkpoint whose model config differs from the current run's, naming each difference."""
-    saved = state.get("config", {}).get("model", {})
-    diffs = _diff(saved, model_config)
-    if diffs:
-        listed = "; ".join(f"model.{k}: checkpoint has {a!r}, config has {b!r}" for k, a, b in diffs[:10])
-        raise CheckpointError(f"checkpoint {path} was trained with a different model config: {listed}")
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for key in sorted(set(a) | set(b)):
-            out += _diff(a.get(key, "<missing>"), b.get(key, "<missing>"), f"{prefix}{key}.")
-        return out
-    return [] if a == b else [(prefix.rstrip("."), a, b)]
-
-
-def find_resume_checkpoint(run_dir: str | Path, model_config: dict | None = None) -> tuple[Path, dict] | None:
-    """The newest usable checkpoint in ``run_dir``, or None if there is none.
-
-    Tries the file named by ``latest`` first, then every other checkpoint newest-first; an
-    unreadable one is reported and skipped, so a crash mid-write falls back to the previous one.
-    A config mismatch is not skipped: it raises, since every checkpoint of the run would share it.
-    """
-    candidates = list(reversed(list_checkpoints(run_dir)))
     pointer = checkpoint_dir(run_dir) / LATEST
-    if pointer.is_file():
-        named = checkpoint_dir(run_dir) / pointer.read_text().strip()
-        if named in candidates:
-            candidates.remove(named)
-            candidates.insert(0, named)
-    for path in candidates:
-        try:
-            state = load_checkpoint(path)
-        except CheckpointError as e:
-            warnings.warn(f"skipping {e}; trying the previous checkpoint", stacklevel=2)
+    try:
+        _atomic_write(pointer, lambda f: f.write(path.name.encode()))
+    except OSError as e:
+        raise write_failed(pointer, e, run_dir) from e
+    faults.point("prune:before")
+    head = step_of(path)
+    others = [p for p in list_checkpoints(run_dir) if p.name != path.name]
+    older = [p for p in others if step_of(p) < head]
+    keep = set(older[-(keep_last - 1) :]) if keep_last > 1 else set()
+    for old in others:
+        if old in keep:
             continue
-        if model_config is not None:
-            check_model_config(state, model_config, path)
-        return path, state
-    return None
+        if step_of(old) > head:
+            warnings.warn(f"removing {old}: it is newer than {path.name}, which this run continued from", stacklevel=2)
+        remove_checkpoint(old)
+        faults.point("prune:after_one")
 
 
-def checkpoint_to_resume(run_dir: str | Path, mode: str, model_config: dict) -> tuple[Path, dict] | None:
-    """What ``trainer.resume`` (auto | none | a path) asks to continue from, checked against the model config."""
-    if mode == "none":
-        if list_checkpoints(run_dir):
-            raise CheckpointError(
-                f"{run_dir} already holds checkpoints; continue it with trainer.resume=auto, "
-                "or start fresh in a new run_dir (nothing was overwritten)"
-            )
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint so that a crash midway never leaves half of one: a folder is first renamed
+    (atomically) to a temp name that :func:`sweep_stale` finishes removing at the next start."""
+    if path.is_dir() and not path.is_symlink():
+        doomed = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+        if doomed.exists():
+            shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(path, doomed)
+        faults.point("remove:renamed")
+        shutil.rmtree(doomed, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def sweep_stale(run_dir: str | Path) -> list[Path]:
+    """Remove what interrupted writes left behind; returns what was removed.
+
+    Temp files of dead processes (``.<name>.tmp-<pid>``) in the run folder and in ``checkpoints/``,
+    and sharded folders whose save died before DCP wrote ``.metadata``.
+    """
+    removed = []
+    for folder in (Path(run_dir), checkpoint_dir(run_dir)):
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        for p in folder.iterdir():
+            pid = p.name.rpartition(TMP_MARK)[2]
+            if p.name.startswith(".") and TMP_MARK in p.name and pid.isdigit() and not _alive(int(pid)):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+            elif (
+                folder.name == CHECKPOINT_DIR
+                and p.is_dir()
+                and not p.is_symlink()
+                and p.name.startswith("step_")
+                and not (p / integrity.MANIFEST).exists()
+                and not (p / ".metadata").exists()
+            ):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own pid in a stale name: a previous process that had the same pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def discard_all(run_dir: str | Path) -> Path | None:
+    """``trainer.resume=restart``: move every checkpoint and ``latest`` to ``checkpoints/discarded/<n>/``."""
+    found = list_checkpoints(run_dir)
+    pointer = checkpoint_dir(run_dir) / LATEST
+    if not found and not pointer.exists():
         return None
-    if mode == "auto":
-        return find_resume_checkpoint(run_dir, model_config)
-    state = load_checkpoint(mode)
-    check_model_config(state, model_config, mode)
-    return Path(mode), state
+    base = checkpoint_dir(run_dir) / "discarded"
+    n = 0
+    while (base / str(n)).exists():
+        n += 1
+    target = base / str(n)
+    target.mkdir(parents=True)
+    for p in [*found, pointer] if pointer.exists() or pointer.is_symlink() else found:
+        os.replace(p, target / p.name)
+    return target
+
+
+def replace_link(path: Path, keep_content: bool = False) -> None:
+    """If ``path`` is a symbolic link, replace it by a regular file (warning), optionally with the target's bytes."""
+    if not path.is_symlink():
+        return
+    target = os.readlink(path)
+    content = None
+    if keep_content:
+        try:
+            content = path.read_bytes()
+        except OSError:
+            content = None
+    path.unlink()
+    if content is not None:
+        path.write_bytes(content)
+    warnings.warn(
+        f"{path} was a symbolic link (to {target}); replaced it by a regular file: outputs of a run are "
+        "never written through links",
+        stacklevel=2,
+    )
 
 
 def rng_state() -> dict[str, Any]:
@@ -197,6 +268,7 @@ def export_safetensors(model: torch.nn.Module | dict[str, Any], path: str | Path
     from safetensors.torch import save_file
 
     path = Path(path)
+    replace_link(path)
     tensors, seen = {}, set()
     state = model if isinstance(model, dict) else model.state_dict()
     for name, value in state.items():

@@ -2,8 +2,11 @@
 
 Layout of one DCP checkpoint (a folder beside the single-file ``step_XXXXXXXX.pt`` ones)::
 
-    checkpoints/step_00000020/         *.distcp shards and .metadata (written last by DCP)
-    checkpoints/step_00000020/extra.pt step, sampler, RNG, schedule, config (rank 0, weights-only)
+    checkpoints/step_00000020/              *.distcp shards and .metadata (written last by DCP)
+    checkpoints/step_00000020/extra.pt      step, sampler, RNG, schedule, config (rank 0, weights-only)
+    checkpoints/step_00000020/manifest.json SHA-256 of every other file; written last: marks the save complete
+
+Loading goes through training/checkpoint/load.py (verified, allowlist unpickler, weights-only items).
 
 Model and optimizer state go through ``torch.distributed.checkpoint.state_dict`` (fully-qualified
 parameter names, DDP/FSDP2 aware), so DCP reshards on load: a checkpoint saved by 2 processes loads
@@ -13,9 +16,9 @@ as DTensors sharded over the ep mesh dimension so that they reshard the same way
 ``python -m training.checkpoint.sharded consolidate CKPT OUT.safetensors`` writes a sharded checkpoint's
 model weights as one safetensors file (no process group needed).
 """
+
 from __future__ import annotations
 
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -24,15 +27,19 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-EXTRA = "extra.pt"
+from training.checkpoint import faults, integrity
+from training.checkpoint import files as ckpt
+from training.checkpoint.load import EXTRA, load_checkpoint
+from training.checkpoint.safe_pickle import METADATA, dcp_load, read_metadata
+from training.errors import CheckpointError
+
 # DCP warns on every single-process save/load (also from the background thread of an async save);
 # for us one process is a supported mode, not a mistake.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-METADATA = ".metadata"
 
 
 def is_complete(path: Path) -> bool:
-    return (path / METADATA).is_file() and (path / EXTRA).is_file()
+    return (path / integrity.MANIFEST).is_file()
 
 
 # ----------------------------------------------------------------------------- state dicts
@@ -49,8 +56,10 @@ def _map_expert_tensors(model_sd: dict, optim_sd: dict, fqns: set[str], fn) -> N
     for fqn in fqns:
         model_sd[fqn] = fn(model_sd[fqn])
         if fqn in optim_sd["state"]:
-            optim_sd["state"][fqn] = {key: fn(value) if isinstance(value, torch.Tensor) and value.dim() > 0 else value
-                                      for key, value in optim_sd["state"][fqn].items()}
+            optim_sd["state"][fqn] = {
+                key: fn(value) if isinstance(value, torch.Tensor) and value.dim() > 0 else value
+                for key, value in optim_sd["state"][fqn].items()
+            }
 
 
 def _as_ep_dtensor(local: torch.Tensor, parallel):
@@ -75,12 +84,15 @@ def apply_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[
 
     model_sd, optim_sd = state["model"], state["optim"]
     # back to the plain local slices the expert parameters are
-    _map_expert_tensors(model_sd, optim_sd, _expert_fqns(model, parallel),
-                        lambda t: t.to_local() if isinstance(t, DTensor) else t)
+    _map_expert_tensors(
+        model_sd, optim_sd, _expert_fqns(model, parallel), lambda t: t.to_local() if isinstance(t, DTensor) else t
+    )
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
 
 
-def load_model_and_optimizer(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, parallel) -> None:
+def load_model_and_optimizer(
+    state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, parallel
+) -> None:
     """Weights and optimizer state from any checkpoint (``load_checkpoint``'s result) into this run's layout."""
     if "sharded" in state:  # a DCP folder, resharded to this run's world size
         load_dcp(state["sharded"], model, optimizer, parallel)
@@ -99,14 +111,21 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: d
     optim_sd = optimizer_state_by_name(state["optimizer"], model, optimizer)
     if parallel.ep > 1:
         ep_rank = parallel.mesh["ep"].get_local_rank()
-        _map_expert_tensors(model_sd, optim_sd, _expert_fqns(model, parallel), lambda t: _ep_slice(t, parallel.ep, ep_rank))
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(full_state_dict=True))
+        _map_expert_tensors(
+            model_sd, optim_sd, _expert_fqns(model, parallel), lambda t: _ep_slice(t, parallel.ep, ep_rank)
+        )
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_sd,
+        optim_state_dict=optim_sd,
+        options=StateDictOptions(full_state_dict=True),
+    )
 
 
 def _ep_slice(full: torch.Tensor, ep: int, ep_rank: int) -> torch.Tensor:
     per_rank = full.shape[0] // ep
-    return full[ep_rank * per_rank:(ep_rank + 1) * per_rank]
+    return full[ep_rank * per_rank : (ep_rank + 1) * per_rank]
 
 
 def optimizer_state_by_name(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -136,28 +155,60 @@ class DCPWriter:
         import torch.distributed.checkpoint as dcp
 
         self.wait()
+        run_dir = path.parent.parent
         if self.parallel.is_main:
-            if path.exists():  # a stale partial folder from a crash at this very step
-                shutil.rmtree(path)
-            path.mkdir(parents=True)
-            torch.save(extra, path / EXTRA)
+            try:
+                ckpt.checkpoint_folder(run_dir)
+                if path.exists():  # a stale partial folder from a crash at this very step
+                    ckpt.remove_checkpoint(path)
+                path.mkdir(parents=True)
+                ckpt._atomic_write(path / EXTRA, lambda f: torch.save(extra, f))
+            except OSError as e:
+                raise ckpt.write_failed(path / EXTRA, e, run_dir) from e
+            faults.point("dcp:after_extra")
         self.parallel.barrier()
         state = sharded_state(model, optimizer, self.parallel)
         if self.async_save:
             future = dcp.async_save(state, checkpoint_id=str(path), process_group=self.group)
-            self.pending = (future, path, on_durable)
+            self.pending = (future, path, extra["step"], on_durable)
         else:
-            dcp.save(state, checkpoint_id=str(path), no_dist=_single_process())
+            self._guard(path, lambda: dcp.save(state, checkpoint_id=str(path), no_dist=_single_process()))
+            self._seal(path, extra["step"])
             on_durable(path)
 
+    def _guard(self, path: Path, fn) -> None:
+        """Run a DCP save step; an OSError inside (disk full, permissions) → a CheckpointError naming the folder."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            fn()
+        except CheckpointException as e:  # a BaseException wrapping each rank's failure
+            inner = next(iter(e.failures.values()))[0] if e.failures else e
+            if isinstance(inner, OSError):
+                raise ckpt.write_failed(path, inner, path.parent.parent) from None
+            raise
+        except OSError as e:
+            raise ckpt.write_failed(path, e, path.parent.parent) from e
+
+    def _seal(self, path: Path, step: int) -> None:
+        """Rank 0: write ``manifest.json`` (checksums of every file) last; only then is the folder a checkpoint."""
+        self.parallel.barrier()
+        if self.parallel.is_main:
+            faults.point("dcp:before_manifest")
+            try:
+                manifest = integrity.manifest_of(path, step, ckpt.FORMAT_VERSION)
+                ckpt._atomic_write(path / integrity.MANIFEST, lambda f: f.write(manifest))
+            except OSError as e:
+                raise ckpt.write_failed(path / integrity.MANIFEST, e, path.parent.parent) from e
+
     def wait(self) -> None:
-        """Block until a pending asynchronous save has finished, then mark it durable."""
+        """Block until a pending asynchronous save has finished, then seal it and mark it durable."""
         if self.pending is None:
             return
-        future, path, on_durable = self.pending
+        future, path, step, on_durable = self.pending
         self.pending = None
-        future.result()
-        self.parallel.barrier()
+        self._guard(path, future.result)
+        self._seal(path, step)
         on_durable(path)
 
 
@@ -168,59 +219,33 @@ def _single_process() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
 
-def read_extra(path: Path) -> dict[str, Any]:
-    from training.errors import CheckpointError
-
-    if not is_complete(path):
-        raise CheckpointError(f"checkpoint {path} is incomplete (no {METADATA} or {EXTRA}: the save was interrupted)")
-    try:
-        return torch.load(path / EXTRA, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path}/{EXTRA} is unreadable ({type(e).__name__}: {e})") from e
-
-
 def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, parallel) -> None:
-    """Fill model and optimizer from a DCP checkpoint, resharding to this run's world size."""
-    import torch.distributed.checkpoint as dcp
-
+    """Fill model and optimizer from a (verified) DCP checkpoint, resharding to this run's world size."""
     state = sharded_state(model, optimizer, parallel)
-    dcp.load(state, checkpoint_id=str(path), no_dist=_single_process())
+    dcp_load(state, path, no_dist=_single_process())
     apply_state(model, optimizer, state, parallel)
 
 
-def load_model_weights(path: Path, model: nn.Module) -> None:
-    """Only the model weights of a DCP checkpoint, into an unsharded model (evaluation, export)."""
-    import torch.distributed.checkpoint as dcp
-
-    model_sd = model.state_dict()
-    dcp.load({"model": model_sd}, checkpoint_id=str(path), no_dist=_single_process())
-    model.load_state_dict(model_sd)
-
-
 def consolidate(path: str | Path, out: str | Path) -> Path:
-    """A DCP checkpoint's model weights → one safetensors file (tied weights once)."""
-    import tempfile
-
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    """A DCP checkpoint's model weights → one safetensors file, read through the verified, code-free loader."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     path, out = Path(path), Path(out)
-    if not is_complete(path):
-        raise SystemExit(f"{path} is not a complete sharded checkpoint (expected a folder with {METADATA} and {EXTRA})")
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(str(path), f"{tmp}/full.pt")
-        full = torch.load(f"{tmp}/full.pt", map_location="cpu", weights_only=False)
-    tensors, seen = {}, set()
-    for name, value in full["model"].items():
-        if not isinstance(value, torch.Tensor) or name.endswith("_extra_state"):
-            continue
-        key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        tensors[name] = value.contiguous()
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{path} is not a sharded checkpoint folder (expected a checkpoints/step_XXXXXXXX folder "
+            f"with {METADATA}, {EXTRA} and {integrity.MANIFEST})"
+        )
+    load_checkpoint(path)  # verifies every file's checksum and the metadata's allowlist before any tensor is read
+    metadata = read_metadata(path)
+    model_sd = {
+        fqn[len("model.") :]: torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        for fqn, md in metadata.state_dict_metadata.items()
+        if fqn.startswith("model.") and isinstance(md, TensorStorageMetadata) and not fqn.endswith("_extra_state")
+    }
+    dcp_load({"model": model_sd}, path, no_dist=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out))
+    ckpt.export_safetensors(model_sd, out)
     return out
 
 
@@ -233,7 +258,11 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("checkpoint", help="a checkpoints/step_XXXXXXXX folder")
     c.add_argument("out", help="output .safetensors path")
     args = parse(parser, argv)
-    out = consolidate(args.checkpoint, args.out)
+    try:
+        out = consolidate(args.checkpoint, args.out)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
 
 

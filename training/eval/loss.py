@@ -44,28 +44,19 @@ def evaluate_loss(model, data, seq_len: int, batch_size: int, max_batches: int |
 
 
 def load_trained(target: str | Path, device: str = "auto") -> tuple[Any, Any, Any, Path]:
-    """(model in eval mode, prepared data, validated config, checkpoint path) from a run folder or .pt file."""
-    from training.checkpoint import files as ckpt
+    """(model in eval mode, prepared data, validated config, checkpoint path) from a run folder or checkpoint.
+
+    Reads through training/checkpoint/load.py, the one verified, code-free loader.
+    """
+    from training.build import build_model, resolve_device
+    from training.checkpoint.load import load_model_weights, resolve_target
     from training.config import validate
     from training.data.shards import prepare_data
-    from training.build import build_model, resolve_device
 
-    target = Path(target)
-    if target.is_dir() and not (target / ".metadata").exists():  # a run folder (not a sharded checkpoint)
-        found = ckpt.find_resume_checkpoint(target)
-        if found is None:
-            raise ckpt.CheckpointError(f"no usable checkpoint in {target / ckpt.CHECKPOINT_DIR}")
-        path, state = found
-    else:
-        path, state = target, ckpt.load_checkpoint(target)
+    path, state = resolve_target(target)
     root = validate(state["config"])
     data = prepare_data(root.data, progress=False)
     model = build_model(root, data.tokenizer.vocab_size)
-    if "sharded" in state:
-        from training.checkpoint.sharded import load_model_weights
-
-        load_model_weights(state["sharded"], model)
-    else:
-        model.load_state_dict(state["model"])
+    load_model_weights(state, model)
     model.to(resolve_device(device)).eval()
     return model, data, root, path

@@ -105,8 +105,8 @@ def _check_resume(resume: str, run_dir: str) -> None:
     from training.checkpoint import files as ckpt
     from training.errors import CheckpointError
 
-    if resume == "auto":
-        return  # the trainer picks the latest valid checkpoint of run_dir (training/checkpoint/files.py)
+    if resume in ("auto", "restart"):
+        return  # the trainer picks the latest valid checkpoint of run_dir, or (restart) moves them aside
     if resume == "none":
         found = ckpt.list_checkpoints(run_dir)
         if found:
@@ -114,7 +114,7 @@ def _check_resume(resume: str, run_dir: str) -> None:
                               "allowed: trainer.resume=auto to continue it, or a new run_dir (nothing was overwritten)")
         return
     if not Path(resume).expanduser().exists():
-        raise ConfigError(f"trainer.resume={resume}: no such checkpoint; allowed: auto, none, or an existing "
+        raise ConfigError(f"trainer.resume={resume}: no such checkpoint; allowed: auto, none, restart, or an existing "
                           "step_XXXXXXXX.pt file or checkpoint folder")
     try:
         ckpt.load_checkpoint(Path(resume).expanduser())  # the one safe loader: refuses what it cannot verify

@@ -47,12 +47,20 @@ def hydra_overrides() -> list[str] | None:
         return None
 
 
+def _no_link(path: Path) -> Path:
+    """Run outputs are never written through a symbolic link planted in the run folder: drop the link."""
+    if path.is_symlink():
+        print(f"warning: {path} was a symbolic link; replaced by a regular file", file=sys.stderr)
+        path.unlink()
+    return path
+
+
 def record_launch(run_dir: Path, world: int = 1) -> dict:
     """Append this launch to ``run_dir/launches.jsonl``; returns the row."""
     row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "overrides": hydra_overrides(), "argv": sys.argv,
            **{f"git_{k}": v for k, v in git_state().items()}, "host": platform.node(), "processes": world,
            "pid": os.getpid()}
-    with open(Path(run_dir) / LAUNCHES, "a") as f:
+    with open(_no_link(Path(run_dir) / LAUNCHES), "a") as f:
         f.write(json.dumps(row) + "\n")
     return row
 
@@ -99,7 +107,7 @@ class ConsoleLog:
             self.file.flush()
 
     def attach(self, path: Path) -> None:
-        self.file = open(path, "a")
+        self.file = open(_no_link(Path(path)), "a")
         self.file.write(f"--- launch {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n")
         for line in self.pending:
             self.file.write(line + "\n")

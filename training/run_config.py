@@ -74,6 +74,13 @@ def _diff(before: Any, after: Any, prefix: str) -> list[str]:
     return [f"{prefix}: {show(before)} → {show(after)}"]
 
 
+def _keep_built_vocab(composed_model: dict, saved_model: Any) -> dict:
+    """``model.vocab_size: null`` means "the tokenizer's", which the saved config has already filled in."""
+    if isinstance(saved_model, dict) and composed_model.get("vocab_size", 0) is None and "vocab_size" in saved_model:
+        return {**composed_model, "vocab_size": saved_model["vocab_size"]}
+    return composed_model
+
+
 def continue_from_folder(overrides: list[str], composed_root) -> tuple[Any, list[str], Path] | None:
     """(the RootConfig to train, the changed values, R/config.yaml) when the command line's run_dir holds a
     saved config; None otherwise. ``composed_root``: the validated config of ``conf/`` + these overrides
@@ -99,6 +106,8 @@ def continue_from_folder(overrides: list[str], composed_root) -> tuple[Any, list
         value = _get(composed, named)
         if value is _MISSING:
             continue
+        if named == ("model",) and isinstance(value, dict):
+            value = _keep_built_vocab(value, _get(saved, named))
         changes += _diff(_get(saved, named), value, ".".join(named))
         _set(merged, named, value)
     merged["run_dir"] = composed["run_dir"]

@@ -40,3 +40,21 @@ def test_per_expert_loads_reach_wandb_as_histograms():
     assert row["loss"] == 2.5 and "step" not in row and row["moe/layer0/dead_experts"] == 1.0
     hist = row["moe/layer0/load"]
     assert isinstance(hist, wandb.Histogram) and list(hist.histogram) == [0.5, 0.25, 0.25, 0.0] and len(hist.bins) == 5
+
+
+def test_launch_history_and_console_log_are_never_written_through_a_link(tmp_path, capsys):
+    from training.provenance import record_launch
+
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "launches.jsonl").symlink_to(target)
+    (run / "train.log").symlink_to(target)
+    record_launch(run)
+    with ConsoleLog() as console:
+        console.attach(run / "train.log")
+        print("hello")
+    assert target.read_text() == "keep\n"
+    assert not (run / "launches.jsonl").is_symlink() and not (run / "train.log").is_symlink()
+    assert "was a symbolic link" in capsys.readouterr().err

@@ -46,16 +46,22 @@ def evaluate_loss(model, data, seq_len: int, batch_size: int, max_batches: int |
 def load_trained(target: str | Path, device: str = "auto") -> tuple[Any, Any, Any, Path]:
     """(model in eval mode, prepared data, validated config, checkpoint path) from a run folder or checkpoint.
 
-    Reads through training/checkpoint/load.py, the one verified, code-free loader.
+    Reads through training/checkpoint/load.py, the one verified, code-free loader. The data comes from the
+    run folder's own copy (tokenizer and validation tokens, ``training/data/run_copy.py``) when it has one, so
+    a run folder is self-contained; runs without a copy prepare their data as in training.
     """
     from training.build import build_model, resolve_device
     from training.checkpoint.load import load_model_weights, resolve_target
     from training.config import validate
+    from training.data.run_copy import open_run_data
     from training.data.shards import prepare_data
 
     path, state = resolve_target(target)
     root = validate(state["config"])
-    data = prepare_data(root.data, progress=False)
+    run_dir = Path(path).parent.parent if Path(path).parent.name == "checkpoints" else None
+    data = open_run_data(run_dir) if run_dir is not None else None
+    if data is None:
+        data = prepare_data(root.data, progress=False)
     model = build_model(root, data.tokenizer.vocab_size)
     load_model_weights(state, model)
     model.to(resolve_device(device)).eval()

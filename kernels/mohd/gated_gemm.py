@@ -81,7 +81,8 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for e in range(G):
             g = tl.load(gate_ptr + rows * G + e, mask=m_mask, other=0.0).to(tl.float32)
-            if tl.max(tl.abs(g), 0) > 0:  # some row of the tile uses group e
+            # some row of the tile uses group e (g != 0 counts a NaN gate: max(|g|) may drop NaN)
+            if tl.max((g != 0).to(tl.int32), 0) > 0:
                 part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                 for k0 in range(0, B_IN, BLOCK_K):
                     in_blk = (k0 + arange_k) < B_IN
@@ -110,7 +111,7 @@ if HAS_TRITON:
         arange_k = tl.arange(0, BLOCK_K)
         g = tl.load(gate_ptr + rows * G + e, mask=m_mask, other=0.0).to(tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if tl.max(tl.abs(g), 0) > 0:  # else the tile's outputs are all zero: skip the GEMM
+        if tl.max((g != 0).to(tl.int32), 0) > 0:  # else the tile's outputs are all zero: skip the GEMM
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + arange_k
                 k_mask = offs_k < K

@@ -1,4 +1,4 @@
-"""Group-gathered matmuls for MoHD: validation, the Triton autograd ops, torch path and public API.
+"""Group-gathered matmuls for MoHD: validation, the autograd ops (Triton or torch twins) and public API.
 
 Legend (shape suffixes):
     N tokens   A selected groups per token (runtime; -1 = empty slot)   G groups
@@ -9,9 +9,24 @@ Legend (shape suffixes):
     group_out_matmul: y[n, blk(ids[n, j])] = gates[n, j] · x[n] @ w[:, blk(ids[n, j])], other blocks 0
                       (b = M/G: a projection producing only the active sub-dimensions)
 
-Each op's backward is the other op on wᵀ (plus a masked recompute for the gate gradient); the
-weight gradient is one dense GEMM on gated inputs, which cuBLAS does at full speed. A group listed
-twice for a token adds its gates (the same as a dense gate matrix would).
+Each op's backward is the other op on wᵀ (plus a masked recompute for the gate gradient). The
+in-op's weight gradient is one dense GEMM on masked, gated inputs; the out-op's is a masked GEMM per
+group (Triton: _gated_wgrad_out_kernel), since a token's x row must reach only its selected column
+blocks. A group listed twice for a token adds its gates (the same as a dense gate matrix would).
+backend='torch' runs the same autograd.Functions with torch twins of the kernels.
+
+NaN / inf contract (identical on triton, torch and reference; tests/kernels/test_mohd_fuzz.py):
+    * token n selects group e when a slot of n holds id e; ids -1 or outside [0, G) are dropped
+      (act as -1; SPARSE_ARCH_DEBUG_CHECKS=1 raises instead, on every backend).
+    * unselected blocks contribute exactly nothing, whatever they hold: x's unselected blocks and
+      w's blocks of groups token n did not select (in-op), y[n]'s unselected output blocks (out-op),
+      a dropped slot's gate; likewise in backward: dx of unselected blocks is exactly 0, and dw's
+      block of group e gets nothing from a token that did not select e (finite dy assumed).
+    * a NaN/inf in a selected block of x[n], in w's block of a selected group, or in a live gate
+      makes the affected outputs of token n non-finite (as the plain definition's arithmetic does).
+    * N = 0 gives an empty (0, M) result and zero-size gradients.
+    * corner: the Triton/torch paths treat a group whose summed gate is exactly 0 as unselected,
+      so a non-finite value there gives 0 where the reference's 0·NaN gives NaN (finite values: same).
 """
 from __future__ import annotations
 
@@ -121,6 +136,18 @@ def _active(ids_NA, like_NG, n_groups):
     return dense_gates(ids_NA, ones_NA, n_groups).clamp(max=1).contiguous()
 
 
+@torch.library.custom_op("sparse_arch::mohd_gated_wgrad_out", mutates_args=())
+def _gated_wgrad_out_op(x_NK: torch.Tensor, gate_NG: torch.Tensor, dy_NM: torch.Tensor) -> torch.Tensor:
+    from kernels.mohd.gated_gemm import gated_wgrad_out
+
+    return gated_wgrad_out(x_NK, gate_NG, dy_NM)
+
+
+@_gated_wgrad_out_op.register_fake
+def _(x_NK, gate_NG, dy_NM):
+    return x_NK.new_empty((x_NK.shape[1], dy_NM.shape[1]))
+
+
 class GroupInMatmul(torch.autograd.Function):
     """Forward/backward of ``group_in_matmul`` (Triton kernels, or their torch twins for backend='torch')."""
 
@@ -182,6 +209,8 @@ class GroupOutMatmul(torch.autograd.Function):
 
 
 def _wgrad_out(x_NK, gate_NG, dy_NM, use_triton):
+    if use_triton:
+        return _gated_wgrad_out_op(x_NK, gate_NG, dy_NM)
     return _torch_wgrad_out(x_NK, gate_NG, dy_NM)
 
 
@@ -247,10 +276,9 @@ def group_in_matmul(x, ids, gates, w, n_groups: int, backend: str = "auto"):
         w:        (K, M), x's dtype, any strides (e.g. a Linear's weight.T).
         n_groups: G. backend: "triton" | "torch" (dense masked matmul) | "reference" | "auto".
     Returns: y (N, M) = Σ_j gates[:, j] · x[:, blk(ids_j)] @ w[blk(ids_j), :] in x's dtype.
-    NaN / inf: a non-finite value in a selected block of x[n] (or its gate) makes y[n] non-finite;
-    x's unselected blocks contribute exactly nothing (all backends). Non-finite rows of w in a group
-    token n did not select: nothing on the Triton and reference paths; the torch path's dense
-    matmul multiplies them by 0 and gives NaN (keep weights finite, as training does).
+    NaN / inf (module docstring, all backends): x[n]'s unselected blocks and w's rows of groups n
+    did not select contribute exactly nothing; a non-finite selected block of x[n], w or a live gate
+    makes y[n] non-finite. Ids outside [0, G) act as -1. N = 0 gives a (0, M) result.
     Raises: TypeError for types/dtypes, ValueError for shapes, devices, contiguity, ids, backend.
     """
     _check("group_in_matmul", x, ids, gates, w, n_groups, "K")
@@ -262,8 +290,9 @@ def group_out_matmul(x, ids, gates, w, n_groups: int, backend: str = "auto"):
 
     Args as ``group_in_matmul`` except that M = G·b is the grouped width.
     Returns: y (N, M) with y[:, blk(e)] = (Σ_{j: ids_j = e} gates[:, j]) · x @ w[:, blk(e)].
-    NaN / inf: a block whose summed gate is 0 (unselected) is exactly 0 on every backend, even when
-    x[n], w or the gate hold NaN/inf; a non-finite x[n] or gate makes x[n]'s selected blocks non-finite.
+    NaN / inf (module docstring, all backends): an unselected block of y[n] is exactly 0 even when
+    x[n], w or a dropped slot's gate hold NaN/inf, and its gradients are exactly 0; a non-finite x[n],
+    live gate or selected w block makes y[n]'s selected blocks non-finite. Ids outside [0, G) act as -1.
     """
     _check("group_out_matmul", x, ids, gates, w, n_groups, "M")
     return _dispatch("group_out_matmul", GroupOutMatmul, group_out_matmul_reference, x, ids, gates, w, n_groups, backend)

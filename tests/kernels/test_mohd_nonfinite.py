@@ -108,3 +108,4 @@ def test_opcheck_gated_ops():
     x, gate, w = torch.randn(5, 8), torch.rand(5, 2), torch.randn(8, 6)
     torch.library.opcheck(ops._gated_in_op, (x, gate, w))
     torch.library.opcheck(ops._gated_out_op, (x, gate, w))
+    torch.library.opcheck(ops._gated_wgrad_out_op, (x, gate, torch.randn(5, 6)))

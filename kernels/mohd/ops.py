@@ -109,7 +109,6 @@ def _torch_wgrad_out(x_NK, gate_NG, dy_NM):
     """dw[:, blk(e)] = Σ_{n: gate[n, e] != 0} x[n]ᵀ · gate[n, e] · dy[n, blk(e)]: the out-op's weight
     gradient with every token that did not select e left out (masked, not multiplied by 0, so a
     NaN/inf in such a token's x never reaches blk(e)). One masked GEMM per group."""
-    N, K = x_NK.shape
     G = gate_NG.shape[1]
     b = dy_NM.shape[1] // G
     cols = []
@@ -118,7 +117,7 @@ def _torch_wgrad_out(x_NK, gate_NG, dy_NM):
         x_sel_NK = torch.where(on_N1, x_NK, 0.0)
         dy_sel_Nb = torch.where(on_N1, dy_NM[:, e * b:(e + 1) * b].to(gate_NG.dtype) * gate_NG[:, e, None], 0.0)
         cols.append(x_sel_NK.T @ dy_sel_Nb.to(x_NK.dtype))
-    return torch.cat(cols, dim=1) if cols else x_NK.new_zeros(K, 0)
+    return torch.cat(cols, dim=1)  # G >= 1 (validated)
 
 
 def _prims(use_triton: bool):

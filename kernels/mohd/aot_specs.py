@@ -12,7 +12,7 @@ from kernels.compile_spec import KernelSpec
 
 
 def aot_specs() -> list[KernelSpec]:
-    """(name, kernel, signature, constexprs, options) for both kernels × GPU configs × weight layouts."""
+    """(name, kernel, signature, constexprs, options) for the three kernels × GPU configs (× weight layouts)."""
     from kernels.mohd import gated_gemm as gg
 
     out = []
@@ -27,4 +27,8 @@ def aot_specs() -> list[KernelSpec]:
             for unit, other in (("stride_wm", "stride_wk"), ("stride_wk", "stride_wm")):
                 out.append((f"{kname}[{unit}=1,cfg{i},{dt}]", kern.fn, dict(sig, **{other: "i32"}),
                             {unit: 1, **cfg.kwargs}, opts))
+        # backward of the out-op: dw from x, the gates and dy (all contiguous: no strides to vary)
+        sig = {"x_ptr": f"*{dt}", "gate_ptr": "*fp32", "dy_ptr": f"*{dt}", "dw_ptr": f"*{dt}",
+               "N": "i32", "K": "i32", "M": "i32", "G": "i32", "B_OUT": "i32"}
+        out.append((f"gated_wgrad_out[cfg{i},{dt}]", gg._gated_wgrad_out_kernel.fn, sig, dict(cfg.kwargs), opts))
     return [KernelSpec(*spec) for spec in out]

@@ -1,4 +1,4 @@
-"""Group-gathered matmuls for MoHD: validation, the Triton autograd ops, torch path and public API.
+"""Group-gathered matmuls for MoHD: validation, the autograd ops (Triton or torch twins) and public API.
 
 Legend (shape suffixes):
     N tokens   A selected groups per token (runtime; -1 = empty slot)   G groups
@@ -9,9 +9,24 @@ Legend (shape suffixes):
     group_out_matmul: y[n, blk(ids[n, j])] = gates[n, j] · x[n] @ w[:, blk(ids[n, j])], other blocks 0
                       (b = M/G: a projection producing only the active sub-dimensions)
 
-Each op's backward is the other op on wᵀ (plus a masked recompute for the gate gradient); the
-weight gradient is one dense GEMM on gated inputs, which cuBLAS does at full speed. A group listed
-twice for a token adds its gates (the same as a dense gate matrix would).
+Each op's backward is the other op on wᵀ (plus a masked recompute for the gate gradient). The
+in-op's weight gradient is one dense GEMM on masked, gated inputs; the out-op's is a masked GEMM per
+group (Triton: _gated_wgrad_out_kernel), since a token's x row must reach only its selected column
+blocks. A group listed twice for a token adds its gates (the same as a dense gate matrix would).
+backend='torch' runs the same autograd.Functions with torch twins of the kernels.
+
+NaN / inf contract (identical on triton, torch and reference; tests/kernels/test_mohd_fuzz.py):
+    * token n selects group e when a slot of n holds id e; ids -1 or outside [0, G) are dropped
+      (act as -1; SPARSE_ARCH_DEBUG_CHECKS=1 raises instead, on every backend).
+    * unselected blocks contribute exactly nothing, whatever they hold: x's unselected blocks and
+      w's blocks of groups token n did not select (in-op), y[n]'s unselected output blocks (out-op),
+      a dropped slot's gate; likewise in backward: dx of unselected blocks is exactly 0, and dw's
+      block of group e gets nothing from a token that did not select e (finite dy assumed).
+    * a NaN/inf in a selected block of x[n], in w's block of a selected group, or in a live gate
+      makes the affected outputs of token n non-finite (as the plain definition's arithmetic does).
+    * N = 0 gives an empty (0, M) result and zero-size gradients.
+    * corner: the Triton/torch paths treat a group whose summed gate is exactly 0 as unselected,
+      so a non-finite value there gives 0 where the reference's 0·NaN gives NaN (finite values: same).
 """
 from __future__ import annotations
 
@@ -67,75 +82,135 @@ def _(x_NK, gate_NG, w_KM):
     return x_NK.new_empty((x_NK.shape[0], w_KM.shape[1]))
 
 
+def _torch_gated_in(x_NK, gate_NG, w_KM):
+    """Torch twin of gated_gemm.gated_in: one (N, b) @ (b, M) matmul per group, masked by torch.where
+    on the output so a row that does not use group e adds exactly 0 even when x[n, blk(e)] or
+    w[blk(e)] hold NaN/inf (a dense masked matmul would give 0 · NaN = NaN)."""
+    N, K = x_NK.shape
+    G = gate_NG.shape[1]
+    b = K // G
+    y_NM = gate_NG.new_zeros(N, w_KM.shape[1])
+    for e in range(G):
+        g_N1 = gate_NG[:, e, None]
+        part_NM = (x_NK[:, e * b:(e + 1) * b] @ w_KM[e * b:(e + 1) * b]).to(y_NM.dtype)
+        y_NM = y_NM + torch.where(g_N1 != 0, part_NM * g_N1, 0.0)
+    return y_NM.to(x_NK.dtype)
+
+
+def _torch_gated_out(x_NK, gate_NG, w_KM):
+    """Torch twin of gated_gemm.gated_out: a dense x @ w, then unselected blocks set to exactly 0."""
+    N, M, G = x_NK.shape[0], w_KM.shape[1], gate_NG.shape[1]
+    g_NG1 = gate_NG[..., None]
+    y_NGb = (x_NK @ w_KM).to(gate_NG.dtype).view(N, G, M // G)
+    return torch.where(g_NG1 != 0, y_NGb * g_NG1, 0.0).view(N, M).to(x_NK.dtype)
+
+
+def _torch_wgrad_out(x_NK, gate_NG, dy_NM):
+    """dw[:, blk(e)] = Σ_{n: gate[n, e] != 0} x[n]ᵀ · gate[n, e] · dy[n, blk(e)]: the out-op's weight
+    gradient with every token that did not select e left out (masked, not multiplied by 0, so a
+    NaN/inf in such a token's x never reaches blk(e)). One masked GEMM per group."""
+    G = gate_NG.shape[1]
+    b = dy_NM.shape[1] // G
+    cols = []
+    for e in range(G):
+        on_N1 = gate_NG[:, e, None] != 0
+        x_sel_NK = torch.where(on_N1, x_NK, 0.0)
+        dy_sel_Nb = torch.where(on_N1, dy_NM[:, e * b:(e + 1) * b].to(gate_NG.dtype) * gate_NG[:, e, None], 0.0)
+        cols.append(x_sel_NK.T @ dy_sel_Nb.to(x_NK.dtype))
+    return torch.cat(cols, dim=1)  # G >= 1 (validated)
+
+
+def _prims(use_triton: bool):
+    """(gated_in, gated_out): the Triton custom ops or their exact torch twins."""
+    return (_gated_in_op, _gated_out_op) if use_triton else (_torch_gated_in, _torch_gated_out)
+
+
+def _gate_dtype(x_NK):
+    return torch.float64 if x_NK.dtype == torch.float64 else torch.float32  # Triton kernels read fp32 gates
+
+
+def _active(ids_NA, like_NG, n_groups):
+    """1 where token n has a live slot on group e, else 0 (the selection, independent of gate values)."""
+    ones_NA = torch.ones(ids_NA.shape, dtype=like_NG.dtype, device=like_NG.device)
+    return dense_gates(ids_NA, ones_NA, n_groups).clamp(max=1).contiguous()
+
+
+@torch.library.custom_op("sparse_arch::mohd_gated_wgrad_out", mutates_args=())
+def _gated_wgrad_out_op(x_NK: torch.Tensor, gate_NG: torch.Tensor, dy_NM: torch.Tensor) -> torch.Tensor:
+    from kernels.mohd.gated_gemm import gated_wgrad_out
+
+    return gated_wgrad_out(x_NK, gate_NG, dy_NM)
+
+
+@_gated_wgrad_out_op.register_fake
+def _(x_NK, gate_NG, dy_NM):
+    return x_NK.new_empty((x_NK.shape[1], dy_NM.shape[1]))
+
+
 class GroupInMatmul(torch.autograd.Function):
-    """Triton forward/backward of ``group_in_matmul``."""
+    """Forward/backward of ``group_in_matmul`` (Triton kernels, or their torch twins for backend='torch')."""
 
     @staticmethod
-    def forward(ctx, x_NK, ids_NA, gates_NA, w_KM, n_groups: int):
-        gate_NG = dense_gates(ids_NA, gates_NA.float(), n_groups).contiguous()
+    def forward(ctx, x_NK, ids_NA, gates_NA, w_KM, n_groups: int, use_triton: bool = True):
+        gate_NG = dense_gates(ids_NA, gates_NA.to(_gate_dtype(x_NK)), n_groups).contiguous()
         ctx.save_for_backward(x_NK, ids_NA, gate_NG, w_KM)
-        ctx.n_groups, ctx.gate_dtype = n_groups, gates_NA.dtype
-        return _gated_in_op(x_NK, gate_NG, w_KM)
+        ctx.n_groups, ctx.gate_dtype, ctx.use_triton = n_groups, gates_NA.dtype, use_triton
+        return _prims(use_triton)[0](x_NK, gate_NG, w_KM)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy_NM):
         x_NK, ids_NA, gate_NG, w_KM = ctx.saved_tensors
         N, K, G = x_NK.shape[0], x_NK.shape[1], ctx.n_groups
+        b = K // G
         dy_NM = dy_NM.contiguous().to(x_NK.dtype)
-        active_NG = dense_gates(ids_NA, torch.ones_like(gate_NG[:, :1]).expand_as(ids_NA), G).clamp(max=1)
-        # t = dy @ wᵀ on the selected blocks only; dx and the gate gradient both come from it
-        t_NGb = _gated_out_op(dy_NM, active_NG.contiguous(), w_KM.T).view(N, G, -1).float()
-        x_NGb = x_NK.view(N, G, -1).float()
-        dx = (t_NGb * gate_NG[..., None]).view(N, K).to(x_NK.dtype) if ctx.needs_input_grad[0] else None
-        dgates = _gate_grad((t_NGb * x_NGb).sum(-1), ids_NA, ctx.gate_dtype) if ctx.needs_input_grad[2] else None
-        dw = None
-        if ctx.needs_input_grad[3]:
-            dw = ((x_NGb * gate_NG[..., None]).view(N, K).to(x_NK.dtype).T @ dy_NM).to(w_KM.dtype)
-        return dx, None, dgates, dw, None
+        active_NG = _active(ids_NA, gate_NG, G)
+        on_NG1 = (gate_NG != 0)[..., None]
+        # t = dy @ wᵀ on the selected blocks only (exactly 0 elsewhere); dx and the gate gradient use it
+        t_NGb = _prims(ctx.use_triton)[1](dy_NM, active_NG, w_KM.T).view(N, G, b).to(gate_NG.dtype)
+        x_NGb = x_NK.view(N, G, b).to(gate_NG.dtype)
+        dx = dgates = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.where(on_NG1, t_NGb * gate_NG[..., None], 0.0).view(N, K).to(x_NK.dtype)
+        if ctx.needs_input_grad[2]:
+            dgates = _gate_grad((t_NGb * x_NGb).sum(-1), ids_NA, ctx.gate_dtype)
+        if ctx.needs_input_grad[3]:  # where, not a multiply: unselected x blocks (even inf) add exactly 0
+            xg_NK = torch.where(on_NG1, x_NGb * gate_NG[..., None], 0.0).view(N, K).to(x_NK.dtype)
+            dw = (xg_NK.T @ dy_NM).to(w_KM.dtype)
+        return dx, None, dgates, dw, None, None
 
 
 class GroupOutMatmul(torch.autograd.Function):
-    """Triton forward/backward of ``group_out_matmul``."""
+    """Forward/backward of ``group_out_matmul`` (Triton kernels, or their torch twins for backend='torch')."""
 
     @staticmethod
-    def forward(ctx, x_NK, ids_NA, gates_NA, w_KM, n_groups: int):
-        gate_NG = dense_gates(ids_NA, gates_NA.float(), n_groups).contiguous()
+    def forward(ctx, x_NK, ids_NA, gates_NA, w_KM, n_groups: int, use_triton: bool = True):
+        gate_NG = dense_gates(ids_NA, gates_NA.to(_gate_dtype(x_NK)), n_groups).contiguous()
         ctx.save_for_backward(x_NK, ids_NA, gate_NG, w_KM)
-        ctx.n_groups, ctx.gate_dtype = n_groups, gates_NA.dtype
-        return _gated_out_op(x_NK, gate_NG, w_KM)
+        ctx.n_groups, ctx.gate_dtype, ctx.use_triton = n_groups, gates_NA.dtype, use_triton
+        return _prims(use_triton)[1](x_NK, gate_NG, w_KM)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy_NM):
         x_NK, ids_NA, gate_NG, w_KM = ctx.saved_tensors
         N, M, G = x_NK.shape[0], w_KM.shape[1], ctx.n_groups
+        gated_in, gated_out = _prims(ctx.use_triton)
         dy_NM = dy_NM.contiguous().to(x_NK.dtype)
-        dx = _gated_in_op(dy_NM, gate_NG, w_KM.T) if ctx.needs_input_grad[0] else None
+        dx = gated_in(dy_NM, gate_NG, w_KM.T) if ctx.needs_input_grad[0] else None
         dgates = dw = None
         if ctx.needs_input_grad[2]:  # recompute x @ w on the selected blocks (cheaper than storing it)
-            active_NG = dense_gates(ids_NA, torch.ones_like(gate_NG[:, :1]).expand_as(ids_NA), G).clamp(max=1)
-            t_NGb = _gated_out_op(x_NK, active_NG.contiguous(), w_KM).view(N, G, -1).float()
-            dgates = _gate_grad((t_NGb * dy_NM.view(N, G, -1).float()).sum(-1), ids_NA, ctx.gate_dtype)
+            t_NGb = gated_out(x_NK, _active(ids_NA, gate_NG, G), w_KM).view(N, G, M // G).to(gate_NG.dtype)
+            dgates = _gate_grad((t_NGb * dy_NM.view(N, G, M // G).to(gate_NG.dtype)).sum(-1), ids_NA, ctx.gate_dtype)
         if ctx.needs_input_grad[3]:
-            gated_dy = (dy_NM.view(N, G, -1).float() * gate_NG[..., None]).view(N, M).to(x_NK.dtype)
-            dw = (x_NK.T @ gated_dy).to(w_KM.dtype)
-        return dx, None, dgates, dw, None
+            dw = _wgrad_out(x_NK, gate_NG, dy_NM, ctx.use_triton).to(w_KM.dtype)
+        return dx, None, dgates, dw, None, None
 
 
-def _torch_in(x_NK, ids_NA, gates_NA, w_KM, n_groups):
-    N, K = x_NK.shape
-    gate_NG1 = dense_gates(ids_NA, gates_NA, n_groups).to(x_NK.dtype)[..., None]
-    # where, not a multiply: an unselected block of x adds exactly 0 even if it holds NaN/inf
-    x_NGb = torch.where(gate_NG1 != 0, x_NK.view(N, n_groups, -1) * gate_NG1, 0.0)
-    return x_NGb.view(N, K) @ w_KM
-
-
-def _torch_out(x_NK, ids_NA, gates_NA, w_KM, n_groups):
-    N, M = x_NK.shape[0], w_KM.shape[1]
-    gate_NG1 = dense_gates(ids_NA, gates_NA, n_groups).to(x_NK.dtype)[..., None]
-    y_NGb = (x_NK @ w_KM).view(N, n_groups, -1)
-    return torch.where(gate_NG1 != 0, y_NGb * gate_NG1, 0.0).view(N, M)  # unselected blocks: exactly 0
+def _wgrad_out(x_NK, gate_NG, dy_NM, use_triton):
+    if use_triton:
+        return _gated_wgrad_out_op(x_NK, gate_NG, dy_NM)
+    return _torch_wgrad_out(x_NK, gate_NG, dy_NM)
 
 
 def _fail(exc, op, name, msg):
@@ -179,15 +254,15 @@ def _check(op, x, ids, gates, w, n_groups, grouped_dim):
             _fail(ValueError, op, "ids", f"values must be in [0, n_groups={n_groups}) or -1, found {lo if lo < -1 else hi}")
 
 
-def _dispatch(op, fn_triton, fn_torch, fn_ref, x, ids, gates, w, n_groups, backend):
+def _dispatch(op, fn_autograd, fn_ref, x, ids, gates, w, n_groups, backend):
     if x.dtype == torch.float64 and backend == "triton":
         _fail(TypeError, op, "x", "dtype float64 is not supported by backend='triton'; use 'torch' or 'reference'")
     backend = resolve_backend(backend, x.device, BACKENDS, cpu_default="torch")
     if backend == "reference":
         return fn_ref(x, ids, gates, w, n_groups)
-    if backend == "torch" or x.dtype == torch.float64 or x.shape[0] == 0:
-        return fn_torch(x, ids, gates, w, n_groups)
-    return fn_triton.apply(x, ids, gates, w, n_groups)
+    # N = 0 needs no kernel launch: the torch twins give the empty result and zero-size gradients
+    use_triton = backend == "triton" and x.dtype != torch.float64 and x.shape[0] > 0
+    return fn_autograd.apply(x, ids, gates, w, n_groups, use_triton)
 
 
 def group_in_matmul(x, ids, gates, w, n_groups: int, backend: str = "auto"):
@@ -200,14 +275,13 @@ def group_in_matmul(x, ids, gates, w, n_groups: int, backend: str = "auto"):
         w:        (K, M), x's dtype, any strides (e.g. a Linear's weight.T).
         n_groups: G. backend: "triton" | "torch" (dense masked matmul) | "reference" | "auto".
     Returns: y (N, M) = Σ_j gates[:, j] · x[:, blk(ids_j)] @ w[blk(ids_j), :] in x's dtype.
-    NaN / inf: a non-finite value in a selected block of x[n] (or its gate) makes y[n] non-finite;
-    x's unselected blocks contribute exactly nothing (all backends). Non-finite rows of w in a group
-    token n did not select: nothing on the Triton and reference paths; the torch path's dense
-    matmul multiplies them by 0 and gives NaN (keep weights finite, as training does).
+    NaN / inf (module docstring, all backends): x[n]'s unselected blocks and w's rows of groups n
+    did not select contribute exactly nothing; a non-finite selected block of x[n], w or a live gate
+    makes y[n] non-finite. Ids outside [0, G) act as -1. N = 0 gives a (0, M) result.
     Raises: TypeError for types/dtypes, ValueError for shapes, devices, contiguity, ids, backend.
     """
     _check("group_in_matmul", x, ids, gates, w, n_groups, "K")
-    return _dispatch("group_in_matmul", GroupInMatmul, _torch_in, group_in_matmul_reference, x, ids, gates, w, n_groups, backend)
+    return _dispatch("group_in_matmul", GroupInMatmul, group_in_matmul_reference, x, ids, gates, w, n_groups, backend)
 
 
 def group_out_matmul(x, ids, gates, w, n_groups: int, backend: str = "auto"):
@@ -215,8 +289,9 @@ def group_out_matmul(x, ids, gates, w, n_groups: int, backend: str = "auto"):
 
     Args as ``group_in_matmul`` except that M = G·b is the grouped width.
     Returns: y (N, M) with y[:, blk(e)] = (Σ_{j: ids_j = e} gates[:, j]) · x @ w[:, blk(e)].
-    NaN / inf: a block whose summed gate is 0 (unselected) is exactly 0 on every backend, even when
-    x[n], w or the gate hold NaN/inf; a non-finite x[n] or gate makes x[n]'s selected blocks non-finite.
+    NaN / inf (module docstring, all backends): an unselected block of y[n] is exactly 0 even when
+    x[n], w or a dropped slot's gate hold NaN/inf, and its gradients are exactly 0; a non-finite x[n],
+    live gate or selected w block makes y[n]'s selected blocks non-finite. Ids outside [0, G) act as -1.
     """
     _check("group_out_matmul", x, ids, gates, w, n_groups, "M")
-    return _dispatch("group_out_matmul", GroupOutMatmul, _torch_out, group_out_matmul_reference, x, ids, gates, w, n_groups, backend)
+    return _dispatch("group_out_matmul", GroupOutMatmul, group_out_matmul_reference, x, ids, gates, w, n_groups, backend)

@@ -12,7 +12,7 @@ import torch
 
 
 def group_in_matmul_reference(x_NK, ids_NA, gates_NA, w_KM, n_groups):
-    """y[n] = Σ_j gates[n, j] · x[n, blk(ids[n, j])] @ w[blk(ids[n, j]), :]; id -1 adds nothing."""
+    """y[n] = Σ_j gates[n, j] · x[n, blk(ids[n, j])] @ w[blk(ids[n, j]), :]; id -1 or outside [0, G) adds nothing."""
     N, K = x_NK.shape
     b = K // n_groups
     rows = []
@@ -20,14 +20,15 @@ def group_in_matmul_reference(x_NK, ids_NA, gates_NA, w_KM, n_groups):
         y_M = torch.zeros(w_KM.shape[1], dtype=x_NK.dtype, device=x_NK.device)
         for j in range(ids_NA.shape[1]):
             e = int(ids_NA[n, j])
-            if e >= 0:
+            if 0 <= e < n_groups:  # -1 and out-of-range ids are dropped (as dense_gates does)
                 y_M = y_M + gates_NA[n, j].to(x_NK.dtype) * (x_NK[n, e * b:(e + 1) * b] @ w_KM[e * b:(e + 1) * b])
         rows.append(y_M)
     return torch.stack(rows) if rows else x_NK[:0, :1] * w_KM[:1] * 0
 
 
 def group_out_matmul_reference(x_NK, ids_NA, gates_NA, w_KM, n_groups):
-    """y[n, blk(ids[n, j])] += gates[n, j] · x[n] @ w[:, blk(ids[n, j])]; unselected blocks are 0."""
+    """y[n, blk(ids[n, j])] += gates[n, j] · x[n] @ w[:, blk(ids[n, j])]; unselected blocks are 0;
+    ids -1 or outside [0, G) add nothing."""
     N, M = x_NK.shape[0], w_KM.shape[1]
     b = M // n_groups
     rows = []
@@ -35,7 +36,7 @@ def group_out_matmul_reference(x_NK, ids_NA, gates_NA, w_KM, n_groups):
         blocks = [torch.zeros(b, dtype=x_NK.dtype, device=x_NK.device) for _ in range(n_groups)]
         for j in range(ids_NA.shape[1]):
             e = int(ids_NA[n, j])
-            if e >= 0:
+            if 0 <= e < n_groups:  # -1 and out-of-range ids are dropped (as dense_gates does)
                 blocks[e] = blocks[e] + gates_NA[n, j].to(x_NK.dtype) * (x_NK[n] @ w_KM[:, e * b:(e + 1) * b])
         rows.append(torch.cat(blocks))
     return torch.stack(rows) if rows else x_NK[:0, :1] * w_KM[:1] * 0

@@ -1,5 +1,6 @@
 """MoHD group matmuls with NaN/inf in unselected places: blocks documented as exactly 0 stay exactly 0
-and unselected x blocks contribute nothing, on every backend, compared to the loop reference.
+and unselected x blocks contribute nothing, on every backend, compared to the loop reference;
+gradients over several tiles; out-of-range ids dropped (or refused under SPARSE_ARCH_DEBUG_CHECKS=1).
 
 Legend: N tokens, A slots per token, G groups, b block width, K input width, M output width.
 """
@@ -76,6 +77,42 @@ def test_out_of_range_ids_act_like_empty_slots(op, backend, monkeypatch):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("op", ["in", "out"])
+def test_gradients_over_several_tiles_with_nan_in_live_and_dead_places(op, backend):
+    """N = 37 spans several 16-row tiles / token chunks (the fuzz keeps N < 16 under the interpreter):
+    y, dx, dgates and dw match the fuzz test's independent loop in NaN/inf positions and values."""
+    from tests.kernels.test_mohd_fuzz import check
+
+    N, G, b, other = 37, 3, 5, 7
+    g = torch.Generator().manual_seed(1)
+    ids = torch.stack([torch.randperm(G, generator=g)[:2] for _ in range(N)])
+    ids[::4, 1] = -1
+    K, M = (G * b, other) if op == "in" else (other, G * b)
+    x, w = torch.randn(N, K, generator=g, dtype=torch.float64), torch.randn(K, M, generator=g, dtype=torch.float64)
+    gates = torch.rand(N, 2, generator=g, dtype=torch.float64) + 0.1
+    ids[30] = -1
+    x[30, 1] = float("inf")  # a token with no live slot: nothing anywhere
+    x[20, (int(ids[20, 0]) * b if op == "in" else 0) + 2] = float("nan")  # a selected place: token 20 only
+    if op == "in":  # an unselected block of token 25
+        x[25, next(e for e in range(G) if e not in ids[25].tolist()) * b] = -float("inf")
+    gates[12, 1], ids[12, 1] = float("nan"), -1  # a dropped slot's NaN gate: nothing
+    c = dict(op=op, ids=ids, G=G, x=x, gates=gates, w=w, dtype=torch.float32,
+             dy=torch.randn(N, M, generator=g, dtype=torch.float64))
+    assert check(c, backend) is None, check(c, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("op", [group_in_matmul, group_out_matmul])
+def test_debug_checks_refuse_out_of_range_ids_on_every_backend(op, backend, monkeypatch):
+    monkeypatch.setenv("SPARSE_ARCH_DEBUG_CHECKS", "1")
+    N, G, b = 4, 3, 2
+    ids, gates = _ids(N, G)
+    ids[1, 0] = G
+    x, w = torch.randn(N, G * b), torch.randn(G * b, G * b)
+    with pytest.raises(ValueError, match=r"ids values must be in \[0, n_groups=3\) or -1, found 3"):
+        op(x, ids, gates, w, G, backend=backend)
+
 def test_meta_tensors_are_refused():
     with pytest.raises(ValueError, match="meta device"):
         group_in_matmul(torch.zeros(2, 4, device="meta"), torch.zeros(2, 1, dtype=torch.int32, device="meta"),
@@ -108,3 +145,4 @@ def test_opcheck_gated_ops():
     x, gate, w = torch.randn(5, 8), torch.rand(5, 2), torch.randn(8, 6)
     torch.library.opcheck(ops._gated_in_op, (x, gate, w))
     torch.library.opcheck(ops._gated_out_op, (x, gate, w))
+    torch.library.opcheck(ops._gated_wgrad_out_op, (x, gate, torch.randn(5, 6)))

@@ -8,7 +8,9 @@ compose, so re-launching into a folder must start from that saved config, not fr
 - each key the command line names (``trainer.max_steps=2000``; a group choice such as ``model/ffn=moe``
   names its whole node) takes the command line's value, and every value that changes is reported;
 - a change under ``model`` is refused when the folder already holds checkpoints (the weights were
-  trained with the saved model; start a new ``run_dir`` instead).
+  trained with the saved model; start a new ``run_dir`` instead);
+- how the launch runs (device, parallelism, threads, checkpoint format, logger: ``LAUNCH_KEYS``) is always this
+  command line's, so a 2-process run continues on one process.
 
 Sweeps (``-m``) always train fresh numbered folders and never come here. Torch-free.
 """
@@ -20,6 +22,11 @@ from typing import Any
 
 SAVED_CONFIG = "config.yaml"
 _ENTRY_KEYS = {"run_dir"}  # where the run lives, not what it trains
+# How this launch runs, not what the run trains: always the current command line's (or its defaults'), so a
+# run started on 2 processes with expert parallelism continues on 1, and a GPU run continues on a CPU.
+LAUNCH_KEYS = (("trainer", "device"), ("trainer", "parallel"), ("trainer", "expert_parallel"), ("trainer", "threads"),
+               ("trainer", "progress"), ("trainer", "checkpoint_format"), ("trainer", "checkpoint_async"),
+               ("trainer", "compile"), ("trainer", "resume"), ("logger",))
 
 
 def saved_config_path(overrides: list[str]) -> Path | None:
@@ -110,6 +117,11 @@ def continue_from_folder(overrides: list[str], composed_root) -> tuple[Any, list
             value = _keep_built_vocab(value, _get(saved, named))
         changes += _diff(_get(saved, named), value, ".".join(named))
         _set(merged, named, value)
+    for key in LAUNCH_KEYS:  # the launch's own settings (reported when they differ from the saved ones)
+        value = _get(composed, key)
+        if value is not _MISSING and _get(saved, key) is not _MISSING:
+            changes += _diff(_get(saved, key), value, ".".join(key))
+            _set(merged, key, value)
     merged["run_dir"] = composed["run_dir"]
     model_changes = [c for c in changes if c.startswith("model.") or c.startswith("model:")]
     has_checkpoints = any((path.parent / "checkpoints").glob("step_*"))

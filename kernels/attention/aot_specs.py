@@ -47,29 +47,35 @@ def aot_specs() -> list[KernelSpec]:
     dv_only = {"DO_DK": False, "DO_DV": True, "ATOMIC_DQ": False}
     single_pass = [dict(both, ATOMIC_DQ=True), dict(dk_only, ATOMIC_DQ=True)]
     kernels = [
-        ("fwd", fw._attn_fwd.fn, fw.FWD_TABLE, [{}], ("T", "S", "H"), ("lse_ptr",)),
-        ("dq", bw._attn_bwd_dq.fn, bw.DQ_TABLE, [{}], ("T", "S", "H"), ("lse_ptr", "delta_ptr")),
-        ("dkdv", bw._attn_bwd_dkdv.fn, bw.DKDV_TABLE,
+        ("fwd", fw._attn_fwd.fn, fw.FWD_TABLE, None, [{}], ("T", "S", "H"), ("lse_ptr",)),
+        ("dq", bw._attn_bwd_dq.fn, bw.DQ_TABLE, bw.FP32_DQ_CONFIG, [{}], ("T", "S", "H"), ("lse_ptr", "delta_ptr")),
+        ("dkdv", bw._attn_bwd_dkdv.fn, bw.DKDV_TABLE, bw.FP32_DKDV_CONFIG,
          [both, dk_only, dv_only, *single_pass], ("T", "S", "H", "G"), ("lse_ptr", "delta_ptr", "dq_ptr")),
     ]
-    for kname, fn, table, flag_sets, ints, f32 in kernels:
-        configs = [e[0] for e in table]
+    for kname, fn, table, fp32_cfg, flag_sets, ints, f32 in kernels:
+        configs = [e[0] for e in table] + ([fp32_cfg] if fp32_cfg is not None else [])
         for i, cfg in enumerate(configs):
-            runs = [("bf16", d, fl, False) for d in DIMS for fl in flag_sets]
-            runs.append(("bf16", 128, flag_sets[0], True))
-            runs.append(("bf16", MASKED_DIM, flag_sets[0], False))
-            runs.append(("fp32", 128, flag_sets[0], False))
-            # only where the autotuner may pick it: configs are pruned by head dim (flash.configs_for)
-            runs = [(dt, d, fl, pos) for dt, d, fl, pos in runs
-                    if any(c is cfg for c in fw.configs_for(table, fw.block_dim(d), fl.get("ATOMIC_DQ", False)))]
+            if cfg is fp32_cfg:  # fp32 inputs run on this config only (flash.prune_by_head_dim), and it must fit
+                # (fp32 never takes the single pass: flash_bwd runs it deterministically)
+                runs = [("fp32", 128, fl, False) for fl in flag_sets if not fl.get("ATOMIC_DQ")]
+                runs.append(("fp32", 128, flag_sets[0], True))
+            else:
+                runs = [("bf16", d, fl, False) for d in DIMS for fl in flag_sets]
+                runs.append(("bf16", 128, flag_sets[0], True))
+                runs.append(("bf16", MASKED_DIM, flag_sets[0], False))
+                if fp32_cfg is None:
+                    runs.append(("fp32", 128, flag_sets[0], False))
+                # only where the autotuner may pick it: configs are pruned by head dim (flash.configs_for)
+                runs = [(dt, d, fl, pos) for dt, d, fl, pos in runs
+                        if any(c is cfg for c in fw.configs_for(table, fw.block_dim(d), fl.get("ATOMIC_DQ", False)))]
             for dt, d, fl, has_pos in runs:
                 consts = dict(D=d, DV=d, CAUSAL=True, HAS_POS=has_pos, BLOCK_D=fw.block_dim(d),
                               BLOCK_DV=fw.block_dim(d), **fl, **cfg.kwargs)
                 opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
                 tag = "".join(f",{k}={v}" for k, v in fl.items()) + (",pos" if has_pos else "")
-                # fp32: only the smallest pickable config must fit (the autotuner skips the others)
+                # fp32 in the forward: only the smallest pickable config must fit (the autotuner skips the others)
                 pick = fw.configs_for(table, fw.block_dim(d), fl.get("ATOMIC_DQ", False))
-                must_fit = dt != "fp32" or cfg is pick[-1]
+                must_fit = dt != "fp32" or cfg is fp32_cfg or cfg is pick[-1]
                 out.append((f"{kname}[cfg{i},{dt},d={d}{tag}]", fn, _sig(fn, dt, ints, f32), consts, opts, must_fit))
     for d in DIMS:
         delta_consts = {"DV": d, "BLOCK_DV": d, "BLOCK_M": bw.DELTA_BLOCK_M}

@@ -69,12 +69,20 @@ def configs_for(table, block_d: int, atomic: bool = False) -> list:
     return [e[0] for e in table if block_d <= _limit(e, atomic)]
 
 
-def prune_by_head_dim(table):
+def prune_by_head_dim(table, fp32_config=None):
     """An autotune ``early_config_prune`` keeping the configs `table` allows at the launch's padded
-    head dim (max of BLOCK_D and BLOCK_DV); configs not in the table (the interpreter's) stay."""
+    head dim (max of BLOCK_D and BLOCK_DV); configs not in the table (the interpreter's) stay.
+    ``fp32_config``: the one config fp32 inputs run on (every larger fp32 tile spills), and that 16-bit
+    inputs never get."""
     entries = {_config_key(e[0]): e for e in table}
+    fp32_key = _config_key(fp32_config) if fp32_config is not None else None
 
     def prune(configs, named_args, **kwargs):
+        if fp32_key is not None:
+            fp32 = [c for c in configs if _config_key(c) == fp32_key]
+            if fp32 and getattr(named_args.get("q_ptr"), "dtype", None) == torch.float32:
+                return fp32
+            configs = [c for c in configs if _config_key(c) != fp32_key] or configs
         block_d = max(kwargs["BLOCK_D"], kwargs.get("BLOCK_DV", 0))
         atomic = bool(kwargs.get("ATOMIC_DQ", False))
         kept = [c for c in configs

@@ -101,9 +101,23 @@ def _interp_configs():
     return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
 
 
+def _fp32_configs():
+    """(dQ, dK/dV) configs for fp32 inputs, the only ones they run on. Measured with ptxas at d = 128
+    (sm_90a / sm_80): every table config spills in fp32 (dQ 64 × 32: 128 B; dK/dV 32 × 64: 480 B on
+    sm_90a), as do dQ 32 × 64 (40 / 20 B), dQ 64 × 32 on 8 warps (248 B), dK/dV 16 × 64 (1,564 / 280 B),
+    the dV-only dK/dV launch at 32 × 32 (16 B on sm_90a) and the single-output launches at 16 × 32 on 8 warps
+    (capped at 128 registers: 24 - 40 B). Clean without pipelining: dQ 32 × 32 on 8 warps
+    (146 / 154 registers) and dK/dV 16 × 32 on 4 warps (150 - 241) in every deterministic launch kind."""
+    cfg = triton.Config
+    return (cfg({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1),
+            cfg({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1))
+
+
 if HAS_TRITON:
     DQ_TABLE, DKDV_TABLE = _dq_configs(), _dkdv_configs()
-    DQ_CONFIGS, DKDV_CONFIGS = [e[0] for e in DQ_TABLE], [e[0] for e in DKDV_TABLE]
+    FP32_DQ_CONFIG, FP32_DKDV_CONFIG = _fp32_configs()
+    DQ_CONFIGS = [e[0] for e in DQ_TABLE] + [FP32_DQ_CONFIG]
+    DKDV_CONFIGS = [e[0] for e in DKDV_TABLE] + [FP32_DKDV_CONFIG]
     ACTIVE_DQ_CONFIGS = _interp_configs() if INTERPRET else DQ_CONFIGS
     ACTIVE_DKDV_CONFIGS = _interp_configs() if INTERPRET else DKDV_CONFIGS
 
@@ -149,7 +163,7 @@ if HAS_TRITON:
         return dq + tl.dot(ds.to(k.dtype), k)
 
     @triton.autotune(configs=ACTIVE_DQ_CONFIGS, key=["D", "DV", "CAUSAL", "HAS_POS"],
-                     prune_configs_by={"early_config_prune": prune_by_head_dim(DQ_TABLE)})
+                     prune_configs_by={"early_config_prune": prune_by_head_dim(DQ_TABLE, FP32_DQ_CONFIG)})
     @triton.jit
     def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, pos_ptr, k_head_ptr, v_head_ptr,
                      first_bad_ptr, scale_log2, scale, T, S, H,
@@ -250,7 +264,7 @@ if HAS_TRITON:
         return dk, dv
 
     @triton.autotune(configs=ACTIVE_DKDV_CONFIGS, key=["D", "DV", "CAUSAL", "HAS_POS", "DO_DK", "DO_DV", "ATOMIC_DQ"],
-                     prune_configs_by={"early_config_prune": prune_by_head_dim(DKDV_TABLE)})
+                     prune_configs_by={"early_config_prune": prune_by_head_dim(DKDV_TABLE, FP32_DKDV_CONFIG)})
     @triton.jit
     def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, dq_ptr, lse_ptr, delta_ptr, pos_ptr,
                        k_head_ptr, v_head_ptr, order_ptr, offsets_ptr, first_bad_ptr,
@@ -360,11 +374,14 @@ def flash_bwd(do_BTHdv, q_BTHd, k_BSHkd, v_BSHvdv, out_BTHdv, lse_BHT, k_head_H,
     `shared_map`: k_head == v_head elementwise (and Hk == Hv), so dK and dV share one launch.
     `first_bad_BH`: as for flash_fwd (computed here when not given).
     `deterministic=False`: FA2's single pass (dQ added with fp32 atomics inside the dK launch, no
-    dQ pass): 5 matmuls per block pair, but the summation order of dQ varies run to run.
+    dQ pass): 5 matmuls per block pair, but the summation order of dQ varies run to run. fp32 inputs
+    always take the deterministic two passes: no fp32 tile holds the single pass's extra dQ tile without
+    spilling (ptxas: 16 - 40 B at the one spill-free fp32 dK/dV tile, see _fp32_configs).
     """
     do_BTHdv, q_BTHd, k_BSHkd, v_BSHvdv = (last_dim_contiguous(x) for x in (do_BTHdv, q_BTHd, k_BSHkd, v_BSHvdv))
     B, T, H, d = q_BTHd.shape
     S, Hk, Hv, dv = k_BSHkd.shape[1], k_BSHkd.shape[2], v_BSHvdv.shape[2], v_BSHvdv.shape[3]
+    deterministic = deterministic or q_BTHd.dtype == torch.float32
     dq_BTHd = torch.empty_like(q_BTHd)
     dk_BSHkd = torch.empty(B, S, Hk, d, device=k_BSHkd.device, dtype=k_BSHkd.dtype)
     dv_BSHvdv = torch.empty(B, S, Hv, dv, device=v_BSHvdv.device, dtype=v_BSHvdv.dtype)

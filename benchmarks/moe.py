@@ -37,7 +37,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as Fn
 
-from benchmarks import common
 from benchmarks.common import environment, save_boxplot, save_mode_bars
 from kernels.moe import expert_mlp
 from kernels.moe.torch_backend import expert_mlp_torch
@@ -261,10 +260,10 @@ def write_rows(out: Path, name: str, rows: list[dict]) -> Path:
     return path
 
 
-def plot(rows, name):
+def plot(rows, name, out=None):
     return save_mode_bars(
         rows, key=lambda r: (r["N"], r["D"], r["F"], r["E"], r["k"]), label=lambda s: "N{}\nD{} F{}\nE{} k{}".format(*s),
-        value="tflops", ylabel="TFLOP/s", title=f"expert MLP ({rows[0]['dtype']})", name=name, dpi=120)
+        value="tflops", ylabel="TFLOP/s", title=f"expert MLP ({rows[0]['dtype']})", name=name, dpi=120, out=out)
 
 
 def main(argv=None) -> int:
@@ -279,13 +278,12 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.out.resolve() == DEFAULT_OUT and not (args.out / ".gitignore").exists():
         (args.out / ".gitignore").write_text("*\n")  # local results stay out of git
-    common.RESULTS = args.out  # the shared plot helpers write to common.RESULTS
     env = environment()
     ok = True
     if torch.cuda.is_available():
         print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}")
         rows, name = run_gpu(args.quick), "moe_gpu"
-        png = plot(rows, name)
+        png = plot(rows, name, args.out)
     else:
         torch.set_num_threads(args.threads)
         env = environment()
@@ -293,7 +291,7 @@ def main(argv=None) -> int:
         rows, groups, ok = run_mixtral(args.pairs, args.reps, CPU_SHAPES[:1] if args.quick else None)
         name = "moe_cpu"
         png = save_boxplot(groups, "time ours / Mixtral block", f"torch backend vs Mixtral sparse-MoE (fp32, "
-                           f"{args.threads} threads; target <= {CPU_TARGET})", name)
+                           f"{args.threads} threads; target <= {CPU_TARGET})", name, args.out)
     print(f"wrote {write_rows(args.out, name, rows)} and {png}")
     if args.check and not ok:
         print(f"FAIL: a median ratio is above {CPU_TARGET}", file=sys.stderr)

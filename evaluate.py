@@ -8,6 +8,7 @@ val loss, Δ vs the trained setting), ``elastic.csv`` with the same columns and 
 expert-load plots and co-activation matrices for every routed FFN (moe, emoe, mhmoe, moue).
 ``analysis=all`` does all of them. Outputs go to ``<run folder>/eval`` unless ``out_dir`` is given.
 """
+
 import re
 import sys
 
@@ -16,8 +17,9 @@ from omegaconf import DictConfig
 
 from training.cli import CONF_DIR, check_evaluate_arguments, report_errors
 
-USAGE = ("usage: python evaluate.py ckpt=<run folder or checkpoint .pt> [analysis=elastic|routing|depth|all] "
-         "[key=value ...]")
+USAGE = (
+    "usage: python evaluate.py ckpt=<run folder or checkpoint .pt> [analysis=elastic|routing|depth|all] [key=value ...]"
+)
 
 
 def help_text() -> str:
@@ -36,12 +38,20 @@ def help_text() -> str:
         elif section == "sweep":
             options.append((f"sweep.{key}", value, comment or ""))
     width = max(len(f"{k}={v}") for k, v, _ in options)
-    lines = [USAGE, "", "Loads a trained run and prints a table per sweep (setting, active params, forward",
-             "FLOPs/token, val loss, Δ vs the trained setting); writes the CSVs and plots to out_dir.", "",
-             "options (key=default  meaning):"]
+    lines = [
+        USAGE,
+        "",
+        "Loads a trained run and prints a table per sweep (setting, active params, forward",
+        "FLOPs/token, val loss, Δ vs the trained setting); writes the CSVs and plots to out_dir.",
+        "",
+        "options (key=default  meaning):",
+    ]
     lines += [f"  {f'{k}={v}'.ljust(width)}  {c}" for k, v, c in options]
-    lines += ["", "example: python evaluate.py ckpt=runs/moe analysis=all sweep.top_k=[1,2,4] eval_batches=50",
-              "Hydra's own flags (--cfg job, --hydra-help) still work."]
+    lines += [
+        "",
+        "example: python evaluate.py ckpt=runs/moe analysis=all sweep.top_k=[1,2,4] eval_batches=50",
+        "Hydra's own flags (--cfg job, --hydra-help) still work.",
+    ]
     return "\n".join(lines)
 
 

@@ -2,7 +2,7 @@
 
 Examples::
 
-    python train.py                                   # moe_tiny (conf/config.yaml's default) on the embedded Shakespeare corpus
+    python train.py                                   # moe_tiny (the default) on the embedded Shakespeare corpus
     python train.py model=dense_124m data=hf data.hf.path=roneneldan/TinyStories trainer.device=cuda
     python train.py -m optim.lr=1e-3,3e-3 seed=0,1    # a sweep; one run folder per job under multirun/
     python train.py run_dir=runs/my_run               # re-running the same run_dir resumes it
@@ -13,6 +13,7 @@ checks the whole command line: keys, values and ranges, the device, the resume p
 (built on the meta device) and the data (the token shards are prepared and verified). A bad
 command line gets one line naming the key, the value and what is allowed, and exit status 2.
 """
+
 import sys
 
 import hydra

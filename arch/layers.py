@@ -2,10 +2,12 @@
 
 Legend: B batch, T query length, S key length, D d_model, H heads, Hk key/value heads, d head dim.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -163,7 +165,7 @@ class ForwardContext:
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)  # per-forward state carried across layers
-    finalizers: list[Callable[["ForwardContext"], None]] = field(default_factory=list)  # run after the last layer
+    finalizers: list[Callable[[ForwardContext], None]] = field(default_factory=list)  # run after the last layer
     collect_metrics: bool = True  # False on training steps that are not logged: diagnostics are not computed
     _attention_calls: int = 0
 

@@ -6,6 +6,7 @@ Reads top to bottom like nanoGPT. Attention, FFN and depth scheme are chosen by 
 
 Legend: B batch, T tokens, D d_model, V vocab.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,17 +16,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arch.layers import FULL_MODEL, ElasticSetting, ForwardContext, KVCache, ModelShared, RMSNorm, RotaryEmbedding
 from arch.depth.sampler import generate_parallel
+from arch.layers import FULL_MODEL, ElasticSetting, ForwardContext, KVCache, ModelShared, RMSNorm, RotaryEmbedding
 from arch.registry import ATTENTION, DEPTH, FFN
 from arch.sampling import generate_sequential
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor                       # (B, T, V); only the last position when generating
-    loss: torch.Tensor | None = None           # cross-entropy + Σ aux losses (what backward sees)
-    lm_loss: torch.Tensor | None = None        # cross-entropy alone (what is reported as "loss")
+    logits: torch.Tensor  # (B, T, V); only the last position when generating
+    loss: torch.Tensor | None = None  # cross-entropy + Σ aux losses (what backward sees)
+    lm_loss: torch.Tensor | None = None  # cross-entropy alone (what is reported as "loss")
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -36,7 +37,9 @@ class Block(nn.Module):
     def __init__(self, cfg, layer_idx: int, shared: ModelShared):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = ATTENTION.build(cfg.attention["name"], cfg.d_model, cfg.n_heads, layer_idx, shared, **_options(cfg.attention))
+        self.attn = ATTENTION.build(
+            cfg.attention["name"], cfg.d_model, cfg.n_heads, layer_idx, shared, **_options(cfg.attention)
+        )
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = FFN.build(cfg.ffn["name"], cfg.d_model, layer_idx, shared, **_options(cfg.ffn))
 
@@ -59,7 +62,9 @@ class LanguageModel(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.rope = RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.shared = ModelShared(cfg.d_model, cfg.n_layers, cfg.n_heads)  # built before the blocks that use it
-        self.depth = DEPTH.build(cfg.depth["name"], cfg.n_layers, lambda i: Block(cfg, i, self.shared), self.shared, **_options(cfg.depth))
+        self.depth = DEPTH.build(
+            cfg.depth["name"], cfg.n_layers, lambda i: Block(cfg, i, self.shared), self.shared, **_options(cfg.depth)
+        )
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.elastic = FULL_MODEL  # the sub-network to run; see set_elastic
@@ -75,7 +80,9 @@ class LanguageModel(nn.Module):
         if hasattr(module, "init_parameters"):  # blocks with raw parameters (expert weight tensors …)
             module.init_parameters(std, residual_std)
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, 0.0, residual_std if getattr(module, "is_residual_projection", False) else std)
+            nn.init.normal_(
+                module.weight, 0.0, residual_std if getattr(module, "is_residual_projection", False) else std
+            )
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -98,8 +105,14 @@ class LanguageModel(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         positions_T = torch.arange(start, start + T, device=idx_BT.device)
         cos_TF, sin_TF = self.rope.span(start, T)
-        ctx = ForwardContext(cos_TF=cos_TF, sin_TF=sin_TF, positions_T=positions_T, kv_cache=kv_cache, elastic=self.elastic,
-                              collect_metrics=collect_metrics)
+        ctx = ForwardContext(
+            cos_TF=cos_TF,
+            sin_TF=sin_TF,
+            positions_T=positions_T,
+            kv_cache=kv_cache,
+            elastic=self.elastic,
+            collect_metrics=collect_metrics,
+        )
 
         x_BTD = self.depth(self.embed(idx_BT), ctx)
         for finalize in ctx.finalizers:  # losses over statistics pooled across layers
@@ -157,9 +170,14 @@ class LanguageModel(nn.Module):
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if sampler == "parallel":
-            return generate_parallel(self, idx_BT, max_new_tokens, temperature, top_k, eos_id, generator, **sampler_options)
+            return generate_parallel(
+                self, idx_BT, max_new_tokens, temperature, top_k, eos_id, generator, **sampler_options
+            )
         if sampler != "sequential" or sampler_options:
-            raise ValueError(f"sampler={sampler!r} with options {sorted(sampler_options)}: use 'sequential' (no options) or 'parallel'")
+            raise ValueError(
+                f"sampler={sampler!r} with options {sorted(sampler_options)}: use 'sequential' (no options) or "
+                "'parallel'"
+            )
         return generate_sequential(self, idx_BT, max_new_tokens, temperature, top_k, eos_id, generator)
 
 

@@ -15,6 +15,7 @@ This module does not import torch: ``training.config`` imports it to validate co
 block's options, defaults or capabilities loads its class (and so torch) on first use, once, at
 validation time; importing ``training.config`` stays torch-free.
 """
+
 from __future__ import annotations
 
 import difflib

@@ -3,6 +3,7 @@
 ``LanguageModel.generate`` dispatches here (``sampler="sequential"``) or to the parallel sampler of
 recurrent-depth models (``arch.depth.sampler``), which reuses ``sample_token``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,15 @@ from arch.layers import KVCache
 
 
 @torch.no_grad()
-def generate_sequential(model, idx_BT: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
-                        eos_id: int | None, generator: torch.Generator | None) -> torch.Tensor:
+def generate_sequential(
+    model,
+    idx_BT: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    eos_id: int | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """Token-by-token continuation of ``idx_BT`` (B, T) through ``model`` with a KV cache → (B, T + new)."""
     B, T = idx_BT.shape
     if T + max_new_tokens > model.cfg.max_seq_len:

@@ -18,6 +18,7 @@ Writes benchmarks/results/attention_{gpu,cpu}.csv and .png.
 
 Legend: B batch, T queries (= S keys), H query heads, Hk key heads, Hv value heads, d head dim.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -112,6 +113,7 @@ def measure(T, H, d, map_name, device, dtype, tokens) -> list[dict]:
     flops = attention_flops(B, T, T, H, d)
     rows = []
     for name, fn in methods(map_name, device).items():
+
         def fwd(fn=fn):
             with torch.no_grad(), sdpa_context(device):
                 return fn(q, k, v, k_head, v_head)
@@ -132,10 +134,24 @@ def measure(T, H, d, map_name, device, dtype, tokens) -> list[dict]:
                 torch.cuda.synchronize()
                 peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
             ms = time_ms(f, device)
-            rows.append({"pass": pass_name, "method": name, "map": map_name, "B": B, "T": T, "H": H, "Hk": Hk,
-                         "Hv": Hv, "d": d, "dtype": str(dtype).removeprefix("torch."), "ms": round(ms, 4),
-                         "tflops": round(mult * flops / ms / 1e9, 4), "peak_mem_mb": round(peak_mb, 1),
-                         "kv_mb": round((k.numel() + v.numel()) * k.element_size() / 2**20, 1)})
+            rows.append(
+                {
+                    "pass": pass_name,
+                    "method": name,
+                    "map": map_name,
+                    "B": B,
+                    "T": T,
+                    "H": H,
+                    "Hk": Hk,
+                    "Hv": Hv,
+                    "d": d,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "ms": round(ms, 4),
+                    "tflops": round(mult * flops / ms / 1e9, 4),
+                    "peak_mem_mb": round(peak_mb, 1),
+                    "kv_mb": round((k.numel() + v.numel()) * k.element_size() / 2**20, 1),
+                }
+            )
     return rows
 
 
@@ -190,8 +206,11 @@ def main(argv=None):
         for map_name in MAPS:
             for r in measure(T, H, d, map_name, device, dtype, tokens):
                 rows.append({**r, **env})
-                print(f"{r['pass']:8s} {r['method']:10s} {r['map']:9s} B={r['B']:<3d} T={T:<5d} H={H:<3d} d={d:<4d}"
-                      f" {r['ms']:9.3f} ms  {r['tflops']:8.3f} TFLOP/s  peak {r['peak_mem_mb']} MB", flush=True)
+                print(
+                    f"{r['pass']:8s} {r['method']:10s} {r['map']:9s} B={r['B']:<3d} T={T:<5d} H={H:<3d} d={d:<4d}"
+                    f" {r['ms']:9.3f} ms  {r['tflops']:8.3f} TFLOP/s  peak {r['peak_mem_mb']} MB",
+                    flush=True,
+                )
     add_ratios(rows)
     path = write_csv(f"attention_{tag}", rows)
     plot(rows, RESULTS / f"attention_{tag}.png", env)
@@ -199,12 +218,16 @@ def main(argv=None):
     if on_gpu:  # decoupled maps: K/V and peak memory of ours (un-expanded) vs SDPA on expanded K/V
         for r in rows:
             if r["map"] == "decoupled" and r["pass"] == "fwd_bwd":
-                print(f"  memory {r['method']:10s} T={r['T']:<5d} H={r['H']:<3d} d={r['d']:<4d} K/V {r['kv_mb']} MB"
-                      f"  peak above inputs {r['peak_mem_mb']} MB")
+                print(
+                    f"  memory {r['method']:10s} T={r['T']:<5d} H={r['H']:<3d} d={r['d']:<4d} K/V {r['kv_mb']} MB"
+                    f"  peak above inputs {r['peak_mem_mb']} MB"
+                )
     for r in rows:
         if r["method"] != "sdpa" and r["ratio_vs_sdpa"] != "":
-            print(f"  {r['pass']:8s} {r['method']:10s} {r['map']:9s} T={r['T']:<5d} H={r['H']:<3d} d={r['d']:<4d}"
-                  f" ratio vs sdpa {r['ratio_vs_sdpa']:.3f}")
+            print(
+                f"  {r['pass']:8s} {r['method']:10s} {r['map']:9s} T={r['T']:<5d} H={r['H']:<3d} d={r['d']:<4d}"
+                f" ratio vs sdpa {r['ratio_vs_sdpa']:.3f}"
+            )
     return rows
 
 

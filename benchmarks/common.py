@@ -6,6 +6,7 @@ computed per interleaved pair of measurements (A then B, repeated) and summarise
 min..max spread: machine noise that hits one pair hits both of its arms, which a ratio of two
 medians would throw away. ``--check`` makes a missed target a non-zero exit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,11 @@ LOCAL_RESULTS = RESULTS / "local"  # the default output folder, not tracked
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:
     """``--out DIR`` and ``--check`` for a benchmark's command line."""
-    parser.add_argument("--out", default=str(LOCAL_RESULTS),
-                        help="folder for the CSV and PNG (the tracked results: --out benchmarks/results)")
+    parser.add_argument(
+        "--out",
+        default=str(LOCAL_RESULTS),
+        help="folder for the CSV and PNG (the tracked results: --out benchmarks/results)",
+    )
     parser.add_argument("--check", action="store_true", help="exit non-zero when a target is missed")
 
 
@@ -39,8 +43,11 @@ def target_line(name: str, summary: dict[str, float], target: float, higher_is_b
     """'name: median 1.14 (0.98..1.31 over 7 pairs), target >= 0.9: met' and whether it was met."""
     met = summary["median"] >= target if higher_is_better else summary["median"] <= target
     sign = ">=" if higher_is_better else "<="
-    return (f"{name}: median {summary['median']:.3f} ({summary['min']:.3f}..{summary['max']:.3f} over "
-            f"{summary['pairs']} pairs), target {sign} {target}: {'met' if met else 'NOT met'}", met)
+    return (
+        f"{name}: median {summary['median']:.3f} ({summary['min']:.3f}..{summary['max']:.3f} over "
+        f"{summary['pairs']} pairs), target {sign} {target}: {'met' if met else 'NOT met'}",
+        met,
+    )
 
 
 def environment() -> dict[str, str]:
@@ -71,7 +78,9 @@ def write_csv(name: str, rows: list[dict], out: str | Path | None = None) -> Pat
     return path
 
 
-def save_boxplot(groups: dict[str, list[float]], ylabel: str, title: str, name: str, out: str | Path | None = None) -> Path:
+def save_boxplot(
+    groups: dict[str, list[float]], ylabel: str, title: str, name: str, out: str | Path | None = None
+) -> Path:
     """Box plot of repeated measurements, one box per group → <out>/<name>.png."""
     import matplotlib
 
@@ -91,8 +100,17 @@ def save_boxplot(groups: dict[str, list[float]], ylabel: str, title: str, name: 
     return path
 
 
-def save_mode_bars(rows: list[dict], key, label, value: str, ylabel: str, title: str, name: str, dpi: int = 110,
-                   out: str | Path | None = None) -> Path:
+def save_mode_bars(
+    rows: list[dict],
+    key,
+    label,
+    value: str,
+    ylabel: str,
+    title: str,
+    name: str,
+    dpi: int = 110,
+    out: str | Path | None = None,
+) -> Path:
     """Grouped bars, one panel per mode (fwd, fwd+bwd): ``value`` per method for every ``key(row)``
     (x tick text ``label(key)``) → <out>/<name>.png, titled with the device and versions."""
     import matplotlib
@@ -106,8 +124,10 @@ def save_mode_bars(rows: list[dict], key, label, value: str, ylabel: str, title:
     width = 0.8 / len(methods)
     for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
         for i, method in enumerate(methods):
-            vals = [next((r[value] for r in rows if r["method"] == method and r["mode"] == mode and key(r) == k), 0)
-                    for k in keys]
+            vals = [
+                next((r[value] for r in rows if r["method"] == method and r["mode"] == mode and key(r) == k), 0)
+                for k in keys
+            ]
             ax.bar([j + i * width for j in range(len(keys))], vals, width, label=method)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
         ax.set_xticklabels([label(k) for k in keys], fontsize=7)

@@ -25,6 +25,7 @@ Writes moe_cpu.csv|png or moe_gpu.csv|png (device, torch/triton versions in ever
 by default the untracked benchmarks/results/local/ (pass ``--out benchmarks/results`` for the
 tracked results).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -102,6 +103,7 @@ def fwd_bwd(fn, inputs):
     def run():
         y = fn()
         torch.autograd.grad(y, inputs, torch.ones_like(y))
+
     return run
 
 
@@ -130,16 +132,33 @@ def run_gpu(quick: bool) -> list[dict]:
                     ms, peak = time_gpu(f)
                     fl = flops_fwd(N, D, F, k) * (3 if mode == "fwd+bwd" else 1)
                     t[name, mode] = ms
-                    rows.append(dict(**environment(), dtype="bfloat16", N=N, D=D, F=F, E=E, k=k, method=name,
-                                     mode=mode, ms=round(ms, 4), tflops=round(fl / ms / 1e9, 2), peak_mib=round(peak, 1)))
+                    rows.append(
+                        dict(
+                            **environment(),
+                            dtype="bfloat16",
+                            N=N,
+                            D=D,
+                            F=F,
+                            E=E,
+                            k=k,
+                            method=name,
+                            mode=mode,
+                            ms=round(ms, 4),
+                            tflops=round(fl / ms / 1e9, 2),
+                            peak_mib=round(peak, 1),
+                        )
+                    )
                 torch.cuda.empty_cache()
             for r in rows[-8:]:
                 r["dense_time_over_this"] = round(t["dense", r["mode"]] / r["ms"], 3)  # ≥ 0.8 target for triton
                 r["torch_time_over_this"] = round(t["torch", r["mode"]] / r["ms"], 3)  # ≥ 1.0 target for triton
             tb = t["triton", "fwd+bwd"]
-            print(f"N={N} D={D} F={F} E={E} k={k}: fwd+bwd triton {tb:.2f} ms, "
-                  f"vs dense {t['dense', 'fwd+bwd'] / tb:.2f}x (>=0.8), vs torch {t['torch', 'fwd+bwd'] / tb:.2f}x (>=1.0), "
-                  f"vs loop {t['loop', 'fwd+bwd'] / tb:.2f}x")
+            print(
+                f"N={N} D={D} F={F} E={E} k={k}: fwd+bwd triton {tb:.2f} ms, "
+                f"vs dense {t['dense', 'fwd+bwd'] / tb:.2f}x (>=0.8), vs torch {t['torch', 'fwd+bwd'] / tb:.2f}x "
+                "(>=1.0), "
+                f"vs loop {t['loop', 'fwd+bwd'] / tb:.2f}x"
+            )
     return rows
 
 
@@ -165,8 +184,15 @@ def mixtral_pair(N, D, F, E, k, seed=0):
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    cfg = MixtralConfig(hidden_size=D, intermediate_size=F, num_local_experts=E, num_experts_per_tok=k,
-                        router_jitter_noise=0.0, num_hidden_layers=1, vocab_size=16)
+    cfg = MixtralConfig(
+        hidden_size=D,
+        intermediate_size=F,
+        num_local_experts=E,
+        num_experts_per_tok=k,
+        router_jitter_noise=0.0,
+        num_hidden_layers=1,
+        vocab_size=16,
+    )
     cfg._experts_implementation = "eager"  # the block's own per-expert loop (what a standalone block runs)
     theirs = MixtralSparseMoeBlock(cfg)
     g = torch.Generator().manual_seed(seed)
@@ -175,8 +201,12 @@ def mixtral_pair(N, D, F, E, k, seed=0):
         theirs.experts.gate_up_proj.copy_(torch.randn(E, 2 * F, D, generator=g) / D**0.5)
         theirs.experts.down_proj.copy_(torch.randn(E, D, F, generator=g) / F**0.5)
     # ours stores (E, D, 2F) [gate | up] and (E, F, D): the transposes of Mixtral's (out, in) layout
-    ours = _Ours(theirs.gate.weight.detach().clone(), theirs.experts.gate_up_proj.detach().transpose(1, 2).contiguous(),
-                 theirs.experts.down_proj.detach().transpose(1, 2).contiguous(), k)
+    ours = _Ours(
+        theirs.gate.weight.detach().clone(),
+        theirs.experts.gate_up_proj.detach().transpose(1, 2).contiguous(),
+        theirs.experts.down_proj.detach().transpose(1, 2).contiguous(),
+        k,
+    )
     x = torch.randn(N, D, generator=g)
     return ours, theirs, x
 
@@ -217,6 +247,7 @@ def run_mixtral(pairs: int, reps: int, shapes=None) -> tuple[list[dict], dict[st
         ours, theirs, x = mixtral_pair(**s)
         dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
         check_agree(ours, theirs, x, dy)
+
         def f_ours(m=ours, x=x, dy=dy):
             return _step(m, x, dy, False)
 
@@ -228,18 +259,30 @@ def run_mixtral(pairs: int, reps: int, shapes=None) -> tuple[list[dict], dict[st
         for p in range(pairs):
             to, tt = _time(f_ours, reps), _time(f_theirs, reps)
             t_o.append(to), t_t.append(tt), ratios.append(to / tt)
-            rows.append(dict(**environment(), dtype="float32", **s, pair=p, ours_ms=round(to * 1e3, 3),
-                             mixtral_ms=round(tt * 1e3, 3), ratio=round(to / tt, 4)))
+            rows.append(
+                dict(
+                    **environment(),
+                    dtype="float32",
+                    **s,
+                    pair=p,
+                    ours_ms=round(to * 1e3, 3),
+                    mixtral_ms=round(tt * 1e3, 3),
+                    ratio=round(to / tt, 4),
+                )
+            )
         med = statistics.median(ratios)
         hit = med <= CPU_TARGET
         ok &= hit
         label = "N{N} D{D} F{F} E{E} k{k}".format(**s)
         groups[label.replace(" E", "\nE")] = ratios
         tflops = flops_fwd(s["N"], s["D"], s["F"], s["k"]) * 3 / statistics.median(t_o) / 1e12
-        print(f"{label:28s} ours {statistics.median(t_o) * 1e3:8.1f} ms ({tflops:.3f} TFLOP/s)  "
-              f"mixtral {statistics.median(t_t) * 1e3:8.1f} ms  ratio median {med:.3f} "
-              f"[{min(ratios):.3f}..{max(ratios):.3f}] over {pairs} pairs  <= {CPU_TARGET}: {'yes' if hit else 'NO'}  "
-              f"(loadavg {_loadavg()})", flush=True)
+        print(
+            f"{label:28s} ours {statistics.median(t_o) * 1e3:8.1f} ms ({tflops:.3f} TFLOP/s)  "
+            f"mixtral {statistics.median(t_t) * 1e3:8.1f} ms  ratio median {med:.3f} "
+            f"[{min(ratios):.3f}..{max(ratios):.3f}] over {pairs} pairs  <= {CPU_TARGET}: {'yes' if hit else 'NO'}  "
+            f"(loadavg {_loadavg()})",
+            flush=True,
+        )
     return rows, groups, ok
 
 
@@ -262,15 +305,25 @@ def write_rows(out: Path, name: str, rows: list[dict]) -> Path:
 
 def plot(rows, name, out=None):
     return save_mode_bars(
-        rows, key=lambda r: (r["N"], r["D"], r["F"], r["E"], r["k"]), label=lambda s: "N{}\nD{} F{}\nE{} k{}".format(*s),
-        value="tflops", ylabel="TFLOP/s", title=f"expert MLP ({rows[0]['dtype']})", name=name, dpi=120, out=out)
+        rows,
+        key=lambda r: (r["N"], r["D"], r["F"], r["E"], r["k"]),
+        label=lambda s: "N{}\nD{} F{}\nE{} k{}".format(*s),
+        value="tflops",
+        ylabel="TFLOP/s",
+        title=f"expert MLP ({rows[0]['dtype']})",
+        name=name,
+        dpi=120,
+        out=out,
+    )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="GPU: first shape and token count only; CPU: first shape")
     parser.add_argument("--check", action="store_true", help=f"CPU: exit 1 unless every median ratio <= {CPU_TARGET}")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the CSV and PNG (default: %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="folder for the CSV and PNG (default: %(default)s)"
+    )
     parser.add_argument("--pairs", type=int, default=7, help="CPU: interleaved (ours, theirs) pairs per shape")
     parser.add_argument("--reps", type=int, default=3, help="CPU: calls per timing (median taken)")
     parser.add_argument("--threads", type=int, default=2, help="CPU: torch intra-op threads")
@@ -290,8 +343,13 @@ def main(argv=None) -> int:
         print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  loadavg {_loadavg()}")
         rows, groups, ok = run_mixtral(args.pairs, args.reps, CPU_SHAPES[:1] if args.quick else None)
         name = "moe_cpu"
-        png = save_boxplot(groups, "time ours / Mixtral block", f"torch backend vs Mixtral sparse-MoE (fp32, "
-                           f"{args.threads} threads; target <= {CPU_TARGET})", name, args.out)
+        png = save_boxplot(
+            groups,
+            "time ours / Mixtral block",
+            f"torch backend vs Mixtral sparse-MoE (fp32, {args.threads} threads; target <= {CPU_TARGET})",
+            name,
+            args.out,
+        )
     print(f"wrote {write_rows(args.out, name, rows)} and {png}")
     if args.check and not ok:
         print(f"FAIL: a median ratio is above {CPU_TARGET}", file=sys.stderr)

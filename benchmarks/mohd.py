@@ -16,6 +16,7 @@ groups for runs of 64 consecutive tokens, MoHD's "activation flow"; gated kernel
 FLOPs (SwiGLU, activated): forward = 2·N·D·3·A·g; forward+backward = 3× forward.
 Writes benchmarks/results/mohd_gpu.csv|png or mohd_cpu.csv|png with device and torch/triton versions.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,8 @@ import torch
 import torch.nn.functional as Fn
 
 from benchmarks.common import add_output_options, environment, save_mode_bars, write_csv
-from kernels.mohd import group_in_matmul, group_out_matmul
 from kernels.moe import expert_mlp
+from kernels.mohd import group_in_matmul, group_out_matmul
 
 GPU_SHAPES = [(1024, 16, 8, 6, 352), (2048, 16, 8, 6, 704), (4096, 16, 8, 6, 1408)]  # (D, G, A, n_shared, g)
 GPU_TOKENS = [16384]
@@ -77,16 +78,22 @@ def methods(N, D, G, A, n_shared, g, routing, dtype, device):
         def run():
             gt, up = (x @ wi).chunk(2, -1)
             return (Fn.silu(gt) * up) @ wo
+
         return run, [x, wi, wo]
 
-    return {"gated": (gated, [x, coef, w_in, w_out]), "experts": (experts, [x, coef, e_in, e_out]),
-            "dense": dense_of(A * g), "full": dense_of(F)}
+    return {
+        "gated": (gated, [x, coef, w_in, w_out]),
+        "experts": (experts, [x, coef, e_in, e_out]),
+        "dense": dense_of(A * g),
+        "full": dense_of(F),
+    }
 
 
 def fwd_bwd(fn, inputs):
     def run():
         y = fn()
         torch.autograd.grad(y, inputs, torch.ones_like(y))
+
     return run
 
 
@@ -120,8 +127,10 @@ def run(device, quick: bool, rounds: int) -> list[dict]:
         for N in tokens:
             for routing in ROUTINGS:
                 for mode in ("fwd", "fwd+bwd"):
-                    fns = {k: (torch.no_grad()(f) if mode == "fwd" else fwd_bwd(f, i))
-                           for k, (f, i) in methods(N, D, G, A, n_shared, g, routing, dtype, device).items()}
+                    fns = {
+                        k: (torch.no_grad()(f) if mode == "fwd" else fwd_bwd(f, i))
+                        for k, (f, i) in methods(N, D, G, A, n_shared, g, routing, dtype, device).items()
+                    }
                     times, peaks = {k: [] for k in fns}, {}
                     for _ in range(rounds):
                         for k, f in fns.items():
@@ -130,19 +139,44 @@ def run(device, quick: bool, rounds: int) -> list[dict]:
                     med = {k: statistics.median(v) for k, v in times.items()}
                     fl = 2 * N * D * 3 * A * g * (3 if mode == "fwd+bwd" else 1)
                     for k, ms in med.items():
-                        rows.append(dict(**environment(), dtype=str(dtype)[6:], N=N, D=D, G=G, A=A, n_shared=n_shared, g=g,
-                                         routing=routing, method=k, mode=mode, ms=round(ms, 4),
-                                         tflops_activated=round(fl / ms / 1e9, 4), peak_mib=round(peaks[k], 1),
-                                         time_vs_dense=round(ms / med["dense"], 3), time_vs_experts=round(ms / med["experts"], 3)))
-                    print(f"D{D} G{G} A{A} g{g} N{N} {routing:4s} {mode:7s}: " +
-                          "  ".join(f"{k} {ms:.2f} ms" for k, ms in med.items()))
+                        rows.append(
+                            dict(
+                                **environment(),
+                                dtype=str(dtype)[6:],
+                                N=N,
+                                D=D,
+                                G=G,
+                                A=A,
+                                n_shared=n_shared,
+                                g=g,
+                                routing=routing,
+                                method=k,
+                                mode=mode,
+                                ms=round(ms, 4),
+                                tflops_activated=round(fl / ms / 1e9, 4),
+                                peak_mib=round(peaks[k], 1),
+                                time_vs_dense=round(ms / med["dense"], 3),
+                                time_vs_experts=round(ms / med["experts"], 3),
+                            )
+                        )
+                    print(
+                        f"D{D} G{G} A{A} g{g} N{N} {routing:4s} {mode:7s}: "
+                        + "  ".join(f"{k} {ms:.2f} ms" for k, ms in med.items())
+                    )
     return rows
 
 
 def plot(rows, name, out=None):
     return save_mode_bars(
-        rows, key=lambda r: (r["D"], r["g"], r["routing"]), label=lambda k: "D{} g{}\n{}".format(*k),
-        value="ms", ylabel="ms (median)", title=f"MoHD FFN ({rows[0]['dtype']}, N={rows[0]['N']})", name=name, out=out)
+        rows,
+        key=lambda r: (r["D"], r["g"], r["routing"]),
+        label=lambda k: "D{} g{}\n{}".format(*k),
+        value="ms",
+        ylabel="ms (median)",
+        title=f"MoHD FFN ({rows[0]['dtype']}, N={rows[0]['N']})",
+        name=name,
+        out=out,
+    )
 
 
 def main():

@@ -10,6 +10,7 @@ reported as the median with its min..max spread. Target: ratio framework / hand-
 Writes <out>/step_time_<shape>.csv and .png (default out: benchmarks/results/local/); --check exits 1
 when the median paired ratio misses the target.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -109,13 +110,23 @@ def framework_runner(shape, run_dir):
     from training.trainer import Trainer
 
     d, n_layers, n_heads, seq_len, batch, vocab = shape
-    cfg = compose([
-        "model=dense_tiny", f"model.d_model={d}", f"model.n_layers={n_layers}", f"model.n_heads={n_heads}",
-        f"data.seq_len={seq_len}", f"data.tokenizer.vocab_size={vocab}", f"trainer.batch_size={batch}",
-        "trainer.progress=false", f"run_dir={run_dir}", "logger=none", "trainer.max_steps=100000",
-    ])
+    cfg = compose(
+        [
+            "model=dense_tiny",
+            f"model.d_model={d}",
+            f"model.n_layers={n_layers}",
+            f"model.n_heads={n_heads}",
+            f"data.seq_len={seq_len}",
+            f"data.tokenizer.vocab_size={vocab}",
+            f"trainer.batch_size={batch}",
+            "trainer.progress=false",
+            f"run_dir={run_dir}",
+            "logger=none",
+            "trainer.max_steps=100000",
+        ]
+    )
     trainer = Trainer(cfg)
-    tokens = torch.from_numpy(trainer.data.train[: 2_000_000].astype("int64"))
+    tokens = torch.from_numpy(trainer.data.train[:2_000_000].astype("int64"))
 
     def step():
         return trainer.train_step()["loss"].item()
@@ -151,14 +162,31 @@ def main(argv=None):
             hand.append(tokens_per_second(hand_step, args.steps, tokens_per_step))
     env = environment()
     summary = paired_ratios(framework, hand)
-    row = {"shape": args.shape, "d_model": shape[0], "n_layers": shape[1], "n_heads": shape[2], "seq_len": shape[3],
-           "batch_size": shape[4], "vocab": shape[5], "framework_tokens_per_s": round(statistics.median(framework), 1),
-           "hand_written_tokens_per_s": round(statistics.median(hand), 1), "ratio_median": round(summary["median"], 4),
-           "ratio_min": round(summary["min"], 4), "ratio_max": round(summary["max"], 4), "pairs": summary["pairs"],
-           "target": TARGET, **env}
+    row = {
+        "shape": args.shape,
+        "d_model": shape[0],
+        "n_layers": shape[1],
+        "n_heads": shape[2],
+        "seq_len": shape[3],
+        "batch_size": shape[4],
+        "vocab": shape[5],
+        "framework_tokens_per_s": round(statistics.median(framework), 1),
+        "hand_written_tokens_per_s": round(statistics.median(hand), 1),
+        "ratio_median": round(summary["median"], 4),
+        "ratio_min": round(summary["min"], 4),
+        "ratio_max": round(summary["max"], 4),
+        "pairs": summary["pairs"],
+        "target": TARGET,
+        **env,
+    }
     path = write_csv(f"step_time_{args.shape}", [row], args.out)
-    save_boxplot({"framework": framework, "hand-written": hand}, "training tokens/s",
-                 f"{args.shape}: paired ratio {summary['median']:.3f}\n{env['device']}", f"step_time_{args.shape}", args.out)
+    save_boxplot(
+        {"framework": framework, "hand-written": hand},
+        "training tokens/s",
+        f"{args.shape}: paired ratio {summary['median']:.3f}\n{env['device']}",
+        f"step_time_{args.shape}",
+        args.out,
+    )
     line, met = target_line("ratio framework / hand-written (per pair)", summary, TARGET)
     print(f"device: {env['device']}  torch {env['torch']}")
     print(f"framework:     {[round(v) for v in framework]} tokens/s")

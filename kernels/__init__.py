@@ -4,6 +4,7 @@ This module is the one place that decides whether Triton is usable and whether i
 the interpreter (``TRITON_INTERPRET=1``, used by the CPU test suite). Kernel modules import
 ``HAS_TRITON`` / ``INTERPRET`` from here instead of probing on their own.
 """
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 The interpreter flag must be set before any kernel module imports triton, so it lives here,
 at the top of the first file pytest imports.
 """
+
 import os
 
 os.environ.setdefault("WANDB_MODE", "disabled")

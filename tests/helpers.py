@@ -1,4 +1,5 @@
 """Shared test helpers: tiny configs that train in seconds on CPU."""
+
 from __future__ import annotations
 
 import os
@@ -7,7 +8,9 @@ from pathlib import Path
 from training.cli import compose
 
 # One data cache for the whole session: the embedded corpus is tokenized once.
-DATA_CACHE = Path(os.environ.get("SPARSE_TEST_DATA_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "test-data"))
+DATA_CACHE = Path(
+    os.environ.get("SPARSE_TEST_DATA_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "test-data")
+)
 
 TINY = [
     "model=dense_tiny",

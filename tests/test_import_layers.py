@@ -5,6 +5,7 @@ a function-level import is still a cycle: it only moves the failure from import 
 Layers, lowest first: kernels ← arch ← training ← recipes / benchmarks / entry points. A lower layer
 never imports a higher one.
 """
+
 from __future__ import annotations
 
 import ast

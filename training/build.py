@@ -1,4 +1,5 @@
 """What every entry point needs before training or loading: the device, seeding, and the model for a config."""
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,10 @@ def build_model(root: RootConfig, vocab_size: int) -> LanguageModel:
 def check_vocab(root: RootConfig, vocab_size: int) -> None:
     """ConfigError when model.vocab_size cannot hold every id the tokenizer produces."""
     if root.model.vocab_size is not None and root.model.vocab_size < vocab_size:
-        raise ConfigError(f"model.vocab_size={root.model.vocab_size} is smaller than the tokenizer's {vocab_size} tokens; "
-                          f"allowed: null (from the tokenizer) or >= {vocab_size}")
+        raise ConfigError(
+            f"model.vocab_size={root.model.vocab_size} is smaller than the tokenizer's {vocab_size} tokens; "
+            f"allowed: null (from the tokenizer) or >= {vocab_size}"
+        )
 
 
 def check_model_builds(root: RootConfig) -> None:
@@ -73,18 +76,23 @@ def check_runtime(root: RootConfig, world: int = 1) -> None:
     check_writable_folder("data.cache_dir", root.data.cache_dir)
     _check_resume(t.resume, root.run_dir)
     if t.batch_size % world:
-        raise ConfigError(f"trainer.batch_size={t.batch_size} is the global batch and must be divisible by the "
-                          f"{world} processes")
+        raise ConfigError(
+            f"trainer.batch_size={t.batch_size} is the global batch and must be divisible by the {world} processes"
+        )
     if world > 1 and t.expert_parallel > 1 and world % t.expert_parallel:
         raise ConfigError(f"trainer.expert_parallel={t.expert_parallel} must divide the {world} processes")
     if world > 1 and (t.parallel == "fsdp" or t.expert_parallel > 1) and t.checkpoint_format == "torch":
-        raise ConfigError("trainer.checkpoint_format=torch writes one file from rank 0 and cannot hold a sharded "
-                          "model (trainer.parallel=fsdp or expert_parallel>1); allowed: auto or dcp")
+        raise ConfigError(
+            "trainer.checkpoint_format=torch writes one file from rank 0 and cannot hold a sharded "
+            "model (trainer.parallel=fsdp or expert_parallel>1); allowed: auto or dcp"
+        )
     if root.logger.name == "wandb":
         try:
             import wandb  # noqa: F401
         except ImportError:
-            raise ConfigError("logger=wandb needs the wandb package (pip install wandb); allowed without it: logger=none") from None
+            raise ConfigError(
+                "logger=wandb needs the wandb package (pip install wandb); allowed without it: logger=none"
+            ) from None
     check_model_builds(root)
 
 
@@ -97,7 +105,9 @@ def check_writable_folder(key: str, folder: str) -> None:
     if existing.exists() and not existing.is_dir():
         raise ConfigError(f"{key}={folder}: {existing} is a file, not a folder; allowed: a folder path")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={folder}: {existing} is not writable by this user; allowed: a folder you can write in")
+        raise ConfigError(
+            f"{key}={folder}: {existing} is not writable by this user; allowed: a folder you can write in"
+        )
 
 
 def _check_resume(resume: str, run_dir: str) -> None:
@@ -110,12 +120,16 @@ def _check_resume(resume: str, run_dir: str) -> None:
     if resume == "none":
         found = ckpt.list_checkpoints(run_dir)
         if found:
-            raise ConfigError(f"trainer.resume=none but run_dir={run_dir} already holds checkpoints ({found[-1].name} ...); "
-                              "allowed: trainer.resume=auto to continue it, or a new run_dir (nothing was overwritten)")
+            raise ConfigError(
+                f"trainer.resume=none but run_dir={run_dir} already holds checkpoints ({found[-1].name} ...); "
+                "allowed: trainer.resume=auto to continue it, or a new run_dir (nothing was overwritten)"
+            )
         return
     if not Path(resume).expanduser().exists():
-        raise ConfigError(f"trainer.resume={resume}: no such checkpoint; allowed: auto, none, restart, or an existing "
-                          "step_XXXXXXXX.pt file or checkpoint folder")
+        raise ConfigError(
+            f"trainer.resume={resume}: no such checkpoint; allowed: auto, none, restart, or an existing "
+            "step_XXXXXXXX.pt file or checkpoint folder"
+        )
     try:
         ckpt.load_checkpoint(Path(resume).expanduser())  # the one safe loader: refuses what it cannot verify
     except CheckpointError as e:

@@ -8,6 +8,7 @@ config (Hydra's part included), validate it, check what only the machine and the
 (device, resume path, meta-device model build, data sources, the token shards), and prints one line
 naming the key, the value and what is allowed, with exit status 2 and no traceback.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,8 +71,10 @@ def check_group_options(overrides: list[str]) -> None:
         if choices is None or value in ("", "null") or "," in value or "(" in value:
             continue  # not a group, deleted / null, or a sweep (each job checks itself)
         if value not in choices:
-            raise ConfigError(f"{group}={value}: no such option in config group {group!r}; choices: "
-                              f"{', '.join(choices)}.{suggest(value, choices)}")
+            raise ConfigError(
+                f"{group}={value}: no such option in config group {group!r}; choices: "
+                f"{', '.join(choices)}.{suggest(value, choices)}"
+            )
 
 
 def explain_override_error(error: Exception, overrides: list[str], compose_fn=None) -> str:
@@ -88,7 +91,10 @@ def explain_override_error(error: Exception, overrides: list[str], compose_fn=No
         if choices:
             from arch.registry import suggest
 
-            return f"{group}={value}: no such option in config group {group!r}; choices: {', '.join(choices)}.{suggest(value, choices)}"
+            return (
+                f"{group}={value}: no such option in config group {group!r}; choices: "
+                f"{', '.join(choices)}.{suggest(value, choices)}"
+            )
         return first
     merging = _MERGING.search(message)
     if merging:
@@ -97,7 +103,9 @@ def explain_override_error(error: Exception, overrides: list[str], compose_fn=No
         return f"{merging.group(1)}: {detail}"
     if type(error).__name__ == "OverrideParseException":
         bad = next((o for o in overrides if _unbalanced(o)), None)
-        return f"cannot parse override {bad or ''!r}: {first} (see https://hydra.cc/docs/advanced/override_grammar/basic)"
+        return (
+            f"cannot parse override {bad or ''!r}: {first} (see https://hydra.cc/docs/advanced/override_grammar/basic)"
+        )
     match = _NOT_IN_STRUCT.search(message)
     if not match:
         return " ".join(line.strip() for line in message.strip().splitlines()[:3])

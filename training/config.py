@@ -4,13 +4,14 @@ Hydra composes ``conf/``; :func:`validate` then checks every key and value again
 dataclasses below and against the block registries, *before* any data is read or tensor
 allocated. Every error says what was wrong and what is allowed.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from arch.registry import FFN, REGISTRIES, ConfigError, _matches, suggest
 
@@ -18,7 +19,7 @@ from arch.registry import FFN, REGISTRIES, ConfigError, _matches, suggest
 @dataclass
 class ModelConfig:
     name: str = "dense_tiny"
-    vocab_size: Optional[int] = None  # None → the tokenizer's vocabulary size
+    vocab_size: int | None = None  # None → the tokenizer's vocabulary size
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
@@ -36,18 +37,18 @@ class ModelConfig:
 class TokenizerConfig:
     kind: Literal["bpe", "bytes", "hf"] = "bpe"
     vocab_size: int = 2048
-    name: Optional[str] = None
+    name: str | None = None
 
 
 @dataclass
 class HFDataConfig:
-    path: Optional[str] = None
-    name: Optional[str] = None
+    path: str | None = None
+    name: str | None = None
     split: str = "train"
     data_files: Any = None
     streaming: bool = True
-    max_docs: Optional[int] = None
-    max_bytes: Optional[int] = 20_000_000
+    max_docs: int | None = None
+    max_bytes: int | None = 20_000_000
 
 
 @dataclass
@@ -111,9 +112,9 @@ class TrainerConfig:
     sample_prompt: str = "ROMEO:"
     sample_tokens: int = 200
     sample_temperature: float = 0.8
-    sample_top_k: Optional[int] = 50
+    sample_top_k: int | None = 50
     export_safetensors: bool = True
-    threads: Optional[int] = None  # CPU intra-op threads; None = torch's default
+    threads: int | None = None  # CPU intra-op threads; None = torch's default
     # Several processes (torchrun / SLURM): training/distributed/parallel.py.
     parallel: Literal["ddp", "fsdp"] = "ddp"
     expert_parallel: int = 1  # experts split over this many ranks (must divide the process count)
@@ -125,7 +126,7 @@ class TrainerConfig:
 class LoggerConfig:
     name: Literal["none", "wandb"] = "none"
     project: str = "sparse-arch"
-    entity: Optional[str] = None
+    entity: str | None = None
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online iff an API key is configured
     tags: list = field(default_factory=list)
 
@@ -143,7 +144,7 @@ class ElasticConfig:
     subset_sizes: list = field(default_factory=list)  # empty: n_experts // 2
     topk_full_prob: float = 0.8
     topk_min: int = 1
-    topk_max: Optional[int] = None  # null: top_k - 1
+    topk_max: int | None = None  # null: top_k - 1
 
 
 @dataclass
@@ -157,7 +158,7 @@ class RootConfig:
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
     seed: int = 0
     run_dir: str = "runs/default"
-    experiment: Optional[str] = None
+    experiment: str | None = None
 
 
 # Keys Hydra adds that are not ours to validate.
@@ -189,7 +190,10 @@ def _to_plain(cfg: Any) -> dict:
 def _build(where: str, node: Any, schema: type) -> Any:
     """Recursively turn a dict into `schema`, rejecting unknown keys and wrongly-typed values."""
     if not isinstance(node, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping with keys {[f.name for f in dataclasses.fields(schema)]}, got {node!r}")
+        raise ConfigError(
+            f"{where or 'config'} must be a mapping with keys {[f.name for f in dataclasses.fields(schema)]}, got "
+            f"{node!r}"
+        )
     fields = {f.name: f for f in dataclasses.fields(schema)}
     hints = typing.get_type_hints(schema)
     kwargs = {}
@@ -234,35 +238,64 @@ def _check_values(root: RootConfig) -> None:
         _require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be a positive integer")
     for key in ("norm_eps", "rope_theta", "init_std"):
         _require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be > 0")
-    _require(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size={m.vocab_size} must be positive or null (from the tokenizer)")
+    _require(
+        m.vocab_size is None or m.vocab_size > 0,
+        f"model.vocab_size={m.vocab_size} must be positive or null (from the tokenizer)",
+    )
     _require(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
-    _require((m.d_model // m.n_heads) % 2 == 0, f"model head dim d_model/n_heads={m.d_model // m.n_heads} must be even (RoPE)")
+    _require(
+        (m.d_model // m.n_heads) % 2 == 0,
+        f"model head dim d_model/n_heads={m.d_model // m.n_heads} must be even (RoPE)",
+    )
     for group in ("attention", "ffn", "depth"):
         node = getattr(m, group)
         registry = REGISTRIES[group]
-        _require(isinstance(node, dict) and "name" in node, f"model.{group} needs a 'name'; registered: {registry.names()}")
+        _require(
+            isinstance(node, dict) and "name" in node, f"model.{group} needs a 'name'; registered: {registry.names()}"
+        )
         registry.get(node["name"])  # unknown name → ConfigError listing the registered ones
         registry.validate_options(node["name"], {k: v for k, v in node.items() if k != "name"}, f"model.{group}")
         _check_block_ranges(f"model.{group}", node)
     for group in ("ffn", "depth"):  # a block may declare the attention blocks it works with
         needs = REGISTRIES[group].capabilities(getattr(m, group)["name"]).needs_attention
-        _require(needs is None or m.attention["name"] in needs,
-                 f"model.{group}.name={getattr(m, group)['name']!r} cannot be combined with model.attention.name="
-                 f"{m.attention['name']!r}; it needs model.attention.name in {list(needs or ())}")
+        _require(
+            needs is None or m.attention["name"] in needs,
+            f"model.{group}.name={getattr(m, group)['name']!r} cannot be combined with model.attention.name="
+            f"{m.attention['name']!r}; it needs model.attention.name in {list(needs or ())}",
+        )
     n_kv = m.attention.get("n_kv_heads")
     if n_kv is not None:
-        _require(n_kv > 0 and m.n_heads % n_kv == 0, f"model.attention.n_kv_heads={n_kv} must divide model.n_heads={m.n_heads}")
+        _require(
+            n_kv > 0 and m.n_heads % n_kv == 0,
+            f"model.attention.n_kv_heads={n_kv} must divide model.n_heads={m.n_heads}",
+        )
 
-    _require(d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len or lower data.seq_len")
+    _require(
+        d.seq_len <= m.max_seq_len,
+        f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len or lower "
+        "data.seq_len",
+    )
     _require(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
-    _require(d.tokenizer.kind != "bpe" or d.tokenizer.vocab_size >= 257, f"data.tokenizer.vocab_size={d.tokenizer.vocab_size} must be >= 257 for a byte-level BPE")
-    _require(d.tokenizer.kind != "hf" or bool(d.tokenizer.name), "data.tokenizer.kind=hf needs data.tokenizer.name (a Hugging Face tokenizer name or path)")
-    _require(d.source != "files" or len(d.paths) > 0, "data.source=files needs data.paths: a list of globs of .txt, .jsonl or .parquet files")
+    _require(
+        d.tokenizer.kind != "bpe" or d.tokenizer.vocab_size >= 257,
+        f"data.tokenizer.vocab_size={d.tokenizer.vocab_size} must be >= 257 for a byte-level BPE",
+    )
+    _require(
+        d.tokenizer.kind != "hf" or bool(d.tokenizer.name),
+        "data.tokenizer.kind=hf needs data.tokenizer.name (a Hugging Face tokenizer name or path)",
+    )
+    _require(
+        d.source != "files" or len(d.paths) > 0,
+        "data.source=files needs data.paths: a list of globs of .txt, .jsonl or .parquet files",
+    )
     _require(d.source != "hf" or bool(d.hf.path), "data.source=hf needs data.hf.path (e.g. roneneldan/TinyStories)")
     _require(bool(d.cache_dir), "data.cache_dir='' must be a folder path (token shards are cached there)")
     _require(bool(d.text_field), "data.text_field='' must name the text column of the .jsonl / .parquet / hf records")
     _require(d.tokenizer.vocab_size >= 1, f"data.tokenizer.vocab_size={d.tokenizer.vocab_size} must be positive")
-    _require(d.tokenizer.vocab_size <= 2**32 - 1, f"data.tokenizer.vocab_size={d.tokenizer.vocab_size} must be < 2**32 (uint32 shards)")
+    _require(
+        d.tokenizer.vocab_size <= 2**32 - 1,
+        f"data.tokenizer.vocab_size={d.tokenizer.vocab_size} must be < 2**32 (uint32 shards)",
+    )
     for key in ("max_docs", "max_bytes"):
         value = getattr(d.hf, key)
         _require(value is None or value > 0, f"data.hf.{key}={value} must be positive or null (no limit)")
@@ -276,7 +309,10 @@ def _check_values(root: RootConfig) -> None:
     _require(o.eps > 0, f"optim.eps={o.eps} must be > 0 (it keeps Adam's denominator away from zero)")
     _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
     _require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
-    _require(len(o.betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in o.betas), f"optim.betas={o.betas} must be two numbers in [0, 1)")
+    _require(
+        len(o.betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in o.betas),
+        f"optim.betas={o.betas} must be two numbers in [0, 1)",
+    )
     _require(s.warmup_steps >= 0, f"schedule.warmup_steps={s.warmup_steps} must be >= 0")
     _require(0 <= s.min_lr_ratio <= 1, f"schedule.min_lr_ratio={s.min_lr_ratio} must be in [0, 1]")
     _require(0 < s.decay_fraction <= 1, f"schedule.decay_fraction={s.decay_fraction} must be in (0, 1]")
@@ -286,17 +322,25 @@ def _check_values(root: RootConfig) -> None:
     _require(t.eval_batches > 0, f"trainer.eval_batches={t.eval_batches} must be positive")
     _require(t.sample_tokens >= 0, f"trainer.sample_tokens={t.sample_tokens} must be >= 0")
     _require(t.sample_temperature >= 0, f"trainer.sample_temperature={t.sample_temperature} must be >= 0")
-    _require(t.sample_top_k is None or t.sample_top_k >= 1,
-             f"trainer.sample_top_k={t.sample_top_k} must be >= 1 or null (sample from the whole vocabulary)")
+    _require(
+        t.sample_top_k is None or t.sample_top_k >= 1,
+        f"trainer.sample_top_k={t.sample_top_k} must be >= 1 or null (sample from the whole vocabulary)",
+    )
     _require(bool(t.resume), "trainer.resume='' must be auto, none or a checkpoint path")
     _require(t.threads is None or t.threads > 0, f"trainer.threads={t.threads} must be positive or null")
-    _require(t.expert_parallel >= 1, f"trainer.expert_parallel={t.expert_parallel} must be >= 1 (1 = no expert parallelism)")
-    _require(t.expert_parallel == 1 or FFN.capabilities(m.ffn["name"]).expert_parallel,
-             f"trainer.expert_parallel={t.expert_parallel} needs an expert FFN whose experts shard over ranks "
-             f"(model/ffn in {FFN.with_capability('expert_parallel') if t.expert_parallel != 1 else []}), "
-             f"got model.ffn.name={m.ffn['name']!r}")
-    _require(not t.checkpoint_async or t.checkpoint_format != "torch",
-             "trainer.checkpoint_async=true needs trainer.checkpoint_format=dcp or auto (torch.save is synchronous)")
+    _require(
+        t.expert_parallel >= 1, f"trainer.expert_parallel={t.expert_parallel} must be >= 1 (1 = no expert parallelism)"
+    )
+    _require(
+        t.expert_parallel == 1 or FFN.capabilities(m.ffn["name"]).expert_parallel,
+        f"trainer.expert_parallel={t.expert_parallel} needs an expert FFN whose experts shard over ranks "
+        f"(model/ffn in {FFN.with_capability('expert_parallel') if t.expert_parallel != 1 else []}), "
+        f"got model.ffn.name={m.ffn['name']!r}",
+    )
+    _require(
+        not t.checkpoint_async or t.checkpoint_format != "torch",
+        "trainer.checkpoint_async=true needs trainer.checkpoint_format=dcp or auto (torch.save is synchronous)",
+    )
     _require(bool(root.run_dir), "run_dir='' must be a non-empty path")
     _check_elastic(root)
 
@@ -327,21 +371,64 @@ _NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
 _PROBABILITY = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
 _HALF_OPEN_UNIT = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 BLOCK_OPTION_RANGES: dict[str, tuple] = {
-    **dict.fromkeys((
-        "n_experts", "top_k", "expert_hidden", "hidden_dim", "multiple_of", "xmoe_dim", "eval_top_k", "k_ideal",
-        "n_clusters", "n_groups", "n_active", "n_universal", "window_size", "window_stride", "widen_to",
-        "trajectory_dim", "n_kv_heads", "n_heads", "steps", "repeats", "mean_recurrence", "mean_backprop_depth",
-        "core_layers", "first_selection_step", "top_k_layers", "max_selected_layers", "max_loop_depth",
-        "num_keep_heads", "k_heads", "v_heads",
-    ), _AT_LEAST_1),
-    **dict.fromkeys(("xmoe_temperature", "width_multiplier", "sigma", "state_std", "state_scale", "capacity_factor"),
-                    _POSITIVE),
+    **dict.fromkeys(
+        (
+            "n_experts",
+            "top_k",
+            "expert_hidden",
+            "hidden_dim",
+            "multiple_of",
+            "xmoe_dim",
+            "eval_top_k",
+            "k_ideal",
+            "n_clusters",
+            "n_groups",
+            "n_active",
+            "n_universal",
+            "window_size",
+            "window_stride",
+            "widen_to",
+            "trajectory_dim",
+            "n_kv_heads",
+            "n_heads",
+            "steps",
+            "repeats",
+            "mean_recurrence",
+            "mean_backprop_depth",
+            "core_layers",
+            "first_selection_step",
+            "top_k_layers",
+            "max_selected_layers",
+            "max_loop_depth",
+            "num_keep_heads",
+            "k_heads",
+            "v_heads",
+        ),
+        _AT_LEAST_1,
+    ),
+    **dict.fromkeys(
+        ("xmoe_temperature", "width_multiplier", "sigma", "state_std", "state_scale", "capacity_factor"), _POSITIVE
+    ),
     "eval_capacity_fraction": (lambda v: 0 < v <= 1, "must be in (0, 1] (a fraction of the tokens per expert)"),
-    **dict.fromkeys((
-        "n_shared_experts", "n_shared", "n_local", "widen_start", "widen_steps", "prelude_layers", "coda_layers",
-        "router_noise", "balance_loss_coef", "seq_balance_loss_coef", "z_loss_coef", "bias_update_rate",
-        "hier_loss_coef", "cluster_var_loss_coef",
-    ), _NON_NEGATIVE),
+    **dict.fromkeys(
+        (
+            "n_shared_experts",
+            "n_shared",
+            "n_local",
+            "widen_start",
+            "widen_steps",
+            "prelude_layers",
+            "coda_layers",
+            "router_noise",
+            "balance_loss_coef",
+            "seq_balance_loss_coef",
+            "z_loss_coef",
+            "bias_update_rate",
+            "hier_loss_coef",
+            "cluster_var_loss_coef",
+        ),
+        _NON_NEGATIVE,
+    ),
     **dict.fromkeys(("coactivation_prob", "ema_decay"), _PROBABILITY),
     **dict.fromkeys(("cluster_dropout", "threshold_momentum", "trajectory_decay"), _HALF_OPEN_UNIT),
     "hier_gamma": (lambda v: 0 < v <= 1, "must be in (0, 1] (target weights gamma^rank decay with rank)"),
@@ -358,8 +445,21 @@ def _check_block_ranges(where: str, node: dict) -> None:
         _require(test(value), f"{where}.{key}={value} {allowed}" + (" or null" if key in _NULLABLE_OPTIONS else ""))
 
 
-_NULLABLE_OPTIONS = {"expert_hidden", "hidden_dim", "eval_top_k", "k_ideal", "window_stride", "widen_to", "n_kv_heads",
-                     "state_std", "state_scale", "capacity_factor", "eval_capacity_fraction", "k_heads", "v_heads"}
+_NULLABLE_OPTIONS = {
+    "expert_hidden",
+    "hidden_dim",
+    "eval_top_k",
+    "k_ideal",
+    "window_stride",
+    "widen_to",
+    "n_kv_heads",
+    "state_std",
+    "state_scale",
+    "capacity_factor",
+    "eval_capacity_fraction",
+    "k_heads",
+    "v_heads",
+}
 
 
 def elastic_dims(model: ModelConfig) -> tuple[int, int | None, int | None]:
@@ -376,23 +476,36 @@ def _check_elastic(root: RootConfig) -> None:
     e, ffn = root.elastic, root.model.ffn
     for key in ("depth_full_prob", "width_full_prob", "topk_full_prob"):
         _require(0 <= getattr(e, key) <= 1, f"elastic.{key}={getattr(e, key)} must be a probability in [0, 1]")
-    _require(all(isinstance(s, int) and not isinstance(s, bool) for s in e.subset_sizes),
-             f"elastic.subset_sizes={e.subset_sizes} must be a list of integers (expert-subset sizes)")
+    _require(
+        all(isinstance(s, int) and not isinstance(s, bool) for s in e.subset_sizes),
+        f"elastic.subset_sizes={e.subset_sizes} must be a list of integers (expert-subset sizes)",
+    )
     # Single-option ranges hold even while elastic training is off (the preset may turn it on later).
     _require(e.depth_min >= 1, f"elastic.depth_min={e.depth_min} must be >= 1 (layers kept)")
     _require(e.topk_min >= 1, f"elastic.topk_min={e.topk_min} must be >= 1")
     _require(e.topk_max is None or e.topk_max >= 1, f"elastic.topk_max={e.topk_max} must be >= 1 or null (top_k - 1)")
     if not e.enabled:
         return
-    _require(1 <= e.depth_min <= root.model.n_layers, f"elastic.depth_min={e.depth_min} must be in [1, model.n_layers={root.model.n_layers}]")
+    _require(
+        1 <= e.depth_min <= root.model.n_layers,
+        f"elastic.depth_min={e.depth_min} must be in [1, model.n_layers={root.model.n_layers}]",
+    )
     _, n_experts, top_k = elastic_dims(root.model)
     sparse = n_experts is not None
     if not sparse and (e.width_full_prob != 1 or e.topk_full_prob != 1):
         raise ConfigError(
-            f"elastic width/top-k need an MoE FFN that declares elastic widths (model/ffn in {FFN.with_capability('elastic_width')}), "
-            f"got model.ffn.name={ffn.get('name')!r}; set elastic.width_full_prob=1 elastic.topk_full_prob=1 for elastic depth alone"
+            "elastic width/top-k need an MoE FFN that declares elastic widths (model/ffn in "
+            f"{FFN.with_capability('elastic_width')}), "
+            f"got model.ffn.name={ffn.get('name')!r}; set elastic.width_full_prob=1 elastic.topk_full_prob=1 for "
+            "elastic depth alone"
         )
     if sparse:
-        _require(all(1 <= s <= n_experts for s in e.subset_sizes), f"elastic.subset_sizes={e.subset_sizes} must lie in [1, n_experts={n_experts}]")
+        _require(
+            all(1 <= s <= n_experts for s in e.subset_sizes),
+            f"elastic.subset_sizes={e.subset_sizes} must lie in [1, n_experts={n_experts}]",
+        )
         _require(1 <= e.topk_min <= top_k, f"elastic.topk_min={e.topk_min} must be in [1, model.ffn.top_k={top_k}]")
-        _require(e.topk_max is None or e.topk_min <= e.topk_max <= top_k, f"elastic.topk_max={e.topk_max} must be in [topk_min={e.topk_min}, top_k={top_k}]")
+        _require(
+            e.topk_max is None or e.topk_min <= e.topk_max <= top_k,
+            f"elastic.topk_max={e.topk_max} must be in [topk_min={e.topk_min}, top_k={top_k}]",
+        )

@@ -11,6 +11,7 @@ the first d layers, ``random`` a random sorted subset); the expert subset is sha
 ``mode=single`` trains one configuration per step, ``full_plus_sub`` the full model and one sampled
 sub-model in the same step with summed losses (the digest's "single backward" reading).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,7 +22,9 @@ from arch.layers import FULL_MODEL, ElasticSetting
 _STREAM = 0xE1A5  # separates this RNG stream from the data sampler's
 
 
-def sample_setting(cfg, step: int, seed: int, n_layers: int, n_experts: int | None, top_k: int | None) -> ElasticSetting:
+def sample_setting(
+    cfg, step: int, seed: int, n_layers: int, n_experts: int | None, top_k: int | None
+) -> ElasticSetting:
     """The sub-network for optimizer step ``step`` (FULL_MODEL when every dimension draws "full")."""
     rng = np.random.default_rng([seed, step, _STREAM])
     u_depth, u_width, u_topk = rng.random(3)

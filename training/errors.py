@@ -1,4 +1,5 @@
 """Errors the training package raises for the user to act on (the CLI prints them without a traceback)."""
+
 from __future__ import annotations
 
 

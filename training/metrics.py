@@ -1,4 +1,5 @@
 """Run logging: ``metrics.jsonl`` (always), Weights & Biases (optional), and the loss plot."""
+
 from __future__ import annotations
 
 import json
@@ -84,8 +85,10 @@ def truncate_after(path: Path, step: int) -> None:
             row_step = int(row["step"])
         except (ValueError, KeyError, TypeError):
             where = "its last line" if number >= len(lines) - 1 else f"line {number}"
-            warnings.warn(f"{path}: dropped {where}, which is not a complete metrics row (torn by a crash): "
-                          f"{line[:80]!r}", stacklevel=2)
+            warnings.warn(
+                f"{path}: dropped {where}, which is not a complete metrics row (torn by a crash): {line[:80]!r}",
+                stacklevel=2,
+            )
             continue
         if row_step <= step:
             kept.append(line)
@@ -109,8 +112,11 @@ def _replace_link(path: Path) -> None:
         content = b""
     path.unlink()
     path.write_bytes(content)
-    warnings.warn(f"{path} was a symbolic link (to {target}); replaced it by a regular file: outputs of a run are "
-                  "never written through links", stacklevel=3)
+    warnings.warn(
+        f"{path} was a symbolic link (to {target}); replaced it by a regular file: outputs of a run are "
+        "never written through links",
+        stacklevel=3,
+    )
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -184,7 +190,9 @@ def plot_losses(run_dir: str | Path) -> Path | None:
     fig.tight_layout()
     path = Path(run_dir) / PLOT_FILE
     if path.is_symlink():
-        warnings.warn(f"{path} was a symbolic link (to {os.readlink(path)}); replaced it by a regular file", stacklevel=2)
+        warnings.warn(
+            f"{path} was a symbolic link (to {os.readlink(path)}); replaced it by a regular file", stacklevel=2
+        )
         path.unlink()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -2,6 +2,7 @@
 
 A schedule that depends only on the step needs no state of its own to resume exactly.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,7 +37,7 @@ def build_optimizer(model: nn.Module, optim_cfg, device_type: str) -> torch.opti
     )
 
 
-MAX_WARMUP_FRACTION = 0.5      # a warmup longer than this fraction of the run is rescaled …
+MAX_WARMUP_FRACTION = 0.5  # a warmup longer than this fraction of the run is rescaled …
 RESCALED_WARMUP_FRACTION = 0.1  # … to this fraction (the default schedule's 50 of 500 steps)
 
 
@@ -55,10 +56,14 @@ def warmup_warning(schedule_cfg, max_steps: int) -> str | None:
     used = effective_warmup(schedule_cfg, max_steps)
     if used == schedule_cfg.warmup_steps:
         return None
-    return (f"warning: schedule.warmup_steps={schedule_cfg.warmup_steps} is more than half of trainer.max_steps={max_steps}, "
-            f"so the run would barely reach its peak lr; using {used} warmup steps "
-            f"({RESCALED_WARMUP_FRACTION:.0%} of the run). Set schedule.warmup_steps <= {int(MAX_WARMUP_FRACTION * max_steps)} "
-            "to choose it yourself.")
+    return (
+        f"warning: schedule.warmup_steps={schedule_cfg.warmup_steps} is more than half of "
+        f"trainer.max_steps={max_steps}, "
+        f"so the run would barely reach its peak lr; using {used} warmup steps "
+        f"({RESCALED_WARMUP_FRACTION:.0%} of the run). Set schedule.warmup_steps <= "
+        f"{int(MAX_WARMUP_FRACTION * max_steps)} "
+        "to choose it yourself."
+    )
 
 
 def lr_at(step: int, peak_lr: float, max_steps: int, schedule_cfg) -> float:

@@ -7,6 +7,7 @@ the command-line overrides, the git commit of the code (and whether the checkout
 changes), the host and the number of processes. ``train.log`` is appended to, one line per console
 line (a progress bar's carriage-return updates collapse to its final state).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,6 +25,7 @@ CONSOLE_LOG = "train.log"
 
 def git_state(root: Path = ROOT) -> dict:
     """{'commit': sha or None, 'dirty': bool or None} of the checkout the code runs from."""
+
     def git(*args):
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
 
@@ -57,9 +59,15 @@ def _no_link(path: Path) -> Path:
 
 def record_launch(run_dir: Path, world: int = 1) -> dict:
     """Append this launch to ``run_dir/launches.jsonl``; returns the row."""
-    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "overrides": hydra_overrides(), "argv": sys.argv,
-           **{f"git_{k}": v for k, v in git_state().items()}, "host": platform.node(), "processes": world,
-           "pid": os.getpid()}
+    row = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "overrides": hydra_overrides(),
+        "argv": sys.argv,
+        **{f"git_{k}": v for k, v in git_state().items()},
+        "host": platform.node(),
+        "processes": world,
+        "pid": os.getpid(),
+    }
     with open(_no_link(Path(run_dir) / LAUNCHES), "a") as f:
         f.write(json.dumps(row) + "\n")
     return row

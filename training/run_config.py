@@ -14,6 +14,7 @@ compose, so re-launching into a folder must start from that saved config, not fr
 
 Sweeps (``-m``) always train fresh numbered folders and never come here. Torch-free.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -24,9 +25,18 @@ SAVED_CONFIG = "config.yaml"
 _ENTRY_KEYS = {"run_dir"}  # where the run lives, not what it trains
 # How this launch runs, not what the run trains: always the current command line's (or its defaults'), so a
 # run started on 2 processes with expert parallelism continues on 1, and a GPU run continues on a CPU.
-LAUNCH_KEYS = (("trainer", "device"), ("trainer", "parallel"), ("trainer", "expert_parallel"), ("trainer", "threads"),
-               ("trainer", "progress"), ("trainer", "checkpoint_format"), ("trainer", "checkpoint_async"),
-               ("trainer", "compile"), ("trainer", "resume"), ("logger",))
+LAUNCH_KEYS = (
+    ("trainer", "device"),
+    ("trainer", "parallel"),
+    ("trainer", "expert_parallel"),
+    ("trainer", "threads"),
+    ("trainer", "progress"),
+    ("trainer", "checkpoint_format"),
+    ("trainer", "checkpoint_async"),
+    ("trainer", "compile"),
+    ("trainer", "resume"),
+    ("logger",),
+)
 
 
 def saved_config_path(overrides: list[str]) -> Path | None:
@@ -103,7 +113,9 @@ def continue_from_folder(overrides: list[str], composed_root) -> tuple[Any, list
     try:
         saved = yaml.safe_load(path.read_text()) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path} is not a readable config ({type(e).__name__}: {e}); move it aside to start a fresh run there") from None
+        raise ConfigError(
+            f"{path} is not a readable config ({type(e).__name__}: {e}); move it aside to start a fresh run there"
+        ) from None
     if not isinstance(saved, dict):
         raise ConfigError(f"{path} does not hold a config mapping; move it aside to start a fresh run there")
     composed = asdict(composed_root)
@@ -126,9 +138,11 @@ def continue_from_folder(overrides: list[str], composed_root) -> tuple[Any, list
     model_changes = [c for c in changes if c.startswith("model.") or c.startswith("model:")]
     has_checkpoints = any((path.parent / "checkpoints").glob("step_*"))
     if model_changes and has_checkpoints:
-        raise ConfigError(f"run_dir={path.parent} was trained with another model; its checkpoints cannot take "
-                          f"{'; '.join(model_changes[:4])}{' …' if len(model_changes) > 4 else ''}. A run's model is fixed "
-                          "on resume: give a new run_dir to train this model")
+        raise ConfigError(
+            f"run_dir={path.parent} was trained with another model; its checkpoints cannot take "
+            f"{'; '.join(model_changes[:4])}{' …' if len(model_changes) > 4 else ''}. A run's model is fixed "
+            "on resume: give a new run_dir to train this model"
+        )
     return validate(merged), sorted(set(changes)), path
 
 

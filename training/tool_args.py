@@ -8,6 +8,7 @@ through ``field(metadata={"help": ...})`` or ``HELP`` on the class). Config over
 passes on to a run (``model.ffn.top_k=4``, ``seed=1``) are the ``key=value`` words it does not declare,
 returned separately when the tool asks for them (Hydra then checks them against the config).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,8 +99,14 @@ def add_dataclass_options(parser: argparse.ArgumentParser, schema: type, require
         default = f.default if f.default is not dataclasses.MISSING else None
         text = f.metadata.get("help") or helps.get(f.name) or f.name.replace("_", " ")
         convert = _parse_bool if kind is bool else kind
-        parser.add_argument(f"--{f.name}", type=convert, default=default, required=f.name in required,
-                            help=text, metavar=getattr(kind, "__name__", "VALUE").upper())
+        parser.add_argument(
+            f"--{f.name}",
+            type=convert,
+            default=default,
+            required=f.name in required,
+            help=text,
+            metavar=getattr(kind, "__name__", "VALUE").upper(),
+        )
 
 
 def dataclass_from(args: argparse.Namespace, schema: type) -> Any:

@@ -4,32 +4,33 @@
 reproduces the losses of an uninterrupted one bit-for-bit on CPU: batches depend only on
 (seed, step, micro-step), the schedule only on the step, and every RNG state is checkpointed.
 """
+
 from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, replace
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from arch.layers import FULL_MODEL, ElasticSetting
-from arch.model import LanguageModel
-from training.checkpoint import files as ckpt
-from training.distributed import parallel as dist_utils
-from training.config import RootConfig, elastic_dims, validate
-from training.elastic import describe as describe_elastic
-from training.eval.loss import evaluate_loss
-from training.elastic import sample_setting as sample_elastic
 from training.accounting.account import account, format_accounting
 from training.accounting.hardware import peak_flops
-from training.metrics import MetricsLogger, NullLogger, plot_losses
 from training.build import build_model, check_model_builds, resolve_device, seed_everything
-from training.errors import NonFiniteLossError, NonFiniteOutputError
-from training.optim import build_optimizer, lr_at, set_lr, warmup_warning
+from training.checkpoint import files as ckpt
+from training.config import RootConfig, elastic_dims, validate
 from training.data.run_copy import save_run_data
+from training.distributed import parallel as dist_utils
+from training.elastic import describe as describe_elastic
+from training.elastic import sample_setting as sample_elastic
+from training.errors import NonFiniteLossError, NonFiniteOutputError
+from training.eval.loss import evaluate_loss
+from training.metrics import MetricsLogger, NullLogger, plot_losses
+from training.optim import build_optimizer, lr_at, set_lr, warmup_warning
 from training.provenance import CONSOLE_LOG, ConsoleLog, record_launch
 
 
@@ -57,8 +58,10 @@ class Trainer:
         self.device = dist_utils.device_for(self.parallel, device)
         self._check_parallel()
         if t.resume not in ("auto", "none", "restart") and not Path(t.resume).exists():  # before anything is written
-            raise ckpt.CheckpointError(f"trainer.resume={t.resume}: no such checkpoint (give a step_XXXXXXXX.pt file or "
-                                       "folder, or auto / none / restart)")
+            raise ckpt.CheckpointError(
+                f"trainer.resume={t.resume}: no such checkpoint (give a step_XXXXXXXX.pt file or "
+                "folder, or auto / none / restart)"
+            )
         self.is_main = self.parallel.is_main
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:  # each launch appends its overrides, git commit and time; train.log gets the console
@@ -67,7 +70,11 @@ class Trainer:
             record_launch(self.run_dir, self.parallel.world)
             if console is not None:
                 console.attach(self.run_dir / CONSOLE_LOG)
-        self.autocast_dtype = torch.bfloat16 if (t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")) else None
+        self.autocast_dtype = (
+            torch.bfloat16
+            if (t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda"))
+            else None
+        )
 
         self.data = prepare_data(root.data, progress=t.progress and self.is_main)
         if self.is_main:  # the folder alone can then be sampled, evaluated and exported (training/data/run_copy.py)
@@ -85,15 +92,25 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, root.optim, self.device.type)
         # Every rank draws the same global batch and keeps its own rows of it (disjoint slices).
         self.sampler = WindowSampler(
-            self.data.train, self.data.train_mask, root.data.seq_len, t.batch_size, root.seed, align=self.data.window_align,
-            rank=self.parallel.rank, world=self.parallel.world,
+            self.data.train,
+            self.data.train_mask,
+            root.data.seq_len,
+            t.batch_size,
+            root.seed,
+            align=self.data.window_align,
+            rank=self.parallel.rank,
+            world=self.parallel.world,
         )
         self.step, self.nonfinite_skipped, self.last_checkpoint = 0, 0, None
-        self.sharded_checkpoints = t.checkpoint_format == "dcp" or (t.checkpoint_format == "auto" and self.parallel.enabled)
+        self.sharded_checkpoints = t.checkpoint_format == "dcp" or (
+            t.checkpoint_format == "auto" and self.parallel.enabled
+        )
         self.dcp_writer = None
 
         resume_from = self._resume()
-        self.logger = MetricsLogger(self.run_dir, root.logger, self.config_dict, resume_from) if self.is_main else NullLogger()
+        self.logger = (
+            MetricsLogger(self.run_dir, root.logger, self.config_dict, resume_from) if self.is_main else NullLogger()
+        )
         if t.compile:
             self.train_model = torch.compile(self.train_model)
         tokens_per_step = t.batch_size * t.grad_accum * root.data.seq_len  # global: all ranks together
@@ -104,12 +121,16 @@ class Trainer:
     def _check_parallel(self) -> None:
         t, world = self.root.trainer, self.parallel.world
         if t.batch_size % world:
-            raise ValueError(f"trainer.batch_size={t.batch_size} is the global batch and must be divisible by the "
-                             f"{world} processes (each rank takes batch_size/{world} rows)")
+            raise ValueError(
+                f"trainer.batch_size={t.batch_size} is the global batch and must be divisible by the "
+                f"{world} processes (each rank takes batch_size/{world} rows)"
+            )
         sharded_model = t.parallel == "fsdp" or self.parallel.ep > 1
         if self.parallel.enabled and sharded_model and t.checkpoint_format == "torch":
-            raise ValueError("trainer.checkpoint_format=torch writes one file from rank 0 and cannot hold a sharded "
-                             "model (trainer.parallel=fsdp or expert_parallel>1); use checkpoint_format=auto or dcp")
+            raise ValueError(
+                "trainer.checkpoint_format=torch writes one file from rank 0 and cannot hold a sharded "
+                "model (trainer.parallel=fsdp or expert_parallel>1); use checkpoint_format=auto or dcp"
+            )
 
     # ----------------------------------------------------------------- resume / checkpoints
     def _resume(self) -> int | None:
@@ -252,8 +273,16 @@ class Trainer:
         every rank in every forward, so there each rank evaluates all batches."""
         t, p = self.root.trainer, self.parallel
         split = (p.rank, p.world, p.all_reduce_sum) if p.enabled and t.parallel == "ddp" and p.ep == 1 else None
-        return evaluate_loss(self.model, self.data, self.root.data.seq_len, t.batch_size, t.eval_batches, self.device,
-                             self.autocast_dtype, split)
+        return evaluate_loss(
+            self.model,
+            self.data,
+            self.root.data.seq_len,
+            t.batch_size,
+            t.eval_batches,
+            self.device,
+            self.autocast_dtype,
+            split,
+        )
 
     def _log_eval(self) -> dict[str, float]:
         result = self.evaluate()
@@ -269,7 +298,14 @@ class Trainer:
             self.logger.log({"step": 0, **{f"acct/{k}": v for k, v in self.accounting.to_dict().items()}})
         first_eval = self._log_eval() if self.step == 0 else None
         last_eval = first_eval
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not (t.progress and self.is_main), desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=t.max_steps,
+            initial=self.step,
+            disable=not (t.progress and self.is_main),
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+        )
         # Throughput counts time spent in train steps only (not eval, checkpoints or logging).
         window_time, window_steps, tokens_per_s = 0.0, 0, 0.0
         while self.step < t.max_steps:
@@ -285,7 +321,9 @@ class Trainer:
                 window_steps += 1
             if metrics is not None and self._logs_step(self.step):
                 tokens_per_s = window_steps * self.tokens_per_step / window_time
-                self.logger.log({"step": self.step, **self._throughput(metrics, tokens_per_s, window_time / window_steps)})
+                self.logger.log(
+                    {"step": self.step, **self._throughput(metrics, tokens_per_s, window_time / window_steps)}
+                )
                 bar.set_postfix(loss=f"{metrics['loss'].item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
                 window_time, window_steps = 0.0, 0
             if self.step % t.eval_every == 0 or self.step == t.max_steps:
@@ -310,8 +348,13 @@ class Trainer:
         self.flops_per_token = account(self.model, self.root.data.seq_len, training=True).train_flops_per_token
         # tokens_per_s counts all ranks together; MFU is per GPU (achieved per device / its peak).
         world = self.parallel.world
-        row = {**metrics, "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / world,
-               "step_time_s": step_time, "flops_per_token": self.flops_per_token}
+        row = {
+            **metrics,
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": tokens_per_s / world,
+            "step_time_s": step_time,
+            "flops_per_token": self.flops_per_token,
+        }
         achieved_per_device = tokens_per_s / world * self.flops_per_token
         if self.peak_flops:
             row["mfu"] = achieved_per_device / self.peak_flops
@@ -328,7 +371,7 @@ class Trainer:
             return
         n_params = self.model.num_parameters()
         p = self.parallel
-        layout = (f", {p.world} processes ({self.root.trainer.parallel}, expert_parallel={p.ep})" if p.enabled else "")
+        layout = f", {p.world} processes ({self.root.trainer.parallel}, expert_parallel={p.ep})" if p.enabled else ""
         tqdm.write(
             f"run folder: {self.run_dir}\n"
             f"data: {self.data.description}\n"
@@ -368,11 +411,12 @@ class Trainer:
         tqdm.write(
             f"\n── sample ──\n{sample}\n────────────\n"
             f"run folder:     {self.run_dir}\n"
-            f"val loss:       {start}{last_eval['val_loss']:.4f} nats/token (bits per byte {last_eval['val_bpb']:.3f})\n"
+            f"val loss:       {start}{last_eval['val_loss']:.4f} nats/token (bits per byte "
+            f"{last_eval['val_bpb']:.3f})\n"
             f"throughput:     {tokens_per_s:,.0f} tokens/s\n"
             f"checkpoint:     {self.last_checkpoint}\n"
             f"resume/extend:  python train.py run_dir={self.run_dir} trainer.max_steps={2 * t.max_steps}\n"
-            f"sample again:   python -m training.eval.sample {self.run_dir} --prompt \"{t.sample_prompt}\""
+            f'sample again:   python -m training.eval.sample {self.run_dir} --prompt "{t.sample_prompt}"'
         )
         return summary
 
@@ -386,8 +430,15 @@ class Trainer:
         if self.root.data.source == "synthetic":  # a task prompt: the start of the first validation example
             prompt = self.data.tokenizer.decode(self.data.val[: self.root.data.seq_len // 2].tolist())
         try:
-            text = generate_text(self.model, self.data.tokenizer, prompt, t.sample_tokens, t.sample_temperature,
-                                 t.sample_top_k, seed=self.root.seed)
+            text = generate_text(
+                self.model,
+                self.data.tokenizer,
+                prompt,
+                t.sample_tokens,
+                t.sample_temperature,
+                t.sample_top_k,
+                seed=self.root.seed,
+            )
         except NonFiniteOutputError as e:
             if self.is_main:
                 tqdm.write(f"sample skipped: {e}")

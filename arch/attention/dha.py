@@ -11,6 +11,7 @@ expands K or V, and the KV cache holds only the g_K + g_V shared heads.
 Legend: B batch, T query length, S key length, D d_model, H query heads, Gk key heads (g_K),
 Gv value heads (g_V), d head dim, c fusion-weight channels (1 or d).
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -32,13 +33,21 @@ def contiguous_map(n_heads: int, n_groups: int) -> list[int]:
 
 def check_head_map(map_H, n_heads: int, n_groups: int, where: str) -> list[int]:
     """Validate a query-head → shared-head map: H ints in [0, g), every shared head used by a query."""
-    if not isinstance(map_H, (list, tuple)) or len(map_H) != n_heads or not all(isinstance(i, int) and not isinstance(i, bool) for i in map_H):
+    if (
+        not isinstance(map_H, (list, tuple))
+        or len(map_H) != n_heads
+        or not all(isinstance(i, int) and not isinstance(i, bool) for i in map_H)
+    ):
         raise ConfigError(f"{where}={map_H!r} must be a list of {n_heads} integers (one shared head per query head)")
     if any(not 0 <= i < n_groups for i in map_H):
-        raise ConfigError(f"{where}={list(map_H)} has values outside [0, {n_groups}); the layer has {n_groups} shared heads")
+        raise ConfigError(
+            f"{where}={list(map_H)} has values outside [0, {n_groups}); the layer has {n_groups} shared heads"
+        )
     unused = sorted(set(range(n_groups)) - set(map_H))
     if unused:
-        raise ConfigError(f"{where}={list(map_H)} never uses shared heads {unused}: each of the {n_groups} heads needs a query head")
+        raise ConfigError(
+            f"{where}={list(map_H)} never uses shared heads {unused}: each of the {n_groups} heads needs a query head"
+        )
     return [int(i) for i in map_H]
 
 
@@ -55,7 +64,9 @@ def layer_heads(counts, maps, n_heads: int, n_layers: int, layer_idx: int, key: 
     if count is None:
         count = n_heads if map_H is None else max(map_H) + 1 if isinstance(map_H, (list, tuple)) and map_H else 0
     if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= n_heads:
-        raise ConfigError(f"{where_c}[{layer_idx}]={count!r} must be an integer in [1, n_heads={n_heads}] or null (= n_heads, MHA)")
+        raise ConfigError(
+            f"{where_c}[{layer_idx}]={count!r} must be an integer in [1, n_heads={n_heads}] or null (= n_heads, MHA)"
+        )
     if map_H is None:
         return count, contiguous_map(n_heads, count)
     return count, check_head_map(map_H, n_heads, count, f"{where_m}[{layer_idx}]")
@@ -65,7 +76,9 @@ def _per_layer(value, n_layers: int, layer_idx: int, where: str):
     if value is None or isinstance(value, int):
         return value
     if not isinstance(value, (list, tuple)) or len(value) != n_layers:
-        raise ConfigError(f"{where}={value!r} must be null, an int, or a list with one entry per layer ({n_layers} layers)")
+        raise ConfigError(
+            f"{where}={value!r} must be null, an int, or a list with one entry per layer ({n_layers} layers)"
+        )
     return value[layer_idx]
 
 
@@ -121,8 +134,9 @@ class DecoupledHeadAttention(nn.Module):
         k_BTGkd = apply_rope(k_BTGkd, ctx.cos_TF, ctx.sin_TF)
         if ctx.kv_cache is not None:  # only the shared heads are cached: (g_K + g_V)·d per token
             k_BTGkd, v_BTGvd = ctx.kv_cache.update(ctx.next_cache_slot(), k_BTGkd, v_BTGvd)
-        out_BTHd = attention(q_BTHd, k_BTGkd, v_BTGvd, causal=True, k_head=self.k_head_H, v_head=self.v_head_H,
-                             backend=self.backend)
+        out_BTHd = attention(
+            q_BTHd, k_BTGkd, v_BTGvd, causal=True, k_head=self.k_head_H, v_head=self.v_head_H, backend=self.backend
+        )
         return self.wo(out_BTHd.reshape(B, T, -1))
 
     def kv_bytes_per_token(self, bytes_per_element: int = 2) -> int:
@@ -160,8 +174,13 @@ class HeadFusionAttention(nn.Module):
     ``disagreement()`` measures how far the heads of each group are from agreeing.
     """
 
-    def __init__(self, mha: nn.Module, k_groups_H: list[int], v_groups_H: list[int],
-                 granularity: Literal["scalar", "channel"] = "scalar"):
+    def __init__(
+        self,
+        mha: nn.Module,
+        k_groups_H: list[int],
+        v_groups_H: list[int],
+        granularity: Literal["scalar", "channel"] = "scalar",
+    ):
         super().__init__()
         if mha.n_kv_heads != mha.n_heads:
             raise ValueError(f"fusion needs an MHA layer (n_kv_heads == n_heads), got n_kv_heads={mha.n_kv_heads}")

@@ -2,6 +2,7 @@
 
 Legend: B batch, T query length, S key length, D d_model, H query heads, Hk key/value heads, d head dim.
 """
+
 from __future__ import annotations
 
 from typing import Literal

@@ -13,6 +13,7 @@ gather is therefore not realised here; ``cost()`` still reports activated FLOPs.
 
 Legend: B batch, T tokens, N = B·T, D d_model, G groups, A active groups, g = D/G.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -21,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from arch.attention.mha import MultiHeadAttention
-from arch.ffn.mohd import Fusion, GroupFusion, GroupRouter, Scaling
 from arch.cost import Cost, CostSetting, causal_attention_flops, linear_flops, numel
+from arch.ffn.mohd import Fusion, GroupFusion, GroupRouter, Scaling
 from arch.layers import ForwardContext, ModelShared
 from kernels.mohd import dense_gates
 
@@ -55,14 +56,18 @@ class MoHDAttention(nn.Module):
         self.D, self.G, self.A, self.g, self.layer_idx = d_model, n_groups, n_active, d_model // n_groups, layer_idx
         self.balance_loss_coef = balance_loss_coef
         self.routing = GroupRouter(d_model, n_groups, n_active, n_shared, scoring, scaling)
-        self.attn = MultiHeadAttention(d_model, n_heads, layer_idx, shared, n_kv_heads=n_kv_heads, qk_norm=qk_norm, bias=bias, backend=backend)
+        self.attn = MultiHeadAttention(
+            d_model, n_heads, layer_idx, shared, n_kv_heads=n_kv_heads, qk_norm=qk_norm, bias=bias, backend=backend
+        )
         self.fusion = GroupFusion(n_groups, self.g, fusion)
 
     def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
         r = self.routing(x_ND)
-        self.routing.add_losses_and_metrics(r, ctx, self.balance_loss_coef, f"mohd_attn/layer{self.layer_idx}", self.training)
+        self.routing.add_losses_and_metrics(
+            r, ctx, self.balance_loss_coef, f"mohd_attn/layer{self.layer_idx}", self.training
+        )
         ctx.state[f"mohd_routing/{self.layer_idx}"] = r  # for ffn.share_routing
         coef_NG = dense_gates(r.ids_NA, r.coef_NA, self.G).to(x_ND.dtype)
         x_in = (x_ND.view(-1, self.G, self.g) * coef_NG[..., None]).view(B, T, D)
@@ -77,7 +82,9 @@ class MoHDAttention(nn.Module):
         inactive = projection_weights * (1 - active_share) + self.fusion.inactive_count(self.A)
         return Cost(
             {id(self): numel(self) - inactive},
-            matmul_flops=linear_flops(self.routing) + linear_flops(mha) * active_share + self.fusion.active_flops(self.A),
+            matmul_flops=linear_flops(self.routing)
+            + linear_flops(mha) * active_share
+            + self.fusion.active_flops(self.A),
             attention_flops=causal_attention_flops(mha.n_heads, mha.head_dim, setting.seq_len),
             kv_bytes=2 * mha.n_kv_heads * mha.head_dim * setting.dtype_bytes,
         )

@@ -25,9 +25,11 @@ Under a KV cache (generation) selection is always by threshold: top-ρ over a se
 Legend: B batch, T tokens, K gathered tokens per sequence, S keys, D d_model, H heads,
 Hk key/value heads, d head dim, F rotary frequencies (d/2).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -80,12 +82,12 @@ class ITTDepth(nn.Module):
         make_block: Callable[[int], nn.Module],
         shared: ModelShared,
         *,
-        layers: Optional[list] = None,
+        layers: list | None = None,
         steps: int = 4,
-        ratios: Optional[list] = None,
+        ratios: list | None = None,
         routing: bool = True,
         selection: Literal["top_ratio", "threshold"] = "top_ratio",
-        thresholds: Optional[list] = None,
+        thresholds: list | None = None,
         router_activation: Literal["sigmoid", "none"] = "sigmoid",
         scale_by_router: bool = True,
         rtc: bool = True,
@@ -117,14 +119,18 @@ class ITTDepth(nn.Module):
         self.router_activation, self.scale_by_router = router_activation, scale_by_router
         self.rtc, self.tse, self.kv, self.momentum = rtc, tse, kv, threshold_momentum
         self.fixed_thresholds = [float(t) for t in thresholds] if thresholds is not None else None
-        self.thinking = nn.ModuleDict({str(i): ThinkingSteps(shared.d_model, steps, tse, step_init, routing) for i in layers})
+        self.thinking = nn.ModuleDict(
+            {str(i): ThinkingSteps(shared.d_model, steps, tse, step_init, routing) for i in layers}
+        )
         self.set_ratios(ratios if ratios is not None else [0.7] * (steps - 1))
 
     def set_ratios(self, ratios) -> None:
         """Selection ratio per extra step (training: 0.7 each); may differ from training at inference."""
         ratios = [float(r) for r in ratios]
         if len(ratios) != self.steps - 1 or not all(0 <= r <= 1 for r in ratios):
-            raise ConfigError(f"model.depth.ratios={ratios} needs {self.steps - 1} values in [0, 1] (one per extra step)")
+            raise ConfigError(
+                f"model.depth.ratios={ratios} needs {self.steps - 1} values in [0, 1] (one per extra step)"
+            )
         self.ratios = ratios
 
     def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -132,11 +138,17 @@ class ITTDepth(nn.Module):
         for i, block in enumerate(self.blocks):
             if active is not None and i not in active:
                 continue
-            x_BTD = self._think(block, self.thinking[str(i)], x_BTD, ctx, i) if str(i) in self.thinking else block(x_BTD, ctx)
+            x_BTD = (
+                self._think(block, self.thinking[str(i)], x_BTD, ctx, i)
+                if str(i) in self.thinking
+                else block(x_BTD, ctx)
+            )
         return x_BTD
 
     # ------------------------------------------------------------------ one ITT layer
-    def _think(self, block: nn.Module, th: ThinkingSteps, x_BTD: torch.Tensor, ctx: ForwardContext, layer: int) -> torch.Tensor:
+    def _think(
+        self, block: nn.Module, th: ThinkingSteps, x_BTD: torch.Tensor, ctx: ForwardContext, layer: int
+    ) -> torch.Tensor:
         cache = ctx.kv_cache
         offset = cache.length if cache is not None else 0
         rope_all = lambda t: apply_rope(t, ctx.cos_TF, ctx.sin_TF)  # noqa: E731
@@ -161,7 +173,9 @@ class ITTDepth(nn.Module):
                     cache.update(slot, k, v)
                     kv_prev = (k, v)
             else:
-                h_BTD, kv_prev = self._sparse_step(block, h_BTD, base_BTD, hin_BTD, mask_BT, w, kv_prev, cache, slot, ctx, offset)
+                h_BTD, kv_prev = self._sparse_step(
+                    block, h_BTD, base_BTD, hin_BTD, mask_BT, w, kv_prev, cache, slot, ctx, offset
+                )
         return h_BTD
 
     def _update(self, block, base_BTD, hin_BTD, q, k, v, q_pos, w, cache, slot, ctx) -> torch.Tensor:

@@ -6,10 +6,12 @@ KV-cache slot, so generation with a fixed iteration count caches correctly (one 
 
 Legend: B batch, T tokens, D d_model.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, Optional
+from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -45,9 +47,9 @@ class LoopDepth(nn.Module):
         make_block: Callable[[int], nn.Module],
         shared: ModelShared | None = None,
         *,
-        order: Optional[list] = None,
+        order: list | None = None,
         repeats: int = 2,
-        looped_layers: Optional[list] = None,
+        looped_layers: list | None = None,
         pattern: Literal["layer", "stack"] = "layer",
     ):
         super().__init__()
@@ -58,7 +60,11 @@ class LoopDepth(nn.Module):
             raise ConfigError("model.depth.order=[] must name at least one layer")
         if pattern == "stack" and looped_layers is not None:
             raise ConfigError("model.depth.pattern=stack repeats the whole stack; set model.depth.looped_layers=null")
-        self.looped = set(_check_layers(looped_layers, n_layers, "model.depth.looped_layers")) if looped_layers is not None else None
+        self.looped = (
+            set(_check_layers(looped_layers, n_layers, "model.depth.looped_layers"))
+            if looped_layers is not None
+            else None
+        )
         self.set_repeats(repeats)
 
     def set_repeats(self, repeats: int) -> None:
@@ -74,7 +80,9 @@ class LoopDepth(nn.Module):
             return list(self.explicit)
         if self.pattern == "stack":
             return list(range(self.n_layers)) * repeats
-        return [i for i in range(self.n_layers) for _ in range(repeats if self.looped is None or i in self.looped else 1)]
+        return [
+            i for i in range(self.n_layers) for _ in range(repeats if self.looped is None or i in self.looped else 1)
+        ]
 
     def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         active = ctx.elastic.active_layers  # elastic depth skips a layer at every one of its repeats
@@ -127,8 +135,8 @@ class RecurrentDepth(nn.Module):
         sigma: float = 0.5,
         injection: Literal["linear", "add"] = "linear",
         state_init: Literal["like-init", "normal", "embed", "zero"] = "like-init",
-        state_std: Optional[float] = None,
-        state_scale: Optional[float] = None,
+        state_std: float | None = None,
+        state_scale: float | None = None,
         state_norm: bool = True,
         seed: int = 0,
     ):
@@ -137,11 +145,15 @@ class RecurrentDepth(nn.Module):
             raise ConfigError("model.depth: prelude_layers and coda_layers must be >= 0 and core_layers >= 1")
         if prelude_layers + core_layers + coda_layers != n_layers:
             raise ConfigError(
-                f"model.depth: prelude_layers + core_layers + coda_layers = {prelude_layers}+{core_layers}+{coda_layers} "
+                "model.depth: prelude_layers + core_layers + coda_layers = "
+                f"{prelude_layers}+{core_layers}+{coda_layers} "
                 f"must equal model.n_layers={n_layers}"
             )
         if mean_recurrence < 1 or mean_backprop_depth < 1:
-            raise ConfigError(f"model.depth.mean_recurrence={mean_recurrence} and mean_backprop_depth={mean_backprop_depth} must be >= 1")
+            raise ConfigError(
+                f"model.depth.mean_recurrence={mean_recurrence} and mean_backprop_depth={mean_backprop_depth} must "
+                "be >= 1"
+            )
         if sigma <= 0:
             raise ConfigError(f"model.depth.sigma={sigma} must be > 0")
         D = shared.d_model
@@ -150,7 +162,9 @@ class RecurrentDepth(nn.Module):
         self.mean_recurrence, self.mean_backprop_depth = mean_recurrence, mean_backprop_depth
         self.sampler, self.sigma, self.seed = sampler, sigma, seed
         if state_init not in ("like-init", "normal", "embed", "zero"):
-            raise ConfigError(f"model.depth.state_init={state_init!r} is not one of ['like-init', 'normal', 'embed', 'zero']")
+            raise ConfigError(
+                f"model.depth.state_init={state_init!r} is not one of ['like-init', 'normal', 'embed', 'zero']"
+            )
         self.state_init = state_init
         self.state_std = state_std if state_std is not None else math.sqrt(2 / (5 * D))
         self.state_scale = state_scale if state_scale is not None else math.sqrt(D)  # Huginn's embedding scale
@@ -245,7 +259,9 @@ class RecurrentDepth(nn.Module):
         call at the evaluation iteration count (generation runs in eval mode)."""
         eval_iterations = setting.iterations or self.eval_iterations
         if setting.training:
-            frozen, with_grad = expected_iterations(self.mean_recurrence, self.mean_backprop_depth, self.sigma, self.sampler)
+            frozen, with_grad = expected_iterations(
+                self.mean_recurrence, self.mean_backprop_depth, self.sigma, self.sampler
+            )
         else:
             frozen, with_grad = 0.0, float(eval_iterations)
         first_core, first_coda = self.n_prelude, self.n_prelude + self.n_core

@@ -1,7 +1,8 @@
 """The plain depth scheme: n_layers distinct blocks, run once each, in order."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn

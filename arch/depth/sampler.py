@@ -27,6 +27,7 @@ guesses are committed so the result always has the requested length.
 
 Legend: W wavefront positions, D d_model, V vocab.
 """
+
 from __future__ import annotations
 
 import torch
@@ -66,8 +67,14 @@ class _Runner:
     def ctx(self, start: int, T: int, slot: int, cache=True) -> ForwardContext:
         positions_T = torch.arange(start, start + T, device=self.model.embed.weight.device)
         cos_TF, sin_TF = self.model.rope.span(start, T)
-        return ForwardContext(cos_TF=cos_TF, sin_TF=sin_TF, positions_T=positions_T, kv_cache=self.cache if cache else None,
-                              elastic=self.model.elastic, _attention_calls=slot)
+        return ForwardContext(
+            cos_TF=cos_TF,
+            sin_TF=sin_TF,
+            positions_T=positions_T,
+            kv_cache=self.cache if cache else None,
+            elastic=self.model.elastic,
+            _attention_calls=slot,
+        )
 
     def prelude(self, idx_1W: torch.Tensor, start: int, cache: bool = True) -> torch.Tensor:
         return self.depth.prelude(self.model.embed(idx_1W), self.ctx(start, idx_1W.shape[1], 0, cache))
@@ -108,21 +115,34 @@ def generate_parallel(
     """
     depth = model.depth
     if not isinstance(depth, RecurrentDepth):
-        raise ValueError(f"sampler='parallel' needs a recurrent-depth model (model.depth.name=recurrent), got {type(depth).__name__}")
+        raise ValueError(
+            f"sampler='parallel' needs a recurrent-depth model (model.depth.name=recurrent), got {type(depth).__name__}"
+        )
     if inner_recurrence < 1 or headway < 1 or max_steps < 1:
         raise ValueError("inner_recurrence, headway and max_steps must be >= 1")
     if not (0 <= state_noise <= 1 and 0 <= ema_embeds < 1 and exit_threshold >= 0):
         raise ValueError("need 0 <= state_noise <= 1, 0 <= ema_embeds < 1 and exit_threshold >= 0")
     B, T = idx_BT.shape
     if T + max_new_tokens > model.cfg.max_seq_len:
-        raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds model.max_seq_len={model.cfg.max_seq_len}")
+        raise ValueError(
+            f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds model.max_seq_len={model.cfg.max_seq_len}"
+        )
 
     def sample(logits_NV):
         return sample_token(logits_NV, temperature, top_k, generator)[:, 0]
 
-    options = dict(inner=inner_recurrence, prefill=prefill_iterations or depth.eval_iterations, exit_t=exit_threshold,
-                   max_wave=max_wavefront, noise=state_noise, dampened=dampened_noise, ema=ema_embeds, headway=headway,
-                   max_steps=max_steps, eos=eos_id)
+    options = dict(
+        inner=inner_recurrence,
+        prefill=prefill_iterations or depth.eval_iterations,
+        exit_t=exit_threshold,
+        max_wave=max_wavefront,
+        noise=state_noise,
+        dampened=dampened_noise,
+        ema=ema_embeds,
+        headway=headway,
+        max_steps=max_steps,
+        eos=eos_id,
+    )
     was_training = model.training
     model.eval()
     totals = {"outer_steps": 0, "core_token_iterations": 0}
@@ -135,8 +155,24 @@ def generate_parallel(
     return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1]), value=pad) for r in rows])
 
 
-def _generate_one(model, prompt_1T, max_new, sample, totals, *, inner, prefill, exit_t, max_wave, noise, dampened, ema,
-                  headway, max_steps, eos) -> torch.Tensor:
+def _generate_one(
+    model,
+    prompt_1T,
+    max_new,
+    sample,
+    totals,
+    *,
+    inner,
+    prefill,
+    exit_t,
+    max_wave,
+    noise,
+    dampened,
+    ema,
+    headway,
+    max_steps,
+    eos,
+) -> torch.Tensor:
     T0 = prompt_1T.shape[1]
     limit = T0 + max_new  # positions that may hold a state (the last one predicts nothing we keep)
     cache = WavefrontCache(limit)

@@ -12,10 +12,12 @@ paper's "Block Loop" code is not released].
 
 Legend: B batch, T tokens, D d_model, H query heads, Hk kv heads, d head dim, L layers.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -60,20 +62,34 @@ class SGTDepth(nn.Module):
 
         if not all(isinstance(b.attn, MultiHeadAttention) for b in self.blocks):
             name = getattr(type(self.blocks[0].attn), "registry_name", type(self.blocks[0].attn).__name__)
-            raise ValueError(f"depth=sgt loops the layer's own MHA projections; it cannot be combined with attention={name!r} (use attention=mha)")
+            raise ValueError(
+                f"depth=sgt loops the layer's own MHA projections; it cannot be combined with attention={name!r} "
+                "(use attention=mha)"
+            )
         n_heads = self.blocks[0].attn.n_heads
         candidates = [i for i in range(n_layers) if i not in set(exclude_layers)]
         if not 1 <= num_keep_heads <= n_heads:
             raise ValueError(f"depth.num_keep_heads={num_keep_heads} must be in [1, n_heads={n_heads}]")
         if not 1 <= top_k_layers <= len(candidates):
-            raise ValueError(f"depth.top_k_layers={top_k_layers} must be in [1, {len(candidates)}] (layers minus exclude_layers)")
+            raise ValueError(
+                f"depth.top_k_layers={top_k_layers} must be in [1, {len(candidates)}] (layers minus exclude_layers)"
+            )
         if window_size < 1 or first_selection_step < 1:
             raise ValueError("depth.window_size and depth.first_selection_step must be >= 1")
         self.n_layers, self.n_heads = n_layers, n_heads
         self.first_selection_step, self.window_size = first_selection_step, window_size
-        self.top_k_layers, self.max_selected_layers, self.max_loop_depth = top_k_layers, max_selected_layers, max_loop_depth
+        self.top_k_layers, self.max_selected_layers, self.max_loop_depth = (
+            top_k_layers,
+            max_selected_layers,
+            max_loop_depth,
+        )
         self.num_keep_heads, self.decay_type, self.ema_decay = num_keep_heads, decay_type, ema_decay
-        self.candidates, self.head_selection, self.loop_mode, self.loop_qk_norm = candidates, head_selection, loop_mode, loop_qk_norm
+        self.candidates, self.head_selection, self.loop_mode, self.loop_qk_norm = (
+            candidates,
+            head_selection,
+            loop_mode,
+            loop_qk_norm,
+        )
         # Schedule state: tensors are buffers, the rest goes through get/set_extra_state (checkpointed).
         self.register_buffer("head_decay_LH", torch.ones(n_layers, n_heads))
         self.register_buffer("kept_LH", torch.zeros(n_layers, n_heads, dtype=torch.bool))
@@ -92,16 +108,25 @@ class SGTDepth(nn.Module):
 
     # ------------------------------------------------------------------ checkpointed state
     def get_extra_state(self) -> dict:
-        return {"loop_depth": list(self.loop_depth), "selected": list(self.selected),
-                "decay_windows": [[layer, s, e] for layer, (s, e) in self.decay_windows.items()],
-                "window_end": self.window_end,
-                "depth_threshold": self.depth_threshold, "frozen": self.frozen, "ema_ready": self.ema_ready}
+        return {
+            "loop_depth": list(self.loop_depth),
+            "selected": list(self.selected),
+            "decay_windows": [[layer, s, e] for layer, (s, e) in self.decay_windows.items()],
+            "window_end": self.window_end,
+            "depth_threshold": self.depth_threshold,
+            "frozen": self.frozen,
+            "ema_ready": self.ema_ready,
+        }
 
     def set_extra_state(self, state: dict) -> None:
         self.loop_depth, self.selected = list(state["loop_depth"]), list(state["selected"])
         self.decay_windows = {int(layer): (int(s), int(e)) for layer, s, e in state["decay_windows"]}
         self.window_end = state["window_end"]
-        self.depth_threshold, self.frozen, self.ema_ready = state["depth_threshold"], state["frozen"], state["ema_ready"]
+        self.depth_threshold, self.frozen, self.ema_ready = (
+            state["depth_threshold"],
+            state["frozen"],
+            state["ema_ready"],
+        )
 
     # ------------------------------------------------------------------ forward
     def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -161,7 +186,7 @@ class SGTDepth(nn.Module):
         if self.loop_qk_norm and attn.q_norm is not None:  # the official loop skips q/k norms
             q_BTHd, k_BTHd = attn.q_norm(q_BTHd), attn.k_norm(k_BTHd)
         cos, sin = ctx.cos_TF, ctx.sin_TF
-        q_BTHd = apply_rope(q_BTHd, cos[-h_q.shape[1]:], sin[-h_q.shape[1]:])
+        q_BTHd = apply_rope(q_BTHd, cos[-h_q.shape[1] :], sin[-h_q.shape[1] :])
         k_BTHd = apply_rope(k_BTHd, cos, sin)
         k_head = torch.tensor([kv_heads.index(h // (H // Hk)) for h in heads], device=h_BTD.device)
         return q_BTHd, k_BTHd, (v_BTHd, k_head, heads)
@@ -291,7 +316,9 @@ class SGTDepth(nn.Module):
             if loops and self.loop_mode == "block":
                 total = total + block_cost(block, setting).repeated(1 + loops)
             elif loops:
-                total = total + block_cost(block, setting) + self._head_pass_cost(i, block.attn, setting).repeated(loops)
+                total = (
+                    total + block_cost(block, setting) + self._head_pass_cost(i, block.attn, setting).repeated(loops)
+                )
             else:
                 total = total + block_cost(block, setting)
         return total

@@ -12,6 +12,7 @@ reconstructions [RECON] exposed as options of ``ffn=moe`` / ``ffn=emoe``:
 
 Legend: N tokens, E experts, K experts per token, C candidates (k_ideal).
 """
+
 from __future__ import annotations
 
 import torch

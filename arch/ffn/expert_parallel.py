@@ -18,6 +18,7 @@ so every routing option works with expert parallelism.
 
 Legend: N tokens, K slots per token, S = routed slots sent, R = rows received, D width, E experts.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -61,18 +62,20 @@ def expert_compute(
     order_M = torch.sort(torch.where(routed_M, ids_M, n_experts), stable=True).indices
     n_routed = int(routed_M.sum())
     order_S = order_M[:n_routed]
-    send_ND = x_ND[order_S // K]                                             # (S, D), grouped by expert
+    send_ND = x_ND[order_S // K]  # (S, D), grouped by expert
     counts_E = torch.bincount(ids_M[routed_M], minlength=n_experts)
 
     # Per-expert counts travel first so the receivers can size their buffers and label rows.
     recv_counts = torch.empty_like(counts_E)
-    all_to_all_counts(recv_counts, counts_E, group=shard.group)             # [src rank, local expert]
+    all_to_all_counts(recv_counts, counts_E, group=shard.group)  # [src rank, local expert]
     send_splits = counts_E.view(shard.size, local_experts).sum(1).tolist()
     recv_counts_PL = recv_counts.view(shard.size, local_experts)
     recv_splits = recv_counts_PL.sum(1).tolist()
 
     recv_RD = _all_to_all(send_ND, recv_splits, send_splits, shard.group)
-    local_ids_R = torch.arange(local_experts, device=x_ND.device).repeat(shard.size).repeat_interleave(recv_counts_PL.reshape(-1))
+    local_ids_R = (
+        torch.arange(local_experts, device=x_ND.device).repeat(shard.size).repeat_interleave(recv_counts_PL.reshape(-1))
+    )
     ones_R1 = torch.ones(local_ids_R.shape[0], 1, dtype=x_ND.dtype, device=x_ND.device)
     out_RD = expert_mlp(recv_RD, local_ids_R[:, None], ones_R1, w_in_EDH, w_out_EFD, activation, backend)
     back_SD = _all_to_all(out_RD, send_splits, recv_splits, shard.group)

@@ -21,6 +21,7 @@ same ``kernels.moe.expert_mlp`` call with N·h rows of width D/h.
 Legend: B batch, T tokens, D d_model, h heads (sub-tokens per token), S = D/h sub-token width,
 N = B·T tokens, E experts, F expert width, K top-k.
 """
+
 from __future__ import annotations
 
 import math
@@ -72,15 +73,26 @@ class MultiHeadMoEFFN(MoEFFN):
             dense_hidden = 32 * math.ceil(int(8 * d_model / 3) / 32)
             expert_hidden = max(8, round(dense_hidden / top_k))
         super().__init__(
-            d_model // n_heads, layer_idx, shared,
-            n_experts=n_experts, top_k=top_k, expert_hidden=expert_hidden, scoring=scoring,
-            renormalize=renormalize, router=router, router_noise=router_noise, capacity_factor=capacity_factor,
-            balance_loss_coef=balance_loss_coef, balance_loss_counts=balance_loss_counts, z_loss_coef=z_loss_coef,
+            d_model // n_heads,
+            layer_idx,
+            shared,
+            n_experts=n_experts,
+            top_k=top_k,
+            expert_hidden=expert_hidden,
+            scoring=scoring,
+            renormalize=renormalize,
+            router=router,
+            router_noise=router_noise,
+            capacity_factor=capacity_factor,
+            balance_loss_coef=balance_loss_coef,
+            balance_loss_counts=balance_loss_counts,
+            z_loss_coef=z_loss_coef,
             bias_update_rate=bias_update_rate,
-            eval_top_k=eval_top_k, backend=backend,
+            eval_top_k=eval_top_k,
+            backend=backend,
         )
         self.n_heads, self.full_d_model = n_heads, d_model
-        self.head_proj = nn.Linear(d_model, d_model, bias=True)   # W_mh ("multi_heads" in the official code)
+        self.head_proj = nn.Linear(d_model, d_model, bias=True)  # W_mh ("multi_heads" in the official code)
         self.merge_proj = nn.Linear(d_model, d_model, bias=True)  # W_merge ("out_proj")
         self._init_projections()
 

@@ -2,6 +2,7 @@
 
 Legend: B batch, T tokens, D d_model, F hidden width.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,7 +22,16 @@ class SwiGLUMLP(nn.Module):
 
     capabilities = Capabilities(hf_export=("hidden_dim", "multiple_of", "bias"))
 
-    def __init__(self, d_model: int, layer_idx: int, shared: ModelShared | None = None, *, hidden_dim: int | None = None, multiple_of: int = 32, bias: bool = False):
+    def __init__(
+        self,
+        d_model: int,
+        layer_idx: int,
+        shared: ModelShared | None = None,
+        *,
+        hidden_dim: int | None = None,
+        multiple_of: int = 32,
+        bias: bool = False,
+    ):
         super().__init__()
         if hidden_dim is None:
             hidden_dim = multiple_of * -(-int(8 * d_model / 3) // multiple_of)

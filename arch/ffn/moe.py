@@ -14,6 +14,7 @@ the gate probabilities are renormalised over the survivors.
 
 Legend: B batch, T tokens per sequence, N = B·T, D d_model, E experts, F expert width, K top-k.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,24 +24,23 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from arch.cost import Cost, CostSetting, ExpertUse, cost_of, linear_flops, numel
 from arch.ffn.emoe import coactivation_topk, hierarchical_router_loss
+from arch.ffn.expert_parallel import expert_compute
 from arch.ffn.mlp import SwiGLUMLP
 from arch.ffn.router import (
-    LinearRouter,
-    build_router,
-    drop_second_experts,
     apply_capacity,
+    build_router,
     cluster_dropout_mask,
     cluster_variance_loss,
+    drop_second_experts,
     expert_counts,
     routing_metrics,
     sequence_balance_loss,
     switch_balance_loss,
     z_loss,
 )
-from arch.cost import Cost, CostSetting, ExpertUse, cost_of, linear_flops, numel
 from arch.layers import ForwardContext, ModelShared
-from arch.ffn.expert_parallel import expert_compute
 from arch.registry import Capabilities
 
 
@@ -53,13 +53,40 @@ class MoEFFN(nn.Module):
 
     # Mixtral-compatible when its routing is (training/export/hf.py checks the values of these options).
     capabilities = Capabilities(
-        expert_banks=True, elastic_width=True, expert_parallel=True,
-        hf_export=("n_experts", "top_k", "expert_hidden", "n_shared_experts", "scoring", "renormalize", "router",
-                   "xmoe_dim", "xmoe_temperature", "second_expert_drop", "router_noise", "capacity_factor",
-                   "eval_capacity_fraction", "balance_loss_counts", "balance_loss_coef", "seq_balance_loss_coef",
-                   "z_loss_coef", "bias_update_rate", "eval_top_k", "coactivation_prob",
-                   "k_ideal", "coactivation_mode", "keep_top1", "hier_loss_coef", "hier_gamma", "n_clusters",
-                   "cluster_var_loss_coef", "cluster_dropout", "backend"),
+        expert_banks=True,
+        elastic_width=True,
+        expert_parallel=True,
+        hf_export=(
+            "n_experts",
+            "top_k",
+            "expert_hidden",
+            "n_shared_experts",
+            "scoring",
+            "renormalize",
+            "router",
+            "xmoe_dim",
+            "xmoe_temperature",
+            "second_expert_drop",
+            "router_noise",
+            "capacity_factor",
+            "eval_capacity_fraction",
+            "balance_loss_counts",
+            "balance_loss_coef",
+            "seq_balance_loss_coef",
+            "z_loss_coef",
+            "bias_update_rate",
+            "eval_top_k",
+            "coactivation_prob",
+            "k_ideal",
+            "coactivation_mode",
+            "keep_top1",
+            "hier_loss_coef",
+            "hier_gamma",
+            "n_clusters",
+            "cluster_var_loss_coef",
+            "cluster_dropout",
+            "backend",
+        ),
     )
     sub_tokens = 1  # routed (sub-)tokens per token: MH-MoE splits each token into n_heads
 
@@ -111,7 +138,9 @@ class MoEFFN(nn.Module):
         if eval_capacity_fraction is not None and not 0 < eval_capacity_fraction <= 1:
             raise ValueError(f"ffn.eval_capacity_fraction={eval_capacity_fraction} must be in (0, 1] or null")
         if balance_loss_counts not in ("all_slots", "top1_before_drop"):
-            raise ValueError(f"ffn.balance_loss_counts={balance_loss_counts!r} is not one of ['all_slots', 'top1_before_drop']")
+            raise ValueError(
+                f"ffn.balance_loss_counts={balance_loss_counts!r} is not one of ['all_slots', 'top1_before_drop']"
+            )
         if not 0 <= coactivation_prob <= 1:
             raise ValueError(f"ffn.coactivation_prob={coactivation_prob} must be in [0, 1]")
         if coactivation_prob > 0 and k_ideal is None:
@@ -125,19 +154,29 @@ class MoEFFN(nn.Module):
         self.d_model, self.layer_idx, self.E, self.top_k = d_model, layer_idx, n_experts, top_k
         self.eval_top_k, self.scoring, self.renormalize = eval_top_k, scoring, renormalize
         self.router_noise, self.capacity_factor, self.backend = router_noise, capacity_factor, backend
-        self.balance_loss_coef, self.seq_balance_loss_coef, self.z_loss_coef = balance_loss_coef, seq_balance_loss_coef, z_loss_coef
+        self.balance_loss_coef, self.seq_balance_loss_coef, self.z_loss_coef = (
+            balance_loss_coef,
+            seq_balance_loss_coef,
+            z_loss_coef,
+        )
         self.bias_update_rate = bias_update_rate
         self.second_expert_drop, self.eval_capacity_fraction = second_expert_drop, eval_capacity_fraction
         self.balance_loss_counts = balance_loss_counts
         self.coactivation_prob, self.k_ideal = coactivation_prob, k_ideal or top_k
         self.coactivation_mode, self.keep_top1 = coactivation_mode, keep_top1
         self.hier_loss_coef, self.hier_gamma = hier_loss_coef, hier_gamma
-        self.n_clusters, self.cluster_var_loss_coef, self.cluster_dropout = n_clusters, cluster_var_loss_coef, cluster_dropout
+        self.n_clusters, self.cluster_var_loss_coef, self.cluster_dropout = (
+            n_clusters,
+            cluster_var_loss_coef,
+            cluster_dropout,
+        )
 
         self.router = build_router(router, d_model, n_experts, xmoe_dim, xmoe_temperature)
         self.w_in_EDH = nn.Parameter(torch.empty(n_experts, d_model, 2 * self.F))  # [:F] gate, [F:] up
         self.w_out_EFD = nn.Parameter(torch.empty(n_experts, self.F, d_model))
-        self.shared_experts = SwiGLUMLP(d_model, layer_idx, hidden_dim=n_shared_experts * self.F) if n_shared_experts else None
+        self.shared_experts = (
+            SwiGLUMLP(d_model, layer_idx, hidden_dim=n_shared_experts * self.F) if n_shared_experts else None
+        )
         # Auxiliary-loss-free balancing (DeepSeek-V3): a bias that changes *selection* only.
         self.register_buffer("expert_bias_E", torch.zeros(n_experts))
         self.register_buffer("pending_counts_E", torch.zeros(n_experts), persistent=False)
@@ -167,13 +206,17 @@ class MoEFFN(nn.Module):
             k, k_ideal = min(k, ctx.elastic.n_routable), min(k_ideal, ctx.elastic.n_routable)
         gate_probs_NE = probs_NE
         if self.training and self.cluster_dropout > 0 and ctx.elastic.expert_mask_E is None:
-            drop_NE = cluster_dropout_mask(x_ND.shape[0], self.E, self.n_clusters, k_ideal, self.cluster_dropout, x_ND.device)
+            drop_NE = cluster_dropout_mask(
+                x_ND.shape[0], self.E, self.n_clusters, k_ideal, self.cluster_dropout, x_ND.device
+            )
             selection_NE = selection_NE.masked_fill(drop_NE, float("-inf"))
             gate_probs_NE = probs_NE.masked_fill(drop_NE, 0.0)
             if self.scoring == "softmax":  # a distribution over the survivors (sigmoid scores are per expert)
                 gate_probs_NE = gate_probs_NE / gate_probs_NE.sum(-1, keepdim=True).clamp(min=1e-9)
         if self.training and self.coactivation_prob > 0:
-            ids_NK = coactivation_topk(selection_NE, probs_NE, k, k_ideal, self.coactivation_prob, self.coactivation_mode, self.keep_top1)
+            ids_NK = coactivation_topk(
+                selection_NE, probs_NE, k, k_ideal, self.coactivation_prob, self.coactivation_mode, self.keep_top1
+            )
         else:
             ids_NK = selection_NE.topk(k, dim=-1).indices
         gates_NK = gate_probs_NE.gather(1, ids_NK)
@@ -202,8 +245,16 @@ class MoEFFN(nn.Module):
         capacity = self.capacity(ids_NK.shape[0], ids_NK.shape[1])
         if capacity is not None:
             ids_NK, dropped = apply_capacity(ids_NK, self.E, capacity)
-        y_ND = expert_compute(x_ND, ids_NK, gates_NK.to(x_ND.dtype), self.w_in_EDH, self.w_out_EFD, "swiglu", self.backend,
-                              getattr(self, "expert_shard", None))
+        y_ND = expert_compute(
+            x_ND,
+            ids_NK,
+            gates_NK.to(x_ND.dtype),
+            self.w_in_EDH,
+            self.w_out_EFD,
+            "swiglu",
+            self.backend,
+            getattr(self, "expert_shard", None),
+        )
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND, ctx)
         if self.training:
@@ -228,14 +279,18 @@ class MoEFFN(nn.Module):
         if self.hier_loss_coef > 0:
             ctx.add_aux_loss("hier_loss", self.hier_loss_coef * hierarchical_router_loss(p_NE, self.hier_gamma))
         if self.cluster_var_loss_coef > 0:
-            ctx.add_aux_loss("cluster_var_loss", self.cluster_var_loss_coef * cluster_variance_loss(p_NE, self.n_clusters))
+            ctx.add_aux_loss(
+                "cluster_var_loss", self.cluster_var_loss_coef * cluster_variance_loss(p_NE, self.n_clusters)
+            )
 
     def _add_metrics(self, ctx, probs_NE, ids_NK, dropped) -> None:
         if ctx.kv_cache is None and not self.training:
             self.last_ids_NK = ids_NK.detach()  # for routing analysis (evaluate.py analysis=routing)
         if not ctx.collect_metrics:
             return
-        metrics = routing_metrics(probs_NE if self.scoring == "softmax" else probs_NE / probs_NE.sum(-1, keepdim=True), ids_NK, self.E)
+        metrics = routing_metrics(
+            probs_NE if self.scoring == "softmax" else probs_NE / probs_NE.sum(-1, keepdim=True), ids_NK, self.E
+        )
         prefix = f"moe/layer{self.layer_idx}"
         for key, value in metrics.items():
             ctx.add_metric(f"{prefix}/{key}", value)

@@ -22,6 +22,7 @@ matmul on CPU, which is what BLAS does fastest there).
 Legend: B batch, T tokens, N = B·T, D d_model, G groups, A active groups, S specialised groups
 (G − n_shared), g group width, F FFN intermediate width, c = 2g ([gate | up] block).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
 
-from arch.ffn.router import LinearRouter, routing_metrics, switch_balance_loss
 from arch.cost import Cost, CostSetting, linear_flops, numel
+from arch.ffn.router import LinearRouter, routing_metrics, switch_balance_loss
 from arch.layers import ForwardContext, ModelShared
 from kernels.mohd import dense_gates, group_in_matmul, group_out_matmul
 
@@ -43,10 +44,10 @@ Fusion = Literal["none", "blockdiag", "monarch"]
 
 @dataclass
 class GroupRouting:
-    ids_NA: torch.Tensor      # active group ids: the n_shared shared ones, then the routed ones
-    coef_NA: torch.Tensor     # gate · α per active group (activation scaling applied)
-    probs_NG: torch.Tensor    # router scores over all groups
-    active_NG: torch.Tensor   # 1.0 on active groups, else 0.0
+    ids_NA: torch.Tensor  # active group ids: the n_shared shared ones, then the routed ones
+    coef_NA: torch.Tensor  # gate · α per active group (activation scaling applied)
+    probs_NG: torch.Tensor  # router scores over all groups
+    active_NG: torch.Tensor  # 1.0 on active groups, else 0.0
 
 
 class GroupRouter(nn.Module):
@@ -71,7 +72,7 @@ class GroupRouter(nn.Module):
         probs_NG = logits_NG.softmax(-1) if self.scoring == "softmax" else logits_NG.sigmoid()
         N, k = x_ND.shape[0], self.A - self.n_shared
         shared_NA = torch.arange(self.n_shared, device=x_ND.device).expand(N, self.n_shared)
-        routed_NA = probs_NG[:, self.n_shared:].detach().topk(k, dim=-1).indices + self.n_shared
+        routed_NA = probs_NG[:, self.n_shared :].detach().topk(k, dim=-1).indices + self.n_shared
         ids_NA = torch.cat([shared_NA, routed_NA], dim=1)
         gate_NA = probs_NG.gather(1, ids_NA)
         if self.scaling == "n_gate_sum":
@@ -85,14 +86,16 @@ class GroupRouter(nn.Module):
         active_NG = dense_gates(ids_NA, torch.ones_like(gate_NA), self.G)
         return GroupRouting(ids_NA, coef_NA, probs_NG, active_NG)
 
-    def add_losses_and_metrics(self, r: GroupRouting, ctx: ForwardContext, coef: float, prefix: str, training: bool) -> None:
+    def add_losses_and_metrics(
+        self, r: GroupRouting, ctx: ForwardContext, coef: float, prefix: str, training: bool
+    ) -> None:
         """Switch balance loss S·Σ_i f_i·P_i over the specialised groups (third-party code, w = 1e-2)."""
         S, k = self.G - self.n_shared, self.A - self.n_shared
         if S == 0 or k == 0:  # nothing is routed
             return
-        p_NS = r.probs_NG[:, self.n_shared:]
+        p_NS = r.probs_NG[:, self.n_shared :]
         p_NS = p_NS / p_NS.sum(-1, keepdim=True).clamp(min=1e-9)
-        spec_NK = r.ids_NA[:, self.n_shared:] - self.n_shared
+        spec_NK = r.ids_NA[:, self.n_shared :] - self.n_shared
         if training and coef > 0:
             ctx.add_aux_loss("mohd_balance_loss", coef * switch_balance_loss(p_NS, spec_NK, S))
         if not ctx.collect_metrics:
@@ -117,7 +120,9 @@ class GroupFusion(nn.Module):
         self.kind, self.G, self.b = kind, n_groups, width
         eye = torch.eye(width).expand(n_groups, width, width)
         self.w1_Gbb = nn.Parameter(eye.clone()) if kind != "none" else None
-        self.w2_bGG = nn.Parameter(torch.eye(n_groups).expand(width, n_groups, n_groups).clone()) if kind == "monarch" else None
+        self.w2_bGG = (
+            nn.Parameter(torch.eye(n_groups).expand(width, n_groups, n_groups).clone()) if kind == "monarch" else None
+        )
 
     def init_parameters(self, std: float, residual_std: float) -> None:
         if self.w1_Gbb is not None:
@@ -180,11 +185,19 @@ class MoHDFFN(nn.Module):
         F = hidden_dim or n_groups * math.ceil(width_multiplier * dense_hidden / n_groups)
         grouped = F if scope == "ffn" else d_model
         if grouped % n_groups:
-            raise ValueError(f"ffn.n_groups={n_groups} must divide the grouped width ({'hidden_dim' if scope == 'ffn' else 'd_model'}={grouped})")
+            raise ValueError(
+                f"ffn.n_groups={n_groups} must divide the grouped width "
+                f"({'hidden_dim' if scope == 'ffn' else 'd_model'}={grouped})"
+            )
         if share_routing and scope != "hidden":
             raise ValueError("ffn.share_routing=true needs ffn.scope=hidden (the attention routes D-groups)")
         self.scope, self.D, self.F, self.G, self.A, self.g = scope, d_model, F, n_groups, n_active, grouped // n_groups
-        self.layer_idx, self.backend, self.balance_loss_coef, self.share_routing = layer_idx, backend, balance_loss_coef, share_routing
+        self.layer_idx, self.backend, self.balance_loss_coef, self.share_routing = (
+            layer_idx,
+            backend,
+            balance_loss_coef,
+            share_routing,
+        )
         self.routing = GroupRouter(d_model, n_groups, n_active, n_shared, scoring, scaling)
         # scope ffn: columns of w_in are G blocks of [gate g | up g]; scope hidden: [gate F | up F]
         self.w_in_DH = nn.Parameter(torch.empty(d_model, 2 * F))
@@ -202,11 +215,15 @@ class MoHDFFN(nn.Module):
         if self.share_routing:
             key = f"mohd_routing/{self.layer_idx}"
             if key not in ctx.state:
-                raise ValueError("ffn.share_routing=true needs model.attention=mohd_mha with the same n_groups in this layer")
+                raise ValueError(
+                    "ffn.share_routing=true needs model.attention=mohd_mha with the same n_groups in this layer"
+                )
             r = ctx.state[key]
         else:
             r = self.routing(x_ND)
-            self.routing.add_losses_and_metrics(r, ctx, self.balance_loss_coef, f"mohd/layer{self.layer_idx}", self.training)
+            self.routing.add_losses_and_metrics(
+                r, ctx, self.balance_loss_coef, f"mohd/layer{self.layer_idx}", self.training
+            )
         y_ND = self._ffn_scope(x_ND, r) if self.scope == "ffn" else self._hidden_scope(x_ND, r)
         return y_ND.view(B, T, D)
 
@@ -215,7 +232,9 @@ class MoHDFFN(nn.Module):
         ones_NA = torch.ones_like(r.coef_NA, dtype=x_ND.dtype)
         h_NGc = group_out_matmul(x_ND, r.ids_NA, ones_NA, self.w_in_DH, G, self.backend).view(N, G, 2, self.g)
         a_NGg = self.fusion(Fn.silu(h_NGc[:, :, 0]) * h_NGc[:, :, 1], r.active_NG)
-        return group_in_matmul(a_NGg.reshape(N, self.F), r.ids_NA, r.coef_NA.to(x_ND.dtype), self.w_out_FD, G, self.backend)
+        return group_in_matmul(
+            a_NGg.reshape(N, self.F), r.ids_NA, r.coef_NA.to(x_ND.dtype), self.w_out_FD, G, self.backend
+        )
 
     def _hidden_scope(self, x_ND, r: GroupRouting):
         N, G = x_ND.shape[0], self.G
@@ -247,6 +266,10 @@ class MoHDFFN(nn.Module):
 def parameter_counts(model: nn.Module, exclude_embeddings: bool = False) -> dict[str, int]:
     """Total and per-token activated parameters of a model with MoHD blocks (any module with
     ``inactive_parameters()``); a dense model has activated == total."""
-    total = model.num_parameters(exclude_embeddings) if hasattr(model, "num_parameters") else sum(p.numel() for p in model.parameters())
+    total = (
+        model.num_parameters(exclude_embeddings)
+        if hasattr(model, "num_parameters")
+        else sum(p.numel() for p in model.parameters())
+    )
     inactive = sum(m.inactive_parameters() for m in model.modules() if hasattr(m, "inactive_parameters"))
     return {"total": total, "activated": total - inactive}

@@ -6,6 +6,7 @@ References: Switch Transformer (Fedus et al. 2021) load-balance loss; ST-MoE (Zo
 router z-loss; DeepSeek-V3 (2024) auxiliary-loss-free bias balancing and sequence-wise balance
 loss; X-MoE (Chi et al. 2022) low-dimensional routing, as torchscale computes it and as the paper writes it.
 """
+
 from __future__ import annotations
 
 import math
@@ -97,7 +98,9 @@ class XMoECosineRouter(nn.Module):
 
 def _reduced_router_cost(router: nn.Module) -> Cost:
     """X-MoE routers: the D → R reduction (2·D·R) and the scores against the E expert embeddings (2·R·E)."""
-    return Cost({id(router): numel(router)}, matmul_flops=linear_flops(router.reduce) + 2 * router.expert_embed_ER.numel())
+    return Cost(
+        {id(router): numel(router)}, matmul_flops=linear_flops(router.reduce) + 2 * router.expert_embed_ER.numel()
+    )
 
 
 def build_router(kind: str, d_model: int, n_experts: int, reduced_dim: int, temperature: float) -> nn.Module:
@@ -214,7 +217,9 @@ def cluster_variance_loss(probs_NE: torch.Tensor, n_clusters: int) -> torch.Tens
     return P_CS.var(dim=-1, unbiased=False).sum()
 
 
-def cluster_dropout_mask(n_tokens: int, n_experts: int, n_clusters: int, k: int, rate: float, device=None) -> torch.Tensor:
+def cluster_dropout_mask(
+    n_tokens: int, n_experts: int, n_clusters: int, k: int, rate: float, device=None
+) -> torch.Tensor:
     """MoEC cluster-level expert dropout [RECON]: (N, E) bool, True = expert dropped for that token.
 
     Each expert is dropped with probability ``rate`` independently per token, except that every

@@ -27,6 +27,7 @@ Legend: B batch, T tokens per sequence, N = B·T, D d_model, M pool experts, Lc 
 this layer, X = M + Lc columns this layer scores, K experts per token, F expert width,
 H = 2F (SwiGLU gate|up), Z trajectory dim, I router input dim (D or D + Z).
 """
+
 from __future__ import annotations
 
 import math
@@ -36,6 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from arch.cost import Cost, CostSetting, ExpertUse, linear_flops, numel
+from arch.ffn.expert_parallel import expert_compute
 from arch.ffn.router import routing_metrics, z_loss
 from arch.ffn.universal_topology import (
     PooledRoutingStats,
@@ -44,9 +47,7 @@ from arch.ffn.universal_topology import (
     widened_size,
     window_members,
 )
-from arch.cost import Cost, CostSetting, ExpertUse, linear_flops, numel
 from arch.layers import ForwardContext, ModelShared
-from arch.ffn.expert_parallel import expert_compute
 from arch.registry import Capabilities
 
 POOL_NAME = "moue_pool"
@@ -57,10 +58,30 @@ class UniversalPool(nn.Module):
     """The M universal experts (and their trajectory embeddings / shared router), plus the window
     schedule. Held once in ``ModelShared``; its window size is saved in checkpoints (extra state)."""
 
-    def __init__(self, n_universal: int, d_model: int, hidden: int, trajectory_dim: int, router_dim: int | None,
-                 window_size: int, widen_to: int | None, widen_start: int, widen_steps: int):
+    def __init__(
+        self,
+        n_universal: int,
+        d_model: int,
+        hidden: int,
+        trajectory_dim: int,
+        router_dim: int | None,
+        window_size: int,
+        widen_to: int | None,
+        widen_start: int,
+        widen_steps: int,
+    ):
         super().__init__()
-        self.signature = (n_universal, d_model, hidden, trajectory_dim, router_dim, window_size, widen_to, widen_start, widen_steps)
+        self.signature = (
+            n_universal,
+            d_model,
+            hidden,
+            trajectory_dim,
+            router_dim,
+            window_size,
+            widen_to,
+            widen_start,
+            widen_steps,
+        )
         self.M, self.base_window = n_universal, window_size
         self.widen_to, self.widen_start, self.widen_steps = widen_to, widen_start, widen_steps
         self.window_size = window_size  # current size; moves with after_optimizer_step
@@ -133,7 +154,18 @@ class UniversalMoEFFN(nn.Module):
         n_layers = shared.n_layers
         window_size = n_universal if topology == "full" else window_size
         stride = window_stride if window_stride is not None else max(1, n_universal // n_layers)
-        _check_options(n_universal, n_local, top_k, window_size, stride, widen_to, widen_start, widen_steps, trajectory_dim, trajectory_decay)
+        _check_options(
+            n_universal,
+            n_local,
+            top_k,
+            window_size,
+            stride,
+            widen_to,
+            widen_start,
+            widen_steps,
+            trajectory_dim,
+            trajectory_decay,
+        )
         self.F = expert_hidden or max(8, round(32 * math.ceil(int(8 * d_model / 3) / 32) / top_k))  # MoEFFN's rule
         self.d_model, self.layer_idx, self.n_layers, self.top_k = d_model, layer_idx, n_layers, top_k
         self.M, self.n_local, self.E = n_universal, n_local, n_universal + n_local  # E: columns (routing analysis)
@@ -144,24 +176,41 @@ class UniversalMoEFFN(nn.Module):
         self.balance_loss, self.balance_loss_coef, self.z_loss_coef = balance_loss, balance_loss_coef, z_loss_coef
         router_dim = d_model + self.trajectory_dim
         if topology == "rotational":
-            uncovered = sorted(set(range(n_universal)) - {e for l in range(n_layers) for e in window_members(l, n_universal, window_size, stride)})
+            uncovered = sorted(
+                set(range(n_universal))
+                - {e for l in range(n_layers) for e in window_members(l, n_universal, window_size, stride)}
+            )
             if uncovered:
                 raise ValueError(
-                    f"ffn.window_size={window_size}, window_stride={stride} leave pool experts {uncovered} unreachable from "
+                    f"ffn.window_size={window_size}, window_stride={stride} leave pool experts {uncovered} "
+                    "unreachable from "
                     f"all {n_layers} layers; need n_layers·stride + window_size - stride >= n_universal={n_universal}"
                 )
 
-        signature = (n_universal, d_model, self.F, self.trajectory_dim, router_dim if router_sharing == "shared" else None,
-                     window_size, widen_to, widen_start, widen_steps)
+        signature = (
+            n_universal,
+            d_model,
+            self.F,
+            self.trajectory_dim,
+            router_dim if router_sharing == "shared" else None,
+            window_size,
+            widen_to,
+            widen_start,
+            widen_steps,
+        )
         pool = shared.get_or_create(POOL_NAME, lambda: UniversalPool(*signature))
         if pool.signature != signature:  # e.g. a depth scheme building layers with different options
-            raise ValueError(f"layer {layer_idx}: every MoUE layer must share the pool options {pool.signature}, got {signature}")
+            raise ValueError(
+                f"layer {layer_idx}: every MoUE layer must share the pool options {pool.signature}, got {signature}"
+            )
         self._pool = [pool]  # a list, so the pool is not registered (and counted) again under this layer
         self.router = nn.Linear(router_dim, n_universal, bias=False) if router_sharing == "per_layer" else None
         self.local_router = nn.Linear(router_dim, n_local, bias=False) if n_local else None
         self.w_in_LDH = nn.Parameter(torch.empty(n_local, d_model, 2 * self.F)) if n_local else None
         self.w_out_LFD = nn.Parameter(torch.empty(n_local, self.F, d_model)) if n_local else None
-        self.embed_LZ = nn.Parameter(torch.empty(n_local, self.trajectory_dim)) if n_local and self.trajectory_dim else None
+        self.embed_LZ = (
+            nn.Parameter(torch.empty(n_local, self.trajectory_dim)) if n_local and self.trajectory_dim else None
+        )
         self._layouts: dict[tuple[int, str], _Layout] = {}
         self.init_parameters(0.02, 0.02)
 
@@ -183,20 +232,34 @@ class UniversalMoEFFN(nn.Module):
     # ------------------------------------------------------------------ topology
     def window(self) -> list[int]:
         """Pool experts this layer can reach now (the window widens with the schedule)."""
-        return window_members(self.layer_idx, self.M, self.pool.window_size, self.stride, self.topology, self.pool.base_window, self.anchor)
+        return window_members(
+            self.layer_idx,
+            self.M,
+            self.pool.window_size,
+            self.stride,
+            self.topology,
+            self.pool.base_window,
+            self.anchor,
+        )
 
-    def layout(self, device) -> "_Layout":
+    def layout(self, device) -> _Layout:
         """Index tensors for the current window, built once per window size (no device syncs per step)."""
         key = (self.pool.window_size, str(device))
         if key not in self._layouts:
             mask_X = torch.zeros(self.E, dtype=torch.bool)
             mask_X[self.window()] = True
-            mask_X[self.M:] = True  # local experts
+            mask_X[self.M :] = True  # local experts
             routable_R = mask_X.nonzero().squeeze(1)
-            position_X = torch.full((self.E,), -1, dtype=torch.long).index_copy(0, routable_R, torch.arange(len(routable_R)))
+            position_X = torch.full((self.E,), -1, dtype=torch.long).index_copy(
+                0, routable_R, torch.arange(len(routable_R))
+            )
             # this layer's columns in the model-wide expert index (pool, then locals layer by layer)
-            columns_X = torch.cat([torch.arange(self.M), torch.arange(self.n_local) + self.M + self.layer_idx * self.n_local])
-            self._layouts[key] = _Layout(mask_X.to(device), routable_R.to(device), position_X.to(device), columns_X.to(device), len(routable_R))
+            columns_X = torch.cat(
+                [torch.arange(self.M), torch.arange(self.n_local) + self.M + self.layer_idx * self.n_local]
+            )
+            self._layouts[key] = _Layout(
+                mask_X.to(device), routable_R.to(device), position_X.to(device), columns_X.to(device), len(routable_R)
+            )
         return self._layouts[key]
 
     # ------------------------------------------------------------------ routing
@@ -236,12 +299,28 @@ class UniversalMoEFFN(nn.Module):
         ids_NK, gates_NK, probs_NX, logits_NX = self.route(x_ND, ctx, z_NZ if self.trajectory_dim else None)
         gates_NK = gates_NK.to(x_ND.dtype)
         pool_ids_NK = torch.where(ids_NK < self.M, ids_NK, -1)  # -1: slot handled by the local experts
-        y_ND = expert_compute(x_ND, pool_ids_NK, gates_NK, self.pool.w_in_MDH, self.pool.w_out_MFD, "swiglu", self.backend,
-                              getattr(self.pool, "expert_shard", None))
+        y_ND = expert_compute(
+            x_ND,
+            pool_ids_NK,
+            gates_NK,
+            self.pool.w_in_MDH,
+            self.pool.w_out_MFD,
+            "swiglu",
+            self.backend,
+            getattr(self.pool, "expert_shard", None),
+        )
         if self.n_local:
             local_ids_NK = torch.where(ids_NK >= self.M, ids_NK - self.M, -1)
-            y_ND = y_ND + expert_compute(x_ND, local_ids_NK, gates_NK, self.w_in_LDH, self.w_out_LFD, "swiglu",
-                                         self.backend, getattr(self, "expert_shard", None))
+            y_ND = y_ND + expert_compute(
+                x_ND,
+                local_ids_NK,
+                gates_NK,
+                self.w_in_LDH,
+                self.w_out_LFD,
+                "swiglu",
+                self.backend,
+                getattr(self, "expert_shard", None),
+            )
         if self.trajectory_dim:
             ctx.state[_TRAJECTORY] = self._next_trajectory(z_NZ, ids_NK, gates_NK)
         self._record(ctx, probs_NX, logits_NX, ids_NK)
@@ -274,7 +353,10 @@ class UniversalMoEFFN(nn.Module):
             return
         metrics = routing_metrics(p_NX[:, layout.routable_R], layout.position_X[ids_NK], n)
         prefix = f"moe/layer{self.layer_idx}"
-        ctx.add_metric(f"{prefix}/load", torch.zeros(self.E, device=mask_X.device).index_copy(0, layout.routable_R, metrics["load"]))
+        ctx.add_metric(
+            f"{prefix}/load",
+            torch.zeros(self.E, device=mask_X.device).index_copy(0, layout.routable_R, metrics["load"]),
+        )
         for key in ("load_entropy", "max_load_ratio", "min_load_ratio", "dead_experts", "router_entropy"):
             ctx.add_metric(f"{prefix}/{key}", metrics[key])  # over the experts this layer can reach
 
@@ -292,7 +374,9 @@ class UniversalMoEFFN(nn.Module):
             per_exposure = stats.f_G[reachable] / stats.c_G[reachable]
             ctx.add_metric("moue/pool_load", stats.f_G[: self.M] / max(stats.layers, 1))
             # spread of the exposure-corrected load (0 = what the universal loss aims for)
-            ctx.add_metric("moue/load_per_exposure_cv", per_exposure.std(unbiased=False) / per_exposure.mean().clamp(min=1e-9))
+            ctx.add_metric(
+                "moue/load_per_exposure_cv", per_exposure.std(unbiased=False) / per_exposure.mean().clamp(min=1e-9)
+            )
             ctx.add_metric("moue/window_size", torch.tensor(float(self.pool.window_size)))
 
     def cost(self, setting: CostSetting) -> Cost:
@@ -314,8 +398,11 @@ class UniversalMoEFFN(nn.Module):
         return Cost(
             params,
             experts={id(pool): ExpertUse(k, per_expert, self.M + self.n_layers * self.n_local)},
-            matmul_flops=linear_flops(self.router) + linear_flops(self.local_router) + shared_router_flops
-            + k * 2 * 3 * self.d_model * self.F + 2 * k * self.trajectory_dim,
+            matmul_flops=linear_flops(self.router)
+            + linear_flops(self.local_router)
+            + shared_router_flops
+            + k * 2 * 3 * self.d_model * self.F
+            + 2 * k * self.trajectory_dim,
         )
 
 
@@ -327,7 +414,9 @@ class _Layout(NamedTuple):
     n: int  # number of routable experts
 
 
-def _check_options(M, n_local, top_k, window, stride, widen_to, widen_start, widen_steps, trajectory_dim, decay) -> None:
+def _check_options(
+    M, n_local, top_k, window, stride, widen_to, widen_start, widen_steps, trajectory_dim, decay
+) -> None:
     if M < 1 or n_local < 0:
         raise ValueError(f"ffn.n_universal={M} must be >= 1 and ffn.n_local={n_local} >= 0")
     if not 1 <= window <= M:
@@ -341,6 +430,8 @@ def _check_options(M, n_local, top_k, window, stride, widen_to, widen_start, wid
     if widen_start < 0 or widen_steps < 0:
         raise ValueError(f"ffn.widen_start={widen_start} and ffn.widen_steps={widen_steps} must be >= 0")
     if trajectory_dim < 1:
-        raise ValueError(f"ffn.trajectory_dim={trajectory_dim} must be >= 1 (turn the state off with ffn.trajectory=false)")
+        raise ValueError(
+            f"ffn.trajectory_dim={trajectory_dim} must be >= 1 (turn the state off with ffn.trajectory=false)"
+        )
     if not 0 <= decay < 1:
         raise ValueError(f"ffn.trajectory_decay={decay} must be in [0, 1)")

@@ -11,6 +11,7 @@ local experts of layer 0, layer 1, … (``global_local_offset``).
 Legend: N tokens, K experts per token, M pool (universal) experts, X columns a layer scores,
 G experts of the whole model, L layers.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,8 +42,15 @@ def window_members(
     return [(offset + j) % n_universal for j in range(size)]
 
 
-def exposure_counts(n_layers: int, n_universal: int, size: int, stride: int, topology: str = "rotational",
-                    base_size: int | None = None, anchor: str = "center") -> torch.Tensor:
+def exposure_counts(
+    n_layers: int,
+    n_universal: int,
+    size: int,
+    stride: int,
+    topology: str = "rotational",
+    base_size: int | None = None,
+    anchor: str = "center",
+) -> torch.Tensor:
     """c_e: how many layers' windows contain pool expert e, shape (M,)."""
     c_M = torch.zeros(n_universal)
     for layer in range(n_layers):
@@ -70,7 +78,9 @@ def per_layer_balance_loss(probs_NX: torch.Tensor, ids_NK: torch.Tensor, n_routa
     return switch_balance_loss(probs_NX, ids_NK, X) * n_routable / X
 
 
-def universal_balance_loss(f_G: torch.Tensor, P_G: torch.Tensor, c_G: torch.Tensor, n_routable: int, corrected: bool = True) -> torch.Tensor:
+def universal_balance_loss(
+    f_G: torch.Tensor, P_G: torch.Tensor, c_G: torch.Tensor, n_routable: int, corrected: bool = True
+) -> torch.Tensor:
     """Balance loss on statistics pooled over the layers that ran [RECON].
 
     f_e = Σ_ℓ f_{ℓ,e} (fraction of layer ℓ's routed slots on e), P_e = Σ_ℓ P_{ℓ,e} (mean router
@@ -101,7 +111,9 @@ class PooledRoutingStats:
         self.c_G = torch.zeros(n_global, device=device)
         self.layers = 0
 
-    def add(self, columns_X: torch.Tensor, routable_X: torch.Tensor, probs_NX: torch.Tensor, ids_NK: torch.Tensor) -> None:
+    def add(
+        self, columns_X: torch.Tensor, routable_X: torch.Tensor, probs_NX: torch.Tensor, ids_NK: torch.Tensor
+    ) -> None:
         """One layer's statistics; ``columns_X`` maps the layer's columns to global expert indices."""
         valid = ids_NK >= 0
         counts_X = torch.zeros(probs_NX.shape[-1], device=probs_NX.device).index_add_(

@@ -5,6 +5,7 @@ Public API (attention blocks and tests call exactly this):
               softmax_scale=None, return_lse=False, backend="auto", deterministic=True) -> out (or (out, lse))
     last_row_attention_entropy(q, k, *, k_head=None, softmax_scale=None, backend="auto") -> ent (B, H)
 """
+
 from kernels.attention.ops import (
     BACKENDS,
     ENTROPY_BACKENDS,

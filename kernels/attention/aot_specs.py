@@ -6,12 +6,13 @@ A spec is ``KernelSpec(name, fn, signature, constexprs, options, must_fit)``: ``
 every constexpr, ``options`` the launch options (num_warps, num_stages). Build them with
 TRITON_INTERPRET=0 so the modules expose the GPU config lists.
 """
+
 from __future__ import annotations
 
 from kernels.compile_spec import KernelSpec
 
 DIMS = (64, 128)  # the model's head dims (the issue-18 shapes: T 4096, 32 query / 8 KV heads, causal)
-MASKED_DIM = 80   # a head dim padded to 128 (masked loads), first config only
+MASKED_DIM = 80  # a head dim padded to 128 (masked loads), first config only
 
 
 def _sig(fn, dt: str, ints: tuple[str, ...], fp32_ptrs: tuple[str, ...]) -> dict:
@@ -49,8 +50,15 @@ def aot_specs() -> list[KernelSpec]:
     kernels = [
         ("fwd", fw._attn_fwd.fn, fw.FWD_TABLE, None, [{}], ("T", "S", "H"), ("lse_ptr",)),
         ("dq", bw._attn_bwd_dq.fn, bw.DQ_TABLE, bw.FP32_DQ_CONFIG, [{}], ("T", "S", "H"), ("lse_ptr", "delta_ptr")),
-        ("dkdv", bw._attn_bwd_dkdv.fn, bw.DKDV_TABLE, bw.FP32_DKDV_CONFIG,
-         [both, dk_only, dv_only, *single_pass], ("T", "S", "H", "G"), ("lse_ptr", "delta_ptr", "dq_ptr")),
+        (
+            "dkdv",
+            bw._attn_bwd_dkdv.fn,
+            bw.DKDV_TABLE,
+            bw.FP32_DKDV_CONFIG,
+            [both, dk_only, dv_only, *single_pass],
+            ("T", "S", "H", "G"),
+            ("lse_ptr", "delta_ptr", "dq_ptr"),
+        ),
     ]
     for kname, fn, table, fp32_cfg, flag_sets, ints, f32 in kernels:
         configs = [e[0] for e in table] + ([fp32_cfg] if fp32_cfg is not None else [])
@@ -66,11 +74,22 @@ def aot_specs() -> list[KernelSpec]:
                 if fp32_cfg is None:
                     runs.append(("fp32", 128, flag_sets[0], False))
                 # only where the autotuner may pick it: configs are pruned by head dim (flash.configs_for)
-                runs = [(dt, d, fl, pos) for dt, d, fl, pos in runs
-                        if any(c is cfg for c in fw.configs_for(table, fw.block_dim(d), fl.get("ATOMIC_DQ", False)))]
+                runs = [
+                    (dt, d, fl, pos)
+                    for dt, d, fl, pos in runs
+                    if any(c is cfg for c in fw.configs_for(table, fw.block_dim(d), fl.get("ATOMIC_DQ", False)))
+                ]
             for dt, d, fl, has_pos in runs:
-                consts = dict(D=d, DV=d, CAUSAL=True, HAS_POS=has_pos, BLOCK_D=fw.block_dim(d),
-                              BLOCK_DV=fw.block_dim(d), **fl, **cfg.kwargs)
+                consts = dict(
+                    D=d,
+                    DV=d,
+                    CAUSAL=True,
+                    HAS_POS=has_pos,
+                    BLOCK_D=fw.block_dim(d),
+                    BLOCK_DV=fw.block_dim(d),
+                    **fl,
+                    **cfg.kwargs,
+                )
                 opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
                 tag = "".join(f",{k}={v}" for k, v in fl.items()) + (",pos" if has_pos else "")
                 # fp32 in the forward: only the smallest pickable config must fit (the autotuner skips the others)
@@ -79,6 +98,14 @@ def aot_specs() -> list[KernelSpec]:
                 out.append((f"{kname}[cfg{i},{dt},d={d}{tag}]", fn, _sig(fn, dt, ints, f32), consts, opts, must_fit))
     for d in DIMS:
         delta_consts = {"DV": d, "BLOCK_DV": d, "BLOCK_M": bw.DELTA_BLOCK_M}
-        out.append((f"delta[bf16,d={d}]", bw._attn_bwd_delta,
-                    _sig(bw._attn_bwd_delta, "bf16", ("T", "H"), ("delta_ptr",)), delta_consts, {}, True))
+        out.append(
+            (
+                f"delta[bf16,d={d}]",
+                bw._attn_bwd_delta,
+                _sig(bw._attn_bwd_delta, "bf16", ("T", "H"), ("delta_ptr",)),
+                delta_consts,
+                {},
+                True,
+            )
+        )
     return [KernelSpec(*spec) for spec in out]

@@ -24,6 +24,7 @@ Positions outside [0, S) (checked on the host only when cheap, see ops) give NaN
 
 Only pointer arithmetic is used (no ``tl.make_block_ptr``: removed in newer Triton).
 """
+
 from __future__ import annotations
 
 import torch
@@ -85,8 +86,9 @@ def prune_by_head_dim(table, fp32_config=None):
             configs = [c for c in configs if _config_key(c) != fp32_key] or configs
         block_d = max(kwargs["BLOCK_D"], kwargs.get("BLOCK_DV", 0))
         atomic = bool(kwargs.get("ATOMIC_DQ", False))
-        kept = [c for c in configs
-                if _config_key(c) not in entries or block_d <= _limit(entries[_config_key(c)], atomic)]
+        kept = [
+            c for c in configs if _config_key(c) not in entries or block_d <= _limit(entries[_config_key(c)], atomic)
+        ]
         return kept or configs[-1:]
 
     return prune
@@ -133,18 +135,39 @@ if HAS_TRITON:
         return tl.where(row_ok, pos, S - 1)
 
     @triton.jit
-    def _fwd_block(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, pos, S, key_lim, scale_log2,
-                   offs_n, offs_d, offs_dv, D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr,
-                   MASKED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    def _fwd_block(
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_base,
+        v_base,
+        stride_ks,
+        stride_vs,
+        start_n,
+        pos,
+        S,
+        key_lim,
+        scale_log2,
+        offs_n,
+        offs_d,
+        offs_dv,
+        D: tl.constexpr,
+        DV: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        MASKED: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+    ):
         """One key block of the online softmax. MASKED blocks check key bounds and causality, and
         load keys from `key_lim` (the first non-finite one) on as zeros."""
         cols = start_n + offs_n
         col_ok = cols < S
         load_ok = cols < key_lim
-        k = _load_rows(k_base + cols[:, None] * stride_ks + offs_d[None, :], load_ok, offs_d < D,
-                       MASKED, D != BLOCK_D)
-        v = _load_rows(v_base + cols[:, None] * stride_vs + offs_dv[None, :], load_ok, offs_dv < DV,
-                       MASKED, DV != BLOCK_DV)
+        k = _load_rows(k_base + cols[:, None] * stride_ks + offs_d[None, :], load_ok, offs_d < D, MASKED, D != BLOCK_D)
+        v = _load_rows(
+            v_base + cols[:, None] * stride_vs + offs_dv[None, :], load_ok, offs_dv < DV, MASKED, DV != BLOCK_DV
+        )
         s = tl.dot(q, tl.trans(k)) * scale_log2  # (M, N) scores in log2 units
         if MASKED:
             ok = col_ok[None, :]
@@ -159,16 +182,47 @@ if HAS_TRITON:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return acc, m_new, l_i
 
-    @triton.autotune(configs=ACTIVE_FWD_CONFIGS, key=["D", "DV", "CAUSAL", "HAS_POS"],
-                     prune_configs_by={"early_config_prune": prune_by_head_dim(FWD_TABLE)})
+    @triton.autotune(
+        configs=ACTIVE_FWD_CONFIGS,
+        key=["D", "DV", "CAUSAL", "HAS_POS"],
+        prune_configs_by={"early_config_prune": prune_by_head_dim(FWD_TABLE)},
+    )
     @triton.jit
-    def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, k_head_ptr, v_head_ptr, first_bad_ptr,
-                  scale_log2, T, S, H,
-                  stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
-                  stride_vb, stride_vs, stride_vh, stride_ob, stride_ot, stride_oh,
-                  D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _attn_fwd(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        o_ptr,
+        lse_ptr,
+        pos_ptr,
+        k_head_ptr,
+        v_head_ptr,
+        first_bad_ptr,
+        scale_log2,
+        T,
+        S,
+        H,
+        stride_qb,
+        stride_qt,
+        stride_qh,
+        stride_kb,
+        stride_ks,
+        stride_kh,
+        stride_vb,
+        stride_vs,
+        stride_vh,
+        stride_ob,
+        stride_ot,
+        stride_oh,
+        D: tl.constexpr,
+        DV: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HAS_POS: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
         """Grid (cdiv(T, BLOCK_M), B·H). Writes o_BTHdv and lse_BHT (natural log, fp32)."""
         # causal: later query blocks see more keys; launch them first so the tail of the grid is short
         if CAUSAL:
@@ -186,8 +240,13 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
         row_ok = offs_m < T
-        q = _load_rows(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                       row_ok, offs_d < D, True, D != BLOCK_D)
+        q = _load_rows(
+            q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+            row_ok,
+            offs_d < D,
+            True,
+            D != BLOCK_D,
+        )
         pos = _query_positions(pos_ptr, b, offs_m, row_ok, T, S, HAS_POS)
         k_base = k_ptr + b * stride_kb + kh * stride_kh
         v_base = v_ptr + b * stride_vb + vh * stride_vh
@@ -205,13 +264,55 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         for start_n in range(0, full, BLOCK_N):
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, pos, S,
-                                       key_lim, scale_log2, offs_n, offs_d, offs_dv, D, DV, CAUSAL, False,
-                                       BLOCK_D, BLOCK_DV)
+            acc, m_i, l_i = _fwd_block(
+                acc,
+                m_i,
+                l_i,
+                q,
+                k_base,
+                v_base,
+                stride_ks,
+                stride_vs,
+                start_n,
+                pos,
+                S,
+                key_lim,
+                scale_log2,
+                offs_n,
+                offs_d,
+                offs_dv,
+                D,
+                DV,
+                CAUSAL,
+                False,
+                BLOCK_D,
+                BLOCK_DV,
+            )
         for start_n in range(full, hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n, pos, S,
-                                       key_lim, scale_log2, offs_n, offs_d, offs_dv, D, DV, CAUSAL, True,
-                                       BLOCK_D, BLOCK_DV)
+            acc, m_i, l_i = _fwd_block(
+                acc,
+                m_i,
+                l_i,
+                q,
+                k_base,
+                v_base,
+                stride_ks,
+                stride_vs,
+                start_n,
+                pos,
+                S,
+                key_lim,
+                scale_log2,
+                offs_n,
+                offs_d,
+                offs_dv,
+                D,
+                DV,
+                CAUSAL,
+                True,
+                BLOCK_D,
+                BLOCK_DV,
+            )
 
         # NaN rows: a non-finite key/value at a position the row sees, or a position outside [0, S)
         if CAUSAL:
@@ -248,12 +349,12 @@ def first_nonfinite_key(k_BSHkd, v_BSHvdv, k_head_H, v_head_H) -> torch.Tensor:
         bad_BSH = ~torch.isfinite(x_BSHd).all(-1)
         return torch.where(bad_BSH, keys_S1, sentinel).amin(1)  # (B, heads)
 
-    return torch.minimum(first(k_BSHkd).index_select(1, k_head_H.long()),
-                         first(v_BSHvdv).index_select(1, v_head_H.long())).contiguous()
+    return torch.minimum(
+        first(k_BSHkd).index_select(1, k_head_H.long()), first(v_BSHvdv).index_select(1, v_head_H.long())
+    ).contiguous()
 
 
-def flash_fwd(q_BTHd, k_BSHkd, v_BSHvdv, k_head_H, v_head_H, pos_BT, causal: bool, scale: float,
-              first_bad_BH=None):
+def flash_fwd(q_BTHd, k_BSHkd, v_BSHvdv, k_head_H, v_head_H, pos_BT, causal: bool, scale: float, first_bad_BH=None):
     """Launch the forward. Inputs are validated by kernels.attention.ops; maps/positions are int32.
     `first_bad_BH`: from ``first_nonfinite_key`` (computed here when not given).
 
@@ -275,9 +376,28 @@ def flash_fwd(q_BTHd, k_BSHkd, v_BSHvdv, k_head_H, v_head_H, pos_BT, causal: boo
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
     _attn_fwd[grid](
-        q_BTHd, k_BSHkd, v_BSHvdv, out_BTHdv, lse_BHT, pos_arg, k_head_H, v_head_H, first_bad_BH,
-        scale * LOG2E, T, S, H,
-        *_strides(q_BTHd), *_strides(k_BSHkd), *_strides(v_BSHvdv), *_strides(out_BTHdv),
-        D=d, DV=dv, CAUSAL=causal, HAS_POS=has_pos, BLOCK_D=block_dim(d), BLOCK_DV=block_dim(dv),
+        q_BTHd,
+        k_BSHkd,
+        v_BSHvdv,
+        out_BTHdv,
+        lse_BHT,
+        pos_arg,
+        k_head_H,
+        v_head_H,
+        first_bad_BH,
+        scale * LOG2E,
+        T,
+        S,
+        H,
+        *_strides(q_BTHd),
+        *_strides(k_BSHkd),
+        *_strides(v_BSHvdv),
+        *_strides(out_BTHdv),
+        D=d,
+        DV=dv,
+        CAUSAL=causal,
+        HAS_POS=has_pos,
+        BLOCK_D=block_dim(d),
+        BLOCK_DV=block_dim(dv),
     )
     return out_BTHdv, lse_BHT

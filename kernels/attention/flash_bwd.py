@@ -42,6 +42,7 @@ the dQ pass loads keys from the first non-finite one (``first_bad_BH``) on as ze
 pass loads NaN-lse rows as zeros, and both zero P and dS outside the mask after the matmuls, so a
 value a row may not see never reaches a gradient through 0·inf.
 """
+
 from __future__ import annotations
 
 import torch
@@ -109,8 +110,10 @@ def _fp32_configs():
     (capped at 128 registers: 24 - 40 B). Clean without pipelining: dQ 32 × 32 on 8 warps
     (146 / 154 registers) and dK/dV 16 × 32 on 4 warps (150 - 241) in every deterministic launch kind."""
     cfg = triton.Config
-    return (cfg({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1),
-            cfg({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1))
+    return (
+        cfg({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1),
+        cfg({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+    )
 
 
 if HAS_TRITON:
@@ -122,9 +125,22 @@ if HAS_TRITON:
     ACTIVE_DKDV_CONFIGS = _interp_configs() if INTERPRET else DKDV_CONFIGS
 
     @triton.jit
-    def _attn_bwd_delta(o_ptr, do_ptr, delta_ptr, T, H,
-                        stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
-                        DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
+    def _attn_bwd_delta(
+        o_ptr,
+        do_ptr,
+        delta_ptr,
+        T,
+        H,
+        stride_ob,
+        stride_ot,
+        stride_oh,
+        stride_dob,
+        stride_dot,
+        stride_doh,
+        DV: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+    ):
         """Grid (cdiv(T, BLOCK_M), B·H): δ_BHT = Σ_dv O·dO in fp32."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -133,26 +149,52 @@ if HAS_TRITON:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_dv = tl.arange(0, BLOCK_DV)
         mask = (offs_m < T)[:, None] & (offs_dv < DV)[None, :]
-        o = tl.load(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_dv[None, :],
-                    mask=mask, other=0.0)
-        do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_dv[None, :],
-                     mask=mask, other=0.0)
+        o = tl.load(
+            o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_dv[None, :], mask=mask, other=0.0
+        )
+        do = tl.load(
+            do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_dv[None, :],
+            mask=mask,
+            other=0.0,
+        )
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(delta_ptr + pid_bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
 
     @triton.jit
-    def _dq_block(dq, q, do, lse2, delta, pos, k_base, v_base, stride_ks, stride_vs, start_n, S, key_lim,
-                  scale_log2, offs_n, offs_d, offs_dv, D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr,
-                  MASKED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    def _dq_block(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        pos,
+        k_base,
+        v_base,
+        stride_ks,
+        stride_vs,
+        start_n,
+        S,
+        key_lim,
+        scale_log2,
+        offs_n,
+        offs_d,
+        offs_dv,
+        D: tl.constexpr,
+        DV: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        MASKED: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+    ):
         """dQ += dS K for one key block: S, dP and dQ (3 matmuls). MASKED blocks check key bounds and
         causality, and load keys from `key_lim` on as zeros (unseen keys must not reach dQ via 0·inf)."""
         cols = start_n + offs_n
         col_ok = cols < S
         load_ok = cols < key_lim
-        k = _load_rows(k_base + cols[:, None] * stride_ks + offs_d[None, :], load_ok, offs_d < D,
-                       MASKED, D != BLOCK_D)
-        v = _load_rows(v_base + cols[:, None] * stride_vs + offs_dv[None, :], load_ok, offs_dv < DV,
-                       MASKED, DV != BLOCK_DV)
+        k = _load_rows(k_base + cols[:, None] * stride_ks + offs_d[None, :], load_ok, offs_d < D, MASKED, D != BLOCK_D)
+        v = _load_rows(
+            v_base + cols[:, None] * stride_vs + offs_dv[None, :], load_ok, offs_dv < DV, MASKED, DV != BLOCK_DV
+        )
         p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse2[:, None])
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         if MASKED:
@@ -162,17 +204,53 @@ if HAS_TRITON:
             ds = tl.where(ok, ds, 0.0)
         return dq + tl.dot(ds.to(k.dtype), k)
 
-    @triton.autotune(configs=ACTIVE_DQ_CONFIGS, key=["D", "DV", "CAUSAL", "HAS_POS"],
-                     prune_configs_by={"early_config_prune": prune_by_head_dim(DQ_TABLE, FP32_DQ_CONFIG)})
+    @triton.autotune(
+        configs=ACTIVE_DQ_CONFIGS,
+        key=["D", "DV", "CAUSAL", "HAS_POS"],
+        prune_configs_by={"early_config_prune": prune_by_head_dim(DQ_TABLE, FP32_DQ_CONFIG)},
+    )
     @triton.jit
-    def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, pos_ptr, k_head_ptr, v_head_ptr,
-                     first_bad_ptr, scale_log2, scale, T, S, H,
-                     stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
-                     stride_vb, stride_vs, stride_vh, stride_dob, stride_dot, stride_doh,
-                     stride_dqb, stride_dqt, stride_dqh,
-                     D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _attn_bwd_dq(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        do_ptr,
+        dq_ptr,
+        lse_ptr,
+        delta_ptr,
+        pos_ptr,
+        k_head_ptr,
+        v_head_ptr,
+        first_bad_ptr,
+        scale_log2,
+        scale,
+        T,
+        S,
+        H,
+        stride_qb,
+        stride_qt,
+        stride_qh,
+        stride_kb,
+        stride_ks,
+        stride_kh,
+        stride_vb,
+        stride_vs,
+        stride_vh,
+        stride_dob,
+        stride_dot,
+        stride_doh,
+        stride_dqb,
+        stride_dqt,
+        stride_dqh,
+        D: tl.constexpr,
+        DV: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HAS_POS: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
         """Grid (cdiv(T, BLOCK_M), B·H): dq_BTHd for one query block of one head."""
         # causal: later query blocks see more keys; launch them first so the tail of the grid is short
         if CAUSAL:
@@ -189,10 +267,20 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
         row_ok = offs_m < T
-        q = _load_rows(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                       row_ok, offs_d < D, True, D != BLOCK_D)
-        do = _load_rows(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_dv[None, :],
-                        row_ok, offs_dv < DV, True, DV != BLOCK_DV)
+        q = _load_rows(
+            q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+            row_ok,
+            offs_d < D,
+            True,
+            D != BLOCK_D,
+        )
+        do = _load_rows(
+            do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_dv[None, :],
+            row_ok,
+            offs_dv < DV,
+            True,
+            DV != BLOCK_DV,
+        )
         lse2 = tl.load(lse_ptr + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
         pos = _query_positions(pos_ptr, b, offs_m, row_ok, T, S, HAS_POS)
@@ -208,20 +296,96 @@ if HAS_TRITON:
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start_n in range(0, full, BLOCK_N):
-            dq = _dq_block(dq, q, do, lse2, delta, pos, k_base, v_base, stride_ks, stride_vs, start_n, S, key_lim,
-                           scale_log2, offs_n, offs_d, offs_dv, D, DV, CAUSAL, False, BLOCK_D, BLOCK_DV)
+            dq = _dq_block(
+                dq,
+                q,
+                do,
+                lse2,
+                delta,
+                pos,
+                k_base,
+                v_base,
+                stride_ks,
+                stride_vs,
+                start_n,
+                S,
+                key_lim,
+                scale_log2,
+                offs_n,
+                offs_d,
+                offs_dv,
+                D,
+                DV,
+                CAUSAL,
+                False,
+                BLOCK_D,
+                BLOCK_DV,
+            )
         for start_n in range(full, hi, BLOCK_N):
-            dq = _dq_block(dq, q, do, lse2, delta, pos, k_base, v_base, stride_ks, stride_vs, start_n, S, key_lim,
-                           scale_log2, offs_n, offs_d, offs_dv, D, DV, CAUSAL, True, BLOCK_D, BLOCK_DV)
+            dq = _dq_block(
+                dq,
+                q,
+                do,
+                lse2,
+                delta,
+                pos,
+                k_base,
+                v_base,
+                stride_ks,
+                stride_vs,
+                start_n,
+                S,
+                key_lim,
+                scale_log2,
+                offs_n,
+                offs_d,
+                offs_dv,
+                D,
+                DV,
+                CAUSAL,
+                True,
+                BLOCK_D,
+                BLOCK_DV,
+            )
         dq_ptrs = dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
         tl.store(dq_ptrs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d < D)[None, :])
 
     @triton.jit
-    def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, pos_ptr, b, start_m, cols,
-                    stride_qt, stride_dot, stride_dqt, T, S, scale_log2, scale, offs_m, offs_d, offs_dv,
-                    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
-                    DO_DK: tl.constexpr, DO_DV: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASKED: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    def _dkdv_block(
+        dk,
+        dv,
+        k,
+        v,
+        q_base,
+        do_base,
+        lse_base,
+        delta_base,
+        dq_base,
+        pos_ptr,
+        b,
+        start_m,
+        cols,
+        stride_qt,
+        stride_dot,
+        stride_dqt,
+        T,
+        S,
+        scale_log2,
+        scale,
+        offs_m,
+        offs_d,
+        offs_dv,
+        D: tl.constexpr,
+        DV: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HAS_POS: tl.constexpr,
+        DO_DK: tl.constexpr,
+        DO_DV: tl.constexpr,
+        ATOMIC_DQ: tl.constexpr,
+        MASKED: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+    ):
         """One query block into a key block's dK/dV, in transposed (keys × queries) tiles so dK and dV
         each come out of one matmul: S (always), dV += Pᵀ dO, dP, dK += dSᵀ Q, and with ATOMIC_DQ
         dQ += dS K added into the fp32 dQ buffer with atomics (FA2's single pass: 5 matmuls).
@@ -235,10 +399,10 @@ if HAS_TRITON:
         else:
             lse2 = tl.load(lse_base + rows) * 1.4426950408889634
             live = row_ok
-        q = _load_rows(q_base + rows[:, None] * stride_qt + offs_d[None, :], live, offs_d < D,
-                       MASKED, D != BLOCK_D)
-        do = _load_rows(do_base + rows[:, None] * stride_dot + offs_dv[None, :], live, offs_dv < DV,
-                        MASKED, DV != BLOCK_DV)
+        q = _load_rows(q_base + rows[:, None] * stride_qt + offs_d[None, :], live, offs_d < D, MASKED, D != BLOCK_D)
+        do = _load_rows(
+            do_base + rows[:, None] * stride_dot + offs_dv[None, :], live, offs_dv < DV, MASKED, DV != BLOCK_DV
+        )
         p_t = tl.exp2(tl.dot(k, tl.trans(q)) * scale_log2 - lse2[None, :])
         if MASKED:
             ok = row_ok[None, :]
@@ -259,24 +423,75 @@ if HAS_TRITON:
             dk += tl.dot(ds_t.to(q.dtype), q)
             if ATOMIC_DQ:
                 dq_part = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * scale
-                tl.atomic_add(dq_base + rows[:, None] * stride_dqt + offs_d[None, :], dq_part,
-                              mask=row_ok[:, None] & (offs_d < D)[None, :], sem="relaxed")
+                tl.atomic_add(
+                    dq_base + rows[:, None] * stride_dqt + offs_d[None, :],
+                    dq_part,
+                    mask=row_ok[:, None] & (offs_d < D)[None, :],
+                    sem="relaxed",
+                )
         return dk, dv
 
-    @triton.autotune(configs=ACTIVE_DKDV_CONFIGS, key=["D", "DV", "CAUSAL", "HAS_POS", "DO_DK", "DO_DV", "ATOMIC_DQ"],
-                     prune_configs_by={"early_config_prune": prune_by_head_dim(DKDV_TABLE, FP32_DKDV_CONFIG)})
+    @triton.autotune(
+        configs=ACTIVE_DKDV_CONFIGS,
+        key=["D", "DV", "CAUSAL", "HAS_POS", "DO_DK", "DO_DV", "ATOMIC_DQ"],
+        prune_configs_by={"early_config_prune": prune_by_head_dim(DKDV_TABLE, FP32_DKDV_CONFIG)},
+    )
     @triton.jit
-    def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, dq_ptr, lse_ptr, delta_ptr, pos_ptr,
-                       k_head_ptr, v_head_ptr, order_ptr, offsets_ptr, first_bad_ptr,
-                       scale_log2, scale, T, S, H, G,
-                       stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
-                       stride_vb, stride_vs, stride_vh, stride_dob, stride_dot, stride_doh,
-                       stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
-                       stride_dqb, stride_dqt, stride_dqh,
-                       D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
-                       DO_DK: tl.constexpr, DO_DV: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _attn_bwd_dkdv(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        do_ptr,
+        dk_ptr,
+        dv_ptr,
+        dq_ptr,
+        lse_ptr,
+        delta_ptr,
+        pos_ptr,
+        k_head_ptr,
+        v_head_ptr,
+        order_ptr,
+        offsets_ptr,
+        first_bad_ptr,
+        scale_log2,
+        scale,
+        T,
+        S,
+        H,
+        G,
+        stride_qb,
+        stride_qt,
+        stride_qh,
+        stride_kb,
+        stride_ks,
+        stride_kh,
+        stride_vb,
+        stride_vs,
+        stride_vh,
+        stride_dob,
+        stride_dot,
+        stride_doh,
+        stride_dkb,
+        stride_dks,
+        stride_dkh,
+        stride_dvb,
+        stride_dvs,
+        stride_dvh,
+        stride_dqb,
+        stride_dqt,
+        stride_dqh,
+        D: tl.constexpr,
+        DV: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HAS_POS: tl.constexpr,
+        DO_DK: tl.constexpr,
+        DO_DV: tl.constexpr,
+        ATOMIC_DQ: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
         """Grid (cdiv(S, BLOCK_N), B·G): dK and/or dV rows of one key block of group g, summed over
         the query heads order[offsets[g]:offsets[g+1]] mapped to g. K/V rows from the head's first
         non-finite key on load as zeros (the rows that see them are NaN rows anyway)."""
@@ -314,12 +529,22 @@ if HAS_TRITON:
             kh = tl.load(k_head_ptr + h).to(tl.int64)
             bh = b * H + h
             load_ok = cols < tl.minimum(tl.load(first_bad_ptr + bh), S)
-            k = _load_rows(k_ptr + b * stride_kb + kh * stride_kh + cols[:, None] * stride_ks + offs_d[None, :],
-                           load_ok, offs_d < D, True, D != BLOCK_D)
+            k = _load_rows(
+                k_ptr + b * stride_kb + kh * stride_kh + cols[:, None] * stride_ks + offs_d[None, :],
+                load_ok,
+                offs_d < D,
+                True,
+                D != BLOCK_D,
+            )
             if DO_DK:  # dP needs the value head of this query head
                 vh = tl.load(v_head_ptr + h).to(tl.int64)
-                v = _load_rows(v_ptr + b * stride_vb + vh * stride_vh + cols[:, None] * stride_vs + offs_dv[None, :],
-                               load_ok, offs_dv < DV, True, DV != BLOCK_DV)
+                v = _load_rows(
+                    v_ptr + b * stride_vb + vh * stride_vh + cols[:, None] * stride_vs + offs_dv[None, :],
+                    load_ok,
+                    offs_dv < DV,
+                    True,
+                    DV != BLOCK_DV,
+                )
             else:
                 v = k  # unused (no dP without dK)
             q_base = q_ptr + b * stride_qb + h * stride_qh
@@ -329,26 +554,150 @@ if HAS_TRITON:
             delta_base = delta_ptr + bh * T
             if CAUSAL and HAS_POS:  # one masked loop: no mask-free code to hold registers for
                 for start_m in range(0, T, BLOCK_M):
-                    dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, pos_ptr,
-                                         b, start_m, cols, stride_qt, stride_dot, stride_dqt, T, S, scale_log2,
-                                         scale, offs_m, offs_d, offs_dv, D, DV, CAUSAL, HAS_POS, DO_DK, DO_DV,
-                                         ATOMIC_DQ, True, BLOCK_D, BLOCK_DV)
+                    dk, dv = _dkdv_block(
+                        dk,
+                        dv,
+                        k,
+                        v,
+                        q_base,
+                        do_base,
+                        lse_base,
+                        delta_base,
+                        dq_base,
+                        pos_ptr,
+                        b,
+                        start_m,
+                        cols,
+                        stride_qt,
+                        stride_dot,
+                        stride_dqt,
+                        T,
+                        S,
+                        scale_log2,
+                        scale,
+                        offs_m,
+                        offs_d,
+                        offs_dv,
+                        D,
+                        DV,
+                        CAUSAL,
+                        HAS_POS,
+                        DO_DK,
+                        DO_DV,
+                        ATOMIC_DQ,
+                        True,
+                        BLOCK_D,
+                        BLOCK_DV,
+                    )
             else:
                 for start_m in range(m_lo, m_mid, BLOCK_M):
-                    dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, pos_ptr,
-                                         b, start_m, cols, stride_qt, stride_dot, stride_dqt, T, S, scale_log2,
-                                         scale, offs_m, offs_d, offs_dv, D, DV, CAUSAL, HAS_POS, DO_DK, DO_DV,
-                                         ATOMIC_DQ, True, BLOCK_D, BLOCK_DV)
+                    dk, dv = _dkdv_block(
+                        dk,
+                        dv,
+                        k,
+                        v,
+                        q_base,
+                        do_base,
+                        lse_base,
+                        delta_base,
+                        dq_base,
+                        pos_ptr,
+                        b,
+                        start_m,
+                        cols,
+                        stride_qt,
+                        stride_dot,
+                        stride_dqt,
+                        T,
+                        S,
+                        scale_log2,
+                        scale,
+                        offs_m,
+                        offs_d,
+                        offs_dv,
+                        D,
+                        DV,
+                        CAUSAL,
+                        HAS_POS,
+                        DO_DK,
+                        DO_DV,
+                        ATOMIC_DQ,
+                        True,
+                        BLOCK_D,
+                        BLOCK_DV,
+                    )
                 for start_m in range(m_mid, t_full, BLOCK_M):
-                    dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, pos_ptr,
-                                         b, start_m, cols, stride_qt, stride_dot, stride_dqt, T, S, scale_log2,
-                                         scale, offs_m, offs_d, offs_dv, D, DV, CAUSAL, HAS_POS, DO_DK, DO_DV,
-                                         ATOMIC_DQ, False, BLOCK_D, BLOCK_DV)
+                    dk, dv = _dkdv_block(
+                        dk,
+                        dv,
+                        k,
+                        v,
+                        q_base,
+                        do_base,
+                        lse_base,
+                        delta_base,
+                        dq_base,
+                        pos_ptr,
+                        b,
+                        start_m,
+                        cols,
+                        stride_qt,
+                        stride_dot,
+                        stride_dqt,
+                        T,
+                        S,
+                        scale_log2,
+                        scale,
+                        offs_m,
+                        offs_d,
+                        offs_dv,
+                        D,
+                        DV,
+                        CAUSAL,
+                        HAS_POS,
+                        DO_DK,
+                        DO_DV,
+                        ATOMIC_DQ,
+                        False,
+                        BLOCK_D,
+                        BLOCK_DV,
+                    )
                 for start_m in range(tl.maximum(m_mid, t_full), T, BLOCK_M):
-                    dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, pos_ptr,
-                                         b, start_m, cols, stride_qt, stride_dot, stride_dqt, T, S, scale_log2,
-                                         scale, offs_m, offs_d, offs_dv, D, DV, CAUSAL, HAS_POS, DO_DK, DO_DV,
-                                         ATOMIC_DQ, True, BLOCK_D, BLOCK_DV)
+                    dk, dv = _dkdv_block(
+                        dk,
+                        dv,
+                        k,
+                        v,
+                        q_base,
+                        do_base,
+                        lse_base,
+                        delta_base,
+                        dq_base,
+                        pos_ptr,
+                        b,
+                        start_m,
+                        cols,
+                        stride_qt,
+                        stride_dot,
+                        stride_dqt,
+                        T,
+                        S,
+                        scale_log2,
+                        scale,
+                        offs_m,
+                        offs_d,
+                        offs_dv,
+                        D,
+                        DV,
+                        CAUSAL,
+                        HAS_POS,
+                        DO_DK,
+                        DO_DV,
+                        ATOMIC_DQ,
+                        True,
+                        BLOCK_D,
+                        BLOCK_DV,
+                    )
         if DO_DK:
             dk_ptrs = dk_ptr + b * stride_dkb + g * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
             tl.store(dk_ptrs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None] & (offs_d < D)[None, :])
@@ -367,8 +716,22 @@ def head_groups(map_H: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch
     return order_H.to(torch.int32), offsets_G1.to(torch.int32)
 
 
-def flash_bwd(do_BTHdv, q_BTHd, k_BSHkd, v_BSHvdv, out_BTHdv, lse_BHT, k_head_H, v_head_H, pos_BT,
-              causal: bool, scale: float, shared_map: bool, first_bad_BH=None, deterministic: bool = True):
+def flash_bwd(
+    do_BTHdv,
+    q_BTHd,
+    k_BSHkd,
+    v_BSHvdv,
+    out_BTHdv,
+    lse_BHT,
+    k_head_H,
+    v_head_H,
+    pos_BT,
+    causal: bool,
+    scale: float,
+    shared_map: bool,
+    first_bad_BH=None,
+    deterministic: bool = True,
+):
     """Launch the backward; returns dq_BTHd, dk_BSHkd, dv_BSHvdv in the inputs' dtypes.
 
     `shared_map`: k_head == v_head elementwise (and Hk == Hv), so dK and dV share one launch.
@@ -395,15 +758,43 @@ def flash_bwd(do_BTHdv, q_BTHd, k_BSHkd, v_BSHvdv, out_BTHdv, lse_BHT, k_head_H,
 
     delta_BHT = torch.empty(B, H, T, device=q_BTHd.device, dtype=torch.float32)
     _attn_bwd_delta[(triton.cdiv(T, DELTA_BLOCK_M), B * H)](
-        out_BTHdv, do_BTHdv, delta_BHT, T, H, *_strides(out_BTHdv), *_strides(do_BTHdv),
-        DV=dv, BLOCK_DV=block_dim(dv), BLOCK_M=DELTA_BLOCK_M)
+        out_BTHdv,
+        do_BTHdv,
+        delta_BHT,
+        T,
+        H,
+        *_strides(out_BTHdv),
+        *_strides(do_BTHdv),
+        DV=dv,
+        BLOCK_DV=block_dim(dv),
+        BLOCK_M=DELTA_BLOCK_M,
+    )
 
     if deterministic:
         _attn_bwd_dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
-            q_BTHd, k_BSHkd, v_BSHvdv, do_BTHdv, dq_BTHd, lse_BHT, delta_BHT, pos_arg, k_head_H, v_head_H,
-            first_bad_BH, scale * LOG2E, scale, T, S, H,
-            *_strides(q_BTHd), *_strides(k_BSHkd), *_strides(v_BSHvdv), *_strides(do_BTHdv), *_strides(dq_BTHd),
-            **shapes)
+            q_BTHd,
+            k_BSHkd,
+            v_BSHvdv,
+            do_BTHdv,
+            dq_BTHd,
+            lse_BHT,
+            delta_BHT,
+            pos_arg,
+            k_head_H,
+            v_head_H,
+            first_bad_BH,
+            scale * LOG2E,
+            scale,
+            T,
+            S,
+            H,
+            *_strides(q_BTHd),
+            *_strides(k_BSHkd),
+            *_strides(v_BSHvdv),
+            *_strides(do_BTHdv),
+            *_strides(dq_BTHd),
+            **shapes,
+        )
         dq_acc_BTHd = delta_BHT  # never written (ATOMIC_DQ is False): a placeholder fp32 pointer
         dq_strides = (0, 0, 0)
     else:
@@ -417,12 +808,39 @@ def flash_bwd(do_BTHdv, q_BTHd, k_BSHkd, v_BSHvdv, out_BTHdv, lse_BHT, k_head_H,
     for map_H, G, do_dk, do_dv in launches:
         order_H, offsets_G1 = head_groups(map_H, G)
         _attn_bwd_dkdv[lambda meta, G=G: (triton.cdiv(S, meta["BLOCK_N"]), B * G)](
-            q_BTHd, k_BSHkd, v_BSHvdv, do_BTHdv, dk_BSHkd, dv_BSHvdv, dq_acc_BTHd, lse_BHT, delta_BHT, pos_arg,
-            k_head_H, v_head_H, order_H, offsets_G1, first_bad_BH,
-            scale * LOG2E, scale, T, S, H, G,
-            *_strides(q_BTHd), *_strides(k_BSHkd), *_strides(v_BSHvdv), *_strides(do_BTHdv),
-            *_strides(dk_BSHkd), *_strides(dv_BSHvdv), *dq_strides,
-            DO_DK=do_dk, DO_DV=do_dv, ATOMIC_DQ=do_dk and not deterministic, **shapes)
+            q_BTHd,
+            k_BSHkd,
+            v_BSHvdv,
+            do_BTHdv,
+            dk_BSHkd,
+            dv_BSHvdv,
+            dq_acc_BTHd,
+            lse_BHT,
+            delta_BHT,
+            pos_arg,
+            k_head_H,
+            v_head_H,
+            order_H,
+            offsets_G1,
+            first_bad_BH,
+            scale * LOG2E,
+            scale,
+            T,
+            S,
+            H,
+            G,
+            *_strides(q_BTHd),
+            *_strides(k_BSHkd),
+            *_strides(v_BSHvdv),
+            *_strides(do_BTHdv),
+            *_strides(dk_BSHkd),
+            *_strides(dv_BSHvdv),
+            *dq_strides,
+            DO_DK=do_dk,
+            DO_DV=do_dv,
+            ATOMIC_DQ=do_dk and not deterministic,
+            **shapes,
+        )
     if not deterministic:
         dq_BTHd = dq_acc_BTHd.to(q_BTHd.dtype)
     return dq_BTHd, dk_BSHkd, dv_BSHvdv

@@ -11,6 +11,7 @@ out-of-range entry turns the rows it touches into NaN rows, and the index is cla
 kernel reads out of bounds). ``KERNELS_DEBUG=1`` adds the host checks for device tensors too
 (one sync each) and raises ``ValueError`` like the CPU path.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,8 +79,9 @@ def _head_map(name: str, map_H, H: int, Hn: int, device):
     """(map_H int64 on `device`, is_default, host copy or None, out-of-range mask or None)."""
     if map_H is None:
         if Hn == 0 or H % Hn:
-            raise ValueError(f"{name}: the default map h // (H // {Hn}) needs H={H} divisible by {Hn}; "
-                             f"pass {name} explicitly")
+            raise ValueError(
+                f"{name}: the default map h // (H // {Hn}) needs H={H} divisible by {Hn}; pass {name} explicitly"
+            )
         return _gqa_map(H, Hn, device), True, None, None
     if not isinstance(map_H, torch.Tensor):
         map_H = torch.as_tensor(map_H)  # a Python sequence: its values are on the host
@@ -100,8 +102,9 @@ def _head_map(name: str, map_H, H: int, Hn: int, device):
 
 def _check_tensor(name: str, x) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"{name} must be a 4-D tensor (batch, length, heads, head_dim), "
-                         f"got {getattr(x, 'shape', type(x))}")
+        raise ValueError(
+            f"{name} must be a 4-D tensor (batch, length, heads, head_dim), got {getattr(x, 'shape', type(x))}"
+        )
     if x.dtype not in FLOAT_DTYPES + (torch.float64,):
         raise ValueError(f"{name} must be floating point, got {x.dtype}")
     if x.device.type == "meta":
@@ -115,7 +118,7 @@ def _check_tensor(name: str, x) -> None:
 
 def _scale(softmax_scale, d: int) -> float:
     if softmax_scale is None:
-        return d ** -0.5
+        return d**-0.5
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"softmax_scale must be a Python float (or None for d ** -0.5), got {type(softmax_scale)}")
     scale = float(softmax_scale)
@@ -146,8 +149,11 @@ def _validate(q, k, v, k_head, v_head, q_positions, causal, softmax_scale) -> _A
     v_head_H, default_v, host_v, bad_v = _head_map("v_head", v_head, H, Hv, q.device)
     scale = _scale(softmax_scale, d)
     # one fused dK/dV launch needs k_head == v_head, decided from host values only (no sync)
-    same = (default_k and default_v) or (k_head is v_head and k_head is not None) or (
-        host_k is not None and host_v is not None and torch.equal(host_k.long(), host_v.long()))
+    same = (
+        (default_k and default_v)
+        or (k_head is v_head and k_head is not None)
+        or (host_k is not None and host_v is not None and torch.equal(host_k.long(), host_v.long()))
+    )
     shared_map = Hk == Hv and same
     if shared_map:
         v_head_H = k_head_H
@@ -155,8 +161,9 @@ def _validate(q, k, v, k_head, v_head, q_positions, causal, softmax_scale) -> _A
     pos_BT = None
     if q_positions is None:
         if causal and T > S:
-            raise ValueError(f"q_positions: the default positions S - T + i need T <= S (T={T}, S={S}); "
-                             "pass q_positions explicitly")
+            raise ValueError(
+                f"q_positions: the default positions S - T + i need T <= S (T={T}, S={S}); pass q_positions explicitly"
+            )
     else:
         pos_BT = q_positions if isinstance(q_positions, torch.Tensor) else torch.as_tensor(q_positions)
         if pos_BT.device.type == "meta":
@@ -206,12 +213,35 @@ def _attention_triton(q, k, v, a: _Args, causal: bool, deterministic: bool):
     k_head_H = a.k_head_H.to(torch.int32)
     v_head_H = k_head_H if a.shared_map else a.v_head_H.to(torch.int32)
     pos = None if a.pos_BT is None else a.pos_BT.to(torch.int32).contiguous()
-    return attention_fwd(q, k, v, k_head_H, v_head_H, pos, _first_bad(k, v, a).to(torch.int32), causal, a.scale,
-                         a.shared_map, deterministic)
+    return attention_fwd(
+        q,
+        k,
+        v,
+        k_head_H,
+        v_head_H,
+        pos,
+        _first_bad(k, v, a).to(torch.int32),
+        causal,
+        a.scale,
+        a.shared_map,
+        deterministic,
+    )
 
 
-def attention(q, k, v, *, causal=True, k_head=None, v_head=None, q_positions=None, softmax_scale=None,
-              return_lse=False, backend="auto", deterministic=True):
+def attention(
+    q,
+    k,
+    v,
+    *,
+    causal=True,
+    k_head=None,
+    v_head=None,
+    q_positions=None,
+    softmax_scale=None,
+    return_lse=False,
+    backend="auto",
+    deterministic=True,
+):
     """Scaled dot-product attention with decoupled key/value head maps and sparse query positions.
 
     Args:
@@ -261,14 +291,25 @@ def attention(q, k, v, *, causal=True, k_head=None, v_head=None, q_positions=Non
     bad_BTH = _nan_rows(q, a, _first_bad(k, v, a), causal, S)
     k_ok, v_ok = _finite(k), _finite(v)
     if backend == "sdpa":
-        out, lse = attention_sdpa(q, k_ok, v_ok, a.k_head_H, a.v_head_H, a.positions(B, T, S, q.device), causal,
-                                  a.scale, a.pos_BT is None, return_lse,
-                                  plain_gqa=a.default_k and a.default_v and k.shape[2] == v.shape[2])
+        out, lse = attention_sdpa(
+            q,
+            k_ok,
+            v_ok,
+            a.k_head_H,
+            a.v_head_H,
+            a.positions(B, T, S, q.device),
+            causal,
+            a.scale,
+            a.pos_BT is None,
+            return_lse,
+            plain_gqa=a.default_k and a.default_v and k.shape[2] == v.shape[2],
+        )
     elif backend == "flash_attn":
         out, lse = attention_flash_attn(q, k_ok, v_ok, causal, a.scale, return_lse)
     else:
-        out, lse = attention_reference(q, k_ok, v_ok, a.k_head_H, a.v_head_H, a.positions(B, T, S, q.device), causal,
-                                       a.scale)
+        out, lse = attention_reference(
+            q, k_ok, v_ok, a.k_head_H, a.v_head_H, a.positions(B, T, S, q.device), causal, a.scale
+        )
         out, lse = out.to(q.dtype), lse.float()
     out = torch.where(bad_BTH[..., None], torch.full_like(out, float("nan")), out)
     if not return_lse:

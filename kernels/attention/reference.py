@@ -7,6 +7,7 @@ Legend (shape suffixes):
 Materialises the full T×S scores per head in fp32 (or fp64 when given fp64): slow, obviously
 correct, and differentiable by autograd, so tests take gradients of it directly.
 """
+
 from __future__ import annotations
 
 import math

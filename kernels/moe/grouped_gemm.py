@@ -17,6 +17,7 @@ expert's rows; tiles never straddle experts, so each tile multiplies by exactly 
 The k-way combine is a separate memory-bound pass rather than atomics so the result is
 deterministic and needs no zero-initialised fp32 buffer.
 """
+
 from __future__ import annotations
 
 import torch
@@ -82,8 +83,7 @@ if HAS_TRITON:
     ACTIVE_CONFIGS = _interp_configs() if INTERPRET else GEMM_CONFIGS
 
     @triton.jit
-    def _grouped_tile(pid, n_cols, counts_ptr, E, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
-                      GROUP_M: tl.constexpr):
+    def _grouped_tile(pid, n_cols, counts_ptr, E, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
         """Program id → (expert, row tile within the expert, column tile, valid); plain-Python twin:
         ``kernels.moe.traffic.grouped_programs``. Expert e owns programs [c_e·n_cols, c_{e+1}·n_cols)
         (c = cumulative row tiles); inside it, GROUP_M row tiles sweep all column tiles before the
@@ -137,18 +137,36 @@ if HAS_TRITON:
 
     @triton.autotune(configs=ACTIVE_CONFIGS, key=["D", "F", "SWIGLU", "STORE_H"], prune_configs_by=PRUNE)
     @triton.jit
-    def _gather_act_fwd(x_ptr, w_ptr, h_ptr, a_ptr, slot_ptr, counts_ptr, offsets_ptr,
-                        M, K_SLOTS, D, F, E, stride_we, stride_wd, stride_wh,
-                        SWIGLU: tl.constexpr, STORE_H: tl.constexpr, E_POW2: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr):
+    def _gather_act_fwd(
+        x_ptr,
+        w_ptr,
+        h_ptr,
+        a_ptr,
+        slot_ptr,
+        counts_ptr,
+        offsets_ptr,
+        M,
+        K_SLOTS,
+        D,
+        F,
+        E,
+        stride_we,
+        stride_wd,
+        stride_wh,
+        SWIGLU: tl.constexpr,
+        STORE_H: tl.constexpr,
+        E_POW2: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
         # SwiGLU: a tile is BLOCK_N columns of h = BLOCK_N/2 gate + BLOCK_N/2 up columns, so the two
         # fp32 accumulators hold BLOCK_M × BLOCK_N values together, like any GEMM tile (two full-width
         # accumulators spilled in 4 of 5 configs)
         COLS: tl.constexpr = BLOCK_N // 2 if SWIGLU else BLOCK_N
         n_cols = tl.cdiv(F, COLS)
-        e, row_tile, col_tile, valid = _grouped_tile(tl.program_id(0), n_cols, counts_ptr, E, E_POW2,
-                                                     BLOCK_M, GROUP_M)
+        e, row_tile, col_tile, valid = _grouped_tile(tl.program_id(0), n_cols, counts_ptr, E, E_POW2, BLOCK_M, GROUP_M)
         if valid:
             offs_m, row_end = _expert_rows(e, row_tile, offsets_ptr, BLOCK_M)
             m_mask = offs_m < row_end
@@ -198,14 +216,29 @@ if HAS_TRITON:
 
     @triton.autotune(configs=ACTIVE_CONFIGS, key=["K_IN", "N_OUT", "HAS_GATE"], prune_configs_by=PRUNE)
     @triton.jit
-    def _scatter_gemm(a_ptr, w_ptr, out_ptr, slot_ptr, gate_ptr, counts_ptr, offsets_ptr,
-                      K_IN, N_OUT, E, stride_we, stride_wk, stride_wn,
-                      HAS_GATE: tl.constexpr, E_POW2: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr):
+    def _scatter_gemm(
+        a_ptr,
+        w_ptr,
+        out_ptr,
+        slot_ptr,
+        gate_ptr,
+        counts_ptr,
+        offsets_ptr,
+        K_IN,
+        N_OUT,
+        E,
+        stride_we,
+        stride_wk,
+        stride_wn,
+        HAS_GATE: tl.constexpr,
+        E_POW2: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
         n_cols = tl.cdiv(N_OUT, BLOCK_N)
-        e, row_tile, col_tile, valid = _grouped_tile(tl.program_id(0), n_cols, counts_ptr, E, E_POW2,
-                                                     BLOCK_M, GROUP_M)
+        e, row_tile, col_tile, valid = _grouped_tile(tl.program_id(0), n_cols, counts_ptr, E, E_POW2, BLOCK_M, GROUP_M)
         if valid:
             offs_m, row_end = _expert_rows(e, row_tile, offsets_ptr, BLOCK_M)
             m_mask = offs_m < row_end
@@ -225,8 +258,11 @@ if HAS_TRITON:
                 w_ptrs += BLOCK_K * stride_wk
             if HAS_GATE:
                 acc *= tl.load(gate_ptr + slot, mask=m_mask, other=0.0).to(tl.float32)[:, None]
-            tl.store(out_ptr + slot[:, None] * N_OUT + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                     mask=m_mask[:, None] & n_mask[None, :])
+            tl.store(
+                out_ptr + slot[:, None] * N_OUT + offs_n[None, :],
+                acc.to(out_ptr.dtype.element_ty),
+                mask=m_mask[:, None] & n_mask[None, :],
+            )
 
     @triton.jit
     def _combine_kernel(o_ptr, ids_ptr, y_ptr, K_SLOTS, D, E, BLOCK_D: tl.constexpr):
@@ -250,9 +286,11 @@ def _tile_grid(M: int, E: int, ncols: int, half_n: bool = False):
     """1-D grid over (row tile, column tile) pairs, in _grouped_tile's order. The row-tile count is an
     upper bound (every expert adds at most one partial tile); extra programs exit at once.
     half_n: the kernel's column tile is BLOCK_N // 2 wide (SwiGLU gate/up halves)."""
+
     def grid(meta):
         cols = meta["BLOCK_N"] // 2 if half_n else meta["BLOCK_N"]
         return ((triton.cdiv(M, meta["BLOCK_M"]) + E) * triton.cdiv(ncols, cols),)
+
     return grid
 
 
@@ -264,8 +302,24 @@ def gather_act_fwd(x_ND: torch.Tensor, w_EDH: torch.Tensor, r: Routing, k: int, 
     a_MF = torch.empty((M, F), dtype=x_ND.dtype, device=x_ND.device)
     h_MH = torch.empty((M, H), dtype=x_ND.dtype, device=x_ND.device) if store_h else None
     _gather_act_fwd[_tile_grid(M, E, F, half_n=swiglu)](
-        x_ND, w_EDH, h_MH if store_h else a_MF, a_MF, r.sorted_slot_M, r.counts_E, r.offsets_E1,
-        M, k, D, F, E, *w_EDH.stride(), SWIGLU=swiglu, STORE_H=store_h, E_POW2=_e_pow2(E), GROUP_M=GROUP_M)
+        x_ND,
+        w_EDH,
+        h_MH if store_h else a_MF,
+        a_MF,
+        r.sorted_slot_M,
+        r.counts_E,
+        r.offsets_E1,
+        M,
+        k,
+        D,
+        F,
+        E,
+        *w_EDH.stride(),
+        SWIGLU=swiglu,
+        STORE_H=store_h,
+        E_POW2=_e_pow2(E),
+        GROUP_M=GROUP_M,
+    )
     return h_MH, a_MF
 
 
@@ -275,8 +329,21 @@ def scatter_gemm(a_MK: torch.Tensor, w_EKD: torch.Tensor, r: Routing, gates_M: t
     M, E, K_in, D = r.sorted_slot_M.numel(), w_EKD.shape[0], w_EKD.shape[1], w_EKD.shape[2]
     o_MD = torch.empty((M, D), dtype=a_MK.dtype, device=a_MK.device)
     _scatter_gemm[_tile_grid(M, E, D)](
-        a_MK, w_EKD, o_MD, r.sorted_slot_M, gates_M if gates_M is not None else a_MK, r.counts_E, r.offsets_E1,
-        K_in, D, E, *w_EKD.stride(), HAS_GATE=gates_M is not None, E_POW2=_e_pow2(E), GROUP_M=GROUP_M)
+        a_MK,
+        w_EKD,
+        o_MD,
+        r.sorted_slot_M,
+        gates_M if gates_M is not None else a_MK,
+        r.counts_E,
+        r.offsets_E1,
+        K_in,
+        D,
+        E,
+        *w_EKD.stride(),
+        HAS_GATE=gates_M is not None,
+        E_POW2=_e_pow2(E),
+        GROUP_M=GROUP_M,
+    )
     return o_MD
 
 

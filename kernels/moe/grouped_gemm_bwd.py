@@ -16,6 +16,7 @@ With y[n] = Σ_j g[m] · act(x[n] @ w_in[e]) @ w_out[e]  (m = n·k + j, e = ids[
 The gate gradient is written as M × cdiv(F, C) partial sums (summed by the caller) instead of
 atomics, so it is deterministic and independent of which BLOCK_N the autotuner picked.
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,12 +56,29 @@ if HAS_TRITON:
             tl.store(dgate_ptr + slot * DG_COLS + col0 + c, part, mask=m_mask & (col0 + c < DG_COLS))
 
     @triton.jit
-    def _act_bwd_half(da, row0, lrows, cols, m_mask, F, h_ptr, dh_ptr, a_ptr, gate, dgate_ptr, slot, dg_col0,
-                      DG_COLS, SWIGLU: tl.constexpr, CHUNK: tl.constexpr):
+    def _act_bwd_half(
+        da,
+        row0,
+        lrows,
+        cols,
+        m_mask,
+        F,
+        h_ptr,
+        dh_ptr,
+        a_ptr,
+        gate,
+        dgate_ptr,
+        slot,
+        dg_col0,
+        DG_COLS,
+        SWIGLU: tl.constexpr,
+        CHUNK: tl.constexpr,
+    ):
         """Epilogue on one column half: the gate-gradient partial sums Σ_f da·act(h) per CHUNK
         columns, then dh. GELU also writes a = gelu(h) for dw_out (its epilogue has registers to
         spare; recomputing erf inside _grouped_dw's K loop spilled ~400 B on sm_80). SwiGLU does not:
-        one more tile spilled here, so _grouped_dw recomputes silu(g)·u from h instead. Ordered so that few half tiles are live at once, with
+        one more tile spilled here, so _grouped_dw recomputes silu(g)·u from h instead. Ordered so that few half
+        tiles are live at once, with
         int32 offsets from per-tile base pointers (64-bit per-element addresses cost 2 registers
         each): the full-width version kept ~8 fp32 tiles live and spilled ~700 B/thread."""
         H = 2 * F if SWIGLU else F
@@ -89,14 +107,35 @@ if HAS_TRITON:
 
     @triton.autotune(configs=ACTIVE_CONFIGS, key=["D", "F", "SWIGLU"], prune_configs_by=PRUNE)
     @triton.jit
-    def _gather_act_bwd(dy_ptr, w_ptr, h_ptr, dh_ptr, a_ptr, dgate_ptr, slot_ptr, gate_ptr, counts_ptr,
-                        offsets_ptr, K_SLOTS, D, F, E, stride_we, stride_wf, stride_wd, DG_COLS,
-                        SWIGLU: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr):
+    def _gather_act_bwd(
+        dy_ptr,
+        w_ptr,
+        h_ptr,
+        dh_ptr,
+        a_ptr,
+        dgate_ptr,
+        slot_ptr,
+        gate_ptr,
+        counts_ptr,
+        offsets_ptr,
+        K_SLOTS,
+        D,
+        F,
+        E,
+        stride_we,
+        stride_wf,
+        stride_wd,
+        DG_COLS,
+        SWIGLU: tl.constexpr,
+        E_POW2: tl.constexpr,
+        CHUNK: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
         n_cols = tl.cdiv(F, BLOCK_N)
-        e, row_tile, col_tile, valid = _grouped_tile(tl.program_id(0), n_cols, counts_ptr, E, E_POW2,
-                                                     BLOCK_M, GROUP_M)
+        e, row_tile, col_tile, valid = _grouped_tile(tl.program_id(0), n_cols, counts_ptr, E, E_POW2, BLOCK_M, GROUP_M)
         if valid:
             HALF: tl.constexpr = BLOCK_N // 2
             offs_m, row_end = _expert_rows(e, row_tile, offsets_ptr, BLOCK_M)
@@ -126,16 +165,64 @@ if HAS_TRITON:
             lrows = tl.arange(0, BLOCK_M)
             gate = tl.load(gate_ptr + slot, mask=m_mask, other=0.0).to(tl.float32)[:, None]
             dg_col0 = col_tile * (BLOCK_N // CHUNK)
-            _act_bwd_half(acc0, row0, lrows, cols0, m_mask, F, h_ptr, dh_ptr, a_ptr, gate, dgate_ptr, slot, dg_col0,
-                          DG_COLS, SWIGLU, CHUNK)
-            _act_bwd_half(acc1, row0, lrows, cols1, m_mask, F, h_ptr, dh_ptr, a_ptr, gate, dgate_ptr, slot,
-                          dg_col0 + HALF // CHUNK, DG_COLS, SWIGLU, CHUNK)
+            _act_bwd_half(
+                acc0,
+                row0,
+                lrows,
+                cols0,
+                m_mask,
+                F,
+                h_ptr,
+                dh_ptr,
+                a_ptr,
+                gate,
+                dgate_ptr,
+                slot,
+                dg_col0,
+                DG_COLS,
+                SWIGLU,
+                CHUNK,
+            )
+            _act_bwd_half(
+                acc1,
+                row0,
+                lrows,
+                cols1,
+                m_mask,
+                F,
+                h_ptr,
+                dh_ptr,
+                a_ptr,
+                gate,
+                dgate_ptr,
+                slot,
+                dg_col0 + HALF // CHUNK,
+                DG_COLS,
+                SWIGLU,
+                CHUNK,
+            )
 
     @triton.autotune(configs=ACTIVE_CONFIGS, key=["I", "J", "A_GATHER", "B_GATHER"], prune_configs_by=PRUNE)
     @triton.jit
-    def _grouped_dw(a_ptr, b_ptr, out_ptr, slot_ptr, gate_ptr, offsets_ptr, K_SLOTS, I, J,
-                    GROUP_M, A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, B_GATE: tl.constexpr,
-                    A_ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _grouped_dw(
+        a_ptr,
+        b_ptr,
+        out_ptr,
+        slot_ptr,
+        gate_ptr,
+        offsets_ptr,
+        K_SLOTS,
+        I,
+        J,
+        GROUP_M,
+        A_GATHER: tl.constexpr,
+        B_GATHER: tl.constexpr,
+        B_GATE: tl.constexpr,
+        A_ACT: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         """out[e] (I × J) = Σ over expert e's rows p of A[rowA(p)]ᵀ B[rowB(p)] (BLOCK_M tiles I,
         BLOCK_N tiles J, BLOCK_K walks the rows). Experts without rows write zeros.
         A_ACT: 0 = A as stored; 1 = A is silu(g)·u recomputed from the SwiGLU pre-activation h (rows
@@ -183,15 +270,35 @@ def gather_act_bwd(dy_ND, w_out_EFD, h_MH, gates_M, ids_M, r: Routing, k: int, s
     dg_cols = triton.cdiv(F, DGATE_CHUNK)
     dgate_MC = torch.empty((M, dg_cols), dtype=torch.float32, device=dy_ND.device)
     _gather_act_bwd[_tile_grid(M, E, F)](
-        dy_ND, w_out_EFD, h_MH, dh_MH, dh_MH if swiglu else a_MF, dgate_MC, r.sorted_slot_M, gates_M, r.counts_E, r.offsets_E1,
-        k, D, F, E, *w_out_EFD.stride(), dg_cols, SWIGLU=swiglu, E_POW2=_e_pow2(E), CHUNK=DGATE_CHUNK, GROUP_M=GROUP_M)
+        dy_ND,
+        w_out_EFD,
+        h_MH,
+        dh_MH,
+        dh_MH if swiglu else a_MF,
+        dgate_MC,
+        r.sorted_slot_M,
+        gates_M,
+        r.counts_E,
+        r.offsets_E1,
+        k,
+        D,
+        F,
+        E,
+        *w_out_EFD.stride(),
+        dg_cols,
+        SWIGLU=swiglu,
+        E_POW2=_e_pow2(E),
+        CHUNK=DGATE_CHUNK,
+        GROUP_M=GROUP_M,
+    )
     # dropped (and out-of-range, see routing.py) slots' partial rows were never written: no gradient
     dgates_M = torch.where((ids_M >= 0) & (ids_M < E), dgate_MC.sum(1), 0.0)
     return dh_MH, dgates_M, a_MF
 
 
-def grouped_dw(a_RI, b_RJ, r: Routing, k: int, E: int, a_gather: bool, b_gather: bool, gates_M=None,
-               a_act: str | None = None):
+def grouped_dw(
+    a_RI, b_RJ, r: Routing, k: int, E: int, a_gather: bool, b_gather: bool, gates_M=None, a_act: str | None = None
+):
     """out_EIJ[e] = Σ_{p of expert e} a[row(p)]ᵀ b[row(p)] (· gate); row = token if *_gather else p.
     a_act="swiglu": a_RI holds the SwiGLU pre-activation h (R, 2I) and A = silu(h[:, :I])·h[:, I:]."""
     I = a_RI.shape[1] // 2 if a_act == "swiglu" else a_RI.shape[1]
@@ -199,7 +306,20 @@ def grouped_dw(a_RI, b_RJ, r: Routing, k: int, E: int, a_gather: bool, b_gather:
     out_EIJ = torch.empty((E, I, J), dtype=a_RI.dtype, device=a_RI.device)
     grid = lambda meta: (triton.cdiv(I, meta["BLOCK_M"]) * triton.cdiv(J, meta["BLOCK_N"]), E)
     group_m = dw_group_m(r.sorted_slot_M.numel() // E, J, b_RJ.element_size())
-    _grouped_dw[grid](a_RI, b_RJ, out_EIJ, r.sorted_slot_M, gates_M if gates_M is not None else b_RJ,
-                      r.offsets_E1, k, I, J, group_m, A_GATHER=a_gather, B_GATHER=b_gather,
-                      B_GATE=gates_M is not None, A_ACT=int(a_act == "swiglu"))
+    _grouped_dw[grid](
+        a_RI,
+        b_RJ,
+        out_EIJ,
+        r.sorted_slot_M,
+        gates_M if gates_M is not None else b_RJ,
+        r.offsets_E1,
+        k,
+        I,
+        J,
+        group_m,
+        A_GATHER=a_gather,
+        B_GATHER=b_gather,
+        B_GATE=gates_M is not None,
+        A_ACT=int(a_act == "swiglu"),
+    )
     return out_EIJ

@@ -9,6 +9,7 @@ scatter GEMM + gate → combine) with registered autograd (``sparse_arch::moe_tr
 forward saves only the pre-activation h; the backward recomputes the activation from it. Under
 torch.compile the torch path runs as ``sparse_arch::moe_torch`` so neither breaks the graph.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,15 @@ _Tensors6 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.
 
 
 @torch.library.custom_op("sparse_arch::moe_triton_fwd", mutates_args=())
-def _triton_fwd(x_ND: torch.Tensor, ids_NK: torch.Tensor, gates_NK: torch.Tensor, w_in_EDH: torch.Tensor,
-                w_out_EFD: torch.Tensor, swiglu: bool, need_h: bool) -> _Tensors6:
+def _triton_fwd(
+    x_ND: torch.Tensor,
+    ids_NK: torch.Tensor,
+    gates_NK: torch.Tensor,
+    w_in_EDH: torch.Tensor,
+    w_out_EFD: torch.Tensor,
+    swiglu: bool,
+    need_h: bool,
+) -> _Tensors6:
     """→ (y_ND, h_MH or (0, H), sorted_slot_M, counts_E, offsets_E1, invalid_1)."""
     from kernels.moe.grouped_gemm import combine, gather_act_fwd, scatter_gemm
 
@@ -56,15 +64,35 @@ def _triton_fwd(x_ND: torch.Tensor, ids_NK: torch.Tensor, gates_NK: torch.Tensor
 def _(x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, swiglu, need_h):
     M, E = ids_NK.numel(), w_in_EDH.shape[0]
     i32 = dict(dtype=torch.int32, device=x_ND.device)
-    return (x_ND.new_empty(x_ND.shape), x_ND.new_empty((M if need_h else 0, w_in_EDH.shape[2])),
-            torch.empty(M, **i32), torch.empty(E, **i32), torch.empty(E + 1, **i32), torch.empty(1, **i32))
+    return (
+        x_ND.new_empty(x_ND.shape),
+        x_ND.new_empty((M if need_h else 0, w_in_EDH.shape[2])),
+        torch.empty(M, **i32),
+        torch.empty(E, **i32),
+        torch.empty(E + 1, **i32),
+        torch.empty(1, **i32),
+    )
 
 
 @torch.library.custom_op("sparse_arch::moe_triton_bwd", mutates_args=())
-def _triton_bwd(dy_ND: torch.Tensor, x_ND: torch.Tensor, ids_NK: torch.Tensor, gates_NK: torch.Tensor,
-                w_in_EDH: torch.Tensor, w_out_EFD: torch.Tensor, h_MH: torch.Tensor, sorted_slot_M: torch.Tensor,
-                counts_E: torch.Tensor, offsets_E1: torch.Tensor, invalid_1: torch.Tensor, swiglu: bool,
-                need_x: bool, need_g: bool, need_win: bool, need_wout: bool) -> _Tensors4:
+def _triton_bwd(
+    dy_ND: torch.Tensor,
+    x_ND: torch.Tensor,
+    ids_NK: torch.Tensor,
+    gates_NK: torch.Tensor,
+    w_in_EDH: torch.Tensor,
+    w_out_EFD: torch.Tensor,
+    h_MH: torch.Tensor,
+    sorted_slot_M: torch.Tensor,
+    counts_E: torch.Tensor,
+    offsets_E1: torch.Tensor,
+    invalid_1: torch.Tensor,
+    swiglu: bool,
+    need_x: bool,
+    need_g: bool,
+    need_win: bool,
+    need_wout: bool,
+) -> _Tensors4:
     """→ (dx, dgates, dw_in, dw_out); an unneeded one is a (0,) tensor."""
     from kernels.moe.grouped_gemm import combine, scatter_gemm
     from kernels.moe.grouped_gemm_bwd import gather_act_bwd, grouped_dw
@@ -87,14 +115,39 @@ def _triton_bwd(dy_ND: torch.Tensor, x_ND: torch.Tensor, ids_NK: torch.Tensor, g
             dw_in = grouped_dw(x_ND, dh_MH, r, k, E, a_gather=True, b_gather=False)
     if need_wout:
         # SwiGLU: A = silu(g)·u recomputed from h inside the GEMM; GELU: a recomputed above
-        dw_out = grouped_dw(h_MH if swiglu else a_MF, dy_ND, r, k, E, a_gather=False, b_gather=True,
-                            gates_M=gates_M, a_act="swiglu" if swiglu else None)
+        dw_out = grouped_dw(
+            h_MH if swiglu else a_MF,
+            dy_ND,
+            r,
+            k,
+            E,
+            a_gather=False,
+            b_gather=True,
+            gates_M=gates_M,
+            a_act="swiglu" if swiglu else None,
+        )
     return dx, dg, dw_in, dw_out
 
 
 @_triton_bwd.register_fake
-def _(dy_ND, x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, h_MH, sorted_slot_M, counts_E, offsets_E1, invalid_1,
-      swiglu, need_x, need_g, need_win, need_wout):
+def _(
+    dy_ND,
+    x_ND,
+    ids_NK,
+    gates_NK,
+    w_in_EDH,
+    w_out_EFD,
+    h_MH,
+    sorted_slot_M,
+    counts_E,
+    offsets_E1,
+    invalid_1,
+    swiglu,
+    need_x,
+    need_g,
+    need_win,
+    need_wout,
+):
     def like(t, need):
         return t.new_empty(t.shape if need else (0,))
 
@@ -111,8 +164,21 @@ def _triton_setup(ctx, inputs, output):
 def _triton_backward(ctx, dy_ND, *_):
     x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, h_MH, *routing = ctx.saved_tensors
     need_x, _, need_g, need_win, need_wout = ctx.needs_input_grad[:5]
-    grads = _triton_bwd(dy_ND, x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, h_MH, *routing, ctx.swiglu,
-                        need_x, need_g, need_win, need_wout)
+    grads = _triton_bwd(
+        dy_ND,
+        x_ND,
+        ids_NK,
+        gates_NK,
+        w_in_EDH,
+        w_out_EFD,
+        h_MH,
+        *routing,
+        ctx.swiglu,
+        need_x,
+        need_g,
+        need_win,
+        need_wout,
+    )
     dx, dg, dw_in, dw_out = (g if need else None for g, need in zip(grads, (need_x, need_g, need_win, need_wout)))
     return dx, None, dg, dw_in, dw_out, None, None
 
@@ -125,8 +191,14 @@ _triton_fwd.register_autograd(_triton_backward, setup_context=_triton_setup)
 
 
 @torch.library.custom_op("sparse_arch::moe_torch", mutates_args=())
-def _torch_op(x_ND: torch.Tensor, ids_NK: torch.Tensor, gates_NK: torch.Tensor, w_in_EDH: torch.Tensor,
-              w_out_EFD: torch.Tensor, activation: str) -> torch.Tensor:
+def _torch_op(
+    x_ND: torch.Tensor,
+    ids_NK: torch.Tensor,
+    gates_NK: torch.Tensor,
+    w_in_EDH: torch.Tensor,
+    w_out_EFD: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
     return expert_mlp_torch(x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, activation)
 
 
@@ -136,8 +208,15 @@ def _(x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, activation):
 
 
 @torch.library.custom_op("sparse_arch::moe_torch_bwd", mutates_args=())
-def _torch_bwd(dy_ND: torch.Tensor, x_ND: torch.Tensor, ids_NK: torch.Tensor, gates_NK: torch.Tensor,
-               w_in_EDH: torch.Tensor, w_out_EFD: torch.Tensor, activation: str) -> _Tensors4:
+def _torch_bwd(
+    dy_ND: torch.Tensor,
+    x_ND: torch.Tensor,
+    ids_NK: torch.Tensor,
+    gates_NK: torch.Tensor,
+    w_in_EDH: torch.Tensor,
+    w_out_EFD: torch.Tensor,
+    activation: str,
+) -> _Tensors4:
     # the per-expert loop (use_grouped_mm=False): its autograd works under torch.func transforms
     def f(x, g, wi, wo):
         return expert_mlp_torch(x, ids_NK, g, wi, wo, activation, use_grouped_mm=False)
@@ -208,15 +287,25 @@ def _check_inputs(x, expert_ids, expert_weights, w_in, w_out, activation, check_
     if expert_ids.ndim != 2 or expert_ids.shape[0] != x.shape[0] or expert_ids.shape[1] < 1:
         _fail(ValueError, "expert_ids", f"must have shape (N={x.shape[0]}, k>=1), got {tuple(expert_ids.shape)}")
     if expert_weights.shape != expert_ids.shape:
-        _fail(ValueError, "expert_weights", f"shape {tuple(expert_weights.shape)} must equal expert_ids shape {tuple(expert_ids.shape)}")
+        _fail(
+            ValueError,
+            "expert_weights",
+            f"shape {tuple(expert_weights.shape)} must equal expert_ids shape {tuple(expert_ids.shape)}",
+        )
     if w_in.ndim != 3 or w_in.shape[1] != x.shape[1] or min(w_in.shape) < 1:
-        _fail(ValueError, "w_in", f"must have shape (E, D={x.shape[1]}, H) with positive sizes, got {tuple(w_in.shape)}")
+        _fail(
+            ValueError, "w_in", f"must have shape (E, D={x.shape[1]}, H) with positive sizes, got {tuple(w_in.shape)}"
+        )
     E, H = w_in.shape[0], w_in.shape[2]
     F = H // 2 if activation == "swiglu" else H
     if activation == "swiglu" and H % 2:
         _fail(ValueError, "w_in", f"last dim must be 2F for swiglu (gate | up), got odd {H}")
     if w_out.ndim != 3 or tuple(w_out.shape) != (E, F, x.shape[1]):
-        _fail(ValueError, "w_out", f"must have shape (E={E}, F={F}, D={x.shape[1]}) for {activation}, got {tuple(w_out.shape)}")
+        _fail(
+            ValueError,
+            "w_out",
+            f"must have shape (E={E}, F={F}, D={x.shape[1]}) for {activation}, got {tuple(w_out.shape)}",
+        )
     for name, t in named.items():
         if not t.is_contiguous():
             _fail(ValueError, name, f"must be contiguous (call .contiguous()); got strides {t.stride()}")
@@ -227,8 +316,16 @@ def _check_inputs(x, expert_ids, expert_weights, w_in, w_out, activation, check_
             _fail(ValueError, "expert_ids", f"values must be in [0, E={E}) or -1, found {bad}")
 
 
-def expert_mlp(x, expert_ids, expert_weights, w_in, w_out, activation: str = "swiglu", backend: str = "auto",
-               check_ids: bool | None = None):
+def expert_mlp(
+    x,
+    expert_ids,
+    expert_weights,
+    w_in,
+    w_out,
+    activation: str = "swiglu",
+    backend: str = "auto",
+    check_ids: bool | None = None,
+):
     """Top-k mixture of expert MLPs: ``y[n] = Σ_j expert_weights[n, j] · expert_{expert_ids[n, j]}(x[n])``.
 
     Args:

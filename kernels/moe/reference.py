@@ -7,6 +7,7 @@ Legend (shape suffixes):
 Written from the definition only and sharing no code with the kernels or the torch backend, so
 the tests compare two independent implementations. Slow (N·k tiny matmuls): tests only.
 """
+
 from __future__ import annotations
 
 import math

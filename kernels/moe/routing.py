@@ -24,6 +24,7 @@ Triton path = three launches (ScatterMoE / megablocks style, but without any hos
     3. ``_scatter_kernel``    per routing block: in-block stable sort (key = bin·BLOCK + lane),
                               destination = base[block, bin] + rank in the sorted block
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -76,8 +77,19 @@ if HAS_TRITON:
         tl.store(hist_ptr + b * R + tl.arange(0, R), tl.histogram(bins, R))
 
     @triton.jit
-    def _scan_kernel(hist_ptr, base_ptr, counts_ptr, offsets_ptr, invalid_ptr, NB, M, E,
-                     R: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    def _scan_kernel(
+        hist_ptr,
+        base_ptr,
+        counts_ptr,
+        offsets_ptr,
+        invalid_ptr,
+        NB,
+        M,
+        E,
+        R: tl.constexpr,
+        ROWS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """One program: totals per bin, then base_BR[b, r] = where block b's bin-r slots start,
         minus the in-block start of bin r (so the scatter kernel adds its in-block sorted lane)."""
         r = tl.arange(0, R)
@@ -130,8 +142,20 @@ def _route_triton(ids_M: torch.Tensor, num_experts: int) -> Routing:
     sorted_slot_M = torch.empty(M, dtype=torch.int32, device=dev)
     invalid_1 = torch.empty(1, dtype=torch.int32, device=dev)
     _histogram_kernel[(NB,)](ids_M, hist_BR, M, num_experts, R=R, BLOCK=ROUTE_BLOCK)
-    _scan_kernel[(1,)](hist_BR, base_BR, counts_E, offsets_E1, invalid_1, NB, M, num_experts,
-                       R=R, ROWS=SCAN_ROWS, BLOCK=ROUTE_BLOCK, num_warps=8)
+    _scan_kernel[(1,)](
+        hist_BR,
+        base_BR,
+        counts_E,
+        offsets_E1,
+        invalid_1,
+        NB,
+        M,
+        num_experts,
+        R=R,
+        ROWS=SCAN_ROWS,
+        BLOCK=ROUTE_BLOCK,
+        num_warps=8,
+    )
     _scatter_kernel[(NB,)](ids_M, base_BR, sorted_slot_M, M, num_experts, R=R, BLOCK=ROUTE_BLOCK, num_warps=8)
     return Routing(sorted_slot_M, counts_E, offsets_E1, invalid_1)
 
@@ -144,10 +168,11 @@ def _route_torch(ids_M: torch.Tensor, num_experts: int) -> Routing:
     bins_M = torch.where(ids_M == -1, E, torch.where((ids_M >= 0) & (ids_M < E), ids_M, E + 1))
     sorted_slot_M = torch.argsort(bins_M, stable=True).to(torch.int32)
     hist = torch.zeros(E + 2, dtype=torch.int32, device=ids_M.device).scatter_add_(
-        0, bins_M, torch.ones_like(bins_M, dtype=torch.int32))
+        0, bins_M, torch.ones_like(bins_M, dtype=torch.int32)
+    )
     counts_E = hist[:E].contiguous()
     offsets_E1 = torch.cat([hist.new_zeros(1), torch.cumsum(counts_E, 0, dtype=torch.int32)])
-    return Routing(sorted_slot_M, counts_E, offsets_E1, hist[E + 1:].contiguous())
+    return Routing(sorted_slot_M, counts_E, offsets_E1, hist[E + 1 :].contiguous())
 
 
 def route(expert_ids: torch.Tensor, num_experts: int, backend: str = "auto") -> Routing:
@@ -158,7 +183,9 @@ def route(expert_ids: torch.Tensor, num_experts: int, backend: str = "auto") -> 
     backend: "triton" | "torch" | "auto" (Triton on CUDA, torch elsewhere). Both give identical output.
     """
     if not isinstance(expert_ids, torch.Tensor) or expert_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"expert_ids must be an int32/int64 tensor, got {getattr(expert_ids, 'dtype', type(expert_ids))}")
+        raise TypeError(
+            f"expert_ids must be an int32/int64 tensor, got {getattr(expert_ids, 'dtype', type(expert_ids))}"
+        )
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
     ids_M = expert_ids.reshape(-1).contiguous()

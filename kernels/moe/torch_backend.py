@@ -29,6 +29,7 @@ no index_add), so the same inputs give bitwise-equal outputs and gradients run t
 tensors (for a ``torch.library`` op with registered autograd); ``expert_mlp_torch`` is the
 autograd-capable call ``kernels.moe.expert_mlp(backend="torch")`` uses.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -63,12 +64,17 @@ def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
                 w = torch.randn(3, 16, 16, generator=g).to(device, dtype)
                 dy = torch.randn(24, 16, generator=g).to(device, dtype)
                 offs = torch.tensor([8, 8, 20], dtype=torch.int32, device=device)
-                got = [torch._grouped_mm(a, w, offs=offs)[:20], torch._grouped_mm(a.t(), dy, offs=offs),
-                       torch._grouped_mm(dy, w.transpose(1, 2), offs=offs)[:20]]
+                got = [
+                    torch._grouped_mm(a, w, offs=offs)[:20],
+                    torch._grouped_mm(a.t(), dy, offs=offs),
+                    torch._grouped_mm(dy, w.transpose(1, 2), offs=offs)[:20],
+                ]
                 seg = [(0, 8), (8, 8), (8, 20)]  # expert 1 has no rows
-                want = [torch.cat([a[i:j] @ w[e] for e, (i, j) in enumerate(seg)]),
-                        torch.stack([a[i:j].t() @ dy[i:j] for i, j in seg]),
-                        torch.cat([dy[i:j] @ w[e].t() for e, (i, j) in enumerate(seg)])]
+                want = [
+                    torch.cat([a[i:j] @ w[e] for e, (i, j) in enumerate(seg)]),
+                    torch.stack([a[i:j].t() @ dy[i:j] for i, j in seg]),
+                    torch.cat([dy[i:j] @ w[e].t() for e, (i, j) in enumerate(seg)]),
+                ]
                 ok = all(torch.allclose(u.float(), v.float(), rtol=5e-2, atol=5e-2) for u, v in zip(got, want))
             except (RuntimeError, TypeError, NotImplementedError):
                 ok = False
@@ -110,8 +116,9 @@ def _plan(ids_NK: torch.Tensor, E: int, dtype: torch.dtype, dims: tuple[int, ...
     order_M = torch.argsort(bins_M, stable=True)  # stable: ties keep slot order → deterministic
     aligned = all(d % 8 == 0 for d in dims)  # CUDA grouped GEMMs want 16-byte aligned rows
     dev = ids_NK.device
-    grouped = use_grouped_mm and aligned and (dev.type != "cpu" or dtype == torch.bfloat16) \
-        and _grouped_mm_works(dev, dtype)
+    grouped = (
+        use_grouped_mm and aligned and (dev.type != "cpu" or dtype == torch.bfloat16) and _grouped_mm_works(dev, dtype)
+    )
     if grouped:
         # row ends per expert by binary search in the sorted bins: no bincount (whose output size
         # depends on the data, a sync on CUDA) and no atomics
@@ -143,8 +150,9 @@ def _dw(parts_K, parts_J, p: _Plan, E: int):
     if p.counts is None:
         return torch._grouped_mm(parts_K[0].t(), parts_J[0], offs=p.offsets_E)
     a0, g0 = parts_K[0], parts_J[0]
-    return torch.stack([_matmul(a.t(), g) if a.shape[0] else a0.new_zeros(a0.shape[1], g0.shape[1])
-                        for a, g in zip(parts_K, parts_J)])
+    return torch.stack(
+        [_matmul(a.t(), g) if a.shape[0] else a0.new_zeros(a0.shape[1], g0.shape[1]) for a, g in zip(parts_K, parts_J)]
+    )
 
 
 def _live(t_S_, p: _Plan):
@@ -193,11 +201,15 @@ def _act_backward(da_SF, h_SH, swiglu: bool):
 def _check(x_ND, ids_NK, w_in_EDH, w_out_EFD):
     """Cheap Python-int checks the op-level validation may not have made (no device reads)."""
     if x_ND.device.type == "meta":
-        raise ValueError("expert_mlp(backend='torch'): x is on the meta device; the torch backend needs real "
-                         "tensors (use the op's fake implementation for shape propagation)")
+        raise ValueError(
+            "expert_mlp(backend='torch'): x is on the meta device; the torch backend needs real "
+            "tensors (use the op's fake implementation for shape propagation)"
+        )
     if min(w_in_EDH.shape) < 1 or min(w_out_EFD.shape) < 1 or ids_NK.shape[1] < 1:
-        raise ValueError(f"expert_mlp(backend='torch'): sizes must be positive, got w_in {tuple(w_in_EDH.shape)}, "
-                         f"w_out {tuple(w_out_EFD.shape)}, expert_ids {tuple(ids_NK.shape)}")
+        raise ValueError(
+            f"expert_mlp(backend='torch'): sizes must be positive, got w_in {tuple(w_in_EDH.shape)}, "
+            f"w_out {tuple(w_out_EFD.shape)}, expert_ids {tuple(ids_NK.shape)}"
+        )
 
 
 def _forward(x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, swiglu, use_grouped_mm):
@@ -214,8 +226,8 @@ def _forward(x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, swiglu, use_grouped_mm
 
 def _backward(dy_ND, x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, p: _Plan, h, o, swiglu):
     """With o = a @ w_out the ungated expert output and g the gate of a row:
-        dgate = <o, dy>,  dw_out[e] = Σ aᵀ (g·dy),  da = (g·dy) @ w_outᵀ,  dh = act'(h) ⊙ da,
-        dw_in[e] = Σ xᵀ dh,  dx[n] = Σ_j dh @ w_in[e]ᵀ."""
+    dgate = <o, dy>,  dw_out[e] = Σ aᵀ (g·dy),  da = (g·dy) @ w_outᵀ,  dh = act'(h) ⊙ da,
+    dw_in[e] = Σ xᵀ dh,  dx[n] = Σ_j dh @ w_in[e]ᵀ."""
     N, k = ids_NK.shape
     E = w_in_EDH.shape[0]
     dy_SD = dy_ND.to(x_ND.dtype).index_select(0, p.tok_S)
@@ -247,14 +259,25 @@ def expert_mlp_torch_fwd(x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, activation
     return y_ND, _rows(h, p, M), _rows(o, p, M)
 
 
-def expert_mlp_torch_bwd(dy_ND, x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, h_MH, o_MD, activation="swiglu",
-                         use_grouped_mm=True):
+def expert_mlp_torch_bwd(
+    dy_ND, x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, h_MH, o_MD, activation="swiglu", use_grouped_mm=True
+):
     """Backward from ``expert_mlp_torch_fwd``'s (h_MH, o_MD) → (dx_ND, dgates_NK, dw_in_EDH, dw_out_EFD)."""
     E, D, H = w_in_EDH.shape
     p = _plan(ids_NK, E, x_ND.dtype, (D, H, w_out_EFD.shape[1]), use_grouped_mm)
     S = p.slot_S.shape[0]
-    return _backward(dy_ND, x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, p, _split(h_MH[:S], p), _split(o_MD[:S], p),
-                     activation == "swiglu")
+    return _backward(
+        dy_ND,
+        x_ND,
+        ids_NK,
+        gates_NK,
+        w_in_EDH,
+        w_out_EFD,
+        p,
+        _split(h_MH[:S], p),
+        _split(o_MD[:S], p),
+        activation == "swiglu",
+    )
 
 
 class _ExpertMLPTorch(torch.autograd.Function):
@@ -278,17 +301,20 @@ class _ExpertMLPTorch(torch.autograd.Function):
         x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, *ho = ctx.saved_tensors
         E, D, H = w_in_EDH.shape
         p = _plan(ids_NK, E, x_ND.dtype, (D, H, w_out_EFD.shape[1]), ctx.use_grouped_mm)  # cheap: one argsort
-        h, o = ho[: ctx.parts], ho[ctx.parts:]
+        h, o = ho[: ctx.parts], ho[ctx.parts :]
         dx, dg, dw_in, dw_out = _backward(dy_ND, x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, p, h, o, ctx.swiglu)
         return dx, None, dg, dw_in, dw_out, None, None
 
 
-def expert_mlp_torch(x_ND, expert_ids_NK, expert_weights_NK, w_in_EDH, w_out_EFD, activation="swiglu",
-                     use_grouped_mm: bool = True):
+def expert_mlp_torch(
+    x_ND, expert_ids_NK, expert_weights_NK, w_in_EDH, w_out_EFD, activation="swiglu", use_grouped_mm: bool = True
+):
     """Same contract as ``kernels.moe.expert_mlp`` (inputs already validated there). Differentiable in
     x, expert_weights, w_in and w_out. use_grouped_mm=False forces the per-expert loop."""
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (x_ND, expert_weights_NK, w_in_EDH, w_out_EFD)):
-        return _forward(x_ND, expert_ids_NK, expert_weights_NK, w_in_EDH, w_out_EFD, activation == "swiglu",
-                        use_grouped_mm)[0]
-    return _ExpertMLPTorch.apply(x_ND, expert_ids_NK, expert_weights_NK, w_in_EDH, w_out_EFD, activation,
-                                 use_grouped_mm)[0]
+        return _forward(
+            x_ND, expert_ids_NK, expert_weights_NK, w_in_EDH, w_out_EFD, activation == "swiglu", use_grouped_mm
+        )[0]
+    return _ExpertMLPTorch.apply(
+        x_ND, expert_ids_NK, expert_weights_NK, w_in_EDH, w_out_EFD, activation, use_grouped_mm
+    )[0]

@@ -12,6 +12,7 @@ walking K in lockstep, through an LRU cache of operand tiles (tile rows × a K c
 bytes that miss: a GPU-free estimate of what the tile order costs in DRAM traffic.
 No torch or triton import: the static benchmark calls this on any machine.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -83,9 +84,23 @@ def _gemm_dims(gemm: str, D: int, F: int):
     return {"gather_fwd": (D, 2 * F), "scatter_fwd": (F, D), "act_bwd": (D, F), "dx": (2 * F, D)}[gemm]
 
 
-def modelled_dram_bytes(gemm: str, D: int, F: int, E: int, k: int, N: int, tile_m: int, tile_n: int, tile_k: int,
-                        order: str, l2_bytes: float = 50e6, dtype_bytes: int = 2, counts: list[int] | None = None,
-                        n_sm: int = 132, k_chunk: int | None = None) -> int:
+def modelled_dram_bytes(
+    gemm: str,
+    D: int,
+    F: int,
+    E: int,
+    k: int,
+    N: int,
+    tile_m: int,
+    tile_n: int,
+    tile_k: int,
+    order: str,
+    l2_bytes: float = 50e6,
+    dtype_bytes: int = 2,
+    counts: list[int] | None = None,
+    n_sm: int = 132,
+    k_chunk: int | None = None,
+) -> int:
     """Modelled DRAM bytes of one grouped GEMM of the SwiGLU expert MLP (reads through an LRU L2 of
     l2_bytes, plus one write of the output).
 
@@ -119,7 +134,7 @@ def modelled_dram_bytes(gemm: str, D: int, F: int, E: int, k: int, N: int, tile_
     def replay(programs, k_len, k_len_of=None):
         """Waves of n_sm programs run concurrently and walk K in lockstep, chunk by chunk."""
         for w0 in range(0, len(programs), n_sm):
-            wave = programs[w0:w0 + n_sm]
+            wave = programs[w0 : w0 + n_sm]
             longest = max(k_len_of(p) if k_len_of else k_len for p in wave)
             for kc in range(0, longest, k_chunk):
                 for p in wave:
@@ -133,12 +148,23 @@ def modelled_dram_bytes(gemm: str, D: int, F: int, E: int, k: int, N: int, tile_
         I, J = (D, 2 * F) if gemm == "dw_in" else (F, D)
         n_i, n_j = _cdiv(I, tile_m), _cdiv(J, tile_n)
         group = dw_group_m(sum(counts) // E, J, dtype_bytes, l2_bytes)
-        tiles = swizzled_programs(n_i, n_j, group) if order == "grouped" else \
-            [(i, j) for i in range(n_i) for j in range(n_j)]  # the previous order: J fastest
+        tiles = (
+            swizzled_programs(n_i, n_j, group)
+            if order == "grouped"
+            else [(i, j) for i in range(n_i) for j in range(n_j)]
+        )  # the previous order: J fastest
         a_factor = 2 if gemm == "dw_out" else 1  # dw_out reads h = [gate | up] and recomputes a
-        progs = [(e, [(("A", e, i), a_factor * min(tile_m, I - i * tile_m) * dtype_bytes),
-                      (("B", e, j), min(tile_n, J - j * tile_n) * dtype_bytes)])
-                 for e in range(E) for i, j in tiles]  # expert = the slow grid axis
+        progs = [
+            (
+                e,
+                [
+                    (("A", e, i), a_factor * min(tile_m, I - i * tile_m) * dtype_bytes),
+                    (("B", e, j), min(tile_n, J - j * tile_n) * dtype_bytes),
+                ],
+            )
+            for e in range(E)
+            for i, j in tiles
+        ]  # expert = the slow grid axis
         replay(progs, 0, k_len_of=lambda p: counts[p[0]])  # K = the expert's rows
         return int(state["missed"] + E * I * J * dtype_bytes)
 
@@ -149,8 +175,16 @@ def modelled_dram_bytes(gemm: str, D: int, F: int, E: int, k: int, N: int, tile_
         tiles = [p for p in grouped_programs(counts, tile_m, n_cols, GROUP_M) if p is not None]
     else:
         tiles = column_major_programs(counts, tile_m, n_cols)
-    progs = [(e, [(("A", e, r), min(tile_m, counts[e] - r * tile_m) * dtype_bytes),
-                  (("W", e, j), min(tile_n, n_out - j * tile_n) * dtype_bytes)]) for e, r, j in tiles]
+    progs = [
+        (
+            e,
+            [
+                (("A", e, r), min(tile_m, counts[e] - r * tile_m) * dtype_bytes),
+                (("W", e, j), min(tile_n, n_out - j * tile_n) * dtype_bytes),
+            ],
+        )
+        for e, r, j in tiles
+    ]
     replay(progs, K)
     return int(state["missed"] + sum(counts) * n_out * dtype_bytes)
 
@@ -166,8 +200,9 @@ def ideal_dram_bytes(gemm: str, D: int, F: int, E: int, k: int, N: int, dtype_by
     return (M * K + E * K * n_out + M * n_out) * dtype_bytes
 
 
-def saved_activation_bytes(N: int, k: int, D: int, F: int, dtype_bytes: int = 2, activation: str = "swiglu",
-                           version: str = "after") -> int:
+def saved_activation_bytes(
+    N: int, k: int, D: int, F: int, dtype_bytes: int = 2, activation: str = "swiglu", version: str = "after"
+) -> int:
     """Bytes the Triton expert MLP keeps from forward to backward per MoE layer, beyond its inputs
     (x, ids, gates and weights are the caller's tensors) and the int32 routing (4·(N·k + 2E + 2)).
 

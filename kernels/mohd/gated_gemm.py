@@ -20,6 +20,7 @@ The per-group partial product is scaled in fp32 after the dot, so gates never ro
 Selection is gate != 0 (a NaN gate selects); unselected rows are masked with tl.where or masked
 loads, never multiplied by 0, so NaN/inf there contribute exactly nothing.
 """
+
 from __future__ import annotations
 
 import torch
@@ -75,8 +76,22 @@ if HAS_TRITON:
 
     @triton.autotune(configs=ACTIVE_CONFIGS, key=["K", "M", "G"], prune_configs_by=PRUNE)
     @triton.jit
-    def _gated_in_kernel(x_ptr, w_ptr, gate_ptr, y_ptr, N, K, M, G, B_IN, stride_wk, stride_wm,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gated_in_kernel(
+        x_ptr,
+        w_ptr,
+        gate_ptr,
+        y_ptr,
+        N,
+        K,
+        M,
+        G,
+        B_IN,
+        stride_wk,
+        stride_wm,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask, n_mask = offs_m < N, offs_n < M
@@ -92,20 +107,42 @@ if HAS_TRITON:
                 for k0 in range(0, B_IN, BLOCK_K):
                     in_blk = (k0 + arange_k) < B_IN
                     offs_k = e * B_IN + k0 + arange_k
-                    xa = tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & in_blk[None, :], other=0.0)
-                    wt = tl.load(w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wm,
-                                 mask=in_blk[:, None] & n_mask[None, :], other=0.0)
+                    xa = tl.load(
+                        x_ptr + rows[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & in_blk[None, :], other=0.0
+                    )
+                    wt = tl.load(
+                        w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wm,
+                        mask=in_blk[:, None] & n_mask[None, :],
+                        other=0.0,
+                    )
                     part = tl.dot(xa, wt, part, input_precision=PRECISION)
                 # rows that do not use group e add exactly 0, even when their x block or w's rows
                 # hold NaN/inf (0 · NaN would leak it)
                 acc += tl.where((g != 0)[:, None], part * g[:, None], 0.0)
-        tl.store(y_ptr + rows[:, None] * M + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & n_mask[None, :])
+        tl.store(
+            y_ptr + rows[:, None] * M + offs_n[None, :],
+            acc.to(y_ptr.dtype.element_ty),
+            mask=m_mask[:, None] & n_mask[None, :],
+        )
 
     @triton.autotune(configs=ACTIVE_CONFIGS, key=["K", "M", "G"], prune_configs_by=PRUNE)
     @triton.jit
-    def _gated_out_kernel(x_ptr, w_ptr, gate_ptr, y_ptr, N, K, M, G, B_OUT, stride_wk, stride_wm,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gated_out_kernel(
+        x_ptr,
+        w_ptr,
+        gate_ptr,
+        y_ptr,
+        N,
+        K,
+        M,
+        G,
+        B_OUT,
+        stride_wk,
+        stride_wm,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         n_tiles = tl.cdiv(B_OUT, BLOCK_N)  # column tiles per group: tiles never straddle groups
         e = tl.program_id(1) // n_tiles
         col = (tl.program_id(1) % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -120,19 +157,38 @@ if HAS_TRITON:
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + arange_k
                 k_mask = offs_k < K
-                xa = tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-                wt = tl.load(w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wm,
-                             mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                xa = tl.load(
+                    x_ptr + rows[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0
+                )
+                wt = tl.load(
+                    w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wm,
+                    mask=k_mask[:, None] & n_mask[None, :],
+                    other=0.0,
+                )
                 acc = tl.dot(xa, wt, acc, input_precision=PRECISION)
         acc = tl.where((g != 0)[:, None], acc * g[:, None], 0.0)  # unselected blocks: exactly 0, even for NaN x
-        tl.store(y_ptr + rows[:, None] * M + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & n_mask[None, :])
-
+        tl.store(
+            y_ptr + rows[:, None] * M + offs_n[None, :],
+            acc.to(y_ptr.dtype.element_ty),
+            mask=m_mask[:, None] & n_mask[None, :],
+        )
 
     @triton.autotune(configs=ACTIVE_CONFIGS, key=["K", "M", "G"], prune_configs_by=PRUNE)
     @triton.jit
-    def _gated_wgrad_out_kernel(x_ptr, gate_ptr, dy_ptr, dw_ptr, N, K, M, G, B_OUT,
-                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gated_wgrad_out_kernel(
+        x_ptr,
+        gate_ptr,
+        dy_ptr,
+        dw_ptr,
+        N,
+        K,
+        M,
+        G,
+        B_OUT,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         # a tile of dw_KM: BLOCK_M rows of K × BLOCK_N columns of group e, reduced over tokens in
         # chunks of BLOCK_K; tokens that did not select e are masked out of the loads (never 0 · x)
         n_tiles = tl.cdiv(B_OUT, BLOCK_N)
@@ -152,8 +208,11 @@ if HAS_TRITON:
                 d = tl.load(dy_ptr + toks[:, None] * M + offs_c[None, :], mask=on[:, None] & c_mask[None, :], other=0.0)
                 d = (d.to(tl.float32) * g[:, None]).to(x_ptr.dtype.element_ty)  # gated dy, in x's dtype
                 acc = tl.dot(xt, d, acc, input_precision=PRECISION)
-        tl.store(dw_ptr + offs_k[:, None].to(tl.int64) * M + offs_c[None, :], acc.to(dw_ptr.dtype.element_ty),
-                 mask=k_mask[:, None] & c_mask[None, :])
+        tl.store(
+            dw_ptr + offs_k[:, None].to(tl.int64) * M + offs_c[None, :],
+            acc.to(dw_ptr.dtype.element_ty),
+            mask=k_mask[:, None] & c_mask[None, :],
+        )
 
 
 def gated_in(x_NK: torch.Tensor, gate_NG: torch.Tensor, w_KM: torch.Tensor) -> torch.Tensor:

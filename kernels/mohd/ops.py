@@ -28,6 +28,7 @@ NaN / inf contract (identical on triton, torch and reference; tests/kernels/test
     * corner: the Triton/torch paths treat a group whose summed gate is exactly 0 as unselected,
       so a non-finite value there gives 0 where the reference's 0·NaN gives NaN (finite values: same).
 """
+
 from __future__ import annotations
 
 import os
@@ -47,7 +48,8 @@ def dense_gates(ids_NA: torch.Tensor, gates_NA: torch.Tensor, n_groups: int) -> 
     Slots with id -1 or any id outside [0, G) add nothing (never an out-of-bounds index)."""
     keep_NA = (ids_NA >= 0) & (ids_NA < n_groups)
     return gates_NA.new_zeros(ids_NA.shape[0], n_groups).scatter_add(
-        1, ids_NA.clamp(0, n_groups - 1).long(), torch.where(keep_NA, gates_NA, torch.zeros_like(gates_NA)))
+        1, ids_NA.clamp(0, n_groups - 1).long(), torch.where(keep_NA, gates_NA, torch.zeros_like(gates_NA))
+    )
 
 
 def _gate_grad(dG_NG: torch.Tensor, ids_NA: torch.Tensor, dtype) -> torch.Tensor:
@@ -92,7 +94,7 @@ def _torch_gated_in(x_NK, gate_NG, w_KM):
     y_NM = gate_NG.new_zeros(N, w_KM.shape[1])
     for e in range(G):
         g_N1 = gate_NG[:, e, None]
-        part_NM = (x_NK[:, e * b:(e + 1) * b] @ w_KM[e * b:(e + 1) * b]).to(y_NM.dtype)
+        part_NM = (x_NK[:, e * b : (e + 1) * b] @ w_KM[e * b : (e + 1) * b]).to(y_NM.dtype)
         y_NM = y_NM + torch.where(g_N1 != 0, part_NM * g_N1, 0.0)
     return y_NM.to(x_NK.dtype)
 
@@ -115,7 +117,7 @@ def _torch_wgrad_out(x_NK, gate_NG, dy_NM):
     for e in range(G):
         on_N1 = gate_NG[:, e, None] != 0
         x_sel_NK = torch.where(on_N1, x_NK, 0.0)
-        dy_sel_Nb = torch.where(on_N1, dy_NM[:, e * b:(e + 1) * b].to(gate_NG.dtype) * gate_NG[:, e, None], 0.0)
+        dy_sel_Nb = torch.where(on_N1, dy_NM[:, e * b : (e + 1) * b].to(gate_NG.dtype) * gate_NG[:, e, None], 0.0)
         cols.append(x_sel_NK.T @ dy_sel_Nb.to(x_NK.dtype))
     return torch.cat(cols, dim=1)  # G >= 1 (validated)
 
@@ -233,7 +235,12 @@ def _check(op, x, ids, gates, w, n_groups, grouped_dim):
     if not gates.is_floating_point():
         _fail(TypeError, op, "gates", f"dtype must be floating point, got {gates.dtype}")
     if x.ndim != 2 or w.ndim != 2 or w.shape[0] != x.shape[1]:
-        _fail(ValueError, op, "w", f"must be 2-D (K={x.shape[-1]}, M) for x of shape (N, K); got x {tuple(x.shape)}, w {tuple(w.shape)}")
+        _fail(
+            ValueError,
+            op,
+            "w",
+            f"must be 2-D (K={x.shape[-1]}, M) for x of shape (N, K); got x {tuple(x.shape)}, w {tuple(w.shape)}",
+        )
     if ids.ndim != 2 or ids.shape[0] != x.shape[0] or ids.shape[1] < 1:
         _fail(ValueError, op, "ids", f"must have shape (N={x.shape[0]}, A>=1), got {tuple(ids.shape)}")
     if gates.shape != ids.shape:
@@ -251,7 +258,12 @@ def _check(op, x, ids, gates, w, n_groups, grouped_dim):
         # debug only (one host sync); otherwise an id outside [-1, G) acts like -1 (see dense_gates)
         lo, hi = (int(v) for v in torch.aminmax(ids))
         if lo < -1 or hi >= n_groups:
-            _fail(ValueError, op, "ids", f"values must be in [0, n_groups={n_groups}) or -1, found {lo if lo < -1 else hi}")
+            _fail(
+                ValueError,
+                op,
+                "ids",
+                f"values must be in [0, n_groups={n_groups}) or -1, found {lo if lo < -1 else hi}",
+            )
 
 
 def _dispatch(op, fn_autograd, fn_ref, x, ids, gates, w, n_groups, backend):
@@ -294,4 +306,6 @@ def group_out_matmul(x, ids, gates, w, n_groups: int, backend: str = "auto"):
     live gate or selected w block makes y[n]'s selected blocks non-finite. Ids outside [0, G) act as -1.
     """
     _check("group_out_matmul", x, ids, gates, w, n_groups, "M")
-    return _dispatch("group_out_matmul", GroupOutMatmul, group_out_matmul_reference, x, ids, gates, w, n_groups, backend)
+    return _dispatch(
+        "group_out_matmul", GroupOutMatmul, group_out_matmul_reference, x, ids, gates, w, n_groups, backend
+    )

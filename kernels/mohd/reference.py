@@ -6,6 +6,7 @@ b block width (K/G for the input op, M/G for the output op).
 Written from the definition only (slices of x and w per selected group), sharing no code with
 the kernels or the torch backend. Slow (N·A tiny matmuls): tests only.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,7 +22,7 @@ def group_in_matmul_reference(x_NK, ids_NA, gates_NA, w_KM, n_groups):
         for j in range(ids_NA.shape[1]):
             e = int(ids_NA[n, j])
             if 0 <= e < n_groups:  # -1 and out-of-range ids are dropped (as dense_gates does)
-                y_M = y_M + gates_NA[n, j].to(x_NK.dtype) * (x_NK[n, e * b:(e + 1) * b] @ w_KM[e * b:(e + 1) * b])
+                y_M = y_M + gates_NA[n, j].to(x_NK.dtype) * (x_NK[n, e * b : (e + 1) * b] @ w_KM[e * b : (e + 1) * b])
         rows.append(y_M)
     return torch.stack(rows) if rows else x_NK[:0, :1] * w_KM[:1] * 0
 
@@ -37,6 +38,6 @@ def group_out_matmul_reference(x_NK, ids_NA, gates_NA, w_KM, n_groups):
         for j in range(ids_NA.shape[1]):
             e = int(ids_NA[n, j])
             if 0 <= e < n_groups:  # -1 and out-of-range ids are dropped (as dense_gates does)
-                blocks[e] = blocks[e] + gates_NA[n, j].to(x_NK.dtype) * (x_NK[n] @ w_KM[:, e * b:(e + 1) * b])
+                blocks[e] = blocks[e] + gates_NA[n, j].to(x_NK.dtype) * (x_NK[n] @ w_KM[:, e * b : (e + 1) * b])
         rows.append(torch.cat(blocks))
     return torch.stack(rows) if rows else x_NK[:0, :1] * w_KM[:1] * 0

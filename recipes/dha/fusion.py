@@ -19,6 +19,7 @@ of H/g heads, each replaced by the mean of its heads, no fusion stage.
 
 Legend: H heads, G shared heads of a kind, d head dim, D d_model.
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,16 +38,16 @@ from recipes.dha.search import KINDS, SearchResult
 
 @dataclass
 class FusionConfig:
-    steps: int = 300            # most fusion steps (fewer when the heads agree within tol earlier)
-    tol: float = 0.01           # stop when the relative RMS disagreement h = √c <= tol
-    lr: float = 1e-3            # AdamW lr of the model's own weights during fusion
-    omega_lr: float = 1e-2      # AdamW lr of the fusion weights ω (no weight decay: ω = I is the start)
-    lambda_init: float = 0.0    # Lagrange multiplier λ at the start
-    rho_init: float = 1.0       # quadratic-penalty weight ρ at the start
+    steps: int = 300  # most fusion steps (fewer when the heads agree within tol earlier)
+    tol: float = 0.01  # stop when the relative RMS disagreement h = √c <= tol
+    lr: float = 1e-3  # AdamW lr of the model's own weights during fusion
+    omega_lr: float = 1e-2  # AdamW lr of the fusion weights ω (no weight decay: ω = I is the start)
+    lambda_init: float = 0.0  # Lagrange multiplier λ at the start
+    rho_init: float = 1.0  # quadratic-penalty weight ρ at the start
     rho_growth: float = 2.0
-    al_every: int = 10          # steps between multiplier updates
+    al_every: int = 10  # steps between multiplier updates
     granularity: Literal["scalar", "channel"] = "scalar"
-    train_base: bool = True     # False: only ω trains (the MHA weights are frozen)
+    train_base: bool = True  # False: only ω trains (the MHA weights are frozen)
     batch_size: int = 16
     seed: int = 1
     grad_clip: float = 1.0
@@ -140,8 +141,16 @@ def collapse(fused: LanguageModel) -> LanguageModel:
     """The DHA model: every group of fused heads → one shared head (the group mean), maps = the groups."""
     layers = fusion_layers(fused)
     cfg = copy.deepcopy(fused.cfg)
-    node = {"name": "dha", "k_heads": [], "v_heads": [], "k_maps": [], "v_maps": [],
-            "qk_norm": layers[0].q_norm is not None, "bias": layers[0].wkv.bias is not None, "backend": layers[0].backend}
+    node = {
+        "name": "dha",
+        "k_heads": [],
+        "v_heads": [],
+        "k_maps": [],
+        "v_maps": [],
+        "qk_norm": layers[0].q_norm is not None,
+        "bias": layers[0].wkv.bias is not None,
+        "backend": layers[0].backend,
+    }
     shared_rows = []
     for layer in layers:
         rows_w, rows_b = [], []
@@ -166,7 +175,9 @@ def mean_pool_gqa(model: LanguageModel, n_kv_heads: int) -> LanguageModel:
     """GQA from MHA: contiguous groups of H/n_kv_heads key (and value) heads → their mean."""
     H = model.cfg.n_heads
     if n_kv_heads < 1 or H % n_kv_heads:
-        raise ConfigError(f"GQA needs n_kv_heads dividing n_heads={H}, got {n_kv_heads}; pick a budget that is a multiple of 1/{H}")
+        raise ConfigError(
+            f"GQA needs n_kv_heads dividing n_heads={H}, got {n_kv_heads}; pick a budget that is a multiple of 1/{H}"
+        )
     from recipes.dha.search import attention_layers
 
     shared_rows = []
@@ -186,7 +197,9 @@ def _rebuild(source: nn.Module, cfg, shared_rows: list[tuple[torch.Tensor, torch
     """A new model for ``cfg`` with the source's weights, except each layer's wkv = shared_rows[layer]."""
     state = {k: v for k, v in source.state_dict().items() if ".omega_" not in k}
     target = LanguageModel(cfg)
-    layer_names = {m.layer_idx: name for name, m in target.named_modules() if hasattr(m, "wkv") and hasattr(m, "layer_idx")}
+    layer_names = {
+        m.layer_idx: name for name, m in target.named_modules() if hasattr(m, "wkv") and hasattr(m, "layer_idx")
+    }
     for i, (w, b) in enumerate(shared_rows):
         state[f"{layer_names[i]}.wkv.weight"] = w.clone()
         if b is not None:

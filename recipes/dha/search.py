@@ -16,6 +16,7 @@ reconstruction [RECON] whose choices are options:
 
 Legend: L layers, H heads, d head dim, D d_model, N calibration tokens, F feature size.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -32,14 +33,14 @@ class LayerSearch:
     """One layer's search result for one kind (keys or values)."""
 
     similarity_HH: list[list[float]]  # cosine similarity of the heads' features
-    costs: list[float]                # costs[g - 1] = cost of g groups, g = 1 … H
-    partitions: list[list[int]]       # partitions[g - 1] = group label of every head for g groups
+    costs: list[float]  # costs[g - 1] = cost of g groups, g = 1 … H
+    partitions: list[list[int]]  # partitions[g - 1] = group label of every head for g groups
 
 
 @dataclass
 class SearchResult:
-    budget_heads: int                                       # Σ (g^K + g^V) allowed
-    counts: dict[str, list[int]] = field(default_factory=dict)   # "k"/"v" → g per layer
+    budget_heads: int  # Σ (g^K + g^V) allowed
+    counts: dict[str, list[int]] = field(default_factory=dict)  # "k"/"v" → g per layer
     groups: dict[str, list[list[int]]] = field(default_factory=dict)  # "k"/"v" → per layer, head → group
     layers: dict[str, list[LayerSearch]] = field(default_factory=dict)
 
@@ -82,8 +83,10 @@ def activation_features(model, batches) -> list[dict[str, torch.Tensor]]:
     """Per layer, kind → (H, N·d): each head's projected keys/values (before RoPE) on the calibration batches."""
     layers = attention_layers(model)
     outputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
-    hooks = [attn.wkv.register_forward_hook(lambda _m, _x, y, i=i: outputs[i].append(y.detach().float()))
-             for i, attn in enumerate(layers)]
+    hooks = [
+        attn.wkv.register_forward_hook(lambda _m, _x, y, i=i: outputs[i].append(y.detach().float()))
+        for i, attn in enumerate(layers)
+    ]
     try:
         was_training = model.training
         model.eval()
@@ -170,7 +173,9 @@ def allocate(costs: list[list[float]], total: int, mode: str) -> list[int]:
     return counts[::-1]
 
 
-def search(model, budget: float, similarity: str = "params", allocation: str = "dp", calib_batches=None) -> SearchResult:
+def search(
+    model, budget: float, similarity: str = "params", allocation: str = "dp", calib_batches=None
+) -> SearchResult:
     """Group the key and value heads of every layer of an MHA model and allocate counts under ``budget``."""
     layers = attention_layers(model)
     if not layers or any(getattr(a, "n_kv_heads", None) != a.n_heads for a in layers):
@@ -193,6 +198,6 @@ def search(model, budget: float, similarity: str = "params", allocation: str = "
     items = [result.layers[kind][i].costs for kind in KINDS for i in range(len(layers))]
     counts = allocate(items, result.budget_heads, allocation)
     for j, kind in enumerate(KINDS):
-        result.counts[kind] = counts[j * len(layers):(j + 1) * len(layers)]
+        result.counts[kind] = counts[j * len(layers) : (j + 1) * len(layers)]
         result.groups[kind] = [result.layers[kind][i].partitions[g - 1] for i, g in enumerate(result.counts[kind])]
     return result

@@ -21,10 +21,12 @@ M⁻¹ V = H̄⁻¹ V C̄⁻¹, which is what its docstring states.
 
 Legend: N tokens of one domain, D router input width, E experts, W_ED a router weight.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal
+from typing import Literal
 
 import torch
 
@@ -36,7 +38,7 @@ from arch.ffn.router import LinearRouter
 class HARCOptions:
     """The calibration options of METHODS.md §8.4 (defaults: the official code's)."""
 
-    damping: float = 1.0                                        # γ
+    damping: float = 1.0  # γ
     init: Literal["origin", "average", "zero"] = "origin"
     preconditioner: Literal["none", "diagonal", "kronecker"] = "none"
     max_iter: int = 100
@@ -46,7 +48,9 @@ class HARCOptions:
         if self.init not in ("origin", "average", "zero"):
             raise ValueError(f"harc.init={self.init!r} must be one of ['origin', 'average', 'zero']")
         if self.preconditioner not in ("none", "diagonal", "kronecker"):
-            raise ValueError(f"harc.preconditioner={self.preconditioner!r} must be one of ['none', 'diagonal', 'kronecker']")
+            raise ValueError(
+                f"harc.preconditioner={self.preconditioner!r} must be one of ['none', 'diagonal', 'kronecker']"
+            )
         if self.damping <= 0:
             raise ValueError(f"harc.damping={self.damping} must be positive")
 
@@ -138,7 +142,7 @@ def conjugate_gradient(
     z = preconditioner(r) if preconditioner is not None else r.clone()
     p, rz = z.clone(), torch.dot(r, z)
     iterations = 0
-    for iterations in range(1, max_iter + 1):
+    for iterations in range(1, max_iter + 1):  # noqa: B007  (the count is reported after the loop)
         Ap = matvec(p)
         pAp = torch.dot(p, Ap)
         if abs(pAp) < 1e-14:  # converged to round-off (or a null direction)
@@ -158,13 +162,18 @@ def conjugate_gradient(
 def solve_router(problem: RouterCalibration, init_ED: torch.Tensor, options: HARCOptions) -> tuple[torch.Tensor, dict]:
     """The calibrated router W (E, D) from the initial guess ``init_ED``."""
     x, info = conjugate_gradient(
-        problem.matvec, problem.rhs(), init_ED.double().reshape(-1),
-        problem.preconditioner(options.preconditioner), options.max_iter, options.tol,
+        problem.matvec,
+        problem.rhs(),
+        init_ED.double().reshape(-1),
+        problem.preconditioner(options.preconditioner),
+        options.max_iter,
+        options.tol,
     )
     return x.view(problem.E, problem.D), info
 
 
 # ---------------------------------------------------------------------------------- whole models
+
 
 def moe_layers(model: torch.nn.Module, calibratable: bool = True) -> list[MoEFFN]:
     """The model's MoE layers in execution order; calibration needs softmax scoring over a linear router."""
@@ -174,7 +183,8 @@ def moe_layers(model: torch.nn.Module, calibratable: bool = True) -> list[MoEFFN
     for layer in layers if calibratable else ():
         if not isinstance(layer.router, LinearRouter) or layer.scoring != "softmax":
             raise ValueError(
-                f"HARC calibrates linear softmax routers; layer {layer.layer_idx} has router={type(layer.router).__name__} "
+                f"HARC calibrates linear softmax routers; layer {layer.layer_idx} has "
+                f"router={type(layer.router).__name__} "
                 f"scoring={layer.scoring} (use model.ffn.router=linear, model.ffn.scoring=softmax)"
             )
     return layers
@@ -231,7 +241,9 @@ def calibrate_routers(
     Returns per-layer solver statistics.
     """
     if len(sources) != len(calibration):
-        raise ValueError(f"need calibration batches for each of the {len(sources)} source models, got {len(calibration)}")
+        raise ValueError(
+            f"need calibration batches for each of the {len(sources)} source models, got {len(calibration)}"
+        )
     layers = moe_layers(merged)
     source_layers = [moe_layers(s) for s in sources]
     stats = []

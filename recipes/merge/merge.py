@@ -25,26 +25,27 @@ Other options: ``batch_size`` (8), ``eval_batches`` (20), ``seed`` (0), ``device
 
 Legend: a state dict maps names to tensors; τ a task vector (fine-tuned − base) of one tensor.
 """
+
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Literal
 
 import torch
-import yaml
 
-from training.checkpoint import files as ckpt
 from recipes.merge.harc import HARCOptions, calibrate_routers, routing_agreement, routing_ids
+from training.checkpoint import files as ckpt
 
 METHODS = ("task_arithmetic", "ties")
 
 
 # ---------------------------------------------------------------------------------- stage 1
 
+
 def ties_delta(deltas: list[torch.Tensor], density: float) -> torch.Tensor:
-    """TIES-merging of task vectors of one tensor: trim to the top ``density`` magnitudes, elect signs, disjoint mean."""
+    """TIES-merging of the task vectors of one tensor: trim to the top ``density`` magnitudes, elect signs,
+    disjoint mean."""
     trimmed = []
     for tau in deltas:
         keep = max(1, int(round(density * tau.numel())))
@@ -86,6 +87,7 @@ def merge_state_dicts(
 
 # ---------------------------------------------------------------------------------- the command
 
+
 def _load_model(target: str | Path, device):
     from training.eval.loss import load_trained
 
@@ -99,7 +101,10 @@ def _load_model(target: str | Path, device):
 def _task_eval(model, tasks, batch_size: int, eval_batches: int, device) -> list[float]:
     from training.eval.loss import evaluate_loss
 
-    return [evaluate_loss(model, data, root.data.seq_len, batch_size, eval_batches, device)["val_loss"] for data, root in tasks]
+    return [
+        evaluate_loss(model, data, root.data.seq_len, batch_size, eval_batches, device)["val_loss"]
+        for data, root in tasks
+    ]
 
 
 def _val_batches(data, seq_len: int, batch_size: int, eval_batches: int) -> list[torch.Tensor]:
@@ -132,9 +137,9 @@ def run(
     device: str = "cpu",
 ) -> dict:
     """Merge, evaluate, calibrate, evaluate again; returns (and writes) the report."""
-    from training.data.shards import WindowSampler
     from training.build import build_model
     from training.config import validate
+    from training.data.shards import WindowSampler
 
     out_dir = Path(out)
     base_model, _, base_root, base_state = _load_model(base, device)
@@ -156,9 +161,17 @@ def run(
         **{f"source{i}": _task_eval(m, tasks, batch_size, eval_batches, device) for i, m in enumerate(source_models)},
         "plain_merge": _task_eval(merged, tasks, batch_size, eval_batches, device),
     }
-    agreement = {"plain_merge": [routing_agreement(routing_ids(merged, b, device), ids) for b, ids in zip(val, source_ids)]}
+    agreement = {
+        "plain_merge": [routing_agreement(routing_ids(merged, b, device), ids) for b, ids in zip(val, source_ids)]
+    }
     config, step = loaded[0][3]["config"], loaded[0][3]["step"]
-    note = {"base": str(base), "sources": [str(s) for s in sources], "method": method, "scale": scale, "density": density}
+    note = {
+        "base": str(base),
+        "sources": [str(s) for s in sources],
+        "method": method,
+        "scale": scale,
+        "density": density,
+    }
     _save(out_dir / "plain", merged, config, step, note)
 
     report = {**note, "tasks": [root.data.name for _, root in tasks]}
@@ -166,12 +179,16 @@ def run(
         options = harc_options or HARCOptions()
         calibration = []
         for data, root in tasks:  # fixed training windows of each source domain
-            sampler = WindowSampler(data.train, data.train_mask, root.data.seq_len, batch_size, seed, align=data.window_align)
+            sampler = WindowSampler(
+                data.train, data.train_mask, root.data.seq_len, batch_size, seed, align=data.window_align
+            )
             calibration.append([sampler.get_batch(i)[0] for i in range(calib_batches)])
         report["harc_options"] = vars(options)
         report["harc_solver"] = calibrate_routers(merged, source_models, calibration, options, device)
         losses["harc_merge"] = _task_eval(merged, tasks, batch_size, eval_batches, device)
-        agreement["harc_merge"] = [routing_agreement(routing_ids(merged, b, device), ids) for b, ids in zip(val, source_ids)]
+        agreement["harc_merge"] = [
+            routing_agreement(routing_ids(merged, b, device), ids) for b, ids in zip(val, source_ids)
+        ]
         _save(out_dir / "harc", merged, config, step, {**note, "harc": vars(options)})
     report.update(losses=losses, routing_agreement=agreement)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -196,11 +213,17 @@ def build_parser():
     from training.tool_args import tool_parser
 
     parser = tool_parser("python -m recipes.merge.merge", __doc__.split("\n\n")[0])
-    parser.add_argument("--base", required=True, help="the base run folder or checkpoint the sources were fine-tuned from")
+    parser.add_argument(
+        "--base", required=True, help="the base run folder or checkpoint the sources were fine-tuned from"
+    )
     parser.add_argument("--sources", required=True, help="comma-separated fine-tuned run folders or checkpoints")
     parser.add_argument("--out", required=True, help="output folder (plain/, harc/, merge_report.json)")
-    parser.add_argument("--method", default="ties", choices=["ties", "task_arithmetic"], help="dense merge of the task vectors")
-    parser.add_argument("--scale", type=float, default=None, help="λ (default: 1/n_sources for task_arithmetic, 1 for ties)")
+    parser.add_argument(
+        "--method", default="ties", choices=["ties", "task_arithmetic"], help="dense merge of the task vectors"
+    )
+    parser.add_argument(
+        "--scale", type=float, default=None, help="λ (default: 1/n_sources for task_arithmetic, 1 for ties)"
+    )
     parser.add_argument("--density", type=float, default=0.2, help="ties: fraction of each task vector kept")
     parser.add_argument("--harc", type=_bool, default=True, help="calibrate the routers with HARC after merging")
     parser.add_argument("--calib_batches", type=int, default=8, help="HARC calibration batches per source")
@@ -210,7 +233,9 @@ def build_parser():
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     defaults = HARCOptions()
     for name, value in vars(defaults).items():
-        parser.add_argument(f"--harc.{name}", dest=f"harc.{name}", type=type(value), default=value, help=f"HARC option {name}")
+        parser.add_argument(
+            f"--harc.{name}", dest=f"harc.{name}", type=type(value), default=value, help=f"HARC option {name}"
+        )
     return parser
 
 

@@ -26,12 +26,13 @@ MoE itself (``python train.py <the MoE's arguments> trainer.max_steps=<more>``).
 
 Legend: L layers, E experts per source layer, M = L·E pool experts, D d_model, Z trajectory dim.
 """
+
 from __future__ import annotations
 
 import copy
-import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -55,12 +56,22 @@ def moue_options(moe_ffn: dict, moe: MoEFFN, n_layers: int) -> dict:
         ("capacity_factor", moe_ffn.get("capacity_factor") is None, "null (dropless)"),
     ):
         if not ok:
-            raise ConfigError(f"model.ffn.{key}={moe_ffn.get(key)!r}: MoE → MoUE conversion supports only {key}={allowed}")
+            raise ConfigError(
+                f"model.ffn.{key}={moe_ffn.get(key)!r}: MoE → MoUE conversion supports only {key}={allowed}"
+            )
     options = yaml.safe_load(MOUE_YAML.read_text())
     options.update(
-        n_universal=moe.E * n_layers, n_local=0, top_k=moe.top_k, expert_hidden=moe.F, topology="rotational",
-        window_size=moe.E, window_stride=moe.E, scoring=moe.scoring, renormalize=moe.renormalize,
-        balance_loss_coef=moe_ffn.get("balance_loss_coef", 0.01), z_loss_coef=moe_ffn.get("z_loss_coef", 0.0),
+        n_universal=moe.E * n_layers,
+        n_local=0,
+        top_k=moe.top_k,
+        expert_hidden=moe.F,
+        topology="rotational",
+        window_size=moe.E,
+        window_stride=moe.E,
+        scoring=moe.scoring,
+        renormalize=moe.renormalize,
+        balance_loss_coef=moe_ffn.get("balance_loss_coef", 0.01),
+        z_loss_coef=moe_ffn.get("z_loss_coef", 0.0),
         backend=moe_ffn.get("backend", "auto"),
     )
     return options
@@ -82,7 +93,9 @@ def layer_modules(model: LanguageModel, cls: type) -> dict[int, tuple[str, Any]]
     return {m.layer_idx: (name, m) for name, m in model.named_modules() if isinstance(m, cls)}
 
 
-def transfer(src: LanguageModel, dst: LanguageModel, get: Callable[[torch.Tensor], torch.Tensor | None], base: dict) -> dict:
+def transfer(
+    src: LanguageModel, dst: LanguageModel, get: Callable[[torch.Tensor], torch.Tensor | None], base: dict
+) -> dict:
     """dst tensors assembled from src tensors: ``get(src_param)`` picks what moves (the weight, an
     Adam moment); ``base`` holds each dst tensor's starting value (dst init, or zeros).
 
@@ -119,17 +132,23 @@ def convert_model(src: LanguageModel, dst: LanguageModel) -> None:
     moes = layer_modules(src, MoEFFN)
     for _, moe in moes.values():
         if moe.expert_bias_E.abs().sum() > 0:
-            raise ConfigError("the source MoE has non-zero aux-loss-free biases (bias_update_rate > 0); MoUE has no such bias")
+            raise ConfigError(
+                "the source MoE has non-zero aux-loss-free biases (bias_update_rate > 0); MoUE has no such bias"
+            )
     state = dst.state_dict()
     params = dict(dst.named_parameters())
     new = transfer(src, dst, lambda p: p.detach(), {k: state[k] for k in params})
     src_state = src.state_dict()
     moe_prefixes = tuple(f"{name}." for name, _ in moes.values())
-    buffers = {k: v for k, v in src_state.items() if k not in dict(src.named_parameters()) and not k.startswith(moe_prefixes)}
+    buffers = {
+        k: v for k, v in src_state.items() if k not in dict(src.named_parameters()) and not k.startswith(moe_prefixes)
+    }
     dst.load_state_dict({**state, **buffers, **new})
 
 
-def convert_optimizer(src: LanguageModel, dst: LanguageModel, src_opt: torch.optim.Optimizer, dst_opt: torch.optim.Optimizer) -> None:
+def convert_optimizer(
+    src: LanguageModel, dst: LanguageModel, src_opt: torch.optim.Optimizer, dst_opt: torch.optim.Optimizer
+) -> None:
     """Move AdamW moments with their weights; new router entries start at zero moments."""
     params = dict(dst.named_parameters())
     zeros = {k: torch.zeros_like(p) for k, p in params.items()}
@@ -137,24 +156,41 @@ def convert_optimizer(src: LanguageModel, dst: LanguageModel, src_opt: torch.opt
     if not steps:
         return
     touched = transfer(src, dst, lambda p: torch.ones_like(p) if p in src_opt.state else None, zeros)
-    moments = {key: transfer(src, dst, lambda p, key=key: src_opt.state[p][key] if p in src_opt.state else None, zeros)
-               for key in ("exp_avg", "exp_avg_sq")}
+    moments = {
+        key: transfer(src, dst, lambda p, key=key: src_opt.state[p][key] if p in src_opt.state else None, zeros)
+        for key in ("exp_avg", "exp_avg_sq")
+    }
     for name, p in params.items():
         if touched[name].any():  # params with no source (trajectory embeddings) start fresh
-            dst_opt.state[p] = {"step": steps[0].clone(), "exp_avg": moments["exp_avg"][name], "exp_avg_sq": moments["exp_avg_sq"][name]}
+            dst_opt.state[p] = {
+                "step": steps[0].clone(),
+                "exp_avg": moments["exp_avg"][name],
+                "exp_avg_sq": moments["exp_avg_sq"][name],
+            }
 
 
-def convert(source: str | Path, out: str | Path, overrides: dict[str, str] | None = None, optimizer: str = "carry", check: bool = True) -> Path:
+def convert(
+    source: str | Path,
+    out: str | Path,
+    overrides: dict[str, str] | None = None,
+    optimizer: str = "carry",
+    check: bool = True,
+) -> Path:
     """Write ``out``/checkpoints/step_<source step>.pt holding the converted MoUE model. Returns its path."""
     if optimizer not in ("carry", "fresh"):
         raise ConfigError(f"optimizer={optimizer!r} is invalid; allowed: carry | fresh")
     out, overrides = Path(out), dict(overrides or {})
     if ckpt.list_checkpoints(out):
-        raise ckpt.CheckpointError(f"{out} already holds checkpoints; convert into a new folder (nothing was overwritten)")
+        raise ckpt.CheckpointError(
+            f"{out} already holds checkpoints; convert into a new folder (nothing was overwritten)"
+        )
     path, state = _load(source)
     src_root = validate(state["config"])
     if src_root.model.ffn["name"] not in SUPPORTED_SOURCES:
-        raise ConfigError(f"{path} has model.ffn.name={src_root.model.ffn['name']!r}; conversion needs one of {list(SUPPORTED_SOURCES)}")
+        raise ConfigError(
+            f"{path} has model.ffn.name={src_root.model.ffn['name']!r}; conversion needs one of "
+            f"{list(SUPPORTED_SOURCES)}"
+        )
     src = LanguageModel(src_root.model)
     src.load_state_dict(state["model"])
     moe = next(m for _, m in layer_modules(src, MoEFFN).values())
@@ -226,20 +262,39 @@ def continue_training(out: str | Path, overrides: dict[str, str] | None = None) 
     config["run_dir"] = str(out)
     found = ckpt.find_resume_checkpoint(out)
     if found is not None and config["trainer"]["max_steps"] <= found[1]["step"]:
-        raise ConfigError(f"trainer.max_steps={config['trainer']['max_steps']} must exceed the checkpoint's step {found[1]['step']} to continue training")
+        raise ConfigError(
+            f"trainer.max_steps={config['trainer']['max_steps']} must exceed the checkpoint's step "
+            f"{found[1]['step']} to continue training"
+        )
     return train(config)
 
 
 def build_parser():
     from training.tool_args import _parse_bool, tool_parser
 
-    parser = tool_parser("python -m recipes.moue.convert", __doc__.split("\n\n")[0],
-                         epilog="Any other key=value (e.g. model.ffn.widen_to=16 trainer.max_steps=450) overrides the converted config.")
-    parser.add_argument("--ckpt", default=None, help="the MoE run folder or .pt to convert (omit with train=true to continue a converted run)")
+    parser = tool_parser(
+        "python -m recipes.moue.convert",
+        __doc__.split("\n\n")[0],
+        epilog="Any other key=value (e.g. model.ffn.widen_to=16 trainer.max_steps=450) overrides the converted config.",
+    )
+    parser.add_argument(
+        "--ckpt",
+        default=None,
+        help="the MoE run folder or .pt to convert (omit with train=true to continue a converted run)",
+    )
     parser.add_argument("--out", required=True, help="the new run folder")
-    parser.add_argument("--optimizer", default="carry", choices=["carry", "fresh"], help="move AdamW moments with their weights, or start empty")
-    parser.add_argument("--train", type=_parse_bool, default=False, help="train the converted run to trainer.max_steps right away")
-    parser.add_argument("--check", type=_parse_bool, default=True, help="check that the converted model computes the MoE's function")
+    parser.add_argument(
+        "--optimizer",
+        default="carry",
+        choices=["carry", "fresh"],
+        help="move AdamW moments with their weights, or start empty",
+    )
+    parser.add_argument(
+        "--train", type=_parse_bool, default=False, help="train the converted run to trainer.max_steps right away"
+    )
+    parser.add_argument(
+        "--check", type=_parse_bool, default=True, help="check that the converted model computes the MoE's function"
+    )
     return parser
 
 

@@ -1,4 +1,5 @@
 """Block tests use tiny tensors: run them all on one intra-op thread (see tests/conftest.py)."""
+
 import pytest
 
 

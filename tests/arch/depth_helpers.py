@@ -1,4 +1,5 @@
 """A tiny LanguageModel with a given depth scheme, shared by the looped-depth tests."""
+
 import torch
 
 from arch.model import LanguageModel

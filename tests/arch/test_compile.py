@@ -4,6 +4,7 @@
 so a break that a future dynamo version tolerates silently still fails here. Compiled results
 must match eager ones (the same loss and gradients up to the compiler's reassociation).
 """
+
 from __future__ import annotations
 
 import math
@@ -59,8 +60,17 @@ def test_trainer_compile_trains_like_eager(tmp_path):
 
     losses = {}
     for compile_ in ("false", "true"):
-        trainer = Trainer(tiny_config(tmp_path / compile_, "model=moe_tiny", "model.d_model=32", "model.n_layers=2",
-                                      "trainer.log_every=4", "optim.lr=1e-2", f"trainer.compile={compile_}"))
+        trainer = Trainer(
+            tiny_config(
+                tmp_path / compile_,
+                "model=moe_tiny",
+                "model.d_model=32",
+                "model.n_layers=2",
+                "trainer.log_every=4",
+                "optim.lr=1e-2",
+                f"trainer.compile={compile_}",
+            )
+        )
         losses[compile_] = [trainer.train_step()["loss"].item() for _ in range(8)]
     assert dict(counters["graph_break"]) == {}
     assert all(math.isfinite(v) for v in losses["true"])

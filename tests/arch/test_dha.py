@@ -1,4 +1,5 @@
 """Decoupled-Head Attention: maps, validation, KV-cache contents and bytes, generation, training."""
+
 import pytest
 import torch
 
@@ -12,13 +13,21 @@ from training.metrics import read_metrics
 from training.trainer import train
 
 # 3 layers × 4 query heads; counts differ between K and V and between layers; maps not contiguous.
-DHA = {"name": "dha", "k_heads": [1, 3, None], "v_heads": [2, 1, 4],
-       "k_maps": [None, [2, 0, 1, 0], None], "v_maps": [[1, 0, 0, 1], None, [3, 2, 1, 0]], "backend": "sdpa"}
+DHA = {
+    "name": "dha",
+    "k_heads": [1, 3, None],
+    "v_heads": [2, 1, 4],
+    "k_maps": [None, [2, 0, 1, 0], None],
+    "v_maps": [[1, 0, 0, 1], None, [3, 2, 1, 0]],
+    "backend": "sdpa",
+}
 
 
 def tiny(attention, n_layers=3) -> LanguageModel:
     torch.manual_seed(0)
-    return LanguageModel(ModelConfig(vocab_size=97, d_model=32, n_layers=n_layers, n_heads=4, max_seq_len=64, attention=attention))
+    return LanguageModel(
+        ModelConfig(vocab_size=97, d_model=32, n_layers=n_layers, n_heads=4, max_seq_len=64, attention=attention)
+    )
 
 
 def test_maps_counts_and_defaults_per_layer():
@@ -38,7 +47,7 @@ def test_dha_equals_mha_with_explicitly_copied_heads():
     for i, block in enumerate(dha.depth.blocks):
         a = block.attn
         w_GdD = a.wkv.weight.view(-1, 8, 32)
-        k_HdD, v_HdD = w_GdD[: a.n_k_heads][a.k_head_H], w_GdD[a.n_k_heads:][a.v_head_H]
+        k_HdD, v_HdD = w_GdD[: a.n_k_heads][a.k_head_H], w_GdD[a.n_k_heads :][a.v_head_H]
         state[f"depth.blocks.{i}.attn.wkv.weight"] = torch.cat([k_HdD, v_HdD]).flatten(0, 1)
     mha.load_state_dict(state)
     idx = torch.randint(0, 97, (2, 11))
@@ -81,28 +90,47 @@ def test_kv_bytes_per_token_per_layer_and_total_match_the_cache():
     assert mha == {"per_layer": [2 * 2 * 8 * 2] * 3, "total": 3 * 2 * 2 * 8 * 2}
 
 
-@pytest.mark.parametrize("options, match", [
-    ({"k_heads": [1, 5, 1]}, r"k_heads\[1\]=5 must be an integer in \[1, n_heads=4\]"),
-    ({"v_heads": [1, 2]}, r"v_heads=\[1, 2\] must be .* one entry per layer \(3 layers\)"),
-    ({"k_heads": 2, "k_maps": [[0, 0, 0, 0], None, None]}, r"k_maps\[0\]=\[0, 0, 0, 0\] never uses shared heads \[1\]"),
-    ({"v_heads": 2, "v_maps": [[0, 2, 1, 0], None, None]}, r"v_maps\[0\]=.* values outside \[0, 2\)"),
-    ({"k_maps": [[0, 1], None, None]}, r"k_maps\[0\]=\[0, 1\] must be a list of 4 integers"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"k_heads": [1, 5, 1]}, r"k_heads\[1\]=5 must be an integer in \[1, n_heads=4\]"),
+        ({"v_heads": [1, 2]}, r"v_heads=\[1, 2\] must be .* one entry per layer \(3 layers\)"),
+        (
+            {"k_heads": 2, "k_maps": [[0, 0, 0, 0], None, None]},
+            r"k_maps\[0\]=\[0, 0, 0, 0\] never uses shared heads \[1\]",
+        ),
+        ({"v_heads": 2, "v_maps": [[0, 2, 1, 0], None, None]}, r"v_maps\[0\]=.* values outside \[0, 2\)"),
+        ({"k_maps": [[0, 1], None, None]}, r"k_maps\[0\]=\[0, 1\] must be a list of 4 integers"),
+    ],
+)
 def test_bad_options_name_the_key(options, match):
     with pytest.raises(ConfigError, match=match):
         tiny({"name": "dha", **options})
 
 
 def test_yaml_composes_and_validates(tmp_path):
-    root = validate(tiny_config(tmp_path, "model/attention=dha", "model.attention.k_heads=[1,2]", "model.attention.v_heads=2"))
+    root = validate(
+        tiny_config(tmp_path, "model/attention=dha", "model.attention.k_heads=[1,2]", "model.attention.v_heads=2")
+    )
     assert root.model.attention["k_heads"] == [1, 2] and root.model.attention["v_heads"] == 2
     assert DecoupledHeadAttention(32, 2, 1, None, k_heads=[1, 2]).n_k_heads == 2
 
 
 def test_dha_model_trains(tmp_path):
     run = tmp_path / "dha"
-    train(tiny_config(run, "model/attention=dha", "model.n_heads=4", "model.attention.k_heads=[1,2]",
-                      "model.attention.v_heads=[3,1]", "model.attention.k_maps=[[0,0,0,0],[1,0,0,1]]",
-                      "trainer.max_steps=40", "trainer.eval_every=20", "optim.lr=1e-2", "trainer.sample_tokens=0"))
+    train(
+        tiny_config(
+            run,
+            "model/attention=dha",
+            "model.n_heads=4",
+            "model.attention.k_heads=[1,2]",
+            "model.attention.v_heads=[3,1]",
+            "model.attention.k_maps=[[0,0,0,0],[1,0,0,1]]",
+            "trainer.max_steps=40",
+            "trainer.eval_every=20",
+            "optim.lr=1e-2",
+            "trainer.sample_tokens=0",
+        )
+    )
     evals = [r["val_loss"] for r in read_metrics(run) if "val_loss" in r]
     assert evals[-1] < evals[0] - 1.0

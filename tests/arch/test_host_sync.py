@@ -13,6 +13,7 @@ Two reads are exempt, each only for host (CPU) tensors, so neither can hide a de
   * ``kernels/moe/torch_backend.py``: the CPU torch backend reads its per-expert row counts from
     host memory to size one matmul per expert (its docstring; on CUDA it takes the grouped path).
 """
+
 from __future__ import annotations
 
 import traceback
@@ -32,12 +33,21 @@ from training.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST_READS = {
-    torch.Tensor.item: "item", torch.Tensor.__bool__: "__bool__", torch.Tensor.__int__: "__int__",
-    torch.Tensor.__float__: "__float__", torch.Tensor.__index__: "__index__", torch.Tensor.tolist: "tolist",
-    torch.nonzero: "nonzero", torch.Tensor.nonzero: "nonzero", torch.argwhere: "argwhere",
-    torch.masked_select: "masked_select", torch.Tensor.masked_select: "masked_select",
-    torch.bincount: "bincount", torch.Tensor.bincount: "bincount",
-    torch.unique: "unique", torch.Tensor.unique: "unique",
+    torch.Tensor.item: "item",
+    torch.Tensor.__bool__: "__bool__",
+    torch.Tensor.__int__: "__int__",
+    torch.Tensor.__float__: "__float__",
+    torch.Tensor.__index__: "__index__",
+    torch.Tensor.tolist: "tolist",
+    torch.nonzero: "nonzero",
+    torch.Tensor.nonzero: "nonzero",
+    torch.argwhere: "argwhere",
+    torch.masked_select: "masked_select",
+    torch.Tensor.masked_select: "masked_select",
+    torch.bincount: "bincount",
+    torch.Tensor.bincount: "bincount",
+    torch.unique: "unique",
+    torch.Tensor.unique: "unique",
 }
 EXEMPT_HOST_READERS = ("torch/optim/", "kernels/moe/torch_backend.py")
 
@@ -69,8 +79,14 @@ class CountHostReads(TorchFunctionMode):
             f = ours[-1] if ours else frames[-1]
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
             where = f"{Path(f.filename).relative_to(ROOT) if ours else f.filename}:{f.lineno} in {f.name}"
-            self.reads.append(Read(name, where, tuple(f"{fr.filename}:{fr.name}" for fr in frames),
-                                   all(t.device.type == "cpu" for t in tensors)))
+            self.reads.append(
+                Read(
+                    name,
+                    where,
+                    tuple(f"{fr.filename}:{fr.name}" for fr in frames),
+                    all(t.device.type == "cpu" for t in tensors),
+                )
+            )
         return func(*args, **kwargs)
 
     def device_reads(self) -> list[str]:
@@ -91,8 +107,19 @@ def _data_dependent_shape(func, args, kwargs) -> str | None:
 
 def moe_tiny(*overrides: str):
     """The default MoE model (``model=moe_tiny``, every other setting its default) and its AdamW."""
-    cfg = validate(compose(["model=moe_tiny", "data.seq_len=32", "data.tokenizer.kind=bytes", "logger=none",
-                            f"data.cache_dir={DATA_CACHE}", "run_dir=unused", *overrides]))
+    cfg = validate(
+        compose(
+            [
+                "model=moe_tiny",
+                "data.seq_len=32",
+                "data.tokenizer.kind=bytes",
+                "logger=none",
+                f"data.cache_dir={DATA_CACHE}",
+                "run_dir=unused",
+                *overrides,
+            ]
+        )
+    )
     torch.manual_seed(0)
     model = build_model(cfg, 257)
     return model, build_optimizer(model, cfg.optim, "cpu")
@@ -109,16 +136,22 @@ def train_step(model, optimizer, step: int, collect_metrics: bool):
     return out
 
 
-TRITON = pytest.mark.skipif(not triton_runnable("cpu") and not torch.cuda.is_available(),
-                            reason="needs Triton (the interpreter or CUDA)")
+TRITON = pytest.mark.skipif(
+    not triton_runnable("cpu") and not torch.cuda.is_available(), reason="needs Triton (the interpreter or CUDA)"
+)
 
 
-@pytest.mark.parametrize("options", [
-    pytest.param([], id="default"),  # backend auto: the torch backend on CPU
-    pytest.param(["model.ffn.bias_update_rate=0.01", "model.ffn.capacity_factor=1.0"], id="bias-balancing+capacity"),
-    # The interpreter costs seconds per step at moe_tiny's width: the same blocks, narrower and one layer.
-    pytest.param(["model.ffn.backend=triton", "model.d_model=32", "model.n_layers=1"], id="triton", marks=TRITON),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param([], id="default"),  # backend auto: the torch backend on CPU
+        pytest.param(
+            ["model.ffn.bias_update_rate=0.01", "model.ffn.capacity_factor=1.0"], id="bias-balancing+capacity"
+        ),
+        # The interpreter costs seconds per step at moe_tiny's width: the same blocks, narrower and one layer.
+        pytest.param(["model.ffn.backend=triton", "model.d_model=32", "model.n_layers=1"], id="triton", marks=TRITON),
+    ],
+)
 def test_a_training_step_reads_nothing_from_the_device(options):
     model, optimizer = moe_tiny(*options)
     train_step(model, optimizer, 0, False)  # warm-up: one-time probes (e.g. the grouped-matmul check)
@@ -160,7 +193,13 @@ def test_router_statistics_stay_on_the_device_until_they_are_logged():
         row = {k: _plain(v) for k, v in out.metrics.items()}
     assert len(counter.device_reads()) >= len(out.metrics)
     assert all(sum(v) == pytest.approx(1.0, abs=1e-4) for k, v in row.items() if k.endswith("/load"))
-    assert all(isinstance(row[k], float) for k in row if k.endswith(("/router_entropy", "/load_entropy", "/max_load_ratio", "/min_load_ratio", "/dead_experts", "/dropped")))
+    assert all(
+        isinstance(row[k], float)
+        for k in row
+        if k.endswith(
+            ("/router_entropy", "/load_entropy", "/max_load_ratio", "/min_load_ratio", "/dead_experts", "/dropped")
+        )
+    )
 
 
 def test_trainer_reads_metrics_only_on_log_steps(tmp_path):
@@ -168,8 +207,16 @@ def test_trainer_reads_metrics_only_on_log_steps(tmp_path):
     log step the model also returns the router statistics, which fit() then logs."""
     from training.trainer import Trainer
 
-    trainer = Trainer(tiny_config(tmp_path / "run", "model=moe_tiny", "model.d_model=32", "model.n_layers=2",
-                                  "trainer.log_every=3", "trainer.resume=none"))
+    trainer = Trainer(
+        tiny_config(
+            tmp_path / "run",
+            "model=moe_tiny",
+            "model.d_model=32",
+            "model.n_layers=2",
+            "trainer.log_every=3",
+            "trainer.resume=none",
+        )
+    )
     trainer.train_step()  # step 1: warm-up
     counter = CountHostReads()
     with counter:

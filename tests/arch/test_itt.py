@@ -1,11 +1,12 @@
 """Inner Thinking Transformer (depth=itt): reductions to vanilla / looping, gradients, sparsity, causality."""
+
 import pytest
 import torch
 
 from arch.model import LanguageModel
 from arch.registry import ATTENTION, ConfigError
-from training.accounting.account import account
 from tests.arch.depth_helpers import model
+from training.accounting.account import account
 
 
 def same_blocks(target: LanguageModel, source: LanguageModel) -> LanguageModel:
@@ -116,7 +117,12 @@ def test_top_ratio_training_calibrates_the_causal_threshold():
 
 def test_ablation_switches_change_the_model():
     outputs = {}
-    for name, options in {"full": {}, "no_rtc": {"rtc": False}, "no_tse": {"tse": "none"}, "no_atr": {"routing": False}}.items():
+    for name, options in {
+        "full": {},
+        "no_rtc": {"rtc": False},
+        "no_tse": {"tse": "none"},
+        "no_atr": {"routing": False},
+    }.items():
         m = model({"name": "itt", "step_init": 0.5, **options})
         out = m(IDX, IDX)
         assert torch.isfinite(out.loss)

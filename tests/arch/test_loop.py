@@ -1,5 +1,6 @@
 """Looped depth: execute-order repetition and the Huginn recurrent core (sampler, truncated backprop,
 any iteration count at evaluation), plus every looped-depth preset training end to end."""
+
 import math
 from pathlib import Path
 
@@ -11,7 +12,6 @@ from tests.arch.depth_helpers import model
 from tests.helpers import tiny_config
 from training.accounting.account import account
 from training.trainer import train
-
 
 IDX = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -25,8 +25,13 @@ def test_loop_runs_its_execute_order_with_shared_weights():
     assert model({"name": "loop", "pattern": "stack", "repeats": 2}).depth.order == [0, 1, 2, 3, 0, 1, 2, 3]
     plain = model({"name": "plain"})
     assert loop.num_parameters() == plain.num_parameters()
-    block = account(plain, 12).forward_flops_per_token - account(model({"name": "plain"}, n_layers=3), 12).forward_flops_per_token
-    assert account(loop, 12).forward_flops_per_token - account(plain, 12).forward_flops_per_token == pytest.approx(4 * block)
+    block = (
+        account(plain, 12).forward_flops_per_token
+        - account(model({"name": "plain"}, n_layers=3), 12).forward_flops_per_token
+    )
+    assert account(loop, 12).forward_flops_per_token - account(plain, 12).forward_flops_per_token == pytest.approx(
+        4 * block
+    )
     loop.depth.set_repeats(1)  # evaluation at another count; repeats=1 is the plain stack
     loop.load_state_dict(plain.state_dict())
     assert torch.equal(loop(IDX, IDX).logits, plain(IDX, IDX).logits)
@@ -105,7 +110,9 @@ def test_recurrent_core_evaluates_at_any_iteration_count():
 
 
 def test_recurrent_bad_options_fail_clearly():
-    with pytest.raises(ConfigError, match=r"prelude_layers \+ core_layers \+ coda_layers = 2\+2\+1 must equal model.n_layers=4"):
+    with pytest.raises(
+        ConfigError, match=r"prelude_layers \+ core_layers \+ coda_layers = 2\+2\+1 must equal model.n_layers=4"
+    ):
         model({"name": "recurrent", "prelude_layers": 2})
     with pytest.raises(ConfigError, match=r"model.depth.looped_layers=\[5\] holds \[5\]"):
         model({"name": "loop", "looped_layers": [5]})
@@ -120,13 +127,29 @@ def test_every_looped_preset_trains_and_its_sweep_runs(tmp_path: Path, experimen
     from training.eval.elastic_sweeps import run_evaluation
 
     run_dir = tmp_path / experiment
-    cfg = tiny_config(run_dir, f"experiment={experiment}", "model.n_layers=4", "trainer.max_steps=16",
-                      "trainer.eval_every=16", "trainer.checkpoint_every=16", "optim.lr=3e-3")
+    cfg = tiny_config(
+        run_dir,
+        f"experiment={experiment}",
+        "model.n_layers=4",
+        "trainer.max_steps=16",
+        "trainer.eval_every=16",
+        "trainer.checkpoint_every=16",
+        "optim.lr=3e-3",
+    )
     summary = train(cfg)
     assert summary["final_val_loss"] < summary["initial_val_loss"] - 0.3
-    eval_cfg = OmegaConf.create({"ckpt": str(run_dir), "out_dir": str(tmp_path / "eval"), "analysis": "depth", "device": "cpu",
-                                 "batch_size": 4, "eval_batches": 2, "seed": 0,
-                                 "sweep": {"iterations": [1, 2], "itt_ratios": [[0, 0, 0], [0.7, 0.7, 0.7]]}})
+    eval_cfg = OmegaConf.create(
+        {
+            "ckpt": str(run_dir),
+            "out_dir": str(tmp_path / "eval"),
+            "analysis": "depth",
+            "device": "cpu",
+            "batch_size": 4,
+            "eval_batches": 2,
+            "seed": 0,
+            "sweep": {"iterations": [1, 2], "itt_ratios": [[0, 0, 0], [0.7, 0.7, 0.7]]},
+        }
+    )
     outputs = run_evaluation(eval_cfg)
     if experiment == "looped_baseline":
         assert outputs == {}
@@ -154,7 +177,11 @@ def test_recurrent_initial_state_has_the_official_scale_for_any_width(d_model):
     assert s.std().item() == pytest.approx(truncated_std, rel=0.02)
     assert s.abs().max().item() <= 3 * math.sqrt(2 / (5 * d_model)) * math.sqrt(d_model) + 1e-6
     for init, expected in (("normal", 1.0), ("embed", 1 / math.sqrt(d_model))):
-        other = RecurrentDepth(4, lambda i: torch.nn.Identity(), ModelShared(d_model=d_model, n_layers=4, n_heads=2), state_init=init)
+        other = RecurrentDepth(
+            4, lambda i: torch.nn.Identity(), ModelShared(d_model=d_model, n_layers=4, n_heads=2), state_init=init
+        )
         assert other.initial_state(torch.empty(64, 64, d_model)).std().item() == pytest.approx(expected, rel=0.02)
-    zero = RecurrentDepth(4, lambda i: torch.nn.Identity(), ModelShared(d_model=d_model, n_layers=4, n_heads=2), state_init="zero")
+    zero = RecurrentDepth(
+        4, lambda i: torch.nn.Identity(), ModelShared(d_model=d_model, n_layers=4, n_heads=2), state_init="zero"
+    )
     assert zero.initial_state(torch.empty(2, 3, d_model)).abs().sum() == 0

@@ -1,4 +1,5 @@
 """MH-MoE (sub-token routing) and the MoEC options of ffn=moe (clusters, variance loss, cluster dropout)."""
+
 import math
 
 import pytest
@@ -25,13 +26,19 @@ OPTIONS = {"n_experts": 6, "top_k": 2, "expert_hidden": 12, "backend": "torch"}
 
 # ------------------------------------------------------------------------------------ MH-MoE
 
+
 @pytest.mark.parametrize("training", [True, False])
 def test_mhmoe_with_one_head_and_identity_projections_equals_moe(training):
     torch.manual_seed(0)
     moe = MoEFFN(16, 0, **OPTIONS)
     mh = MultiHeadMoEFFN(16, 0, n_heads=1, **OPTIONS)
     missing, unexpected = mh.load_state_dict(moe.state_dict(), strict=False)
-    assert not unexpected and sorted(missing) == ["head_proj.bias", "head_proj.weight", "merge_proj.bias", "merge_proj.weight"]
+    assert not unexpected and sorted(missing) == [
+        "head_proj.bias",
+        "head_proj.weight",
+        "merge_proj.bias",
+        "merge_proj.weight",
+    ]
     with torch.no_grad():
         for proj in (mh.head_proj, mh.merge_proj):
             proj.weight.copy_(torch.eye(16))
@@ -56,7 +63,9 @@ def test_mhmoe_routes_each_subtoken_independently_with_balance_over_subtokens():
     sub_MS = mh.head_proj(x).reshape(2 * 3 * h, D // h)  # row order: token-major, then head
     ids, gates, probs, _ = mh.route(sub_MS, ctx())
     assert ids.shape == (2 * 3 * h, 2) and mh.w_in_EDH.shape == (6, D // h, 24)
-    expected = mh.merge_proj(expert_mlp_reference(sub_MS, ids, gates, mh.w_in_EDH, mh.w_out_EFD, "swiglu").reshape(2, 3, D))
+    expected = mh.merge_proj(
+        expert_mlp_reference(sub_MS, ids, gates, mh.w_in_EDH, mh.w_out_EFD, "swiglu").reshape(2, 3, D)
+    )
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(c.aux_losses["balance_loss"], 0.01 * switch_balance_loss(probs, ids, 6))
     # sub-tokens of one token do not all share their experts (independent routing)
@@ -85,15 +94,16 @@ def test_mhmoe_heads_must_divide_d_model():
 
 # ------------------------------------------------------------------------------------ MoEC
 
+
 @pytest.mark.parametrize("E,C,k,rate", [(8, 2, 2, 0.9), (8, 4, 3, 0.99), (6, 3, 1, 0.5)])
 def test_cluster_dropout_never_drops_a_whole_cluster_or_a_tokens_experts(E, C, k, rate):
     torch.manual_seed(0)
     N = 4000
     drop_NE = cluster_dropout_mask(N, E, C, k, rate)
     survivors_NC = (~drop_NE).view(N, C, E // C).sum(-1)
-    assert (survivors_NC >= 1).all()                 # every cluster keeps an expert for every token
-    assert ((~drop_NE).sum(-1) >= k).all()           # every token keeps at least k experts
-    expected = rate * (E - max(k, C)) / E            # no more protected experts than needed
+    assert (survivors_NC >= 1).all()  # every cluster keeps an expert for every token
+    assert ((~drop_NE).sum(-1) >= k).all()  # every token keeps at least k experts
+    expected = rate * (E - max(k, C)) / E  # no more protected experts than needed
     assert abs(drop_NE.float().mean().item() - expected) < 0.5 * expected + 0.02
 
 
@@ -142,8 +152,18 @@ def test_moec_options_are_validated():
 
 TRAIN_OPTIONS = {
     "mhmoe_h2": ["model/ffn=mhmoe", "model.ffn.n_heads=2"],
-    "mhmoe_h4_capacity_xmoe": ["model/ffn=mhmoe", "model.ffn.n_heads=4", "model.ffn.capacity_factor=1.5", "model.ffn.router=xmoe"],
-    "moec": ["model/ffn=moe", "model.ffn.n_clusters=4", "model.ffn.cluster_var_loss_coef=0.1", "model.ffn.cluster_dropout=0.25"],
+    "mhmoe_h4_capacity_xmoe": [
+        "model/ffn=mhmoe",
+        "model.ffn.n_heads=4",
+        "model.ffn.capacity_factor=1.5",
+        "model.ffn.router=xmoe",
+    ],
+    "moec": [
+        "model/ffn=moe",
+        "model.ffn.n_clusters=4",
+        "model.ffn.cluster_var_loss_coef=0.1",
+        "model.ffn.cluster_dropout=0.25",
+    ],
     "emoe_moec": ["model/ffn=emoe", "model.ffn.n_clusters=2", "model.ffn.cluster_dropout=0.5"],
 }
 
@@ -151,7 +171,16 @@ TRAIN_OPTIONS = {
 @pytest.mark.parametrize("name", sorted(TRAIN_OPTIONS))
 def test_every_new_option_trains_with_falling_loss(tmp_path, name):
     run = tmp_path / name
-    train(tiny_config(run, "trainer.max_steps=30", "trainer.eval_every=30", "optim.lr=1e-2", "trainer.sample_tokens=0", *TRAIN_OPTIONS[name]))
+    train(
+        tiny_config(
+            run,
+            "trainer.max_steps=30",
+            "trainer.eval_every=30",
+            "optim.lr=1e-2",
+            "trainer.sample_tokens=0",
+            *TRAIN_OPTIONS[name],
+        )
+    )
     rows = read_metrics(run)
     evals = [r["val_loss"] for r in rows if "val_loss" in r]
     assert evals[-1] < evals[0] - 1.0, evals

@@ -1,4 +1,5 @@
 """The dense LM: shapes, loss, KV-cache generation, GQA, init, registry plumbing."""
+
 import math
 
 import pytest
@@ -60,7 +61,9 @@ def test_kv_cache_generation_matches_full_recompute():
 def test_generation_respects_top_k_and_length_limit():
     model = tiny_model().eval()
     gen = torch.Generator().manual_seed(0)
-    out = model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=10, temperature=1.0, top_k=1, generator=gen)
+    out = model.generate(
+        torch.zeros(1, 3, dtype=torch.long), max_new_tokens=10, temperature=1.0, top_k=1, generator=gen
+    )
     greedy = model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=10, temperature=0)
     assert torch.equal(out, greedy)  # top_k=1 sampling is greedy
     with pytest.raises(ValueError, match="max_seq_len"):
@@ -148,7 +151,11 @@ def test_registry_lists_names_and_rejects_unknown_options():
         ATTENTION.get("flash9")
     with pytest.raises(ConfigError, match=r"has no option 'kv_heads'.*n_kv_heads"):
         ATTENTION.validate_options("mha", {"kv_heads": 2}, "model.attention")
-    with pytest.raises(ConfigError, match=r"model.attention.backend='cuda' is invalid; expected one of \['auto', 'sdpa', 'triton', 'flash_attn', 'reference'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.attention.backend='cuda' is invalid; expected one of \['auto', 'sdpa', 'triton', 'flash_attn', "
+        r"'reference'\]",
+    ):
         ATTENTION.validate_options("mha", {"backend": "cuda"}, "model.attention")
     with pytest.raises(ConfigError, match="expected a value of type int"):
         FFN.validate_options("swiglu", {"hidden_dim": "wide"}, "model.ffn")

@@ -1,4 +1,5 @@
 """MoE FFN: routing options, balancing, EMoE sampling statistics, capacity, expert-subset masks."""
+
 import math
 
 import pytest
@@ -142,13 +143,17 @@ def test_routing_metrics_load_and_entropy():
     metrics = routing_metrics(probs, torch.tensor([[0, 1], [0, 1], [2, 3], [0, 3]]), 4)
     load = [0.375, 0.25, 0.125, 0.25]
     assert metrics["load"].tolist() == load
-    assert metrics["max_load_ratio"].item() == pytest.approx(1.5) and metrics["min_load_ratio"].item() == pytest.approx(0.5)
+    assert metrics["max_load_ratio"].item() == pytest.approx(1.5) and metrics["min_load_ratio"].item() == pytest.approx(
+        0.5
+    )
     assert metrics["load_entropy"].item() == pytest.approx(-sum(p * math.log(p) for p in load) / math.log(4))
     assert metrics["router_entropy"].item() == pytest.approx(1.0)  # uniform router, though the load is uneven
     assert metrics["dead_experts"].item() == 0
     starved = routing_metrics(probs, torch.tensor([[0, 1], [0, 1], [0, 1], [0, 1]]), 4)
     assert starved["dead_experts"].item() == 2 and starved["min_load_ratio"].item() == 0.0  # defined, not a raw count
-    assert starved["max_load_ratio"].item() == pytest.approx(2.0) and starved["load_entropy"].item() == pytest.approx(0.5)
+    assert starved["max_load_ratio"].item() == pytest.approx(2.0) and starved["load_entropy"].item() == pytest.approx(
+        0.5
+    )
 
 
 def test_every_routed_slot_respects_the_expert_subset_mask():
@@ -219,7 +224,9 @@ def test_aux_loss_free_bias_reduces_imbalance_of_a_skewed_router():
         c = ctx()
         with torch.no_grad():
             layer(x, c)
-        ratios.append(c.metrics["moe/layer0/max_load_ratio"].item() / max(c.metrics["moe/layer0/min_load_ratio"].item(), 1e-9))
+        ratios.append(
+            c.metrics["moe/layer0/max_load_ratio"].item() / max(c.metrics["moe/layer0/min_load_ratio"].item(), 1e-9)
+        )
         layer.after_optimizer_step(step)
     assert ratios[0] > 50
     assert max(ratios[-20:]) < 3.0

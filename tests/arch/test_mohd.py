@@ -2,6 +2,7 @@
 
 Legend: N tokens, D d_model, G groups, A active groups, g group width.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -12,9 +13,9 @@ from arch.ffn.mohd import GroupFusion, MoHDFFN, parameter_counts
 from arch.ffn.router import switch_balance_loss
 from arch.layers import ForwardContext
 from tests.helpers import tiny_config
+from training.accounting.account import account
 from training.cli import compose
 from training.config import validate
-from training.accounting.account import account
 from training.metrics import read_metrics
 from training.trainer import train
 
@@ -25,7 +26,19 @@ def ctx() -> ForwardContext:
 
 def mohd(**options) -> MoHDFFN:
     torch.manual_seed(0)
-    return MoHDFFN(16, 0, **{"n_groups": 4, "n_active": 2, "n_shared": 1, "hidden_dim": 24, "fusion": "none", "backend": "torch", **options})
+    return MoHDFFN(
+        16,
+        0,
+        **{
+            "n_groups": 4,
+            "n_active": 2,
+            "n_shared": 1,
+            "hidden_dim": 24,
+            "fusion": "none",
+            "backend": "torch",
+            **options,
+        },
+    )
 
 
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
@@ -171,10 +184,15 @@ def _build(experiment):
 
 
 def test_presets_report_activated_and_total_parameters():
-    counts = {e: parameter_counts(_build(e), exclude_embeddings=True) for e in ("mohd_baseline", "mohd_half", "mohd_3x")}
+    counts = {
+        e: parameter_counts(_build(e), exclude_embeddings=True) for e in ("mohd_baseline", "mohd_half", "mohd_3x")
+    }
     flops = {e: account(_build(e), 256).forward_flops_per_token for e in counts}
     for e in counts:
-        print(f"{e}: total {counts[e]['total']:,} activated {counts[e]['activated']:,} params; {flops[e] / 1e6:.2f} MFLOP/token")
+        print(
+            f"{e}: total {counts[e]['total']:,} activated {counts[e]['activated']:,} params; {flops[e] / 1e6:.2f} "
+            "MFLOP/token"
+        )
     base = counts["mohd_baseline"]
     assert base["total"] == base["activated"]
     for e, expansion in (("mohd_half", 2), ("mohd_3x", 3)):
@@ -186,17 +204,41 @@ def test_presets_report_activated_and_total_parameters():
 
 
 SCOPES = {
-    "ffn_monarch": ["model/ffn=mohd", "model.ffn.n_groups=4", "model.ffn.n_active=2", "model.ffn.n_shared=1", "model.ffn.fusion=monarch"],
-    "hidden_both_sublayers": ["model/ffn=mohd", "model.ffn.scope=hidden", "model.ffn.width_multiplier=1.0", "model.ffn.n_groups=4",
-                              "model.ffn.n_active=2", "model.ffn.n_shared=1", "model/attention=mohd_mha", "model.attention.n_groups=4",
-                              "model.attention.n_active=2", "model.attention.n_shared=1"],
+    "ffn_monarch": [
+        "model/ffn=mohd",
+        "model.ffn.n_groups=4",
+        "model.ffn.n_active=2",
+        "model.ffn.n_shared=1",
+        "model.ffn.fusion=monarch",
+    ],
+    "hidden_both_sublayers": [
+        "model/ffn=mohd",
+        "model.ffn.scope=hidden",
+        "model.ffn.width_multiplier=1.0",
+        "model.ffn.n_groups=4",
+        "model.ffn.n_active=2",
+        "model.ffn.n_shared=1",
+        "model/attention=mohd_mha",
+        "model.attention.n_groups=4",
+        "model.attention.n_active=2",
+        "model.attention.n_shared=1",
+    ],
 }
 
 
 @pytest.mark.parametrize("name", sorted(SCOPES))
 def test_both_scopes_train_with_falling_loss(tmp_path, name):
     run = tmp_path / name
-    train(tiny_config(run, "trainer.max_steps=30", "trainer.eval_every=30", "optim.lr=1e-2", "trainer.sample_tokens=0", *SCOPES[name]))
+    train(
+        tiny_config(
+            run,
+            "trainer.max_steps=30",
+            "trainer.eval_every=30",
+            "optim.lr=1e-2",
+            "trainer.sample_tokens=0",
+            *SCOPES[name],
+        )
+    )
     evals = [r["val_loss"] for r in read_metrics(run) if "val_loss" in r]
     assert evals[-1] < evals[0] - 1.0, evals
 

@@ -1,10 +1,12 @@
 """MoUE (arch/ffn/universal.py): one pool parameter, rotational windows, exposure-corrected balance,
 trajectory router, pool gradients, widening schedule, compute matching with the matched MoE."""
+
 import copy
 
 import pytest
 import torch
 
+from arch.cost import CostSetting, linear_flops
 from arch.ffn.router import switch_balance_loss
 from arch.ffn.universal import POOL_NAME, UniversalMoEFFN
 from arch.ffn.universal_topology import (
@@ -18,13 +20,20 @@ from arch.ffn.universal_topology import (
 from arch.layers import ElasticSetting, ForwardContext, ModelShared
 from arch.model import LanguageModel
 from kernels.moe import expert_mlp_reference
+from training.accounting.account import account
 from training.cli import compose
 from training.config import ModelConfig, validate
-from arch.cost import CostSetting, linear_flops
-from training.accounting.account import account
 
 D = 16
-MOUE = {"name": "moue", "n_universal": 10, "window_size": 4, "window_stride": 3, "top_k": 2, "expert_hidden": 8, "backend": "torch"}
+MOUE = {
+    "name": "moue",
+    "n_universal": 10,
+    "window_size": 4,
+    "window_stride": 3,
+    "top_k": 2,
+    "expert_hidden": 8,
+    "backend": "torch",
+}
 
 
 def ctx(elastic=None) -> ForwardContext:
@@ -41,7 +50,9 @@ def layers(n_layers=4, **options) -> list[UniversalMoEFFN]:
 
 def model(n_layers=4, **ffn) -> LanguageModel:
     torch.manual_seed(0)
-    return LanguageModel(ModelConfig(vocab_size=61, d_model=D, n_layers=n_layers, n_heads=2, max_seq_len=32, ffn={**MOUE, **ffn}))
+    return LanguageModel(
+        ModelConfig(vocab_size=61, d_model=D, n_layers=n_layers, n_heads=2, max_seq_len=32, ffn={**MOUE, **ffn})
+    )
 
 
 def test_the_pool_is_one_parameter_shared_by_every_layer_and_counted_once():
@@ -57,7 +68,9 @@ def test_the_pool_is_one_parameter_shared_by_every_layer_and_counted_once():
     assert pool_size == 10 * 3 * D * 8 + 10 * 16  # experts + trajectory embeddings
     assert per_layer == (D + 16) * 10 + (D + 16) * 1 + 3 * D * 8 + 16  # routers, one local expert, its embedding
     assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in dict(m.named_parameters()).values())
-    assert sum(p.numel() for p in m.depth.parameters()) == 4 * (per_layer + sum(p.numel() for p in m.depth.blocks[0].attn.parameters()) + 2 * D)
+    assert sum(p.numel() for p in m.depth.parameters()) == 4 * (
+        per_layer + sum(p.numel() for p in m.depth.blocks[0].attn.parameters()) + 2 * D
+    )
 
 
 def test_window_membership_is_as_configured():
@@ -114,7 +127,9 @@ def test_universal_loss_is_the_layer_count_when_every_layer_is_balanced_and_matc
     f, P, c = torch.rand(M), torch.rand(M), exposure_counts(L, M, W, 3)
     assert universal_balance_loss(f, P, c, W).item() == pytest.approx((W * (f / c) * (P / c) * c).sum().item())
     c_even = torch.full((M,), 2.0)  # with even exposure both forms agree
-    assert universal_balance_loss(f, P, c_even, W).item() == pytest.approx(universal_balance_loss(f, P, c_even, W, corrected=False).item())
+    assert universal_balance_loss(f, P, c_even, W).item() == pytest.approx(
+        universal_balance_loss(f, P, c_even, W, corrected=False).item()
+    )
 
 
 def test_per_layer_loss_is_the_switch_loss_over_the_routable_experts():
@@ -221,7 +236,10 @@ def test_moue_preset_matches_its_moe_baseline_in_activated_flops_and_total_param
     moue_experts = ffn_u.cost(at).matmul_flops - linear_flops(ffn_u.router) - 2 * ffn_u.top_k * ffn_u.trajectory_dim
     assert moue_experts == ffn_e.cost(at).matmul_flops - linear_flops(ffn_e.router)
     # Whole-model FLOPs differ only by the router widths (pool of M vs E experts) and the trajectory EMA.
-    router_diff = sum(2 * (b.ffn.router.weight.numel() - e.ffn.router.proj.weight.numel()) for b, e in zip(moue.depth.blocks, moe.depth.blocks))
+    router_diff = sum(
+        2 * (b.ffn.router.weight.numel() - e.ffn.router.proj.weight.numel())
+        for b, e in zip(moue.depth.blocks, moe.depth.blocks)
+    )
     extra = router_diff + len(moue.depth.blocks) * 2 * ffn_u.top_k * ffn_u.trajectory_dim
     flops_u, flops_e = account(moue, 256).forward_flops_per_token, account(moe, 256).forward_flops_per_token
     assert flops_u - flops_e == extra

@@ -1,4 +1,5 @@
 """The diffusion-style parallel sampler for recurrent-depth models (METHODS.md §8.6)."""
+
 import pytest
 import torch
 
@@ -8,8 +9,9 @@ from training.config import ModelConfig
 
 def recurrent_model(seed: int = 0, **depth) -> LanguageModel:
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=4, n_heads=4, max_seq_len=64,
-                      depth={"name": "recurrent", **depth})
+    cfg = ModelConfig(
+        vocab_size=97, d_model=32, n_layers=4, n_heads=4, max_seq_len=64, depth={"name": "recurrent", **depth}
+    )
     return LanguageModel(cfg).eval()
 
 
@@ -21,21 +23,41 @@ def test_parallel_sampler_matches_sequential_greedy_when_freezing_forces_converg
     model.depth.set_iterations(24)  # enough iterations for the (contractive, untrained) core to converge
     sequential = model.generate(PROMPT, 8, temperature=0)
     stats = {}
-    parallel = model.generate(PROMPT, 8, temperature=0, sampler="parallel", exit_threshold=1e-5, state_noise=0.0,
-                              ema_embeds=0.0, prefill_iterations=24, stats=stats)
+    parallel = model.generate(
+        PROMPT,
+        8,
+        temperature=0,
+        sampler="parallel",
+        exit_threshold=1e-5,
+        state_noise=0.0,
+        ema_embeds=0.0,
+        prefill_iterations=24,
+        stats=stats,
+    )
     assert torch.equal(parallel, sequential)
     assert stats["outer_steps"] > 0
     # A loose threshold freezes positions before their latents converge: fewer core iterations.
     loose = {}
-    model.generate(PROMPT, 8, temperature=0, sampler="parallel", exit_threshold=0.5, state_noise=0.0,
-                   ema_embeds=0.0, prefill_iterations=24, stats=loose)
+    model.generate(
+        PROMPT,
+        8,
+        temperature=0,
+        sampler="parallel",
+        exit_threshold=0.5,
+        state_noise=0.0,
+        ema_embeds=0.0,
+        prefill_iterations=24,
+        stats=loose,
+    )
     assert loose["core_token_iterations"] < stats["core_token_iterations"]
 
 
 def test_parallel_sampler_defaults_run_with_noise_ema_headway_and_a_small_wavefront():
     model = recurrent_model()
     gen = torch.Generator().manual_seed(0)
-    out = model.generate(PROMPT, 7, temperature=1.0, top_k=5, generator=gen, sampler="parallel", headway=2, max_wavefront=3)
+    out = model.generate(
+        PROMPT, 7, temperature=1.0, top_k=5, generator=gen, sampler="parallel", headway=2, max_wavefront=3
+    )
     assert out.shape == (2, 13) and torch.equal(out[:, :6], PROMPT)
     assert int(out.max()) < 97 and int(out.min()) >= 0
     greedy = model.generate(PROMPT[:1], 5, temperature=0, sampler="parallel")

@@ -1,4 +1,5 @@
 """SGT: the scheduler's deep→shallow growth, kept-heads loop path, no new parameters, exact resume."""
+
 import pytest
 import torch
 
@@ -13,8 +14,14 @@ from training.trainer import Trainer, train
 
 def sgt_model(n_layers=6, n_heads=4, **depth) -> LanguageModel:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=n_layers, n_heads=n_heads, max_seq_len=32,
-                      depth={"name": "sgt", "first_selection_step": 250, "window_size": 250, **depth})
+    cfg = ModelConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        max_seq_len=32,
+        depth={"name": "sgt", "first_selection_step": 250, "window_size": 250, **depth},
+    )
     return LanguageModel(cfg)
 
 
@@ -62,7 +69,9 @@ def _new_selections(sgt, step):
     return [layer for layer in sgt.selected if layer not in before]
 
 
-def drive_phases(sgt: SGTDepth, phases: dict[int, dict[int, float]], until: int, start: int = 0) -> list[tuple[int, str, int]]:
+def drive_phases(
+    sgt: SGTDepth, phases: dict[int, dict[int, float]], until: int, start: int = 0
+) -> list[tuple[int, str, int]]:
     """Like ``drive``, with the layer entropies replaced at given completed steps; returns every scheduler
     action as (completed step, "select" | "deepen", layer)."""
     head_offsets = torch.tensor([0.03, 0.01, 0.04, 0.02])
@@ -101,8 +110,14 @@ def test_deeper_loops_check_every_selected_layer_and_keep_decayed_heads_at_zero(
 def test_loop_depth_three_grows_each_layer_before_selecting_a_shallower_one():
     sgt = sgt_model(max_loop_depth=3, max_selected_layers=2).depth
     actions = drive_phases(sgt, {1: {1: 0.9, 2: 0.5, 3: 0.8, 4: 0.7, 5: 0.2}}, until=1800)
-    assert actions == [(250, "select", 4), (500, "deepen", 4), (750, "deepen", 4), (1000, "select", 3),
-                       (1250, "deepen", 3), (1500, "deepen", 3)]
+    assert actions == [
+        (250, "select", 4),
+        (500, "deepen", 4),
+        (750, "deepen", 4),
+        (1000, "select", 3),
+        (1250, "deepen", 3),
+        (1500, "deepen", 3),
+    ]
     assert sgt.frozen and sgt.loop_depth == [0, 0, 0, 3, 3, 0]  # 1750: two layers selected = max → frozen
     for layer in (3, 4):
         assert torch.equal(sgt.head_decay_LH[layer], torch.tensor([1.0, 0.0, 1.0, 0.0]))
@@ -130,8 +145,15 @@ def test_sgt_adds_no_parameters():
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
 def test_kept_heads_loop_equals_the_masked_all_heads_computation(n_kv_heads):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, max_seq_len=32,
-                      attention={"name": "mha", "n_kv_heads": n_kv_heads}, depth={"name": "sgt", "exclude_layers": [0], "top_k_layers": 2})
+    cfg = ModelConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        max_seq_len=32,
+        attention={"name": "mha", "n_kv_heads": n_kv_heads},
+        depth={"name": "sgt", "exclude_layers": [0], "top_k_layers": 2},
+    )
     model = LanguageModel(cfg).eval()
     sgt = model.depth
     sgt.loop_depth[2] = 1
@@ -149,7 +171,7 @@ def test_kept_heads_loop_equals_the_masked_all_heads_computation(n_kv_heads):
 
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         heads = torch.arange(4) // (4 // n_kv_heads)
-        out, _ = attention_reference(q, k, v, heads, heads, torch.arange(T).expand(B, T), True, 8 ** -0.5)
+        out, _ = attention_reference(q, k, v, heads, heads, torch.arange(T).expand(B, T), True, 8**-0.5)
         out = out * torch.tensor([0.0, 1.0, 0.0, 1.0])[None, None, :, None]
         return attn.wo(out.flatten(2).to(x.dtype))
 
@@ -179,7 +201,11 @@ SGT_TINY = ["model/depth=sgt", "model.n_layers=4", "model.depth.first_selection_
 
 def test_resume_restores_the_scheduler_and_continues_identically(tmp_path):
     straight = tmp_path / "straight"
-    train(tiny_config(straight, *SGT_TINY, "trainer.max_steps=16", "trainer.checkpoint_every=5", "trainer.sample_tokens=0"))
+    train(
+        tiny_config(
+            straight, *SGT_TINY, "trainer.max_steps=16", "trainer.checkpoint_every=5", "trainer.sample_tokens=0"
+        )
+    )
     resumed = tmp_path / "resumed"
 
     class Interrupted(Exception):
@@ -190,9 +216,15 @@ def test_resume_restores_the_scheduler_and_continues_identically(tmp_path):
             raise Interrupted
 
     with pytest.raises(Interrupted):  # stopped mid-window, right after the step-5 checkpoint
-        Trainer(tiny_config(resumed, *SGT_TINY, "trainer.max_steps=16", "trainer.checkpoint_every=5", "trainer.sample_tokens=0"),
-                callbacks=(stop_at_5,)).fit()
-    trainer = Trainer(tiny_config(resumed, *SGT_TINY, "trainer.max_steps=16", "trainer.checkpoint_every=5", "trainer.sample_tokens=0"))
+        Trainer(
+            tiny_config(
+                resumed, *SGT_TINY, "trainer.max_steps=16", "trainer.checkpoint_every=5", "trainer.sample_tokens=0"
+            ),
+            callbacks=(stop_at_5,),
+        ).fit()
+    trainer = Trainer(
+        tiny_config(resumed, *SGT_TINY, "trainer.max_steps=16", "trainer.checkpoint_every=5", "trainer.sample_tokens=0")
+    )
     depth = trainer.model.depth
     assert depth.selected == [3] and depth.decay_windows == {3: (3, 6)} and depth.window_end == 6
     trainer.fit()

@@ -1,4 +1,5 @@
 """Benchmark plumbing: ratios per interleaved pair, output folders, --check."""
+
 import csv
 
 import pytest

@@ -15,7 +15,14 @@ import sys
 from kernels.aot.compile import ARCHS, ROOT
 from kernels.aot.ptxas import records_for_specs
 
-__all__ = ["ARCHS", "ROOT", "assert_bf16_gemms_use_wgmma", "assert_compiled_and_fit", "compile_in_subprocess", "compile_specs"]
+__all__ = [
+    "ARCHS",
+    "ROOT",
+    "assert_bf16_gemms_use_wgmma",
+    "assert_compiled_and_fit",
+    "compile_in_subprocess",
+    "compile_specs",
+]
 
 
 def compile_specs(specs, cc: int) -> dict:

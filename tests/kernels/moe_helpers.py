@@ -1,4 +1,5 @@
 """Shared helpers for the MoE kernel tests: random problems, error metrics, NaN-poisoned torch.empty."""
+
 from __future__ import annotations
 
 import torch

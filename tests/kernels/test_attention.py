@@ -5,6 +5,7 @@ decoding, sorted random q_positions subsets, odd lengths and padded head dims, f
 Legend: B batch, T queries, S keys, H query heads, Hk key heads, Hv value heads, d / dv head dims.
 torch.empty is NaN-poisoned during the Triton calls so an element a kernel forgot to write fails.
 """
+
 from __future__ import annotations
 
 import math
@@ -94,8 +95,13 @@ def check_against_reference(map_name, pos_name, dtype, d=16, dv=16, B=2, seed=0,
     H, Hk, Hv, k_head, v_head = MAPS[map_name]
     T, S, causal, positions = POSITIONS[pos_name]
     q, k, v, do, pos = make_problem(B, T, S, H, Hk, Hv, d, dv, positions, dtype, seed)
-    kw = dict(causal=causal, k_head=None if k_head is None else torch.tensor(k_head),
-              v_head=None if v_head is None else torch.tensor(v_head), q_positions=pos, **extra)
+    kw = dict(
+        causal=causal,
+        k_head=None if k_head is None else torch.tensor(k_head),
+        v_head=None if v_head is None else torch.tensor(v_head),
+        q_positions=pos,
+        **extra,
+    )
     out, lse, grads = run("triton", q, k, v, do, **kw)
     r_out, r_lse, r_grads = ref_run(q, k, v, do, k_head, v_head, pos, causal, H, Hk, Hv)
     assert out.dtype == dtype and out.shape == (B, T, H, dv)
@@ -122,8 +128,10 @@ def test_triton_fp16_matches_reference(map_name, pos_name, poisoned_empty):
     check_against_reference(map_name, pos_name, torch.float16)
 
 
-@pytest.mark.parametrize("map_name,pos_name", [("gqa", "causal"), ("decoupled", "subset"), ("mha", "full"),
-                                               ("mqa", "decode"), ("decoupled", "cross")])
+@pytest.mark.parametrize(
+    "map_name,pos_name",
+    [("gqa", "causal"), ("decoupled", "subset"), ("mha", "full"), ("mqa", "decode"), ("decoupled", "cross")],
+)
 def test_triton_single_pass_atomic_dq(map_name, pos_name, poisoned_empty):
     """deterministic=False: dQ added with atomics inside the dK/dV launch (FA2's single pass)."""
     check_against_reference(map_name, pos_name, torch.float32, deterministic=False)
@@ -170,8 +178,12 @@ def test_sdpa_backend_matches_reference(map_name, pos_name):
     H, Hk, Hv, k_head, v_head = MAPS[map_name]
     T, S, causal, positions = POSITIONS[pos_name]
     q, k, v, do, pos = make_problem(2, T, S, H, Hk, Hv, 16, 8, positions, torch.float32)
-    kw = dict(causal=causal, k_head=None if k_head is None else torch.tensor(k_head),
-              v_head=None if v_head is None else torch.tensor(v_head), q_positions=pos)
+    kw = dict(
+        causal=causal,
+        k_head=None if k_head is None else torch.tensor(k_head),
+        v_head=None if v_head is None else torch.tensor(v_head),
+        q_positions=pos,
+    )
     out, lse, grads = run("sdpa", q, k, v, do, **kw)
     r_out, r_lse, r_grads = ref_run(q, k, v, do, k_head, v_head, pos, causal, H, Hk, Hv)
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), (r_out, r_lse, *r_grads)):
@@ -183,7 +195,8 @@ def test_auto_is_sdpa_on_cpu_and_causal_defaults():
     q, k, v, _, _ = make_problem(1, 9, 9, 2, 2, 2, 8, 8, "default", torch.float32)
     out = attention(q, k, v)
     expected = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2)
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+    ).transpose(1, 2)
     torch.testing.assert_close(out, expected)
 
 
@@ -195,11 +208,11 @@ def test_last_row_entropy(backend, map_name, poisoned_empty):
     q = q * 3  # spread the entropies away from 1
     kh = torch.arange(H) // (H // Hk) if k_head is None else torch.tensor(k_head)
     ent = last_row_attention_entropy(q, k, k_head=None if k_head is None else kh, backend=backend)
-    ref = last_row_entropy_reference(q, k, kh, 16 ** -0.5)
+    ref = last_row_entropy_reference(q, k, kh, 16**-0.5)
     assert ent.shape == (2, H) and ent.dtype == torch.float32
     torch.testing.assert_close(ent, ref, atol=1e-5, rtol=1e-5)
     # cross-check against the full attention probabilities of the last row
-    p = torch.softmax(16 ** -0.5 * torch.einsum("bhd,bshd->bhs", q[:, -1], k[:, :, kh]), dim=-1)
+    p = torch.softmax(16**-0.5 * torch.einsum("bhd,bshd->bhs", q[:, -1], k[:, :, kh]), dim=-1)
     torch.testing.assert_close(ent, -(p * p.log()).sum(-1) / math.log(21), atol=1e-5, rtol=1e-5)
     assert ((ent > 0) & (ent < 1)).all()
 

@@ -10,6 +10,7 @@ small fallback config must fit. The specs come from kernels/attention/aot_specs.
 the ptxas spill gate). Compiles run in one subprocess per arch (in parallel) with
 TRITON_INTERPRET=0, so the modules expose real JITFunctions and the GPU config lists.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,9 @@ def _compile_all(cc: int) -> dict:
         # At launch the JIT marks 16-aligned pointers and multiple-of-16 ints (strides of 16-wide
         # heads) as such, which enables vectorised loads and cp.async pipelining: mimic that here.
         names = list(fn.arg_names)
-        attrs = {(names.index(a),): [["tt.divisibility", 16]]
-                 for a in sig if a.endswith("_ptr") or a.startswith("stride_")}
+        attrs = {
+            (names.index(a),): [["tt.divisibility", 16]] for a in sig if a.endswith("_ptr") or a.startswith("stride_")
+        }
         full_sig = dict(sig, **{k: "constexpr" for k in consts})
         try:
             src = ASTSource(fn=fn, signature=full_sig, constexprs=consts, attrs=attrs)
@@ -56,10 +58,13 @@ def compiled():
     env = dict(os.environ, TRITON_INTERPRET="0")
     procs = {}
     for cc in sorted(ARCHS):
-        code = ("import json; from tests.kernels.test_attention_compile import _compile_all; "
-                f"print(json.dumps(_compile_all({cc})))")
-        procs[cc] = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        code = (
+            "import json; from tests.kernels.test_attention_compile import _compile_all; "
+            f"print(json.dumps(_compile_all({cc})))"
+        )
+        procs[cc] = subprocess.Popen(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
     results = {}
     for cc, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=600)

@@ -14,6 +14,7 @@ not in play). Each either matches the loop's answer (out and lse; gradients too 
 cases: all of them for sdpa / reference, idx % 6 == 0 for Triton) or raises a clear
 ValueError / TypeError: anything else is a silent wrong result and fails.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,10 +52,14 @@ def oracle(q, k, v, k_head, v_head, pos, causal, scale):
             scores = (scale * qh @ kh.T).masked_fill(~seen, -math.inf)
             row_lse = torch.logsumexp(scores, -1)
             o = torch.exp(scores - row_lse[:, None]) @ vh
-            out = out.index_put((torch.tensor(b), torch.arange(T), torch.tensor(h)),
-                                torch.where(bad[:, None], torch.full_like(o, math.nan), o))
-            lse = lse.index_put((torch.tensor(b), torch.tensor(h), torch.arange(T)),
-                                torch.where(bad, torch.full_like(row_lse, math.nan), row_lse))
+            out = out.index_put(
+                (torch.tensor(b), torch.arange(T), torch.tensor(h)),
+                torch.where(bad[:, None], torch.full_like(o, math.nan), o),
+            )
+            lse = lse.index_put(
+                (torch.tensor(b), torch.tensor(h), torch.arange(T)),
+                torch.where(bad, torch.full_like(row_lse, math.nan), row_lse),
+            )
     return out, lse
 
 
@@ -102,8 +107,21 @@ def make_case(idx: int):
     kw = dict(causal=causal, k_head=k_head, v_head=v_head, q_positions=pos, softmax_scale=scale)
     error = None
     if idx % 7 == 5:  # a malformed input
-        kind = rng.choice(["scale0", "scale_neg", "scale_nan", "k_head", "v_head", "pos", "zero_T", "zero_d",
-                           "zero_B", "meta", "scale_tensor"])
+        kind = rng.choice(
+            [
+                "scale0",
+                "scale_neg",
+                "scale_nan",
+                "k_head",
+                "v_head",
+                "pos",
+                "zero_T",
+                "zero_d",
+                "zero_B",
+                "meta",
+                "scale_tensor",
+            ]
+        )
         error = TypeError if kind == "scale_tensor" else ValueError
         if kind == "scale0":
             kw["softmax_scale"] = 0.0
@@ -137,8 +155,10 @@ def make_case(idx: int):
 
 def explicit(kw, H, Hk, Hv, B, T, S):
     """Maps and positions as the oracle takes them (Python lists)."""
+
     def as_list(m, Hn):
         return [h // (H // Hn) for h in range(H)] if m is None else [int(x) for x in torch.as_tensor(m)]
+
     pos = kw["q_positions"]
     pos = [[S - T + i for i in range(T)] for _ in range(B)] if pos is None else pos.tolist()
     return as_list(kw["k_head"], Hk), as_list(kw["v_head"], Hv), pos

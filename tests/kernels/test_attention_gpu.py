@@ -8,6 +8,7 @@ is the only bf16 check.
 
 Legend: B batch, T queries, S keys, H query heads, Hk key heads, Hv value heads, d / dv head dims.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -66,13 +67,22 @@ def test_bf16_flash_attention_rule(case, d, deterministic):
         pos = torch.stack([torch.randperm(S, device=dev, generator=g)[:T].sort().values for _ in range(B)])
     else:
         pos = (S - T + torch.arange(T, device=dev)).expand(B, T)
-    scale = d ** -0.5
-    kw = dict(causal=causal, k_head=None if k_head is None else kh, v_head=None if v_head is None else vh,
-              q_positions=pos if positions == "subset" else None, backend="triton", deterministic=deterministic)
+    scale = d**-0.5
+    kw = dict(
+        causal=causal,
+        k_head=None if k_head is None else kh,
+        v_head=None if v_head is None else vh,
+        q_positions=pos if positions == "subset" else None,
+        backend="triton",
+        deterministic=deterministic,
+    )
 
     out, grads = _grads(lambda q, k, v: attention(q, k, v, **kw), (q, k, v), do)
-    ref, ref_grads = _grads(lambda q, k, v: attention_reference(q, k, v, kh, vh, pos, causal, scale)[0],
-                            (q.float(), k.float(), v.float()), do.float())
+    ref, ref_grads = _grads(
+        lambda q, k, v: attention_reference(q, k, v, kh, vh, pos, causal, scale)[0],
+        (q.float(), k.float(), v.float()),
+        do.float(),
+    )
     pt, pt_grads = _grads(lambda q, k, v: torch_same_precision(q, k, v, kh, vh, pos, causal, scale), (q, k, v), do)
 
     for name, a, r, p in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads), (pt, *pt_grads)):
@@ -92,8 +102,11 @@ def test_fp16_fp32_against_reference(dtype, tol):
     out, grads = _grads(lambda q, k, v: attention(q, k, v, v_head=vh, backend="triton"), (q, k, v), do)
     kh = torch.zeros(H, dtype=torch.long, device=dev)
     pos = (S - T + torch.arange(T, device=dev)).expand(B, T)
-    ref, ref_grads = _grads(lambda q, k, v: attention_reference(q, k, v, kh, vh, pos, True, d ** -0.5)[0],
-                            (q.float(), k.float(), v.float()), do.float())
+    ref, ref_grads = _grads(
+        lambda q, k, v: attention_reference(q, k, v, kh, vh, pos, True, d**-0.5)[0],
+        (q.float(), k.float(), v.float()),
+        do.float(),
+    )
     for name, a, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
         rel = ((a.float() - r).pow(2).mean().sqrt() / r.pow(2).mean().sqrt()).item()
         assert rel <= tol, f"{name}: relative RMS {rel:.2e}"
@@ -109,7 +122,7 @@ def test_auto_is_triton_on_cuda_and_entropy():
     kh = torch.arange(8, device=dev) // 4
     ent = last_row_attention_entropy(q * 4, k)  # auto → triton on CUDA
     # fp32 dots run as TF32 on GPU (TRITON_F32_DEFAULT=ieee makes them exact): ~1e-3 on scores
-    torch.testing.assert_close(ent, last_row_entropy_reference(q * 4, k, kh, 64 ** -0.5), atol=1e-2, rtol=0)
+    torch.testing.assert_close(ent, last_row_entropy_reference(q * 4, k, kh, 64**-0.5), atol=1e-2, rtol=0)
 
 
 @pytest.mark.parametrize("maps", ["default", "device"])
@@ -121,9 +134,11 @@ def test_no_host_sync_forward_backward(maps):
     q, k, v = (torch.randn(B, T, h, d, device=dev, dtype=dt, requires_grad=True) for h in (H, Hk, Hk))
     kw = {}
     if maps == "device":
-        kw = dict(k_head=torch.tensor([1, 0, 1, 1, 0, 1, 0, 0], device=dev),
-                  v_head=torch.tensor([0, 0, 1, 1, 0, 1, 1, 0], device=dev),
-                  q_positions=torch.arange(T, device=dev).expand(B, T).contiguous())
+        kw = dict(
+            k_head=torch.tensor([1, 0, 1, 1, 0, 1, 0, 0], device=dev),
+            v_head=torch.tensor([0, 0, 1, 1, 0, 1, 1, 0], device=dev),
+            q_positions=torch.arange(T, device=dev).expand(B, T).contiguous(),
+        )
     attention(q, k, v, backend="triton", **kw).sum().backward()  # autotune / compile outside the check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -4,6 +4,7 @@ and no host synchronisation in the forward/backward path.
 Legend: B batch, T queries, S keys, H query heads, Hk key heads, Hv value heads, d / dv head dims.
 Tiny fp32 shapes: the Triton kernels run under the interpreter (tests/conftest.py).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,11 @@ from kernels.attention.flash import first_nonfinite_key
 
 def problem(B=1, T=5, S=7, H=4, Hk=2, Hv=2, d=8, dv=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, T, H, d, generator=g), torch.randn(B, S, Hk, d, generator=g),
-            torch.randn(B, S, Hv, dv, generator=g))
+    return (
+        torch.randn(B, T, H, d, generator=g),
+        torch.randn(B, S, Hk, d, generator=g),
+        torch.randn(B, S, Hv, dv, generator=g),
+    )
 
 
 def op_args(q, k, v, k_head, v_head, pos, causal, shared):
@@ -25,8 +29,19 @@ def op_args(q, k, v, k_head, v_head, pos, causal, shared):
     if shared:
         vh = kh
     first_bad = first_nonfinite_key(k, v, kh, vh).to(torch.int32)
-    return (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), kh, vh, pos, first_bad, causal,
-            q.shape[-1] ** -0.5, shared, True)
+    return (
+        q.requires_grad_(),
+        k.requires_grad_(),
+        v.requires_grad_(),
+        kh,
+        vh,
+        pos,
+        first_bad,
+        causal,
+        q.shape[-1] ** -0.5,
+        shared,
+        True,
+    )
 
 
 @pytest.mark.parametrize("case", ["gqa_causal", "decoupled_positions", "full"])
@@ -43,8 +58,22 @@ def test_opcheck_forward_and_backward(case):
     out, lse = torch.ops.sparse_arch.attention_fwd(*args)
     do = torch.randn_like(out)
     q_, k_, v_, kh, vh, pos, first_bad, causal, scale, shared, det = args
-    bwd_args = (do, q_.detach(), k_.detach(), v_.detach(), out.detach(), lse.detach(), kh, vh, pos, first_bad,
-                causal, scale, shared, det)
+    bwd_args = (
+        do,
+        q_.detach(),
+        k_.detach(),
+        v_.detach(),
+        out.detach(),
+        lse.detach(),
+        kh,
+        vh,
+        pos,
+        first_bad,
+        causal,
+        scale,
+        shared,
+        det,
+    )
     torch.library.opcheck(torch.ops.sparse_arch.attention_bwd.default, bwd_args)
 
 
@@ -75,8 +104,8 @@ def test_compile_fullgraph_forward_backward(backend):
         loss = fn(*leaves)
         results[name] = (loss.detach(), *torch.autograd.grad(loss, leaves))
     ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    ref_out, _ = attention_reference(*ref_leaves, k_head, v_head, pos, True, 8 ** -0.5)
-    ref_loss = (ref_out ** 2).sum()
+    ref_out, _ = attention_reference(*ref_leaves, k_head, v_head, pos, True, 8**-0.5)
+    ref_loss = (ref_out**2).sum()
     ref = (ref_loss.detach(), *torch.autograd.grad(ref_loss, ref_leaves))
     for name, a, b, r in zip(("loss", "dq", "dk", "dv"), results["compiled"], results["eager"], ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)

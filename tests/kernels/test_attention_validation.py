@@ -2,6 +2,7 @@
 
 Legend: B batch, T queries, S keys, H query heads, Hk key heads, Hv value heads, d / dv head dims.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -6,14 +6,19 @@ autotuner can pick on a GPU, and its shared memory must fit the device. The comp
 subprocess with TRITON_INTERPRET=0 so the kernel modules expose real JITFunctions and the GPU
 config list (under the interpreter they hold one tiny config).
 """
+
 from __future__ import annotations
 
 import pytest
 
-from tests.kernels.aot import ARCHS, assert_bf16_gemms_use_wgmma, assert_compiled_and_fit, compile_in_subprocess, compile_specs
-
-
 from kernels.moe.aot_specs import aot_specs as _specs  # noqa: E402
+from tests.kernels.aot import (
+    ARCHS,
+    assert_bf16_gemms_use_wgmma,
+    assert_compiled_and_fit,
+    compile_in_subprocess,
+    compile_specs,
+)
 
 
 def _compile_all(cc: int) -> dict:

@@ -5,6 +5,7 @@ Forward output and the gradients of all four differentiable inputs (x, gates, w_
 checked with relative-RMS and max-abs bounds against a float64 reference; torch.empty is poisoned
 with NaN so an unwritten output element fails the test.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -54,12 +55,16 @@ def _compare(backend, case, monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"N{c[0]}D{c[1]}F{c[2]}E{c[3]}k{c[4]}-{str(c[5])[6:]}-{c[6]}-{c[7]}")
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: f"N{c[0]}D{c[1]}F{c[2]}E{c[3]}k{c[4]}-{str(c[5])[6:]}-{c[6]}-{c[7]}"
+)
 def test_triton_matches_reference(case, monkeypatch):
     _compare("triton", case, monkeypatch)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"N{c[0]}D{c[1]}F{c[2]}E{c[3]}k{c[4]}-{str(c[5])[6:]}-{c[6]}-{c[7]}")
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: f"N{c[0]}D{c[1]}F{c[2]}E{c[3]}k{c[4]}-{str(c[5])[6:]}-{c[6]}-{c[7]}"
+)
 def test_torch_backend_matches_reference(case, monkeypatch):
     _compare("torch", case, monkeypatch)
 

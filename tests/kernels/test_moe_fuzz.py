@@ -18,6 +18,7 @@ most ROUTE_TRITON_MAX_M slots and valid ids, plus 8 out-of-range cases in forked
 a crash (an out-of-bounds store segfaulted the interpreter before the routing fix) is reported as
 a failure instead of killing the test run.
 """
+
 from __future__ import annotations
 
 import math
@@ -73,9 +74,14 @@ def loop_route(ids_flat, E):
 # ----------------------------------------------------------------------------- case generation
 def _ids(rng, g, N, E, k):
     """(ids int64, pattern)."""
-    pattern = rng.choice(["topk"] * 3 + ["dup", "one_expert", "drop", "drop", "all_drop", "few_experts",
-                                        "bad_high", "bad_low"])
-    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)]) if N else torch.zeros(0, k, dtype=torch.long)
+    pattern = rng.choice(
+        ["topk"] * 3 + ["dup", "one_expert", "drop", "drop", "all_drop", "few_experts", "bad_high", "bad_low"]
+    )
+    ids = (
+        torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+        if N
+        else torch.zeros(0, k, dtype=torch.long)
+    )
     if pattern == "dup":
         ids = torch.randint(0, E, (N, k), generator=g)
     elif pattern == "one_expert":
@@ -88,7 +94,7 @@ def _ids(rng, g, N, E, k):
         keep = torch.randperm(E, generator=g)[: max(1, E // 3)]
         ids = keep[torch.randint(0, keep.numel(), (N, k), generator=g)]
     elif pattern in ("bad_high", "bad_low") and N:
-        bad = E + rng.choice([0, 1, 5, 2**20]) if pattern == "bad_high" else rng.choice([-2, -5, -2**20])
+        bad = E + rng.choice([0, 1, 5, 2**20]) if pattern == "bad_high" else rng.choice([-2, -5, -(2**20)])
         ids[rng.randrange(N), rng.randrange(k)] = bad
     return ids, pattern
 
@@ -108,7 +114,9 @@ def mlp_case(i, triton=False):
     gates = torch.rand(N, k, generator=g, dtype=torch.float64)
     w_in = torch.randn(E, D, H, generator=g, dtype=torch.float64) / D**0.5
     w_out = torch.randn(E, F, D, generator=g, dtype=torch.float64) / F**0.5
-    inject = rng.choice(["none"] * 4 + ["x_live", "x_dead", "gate_live", "gate_dead", "w_live", "w_dead"]) if N else "none"
+    inject = (
+        rng.choice(["none"] * 4 + ["x_live", "x_dead", "gate_live", "gate_dead", "w_live", "w_dead"]) if N else "none"
+    )
     # live places get NaN, which every formula propagates; an inf in a live place has no single
     # right answer (gelu(-inf) is 0 as a limit but NaN as 0.5·x·(1 + erf(x/√2))), dead ones get any
     bad = float("nan") if inject.endswith("_live") else rng.choice(BAD)
@@ -135,8 +143,25 @@ def mlp_case(i, triton=False):
     dtype = rng.choice([torch.float32, torch.float16]) if triton else rng.choice([torch.float32, torch.float64])
     ids = ids.to(rng.choice([torch.int32, torch.int64]))
     dy = torch.randn(N, D, generator=g, dtype=torch.float64)
-    return {"i": i, "N": N, "D": D, "F": F, "E": E, "k": k, "act": act, "pattern": pattern, "inject": inject,
-            "bad": bad, "dtype": dtype, "ids": ids, "x": x, "gates": gates, "w_in": w_in, "w_out": w_out, "dy": dy}
+    return {
+        "i": i,
+        "N": N,
+        "D": D,
+        "F": F,
+        "E": E,
+        "k": k,
+        "act": act,
+        "pattern": pattern,
+        "inject": inject,
+        "bad": bad,
+        "dtype": dtype,
+        "ids": ids,
+        "x": x,
+        "gates": gates,
+        "w_in": w_in,
+        "w_out": w_out,
+        "dy": dy,
+    }
 
 
 def describe(c) -> str:
@@ -184,8 +209,9 @@ def check_mlp_case(c, backend) -> str | None:
     except Exception as exc:  # noqa: BLE001 - any other exception is an unclear error
         return f"unclear {type(exc).__name__}: {exc}"
     # accepted out-of-range ids must act exactly like -1 (the op drops them without a host sync)
-    ref = _fwd_bwd(loop_expert_mlp, dict(c, ids=torch.where((c["ids"] < -1) | (c["ids"] >= E), -1, c["ids"])),
-                   torch.float64)
+    ref = _fwd_bwd(
+        loop_expert_mlp, dict(c, ids=torch.where((c["ids"] < -1) | (c["ids"] >= E), -1, c["ids"])), torch.float64
+    )
     for name, o, r in zip(("y", "dx", "dgates", "dw_in", "dw_out"), out, ref):
         if o.dtype != (c["dtype"]):
             return f"{name} dtype {o.dtype}, expected {c['dtype']}"
@@ -266,8 +292,10 @@ def _route_failures(backend, indices):
         c = route_case(i)
         why = check_route_case(c, backend)
         if why:
-            failures.append(f"route {backend} [i={i}, N={c['N']}, E={c['E']}, k={c['k']}, pattern={c['pattern']}] "
-                            f"ids={c['ids'].tolist()}: {why}")
+            failures.append(
+                f"route {backend} [i={i}, N={c['N']}, E={c['E']}, k={c['k']}, pattern={c['pattern']}] "
+                f"ids={c['ids'].tolist()}: {why}"
+            )
     return failures
 
 
@@ -323,10 +351,19 @@ def test_route_triton_out_of_range_ids_never_crash():
     huge = [i for i in bad if int(route_case(i)["ids"].max()) >= 2 * (route_case(i)["E"] + 1)]
     idx = sorted(set(huge[:4] + [i for i in bad if i not in huge][:4]))
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _CHILD, *map(str, idx)], capture_output=True, text=True, env=env,
-                          timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, *map(str, idx)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     verdicts = dict(line.split("\t", 1) for line in proc.stdout.splitlines() if "\t" in line)
-    failures = [f"route triton i={i} ids={route_case(i)['ids'].tolist()} E={route_case(i)['E']}: {verdicts.get(str(i))}"
-                for i in idx if verdicts.get(str(i)) != "ok"]
+    failures = [
+        f"route triton i={i} ids={route_case(i)['ids'].tolist()} E={route_case(i)['E']}: {verdicts.get(str(i))}"
+        for i in idx
+        if verdicts.get(str(i)) != "ok"
+    ]
     assert not failures, f"{len(failures)} of {len(idx)} cases wrong:\n" + "\n".join(failures)

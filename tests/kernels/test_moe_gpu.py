@@ -6,6 +6,7 @@ the error of the torch backend run in bf16 on the same inputs, for the output an
 The fp32 reference is the torch backend in fp32 (itself checked against the loop reference by the
 CPU tests; the loop is too slow at these sizes). The CPU-lane tests also run on CUDA unchanged.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -53,8 +54,11 @@ def test_fp32_matches_torch_on_gpu():
     x, ids, gates, w_in, w_out = make_problem(1000, 200, 136, 16, 4, torch.float32, "swiglu", "drop")
     dy = torch.randn(1000, 200)
     torch.backends.cuda.matmul.allow_tf32 = False
-    for name, g, r in zip(NAMES, _grads("triton", x, ids, gates, w_in, w_out, "swiglu", dy, torch.float32),
-                          _grads("torch", x, ids, gates, w_in, w_out, "swiglu", dy, torch.float32)):
+    for name, g, r in zip(
+        NAMES,
+        _grads("triton", x, ids, gates, w_in, w_out, "swiglu", dy, torch.float32),
+        _grads("torch", x, ids, gates, w_in, w_out, "swiglu", dy, torch.float32),
+    ):
         assert rel_rms(g, r) < 1e-5, name
 
 

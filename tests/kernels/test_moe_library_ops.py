@@ -3,6 +3,7 @@ and torch.compile(fullgraph=True) tracing forward + backward on CPU without a gr
 
 Legend: N tokens, k slots/token, E experts, D model width, F expert hidden width.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -2,6 +2,7 @@
 
 Legend: N tokens, k slots/token, M = N·k, E experts.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -3,6 +3,7 @@ both bijections over ragged expert segments, and the traffic model's basic sanit
 
 Legend: E experts, counts rows per expert, BLOCK_M rows per tile, n_cols column tiles.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -64,8 +65,7 @@ if triton_runnable(DEVICE):
     from kernels.moe.grouped_gemm import _grouped_tile, _swizzle
 
     @triton.jit
-    def _map_kernel(counts_ptr, out_ptr, n_cols, E, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
-                    GROUP_M: tl.constexpr):
+    def _map_kernel(counts_ptr, out_ptr, n_cols, E, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
         pid = tl.program_id(0)
         e, r, j, valid = _grouped_tile(pid, n_cols, counts_ptr, E, E_POW2, BLOCK_M, GROUP_M)
         tl.store(out_ptr + pid * 4 + 0, e)
@@ -88,8 +88,9 @@ def test_jit_tile_map_matches_twin(counts, block_m, n_cols, group_m):
     n_prog = (-(-sum(counts) // block_m) + E) * n_cols
     out = torch.full((n_prog, 4), -7, dtype=torch.int32, device=DEVICE)
     counts_t = torch.tensor(counts, dtype=torch.int32, device=DEVICE)
-    _map_kernel[(n_prog,)](counts_t, out, n_cols, E, E_POW2=max(2, triton.next_power_of_2(E)), BLOCK_M=block_m,
-                           GROUP_M=group_m)
+    _map_kernel[(n_prog,)](
+        counts_t, out, n_cols, E, E_POW2=max(2, triton.next_power_of_2(E)), BLOCK_M=block_m, GROUP_M=group_m
+    )
     got = [tuple(row[:3]) if row[3] else None for row in out.cpu().tolist()]
     assert got == grouped_programs(counts, block_m, n_cols, group_m)
 

@@ -5,6 +5,7 @@ slot and NaN/inf semantics, empty inputs, no host reads on the grouped (sync-fre
 
 Legend: N tokens, k slots/token, E experts, D model width, F expert hidden width, M = N·k slots.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -44,8 +45,11 @@ def _reference(act):
     return lambda *a: expert_mlp_reference(*a, activation=act)
 
 
-@pytest.mark.parametrize("dtype,onednn", [(torch.float32, True), (torch.float32, False), (torch.float64, False)],
-                         ids=["fp32-onednn", "fp32-torch.mm", "fp64"])
+@pytest.mark.parametrize(
+    "dtype,onednn",
+    [(torch.float32, True), (torch.float32, False), (torch.float64, False)],
+    ids=["fp32-onednn", "fp32-torch.mm", "fp64"],
+)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_matches_reference(case, dtype, onednn, monkeypatch):
     """fp32 matmuls go through oneDNN on CPU when it works; both ways must match the reference."""
@@ -80,8 +84,10 @@ def test_grouped_path_reads_nothing_on_the_host(monkeypatch):
     inputs, dy, act = _problem(CASES[0])
     leaves = [t.to(torch.bfloat16).requires_grad_() for t in (inputs[0], inputs[2], inputs[3], inputs[4])]
     calls = []
-    for owner, names in ((torch.Tensor, ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "bincount")),
-                         (torch, ("nonzero", "bincount", "unique", "masked_select"))):  # data-dependent sizes too
+    for owner, names in (
+        (torch.Tensor, ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "bincount")),
+        (torch, ("nonzero", "bincount", "unique", "masked_select")),
+    ):  # data-dependent sizes too
         for name in names:
             real = getattr(owner, name)
             monkeypatch.setattr(owner, name, lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw))
@@ -152,8 +158,16 @@ def test_nan_gate_on_a_live_slot_gives_nan():
 
 def test_no_tokens_gives_empty_output_and_zero_weight_grads():
     x, ids, gates, w_in, w_out = make_problem(4, 16, 8, 3, 2, torch.float32)
-    out = _grads(lambda *a: expert_mlp(*a, backend="torch"), x[:0], ids[:0], gates[:0], w_in, w_out,
-                 torch.zeros(0, 16), torch.float32)
+    out = _grads(
+        lambda *a: expert_mlp(*a, backend="torch"),
+        x[:0],
+        ids[:0],
+        gates[:0],
+        w_in,
+        w_out,
+        torch.zeros(0, 16),
+        torch.float32,
+    )
     assert out[0].shape == (0, 16) and out[1].shape == (0, 16) and out[2].shape == (0, 2)
     assert torch.equal(out[3], torch.zeros_like(out[3])) and torch.equal(out[4], torch.zeros_like(out[4]))
 
@@ -166,8 +180,9 @@ def test_meta_and_zero_width_are_refused():
     with pytest.raises(ValueError, match="positive"):
         tb.expert_mlp_torch(x[:, :0], ids, gates, w_in[:, :0], w_out[..., :0])
     with pytest.raises(ValueError, match="w_in"):
-        expert_mlp(x[:, :0].contiguous(), ids, gates, w_in[:, :0].contiguous(), w_out[..., :0].contiguous(),
-                   backend="torch")
+        expert_mlp(
+            x[:, :0].contiguous(), ids, gates, w_in[:, :0].contiguous(), w_out[..., :0].contiguous(), backend="torch"
+        )
 
 
 def test_saved_tensors_have_fixed_shapes():
@@ -186,8 +201,9 @@ def test_compiles_in_fp32():
     """torch.compile of a module calling the torch backend runs forward and backward in fp32."""
     x, ids, gates, w_in, w_out = make_problem(16, 16, 8, 4, 2, torch.float32, "swiglu", "drop")
     w_i, w_o = w_in.clone().requires_grad_(), w_out.clone().requires_grad_()
-    fn = torch.compile(lambda xx: expert_mlp(xx, ids, gates, w_i, w_o, backend="torch").pow(2).sum(),
-                       backend="aot_eager")
+    fn = torch.compile(
+        lambda xx: expert_mlp(xx, ids, gates, w_i, w_o, backend="torch").pow(2).sum(), backend="aot_eager"
+    )
     fn(x).backward()
     ref = _grads(lambda *a: expert_mlp_reference(*a), x, ids, gates, w_in, w_out, torch.zeros(16, 16), torch.float64)
     y = ref[0]

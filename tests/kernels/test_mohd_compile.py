@@ -4,14 +4,19 @@ Mirrors tests/kernels/test_moe_compile.py: every kernel is compiled for sm_80 an
 block config the autotuner can pick on a GPU (bf16, plus fp32 at the smallest config), in a
 subprocess with TRITON_INTERPRET=0, and its shared memory must fit the device.
 """
+
 from __future__ import annotations
 
 import pytest
 
-from tests.kernels.aot import ARCHS, assert_bf16_gemms_use_wgmma, assert_compiled_and_fit, compile_in_subprocess, compile_specs
-
-
 from kernels.mohd.aot_specs import aot_specs as _specs  # noqa: E402
+from tests.kernels.aot import (
+    ARCHS,
+    assert_bf16_gemms_use_wgmma,
+    assert_compiled_and_fit,
+    compile_in_subprocess,
+    compile_specs,
+)
 
 
 def _compile_all(cc: int) -> dict:

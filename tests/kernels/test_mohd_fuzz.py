@@ -15,6 +15,7 @@ contribute exactly nothing (in-op) and are exactly 0 (out-op), whatever they hol
 Cases: 320 per op on torch and reference (fp32/fp64); every 10th (32 per op, fp32/fp16) on
 Triton under the interpreter.
 """
+
 from __future__ import annotations
 
 import random
@@ -39,7 +40,7 @@ def loop_in(x, ids, gates, w, G):
         for j in range(ids.shape[1]):
             rows = (ids[:, j] == e).nonzero(as_tuple=True)[0]
             if rows.numel():
-                y = y.index_add(0, rows, gates[rows, j, None] * (x[rows, e * b:(e + 1) * b] @ w[e * b:(e + 1) * b]))
+                y = y.index_add(0, rows, gates[rows, j, None] * (x[rows, e * b : (e + 1) * b] @ w[e * b : (e + 1) * b]))
     return y
 
 
@@ -52,7 +53,7 @@ def loop_out(x, ids, gates, w, G):
         for j in range(ids.shape[1]):
             rows = (ids[:, j] == e).nonzero(as_tuple=True)[0]
             if rows.numel():
-                blk = blk.index_add(0, rows, gates[rows, j, None] * (x[rows] @ w[:, e * b:(e + 1) * b]))
+                blk = blk.index_add(0, rows, gates[rows, j, None] * (x[rows] @ w[:, e * b : (e + 1) * b]))
         blocks.append(blk)
     return torch.cat(blocks, dim=1)
 
@@ -67,9 +68,14 @@ def case(i, op, triton=False):
     G, b = rng.choice([1, 2, 3, 4, 5, 7, 8]), rng.choice([1, 2, 3, 5, 8])
     other = rng.choice([1, 2, 3, 5, 7, 12, 16])
     A = rng.choice([1, G, rng.randint(1, G)])
-    pattern = rng.choice(["topk"] * 3 + ["dup", "one_group", "drop", "drop", "all_drop", "few_groups",
-                                        "bad_high", "bad_low"])
-    ids = torch.stack([torch.randperm(G, generator=g)[:A] for _ in range(N)]) if N else torch.zeros(0, A, dtype=torch.long)
+    pattern = rng.choice(
+        ["topk"] * 3 + ["dup", "one_group", "drop", "drop", "all_drop", "few_groups", "bad_high", "bad_low"]
+    )
+    ids = (
+        torch.stack([torch.randperm(G, generator=g)[:A] for _ in range(N)])
+        if N
+        else torch.zeros(0, A, dtype=torch.long)
+    )
     if pattern == "dup":
         ids = torch.randint(0, G, (N, A), generator=g)
     elif pattern == "one_group":
@@ -82,12 +88,16 @@ def case(i, op, triton=False):
         keep = torch.randperm(G, generator=g)[: max(1, G // 3)]
         ids = keep[torch.randint(0, keep.numel(), (N, A), generator=g)]
     elif pattern in ("bad_high", "bad_low") and N:
-        ids[rng.randrange(N), rng.randrange(A)] = G + rng.choice([0, 1, 9]) if pattern == "bad_high" else rng.choice([-2, -9])
+        ids[rng.randrange(N), rng.randrange(A)] = (
+            G + rng.choice([0, 1, 9]) if pattern == "bad_high" else rng.choice([-2, -9])
+        )
     K, M = (G * b, other) if op == "in" else (other, G * b)
     x = torch.randn(N, K, generator=g, dtype=torch.float64)
     w = torch.randn(K, M, generator=g, dtype=torch.float64) / K**0.5
     gates = torch.rand(N, A, generator=g, dtype=torch.float64) + 0.1
-    inject = rng.choice(["none"] * 4 + ["x_live", "x_dead", "gate_live", "gate_dead", "w_live", "w_dead"]) if N else "none"
+    inject = (
+        rng.choice(["none"] * 4 + ["x_live", "x_dead", "gate_live", "gate_dead", "w_live", "w_dead"]) if N else "none"
+    )
     bad = float("nan") if inject.endswith("_live") else rng.choice(BAD)  # why: see test_moe_fuzz
     live = ((ids >= 0) & (ids < G)).nonzero()
     if len(live):
@@ -126,9 +136,25 @@ def case(i, op, triton=False):
             w[rng.randrange(K), e * b + rng.randrange(b)] = bad
     dtype = rng.choice([torch.float32, torch.float16]) if triton else rng.choice([torch.float32, torch.float64])
     dy = torch.randn(N, M, generator=g, dtype=torch.float64)
-    return {"i": i, "op": op, "N": N, "G": G, "b": b, "K": K, "M": M, "A": A, "pattern": pattern, "inject": inject,
-            "bad": bad, "dtype": dtype, "ids": ids.to(rng.choice([torch.int32, torch.int64])), "x": x, "gates": gates,
-            "w": w, "dy": dy}
+    return {
+        "i": i,
+        "op": op,
+        "N": N,
+        "G": G,
+        "b": b,
+        "K": K,
+        "M": M,
+        "A": A,
+        "pattern": pattern,
+        "inject": inject,
+        "bad": bad,
+        "dtype": dtype,
+        "ids": ids.to(rng.choice([torch.int32, torch.int64])),
+        "x": x,
+        "gates": gates,
+        "w": w,
+        "dy": dy,
+    }
 
 
 def _fwd_bwd(fn, c, dtype):
@@ -160,7 +186,9 @@ def check(c, backend) -> str | None:
 
 
 def describe(c) -> str:
-    head = ", ".join(f"{n}={c[n]}" for n in ("i", "op", "N", "G", "b", "K", "M", "A", "pattern", "inject", "bad", "dtype"))
+    head = ", ".join(
+        f"{n}={c[n]}" for n in ("i", "op", "N", "G", "b", "K", "M", "A", "pattern", "inject", "bad", "dtype")
+    )
     return f"[{head}] ids={c['ids'].tolist()} (inputs: case({c['i']}, {c['op']!r}) in tests/kernels/test_mohd_fuzz.py)"
 
 

@@ -5,6 +5,7 @@ Forward output and the gradients of x, gates and w are checked with relative-RMS
 bounds against a float64 reference; torch.empty is poisoned with NaN so an unwritten output
 element fails the test.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -114,7 +115,11 @@ def test_out_op_leaves_unselected_blocks_exactly_zero():
     "change, exc, match",
     [
         (dict(n_groups=3), ValueError, "K=35 must be divisible by n_groups=3"),
-        (dict(ids=torch.full((37, 2), 5, dtype=torch.int32)), ValueError, r"values must be in \[0, n_groups=5\) or -1, found 5"),
+        (
+            dict(ids=torch.full((37, 2), 5, dtype=torch.int32)),
+            ValueError,
+            r"values must be in \[0, n_groups=5\) or -1, found 5",
+        ),
         (dict(ids=torch.zeros(37, 2)), TypeError, "ids dtype must be int32 or int64"),
         (dict(w=torch.randn(35, 19, dtype=torch.float64)), TypeError, "must match x.dtype"),
         (dict(w=torch.randn(34, 19)), ValueError, "must be 2-D"),

@@ -4,6 +4,7 @@ gradients over several tiles; out-of-range ids dropped (or refused under SPARSE_
 
 Legend: N tokens, A slots per token, G groups, b block width, K input width, M output width.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -12,8 +13,12 @@ import torch
 from kernels import triton_runnable
 from kernels.mohd import group_in_matmul, group_out_matmul
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_runnable("cpu"),
-                                                                     reason="CPU tensors need the interpreter"))]
+BACKENDS = [
+    "torch",
+    pytest.param(
+        "triton", marks=pytest.mark.skipif(not triton_runnable("cpu"), reason="CPU tensors need the interpreter")
+    ),
+]
 
 
 def _ids(N, G):
@@ -97,8 +102,16 @@ def test_gradients_over_several_tiles_with_nan_in_live_and_dead_places(op, backe
     if op == "in":  # an unselected block of token 25
         x[25, next(e for e in range(G) if e not in ids[25].tolist()) * b] = -float("inf")
     gates[12, 1], ids[12, 1] = float("nan"), -1  # a dropped slot's NaN gate: nothing
-    c = dict(op=op, ids=ids, G=G, x=x, gates=gates, w=w, dtype=torch.float32,
-             dy=torch.randn(N, M, generator=g, dtype=torch.float64))
+    c = dict(
+        op=op,
+        ids=ids,
+        G=G,
+        x=x,
+        gates=gates,
+        w=w,
+        dtype=torch.float32,
+        dy=torch.randn(N, M, generator=g, dtype=torch.float64),
+    )
     assert check(c, backend) is None, check(c, backend)
 
 
@@ -113,10 +126,16 @@ def test_debug_checks_refuse_out_of_range_ids_on_every_backend(op, backend, monk
     with pytest.raises(ValueError, match=r"ids values must be in \[0, n_groups=3\) or -1, found 3"):
         op(x, ids, gates, w, G, backend=backend)
 
+
 def test_meta_tensors_are_refused():
     with pytest.raises(ValueError, match="meta device"):
-        group_in_matmul(torch.zeros(2, 4, device="meta"), torch.zeros(2, 1, dtype=torch.int32, device="meta"),
-                        torch.zeros(2, 1, device="meta"), torch.zeros(4, 3, device="meta"), 2)
+        group_in_matmul(
+            torch.zeros(2, 4, device="meta"),
+            torch.zeros(2, 1, dtype=torch.int32, device="meta"),
+            torch.zeros(2, 1, device="meta"),
+            torch.zeros(4, 3, device="meta"),
+            2,
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

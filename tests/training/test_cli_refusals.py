@@ -5,6 +5,7 @@ the preflight, then Hydra and training. So a case the preflight misses is not si
 reaches Hydra, which creates the run folder (and trains a tiny model), and the test fails on that.
 A few cases also run as real ``python train.py`` subprocesses to show the entry behaves the same.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -17,7 +18,7 @@ from tests.helpers import DATA_CACHE, TINY
 
 ROOT = Path(__file__).resolve().parents[2]
 THIS_FILE = Path(__file__).resolve()
-import train
+import train  # noqa: E402  (after ROOT: train.py sits at the repository root)
 
 
 def _cuda() -> bool:
@@ -144,7 +145,6 @@ CASES: list[tuple[list[str], str]] = [
 ]
 
 
-
 def _argv(run_dir: Path, extra: list[str]) -> list[str]:
     # A tiny, 2-step run: a case the preflight missed trains in seconds and leaves its run folder.
     return [*TINY, f"data.cache_dir={DATA_CACHE}", f"run_dir={run_dir}", "trainer.max_steps=2", *extra]
@@ -184,7 +184,9 @@ def test_every_invalid_command_line_is_refused_before_anything_is_written(tmp_pa
     assert not failures, f"{len(failures)} of {len(CASES)} command lines not refused cleanly:\n" + "\n".join(failures)
 
 
-def test_resume_none_in_a_run_folder_with_checkpoints_is_refused_before_hydra_writes_into_it(tmp_path, monkeypatch, capsys):
+def test_resume_none_in_a_run_folder_with_checkpoints_is_refused_before_hydra_writes_into_it(
+    tmp_path, monkeypatch, capsys
+):
     monkeypatch.setattr(sys, "argv", ["train.py"])
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -227,8 +229,14 @@ def test_a_sweep_with_one_bad_grid_point_is_refused_before_the_sweep_folder(tmp_
 )
 def test_python_train_py_refuses_the_same_way(tmp_path, extra, expected):
     run_dir = tmp_path / "run"
-    result = subprocess.run([sys.executable, "train.py", *_argv(run_dir, extra)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "train.py", *_argv(run_dir, extra)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 2, result.stderr
     assert _problems(result.returncode, result.stderr, expected, run_dir) == [], result.stderr
 
@@ -240,8 +248,17 @@ def test_a_bad_data_file_is_named_before_the_run_folder_exists(tmp_path, monkeyp
     bad.write_bytes(b"fine first line\nthen caf\xe9\n")
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        train.cli(_argv(run_dir, ["data=files", f"data.paths=[{good},{bad}]", "data.tokenizer.kind=bytes",
-                                  f"data.cache_dir={tmp_path / 'cache'}"]))
+        train.cli(
+            _argv(
+                run_dir,
+                [
+                    "data=files",
+                    f"data.paths=[{good},{bad}]",
+                    "data.tokenizer.kind=bytes",
+                    f"data.cache_dir={tmp_path / 'cache'}",
+                ],
+            )
+        )
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert _problems(2, err, f"{bad}:2: not UTF-8", run_dir) == [], err
@@ -251,12 +268,16 @@ def test_a_bad_data_file_is_named_before_the_run_folder_exists(tmp_path, monkeyp
     "args, expected",
     [
         (["ckpt=/nonexistent/run"], "ckpt=/nonexistent/run: no such run folder or checkpoint file"),
-        (["ckpt=.", "analysis=heatmap"], "analysis='heatmap' is invalid; allowed: one of ['elastic', 'routing', 'depth', 'all']"),
+        (
+            ["ckpt=.", "analysis=heatmap"],
+            "analysis='heatmap' is invalid; allowed: one of ['elastic', 'routing', 'depth', 'all']",
+        ),
         (["ckpt=.", "sweep.topk=[1]"], "unknown evaluate.py key 'sweep.topk'"),
         (["ckpt=.", "batch_size=0"], "batch_size=0 must be a positive integer"),
     ],
 )
 def test_evaluate_py_checks_its_arguments_first(args, expected):
-    result = subprocess.run([sys.executable, "evaluate.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            check=False)
+    result = subprocess.run(
+        [sys.executable, "evaluate.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -1,4 +1,5 @@
 """Config composition and validation: every bad key or value fails early with what is allowed."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,10 @@ def test_model_presets_validate(preset):
     assert root.model.name == preset
 
 
-@pytest.mark.parametrize("experiment", ["dense_baseline", "moe_vs_dense", "emoe", "ernie_elastic", "sgt", "sgt_low_entropy", "block_loop", "sgt_baseline"])
+@pytest.mark.parametrize(
+    "experiment",
+    ["dense_baseline", "moe_vs_dense", "emoe", "ernie_elastic", "sgt", "sgt_low_entropy", "block_loop", "sgt_baseline"],
+)
 def test_experiment_presets_validate_and_accept_overrides(experiment):
     root = validate(compose([f"experiment={experiment}", "trainer.max_steps=7", "seed=3", "run_dir=/tmp/x"]))
     assert (root.experiment, root.trainer.max_steps, root.seed, root.run_dir) == (experiment, 7, 3, "/tmp/x")
@@ -63,7 +67,9 @@ def test_invalid_values_are_rejected_with_allowed_choices(overrides, message):
 
 
 def _run_train(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 @pytest.mark.parametrize(
@@ -71,7 +77,10 @@ def _run_train(*args, cwd=ROOT):
     [
         (["trainer.max_step=5"], "unknown config key 'trainer.max_step': trainer has keys"),
         (["optim.lr=-1"], "optim.lr=-1 must be > 0"),
-        (["model/attention=flash9"], "model/attention=flash9: no such option in config group 'model/attention'; choices: dha, mha, mohd_mha"),
+        (
+            ["model/attention=flash9"],
+            "model/attention=flash9: no such option in config group 'model/attention'; choices: dha, mha, mohd_mha",
+        ),
         (["model.attention.n_kv_heads=3"], "n_kv_heads=3 must divide model.n_heads=4"),
     ],
 )
@@ -89,8 +98,14 @@ def test_seq_len_longer_than_validation_split_fails_before_training(tmp_path):
     corpus.write_text("tiny corpus. " * 400)
     run_dir = tmp_path / "run"
     result = _run_train(
-        "data=files", f"data.paths=[{corpus}]", "data.tokenizer.kind=bytes", "data.val_fraction=0.01",
-        "data.seq_len=128", f"data.cache_dir={tmp_path / 'cache'}", f"run_dir={run_dir}", "trainer.progress=false",
+        "data=files",
+        f"data.paths=[{corpus}]",
+        "data.tokenizer.kind=bytes",
+        "data.val_fraction=0.01",
+        "data.seq_len=128",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"run_dir={run_dir}",
+        "trainer.progress=false",
     )
     assert result.returncode == 2, result.stderr
     assert "longer than the validation split" in result.stderr

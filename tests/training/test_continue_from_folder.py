@@ -1,5 +1,6 @@
 """Any run continues from its folder with plain ``python train.py run_dir=R`` (training/run_config.py):
 converted MoUE and DHA runs, whose configs conf/ cannot compose, and the trainer's printed hint."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,17 @@ def _steps(run) -> list[int]:
 
 def test_a_converted_moue_run_continues_with_plain_train_py(tmp_path, capsys, one_thread):
     moe = tmp_path / "moe"
-    train_run(tiny_config(moe, "model/ffn=moe", "model.ffn.n_experts=4", "trainer.max_steps=6", "trainer.checkpoint_every=6",
-                          "trainer.eval_every=6", "trainer.sample_tokens=0"))
+    train_run(
+        tiny_config(
+            moe,
+            "model/ffn=moe",
+            "model.ffn.n_experts=4",
+            "trainer.max_steps=6",
+            "trainer.checkpoint_every=6",
+            "trainer.eval_every=6",
+            "trainer.sample_tokens=0",
+        )
+    )
     out = tmp_path / "moue"
     moue_main([f"ckpt={moe}", f"out={out}", "trainer.max_steps=8", "model.ffn.widen_to=8", "model.ffn.widen_steps=2"])
     capsys.readouterr()
@@ -36,8 +46,17 @@ def test_a_converted_moue_run_continues_with_plain_train_py(tmp_path, capsys, on
 
 def test_a_converted_dha_run_continues_and_its_model_cannot_change(tmp_path, capsys, one_thread):
     mha = tmp_path / "mha"
-    train_run(tiny_config(mha, "model.n_heads=4", "model.d_model=32", "trainer.max_steps=4", "trainer.checkpoint_every=4",
-                          "trainer.eval_every=4", "trainer.sample_tokens=0"))
+    train_run(
+        tiny_config(
+            mha,
+            "model.n_heads=4",
+            "model.d_model=32",
+            "trainer.max_steps=4",
+            "trainer.checkpoint_every=4",
+            "trainer.eval_every=4",
+            "trainer.sample_tokens=0",
+        )
+    )
     out = tmp_path / "dha"
     dha_convert.main(["mha_to_dha", f"ckpt={mha}", f"out={out}", "budget=0.5", "fusion_steps=2", "cpt_steps=4"])
     capsys.readouterr()

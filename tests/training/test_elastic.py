@@ -1,4 +1,5 @@
 """ERNIE-style elastic sampling statistics, MoE options training end to end, and evaluate.py outputs."""
+
 import math
 import subprocess
 import sys
@@ -20,7 +21,9 @@ def _within(observed: float, p: float, n: int) -> bool:
 
 
 def test_elastic_sampler_matches_configured_probabilities():
-    cfg = ElasticConfig(enabled=True, depth_full_prob=0.75, width_full_prob=0.8, topk_full_prob=0.8, subset_sizes=[4, 6])
+    cfg = ElasticConfig(
+        enabled=True, depth_full_prob=0.75, width_full_prob=0.8, topk_full_prob=0.8, subset_sizes=[4, 6]
+    )
     n = 4000
     settings = [sample_setting(cfg, step, seed=0, n_layers=6, n_experts=8, top_k=4) for step in range(n)]
     reduced_depth = [s for s in settings if s.active_layers is not None]
@@ -62,19 +65,47 @@ MOE_OPTIONS = {
     "moe": ["model/ffn=moe"],
     "emoe": ["model/ffn=emoe"],
     "sigmoid_renorm_off": ["model/ffn=moe", "model.ffn.scoring=sigmoid", "model.ffn.renormalize=false"],
-    "xmoe_shared_noise": ["model/ffn=moe", "model.ffn.router=xmoe", "model.ffn.n_shared_experts=1", "model.ffn.router_noise=0.1"],
-    "capacity_zloss_seq": ["model/ffn=moe", "model.ffn.capacity_factor=1.0", "model.ffn.z_loss_coef=0.001", "model.ffn.seq_balance_loss_coef=0.01"],
+    "xmoe_shared_noise": [
+        "model/ffn=moe",
+        "model.ffn.router=xmoe",
+        "model.ffn.n_shared_experts=1",
+        "model.ffn.router_noise=0.1",
+    ],
+    "capacity_zloss_seq": [
+        "model/ffn=moe",
+        "model.ffn.capacity_factor=1.0",
+        "model.ffn.z_loss_coef=0.001",
+        "model.ffn.seq_balance_loss_coef=0.01",
+    ],
     "aux_free_bias": ["model/ffn=moe", "model.ffn.balance_loss_coef=0", "model.ffn.bias_update_rate=0.001"],
-    "emoe_proportional_top1": ["model/ffn=emoe", "model.ffn.coactivation_mode=proportional", "model.ffn.keep_top1=true"],
+    "emoe_proportional_top1": [
+        "model/ffn=emoe",
+        "model.ffn.coactivation_mode=proportional",
+        "model.ffn.keep_top1=true",
+    ],
     "ernie_single": ["model/ffn=moe", "elastic=ernie"],
-    "ernie_full_plus_sub": ["model/ffn=moe", "elastic=ernie", "elastic.mode=full_plus_sub", "elastic.depth_drop=random"],
+    "ernie_full_plus_sub": [
+        "model/ffn=moe",
+        "elastic=ernie",
+        "elastic.mode=full_plus_sub",
+        "elastic.depth_drop=random",
+    ],
 }
 
 
 @pytest.mark.parametrize("name", sorted(MOE_OPTIONS))
 def test_every_moe_option_trains_with_falling_loss(tmp_path, name):
     run = tmp_path / name
-    train(tiny_config(run, "trainer.max_steps=30", "trainer.eval_every=30", "optim.lr=1e-2", "trainer.sample_tokens=0", *MOE_OPTIONS[name]))
+    train(
+        tiny_config(
+            run,
+            "trainer.max_steps=30",
+            "trainer.eval_every=30",
+            "optim.lr=1e-2",
+            "trainer.sample_tokens=0",
+            *MOE_OPTIONS[name],
+        )
+    )
     rows = read_metrics(run)
     evals = [r["val_loss"] for r in rows if "val_loss" in r]
     assert evals[-1] < evals[0] - 1.0, evals
@@ -88,8 +119,19 @@ def test_evaluate_py_writes_elastic_curve_and_routing_heatmaps(tmp_path):
     run = tmp_path / "run"
     train(tiny_config(run, "model/ffn=emoe", "trainer.max_steps=10", "trainer.sample_tokens=0"))
     proc = subprocess.run(
-        [sys.executable, "evaluate.py", f"ckpt={run}", "analysis=all", "eval_batches=2", "sweep.top_k=[1,2,3,4]", "sweep.depths=[2,1]"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "evaluate.py",
+            f"ckpt={run}",
+            "analysis=all",
+            "eval_batches=2",
+            "sweep.top_k=[1,2,3,4]",
+            "sweep.depths=[2,1]",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = run / "eval"
@@ -101,5 +143,11 @@ def test_evaluate_py_writes_elastic_curve_and_routing_heatmaps(tmp_path):
     assert {line.split(",")[0] for line in lines[1:]} == {"top_k", "experts", "depth"}
     dense = tmp_path / "dense"
     train(tiny_config(dense, "trainer.max_steps=2", "trainer.sample_tokens=0"))
-    bad = subprocess.run([sys.executable, "evaluate.py", f"ckpt={dense}", "analysis=routing"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "evaluate.py", f"ckpt={dense}", "analysis=routing"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "needs an MoE model" in bad.stderr

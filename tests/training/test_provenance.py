@@ -1,4 +1,5 @@
 """Run provenance: a launch history that survives relaunches, and train.log with what the console showed."""
+
 import json
 
 from tests.helpers import tiny_config

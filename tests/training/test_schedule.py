@@ -1,4 +1,5 @@
 """Learning-rate schedules: warmup never swallows a short run."""
+
 from types import SimpleNamespace
 
 from training.optim import effective_warmup, lr_at, warmup_warning

@@ -1,5 +1,6 @@
 """A run folder is self-contained: after the training file and the data cache are deleted, the folder alone is
 sampled, evaluated, exported and scored by the lm-eval adapter (training/data/run_copy.py)."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,9 @@ from training.cli import compose
 from training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]
-TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog, and ROMEO speaks to JULIET.\n" for i in range(400))
+TEXT = "".join(
+    f"Line {i}: the quick brown fox jumps over the lazy dog, and ROMEO speaks to JULIET.\n" for i in range(400)
+)
 
 
 @pytest.mark.slow
@@ -23,10 +26,26 @@ def test_the_run_folder_alone_samples_evaluates_exports_and_runs_lm_eval(tmp_pat
     corpus, cache, run = tmp_path / "corpus.txt", tmp_path / "cache", tmp_path / "run"
     corpus.write_text(TEXT)
     overrides = [o for o in TINY if not o.startswith(("data.tokenizer", "model="))]
-    train(compose([*overrides, "model=moe_tiny", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
-                   "data=files", f"data.paths=[{corpus}]", "data.tokenizer.kind=bpe", "data.tokenizer.vocab_size=300",
-                   f"data.cache_dir={cache}", "trainer.max_steps=4", "trainer.eval_every=4", "trainer.checkpoint_every=4",
-                   f"run_dir={run}"]))
+    train(
+        compose(
+            [
+                *overrides,
+                "model=moe_tiny",
+                "model.d_model=32",
+                "model.n_layers=2",
+                "model.n_heads=2",
+                "data=files",
+                f"data.paths=[{corpus}]",
+                "data.tokenizer.kind=bpe",
+                "data.tokenizer.vocab_size=300",
+                f"data.cache_dir={cache}",
+                "trainer.max_steps=4",
+                "trainer.eval_every=4",
+                "trainer.checkpoint_every=4",
+                f"run_dir={run}",
+            ]
+        )
+    )
     assert (run / "data" / "tokenizer.json").is_file() and (run / "data" / "val.npy").is_file()
     corpus.unlink()
     shutil.rmtree(cache)
@@ -54,7 +73,25 @@ def test_the_run_folder_alone_samples_evaluates_exports_and_runs_lm_eval(tmp_pat
     (tasks / "tiny_mc.jsonl").write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
     (tasks / "tiny_mc.yaml").write_text(TASK_YAML.format(data=tasks / "tiny_mc.jsonl", cache=tmp_path / "hf-datasets"))
     out = tmp_path / "results.json"
-    assert lm_eval_main(["--run", str(run), "--tasks", "sparse_arch_tiny_mc", "--include_path", str(tasks),
-                         "--no_default_tasks", "--device", "cpu", "--batch_size", "4", "--output", str(out)]) == 0
+    assert (
+        lm_eval_main(
+            [
+                "--run",
+                str(run),
+                "--tasks",
+                "sparse_arch_tiny_mc",
+                "--include_path",
+                str(tasks),
+                "--no_default_tasks",
+                "--device",
+                "cpu",
+                "--batch_size",
+                "4",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "sparse_arch_tiny_mc" in json.loads(out.read_text())["results"]
     assert not corpus.exists() and not cache.exists()  # nothing rebuilt them

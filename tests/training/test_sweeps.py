@@ -1,4 +1,5 @@
 """Sweep presets in conf/sweep/: they compose with their sweeper params, pass train.py's precheck, and run."""
+
 import csv
 import os
 import subprocess
@@ -10,8 +11,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from tests.helpers import DATA_CACHE, TINY
-from training.eval import report
 from training.cli import CONF_DIR, check_overrides
+from training.eval import report
 
 ROOT = Path(__file__).resolve().parents[2]
 SWEEPS = sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml"))
@@ -64,9 +65,21 @@ def test_tiny_basic_multirun_then_report(tmp_path):
     """Two sweep points (top_k=1,2 from the command line replace the preset's list), then the report."""
     sweep_dir = tmp_path / "multirun"
     tiny = [o for o in TINY if not o.startswith("model=")]  # the sweep's experiment picks moe_tiny
-    command = [sys.executable, "train.py", "-m", "+sweep=moe_topk", "model.ffn.top_k=1,2", "seed=0",
-               *tiny, "trainer.max_steps=6", "trainer.eval_every=3", "trainer.checkpoint_every=6", "trainer.sample_tokens=0",
-               f"data.cache_dir={DATA_CACHE}", f"hydra.sweep.dir={sweep_dir}"]
+    command = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "+sweep=moe_topk",
+        "model.ffn.top_k=1,2",
+        "seed=0",
+        *tiny,
+        "trainer.max_steps=6",
+        "trainer.eval_every=3",
+        "trainer.checkpoint_every=6",
+        "trainer.sample_tokens=0",
+        f"data.cache_dir={DATA_CACHE}",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

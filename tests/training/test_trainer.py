@@ -1,4 +1,5 @@
 """End-to-end training on CPU: loss falls, the run folder is complete, resume is exact, guards work."""
+
 import json
 import math
 import subprocess
@@ -11,8 +12,8 @@ import torch
 
 from tests.helpers import tiny_config
 from training.checkpoint import files as ckpt
-from training.metrics import read_metrics
 from training.errors import NonFiniteLossError
+from training.metrics import read_metrics
 from training.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,12 +68,19 @@ KILL_SCRIPT = textwrap.dedent(
 
 def _losses(run_dir):
     rows = read_metrics(run_dir)
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r], [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r], [
+        (r["step"], r["val_loss"]) for r in rows if "val_loss" in r
+    ]
 
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run_exactly(tmp_path):
     n = 10
-    overrides = [f"trainer.max_steps={2 * n}", f"trainer.checkpoint_every={n}", "trainer.eval_every=5", "trainer.sample_tokens=0"]
+    overrides = [
+        f"trainer.max_steps={2 * n}",
+        f"trainer.checkpoint_every={n}",
+        "trainer.eval_every=5",
+        "trainer.sample_tokens=0",
+    ]
     straight = tmp_path / "straight"
     train(tiny_config(straight, *overrides))
 
@@ -122,11 +130,14 @@ def _poison_after(step_to_poison):
         if event == "step_end" and step == step_to_poison:
             with torch.no_grad():
                 trainer.model.depth.blocks[0].ffn.w_down.weight.fill_(float("nan"))
+
     return callback
 
 
 def test_nonfinite_skip_counts_and_continues(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path / "run", "trainer.max_steps=6", "trainer.sample_tokens=0"), callbacks=(_poison_after(3),))
+    trainer = Trainer(
+        tiny_config(tmp_path / "run", "trainer.max_steps=6", "trainer.sample_tokens=0"), callbacks=(_poison_after(3),)
+    )
     trainer.fit()
     assert trainer.nonfinite_skipped == 3  # steps 4, 5, 6 all see NaN weights
     assert trainer.step == 6
@@ -144,11 +155,20 @@ def test_sample_command_generates_from_a_run_folder(tmp_path):
     train(tiny_config(run, "trainer.max_steps=5", "trainer.sample_tokens=0"))
     proc = subprocess.run(
         [sys.executable, "-m", "training.eval.sample", str(run), "--prompt", "JULIET:", "--tokens", "12"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("JULIET:") and len(proc.stdout.strip()) > len("JULIET:")
-    bad = subprocess.run([sys.executable, "-m", "training.eval.sample", str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "training.eval.sample", str(tmp_path / "nope")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "nope" in bad.stderr
 
 
@@ -164,9 +184,21 @@ def test_hydra_multirun_gives_each_job_its_own_run_folder(tmp_path):
 
     args = [a for a in TINY if not a.startswith("trainer.max_steps")]
     proc = subprocess.run(
-        [sys.executable, "train.py", "-m", "seed=0,1", "trainer.max_steps=3", "trainer.sample_tokens=0",
-         *args, f"data.cache_dir={DATA_CACHE}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "seed=0,1",
+            "trainer.max_steps=3",
+            "trainer.sample_tokens=0",
+            *args,
+            f"data.cache_dir={DATA_CACHE}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for job in ("0", "1"):

@@ -32,6 +32,7 @@ Conventions (every number is per token):
   evaluation iteration count, each ITT step, each SGT loop pass), at ``dtype_bytes`` per element;
   DHA stores its g_K + g_V shared heads, GQA its n_kv_heads, MoHD attention all of its heads.
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,18 +52,18 @@ _DTYPE_NAMES = {1: "fp8/int8", 2: "bf16/fp16", 4: "fp32"}
 class ModelAccounting:
     """Per-token parameters, FLOPs and KV-cache bytes of a model run (see the module docstring)."""
 
-    total_params: int                    # stored (of the sub-network, if elastic), tied weights once
-    embedding_params: int                # vocabulary matrices: input table (+ LM head if untied)
-    active_params: float                 # read by one token's forward, vocabulary matrices included
-    active_non_embedding_params: float   # the same without the vocabulary matrices
-    forward_flops_per_token: float       # matmuls + causal attention
-    attention_flops_per_token: float     # the QKᵀ + PV part of the forward
-    train_flops_per_token: float         # 3 × forward, no-grad work 1 ×
-    kv_cache_bytes_per_token: float      # K and V of every cached attention call, dtype_bytes each
+    total_params: int  # stored (of the sub-network, if elastic), tied weights once
+    embedding_params: int  # vocabulary matrices: input table (+ LM head if untied)
+    active_params: float  # read by one token's forward, vocabulary matrices included
+    active_non_embedding_params: float  # the same without the vocabulary matrices
+    forward_flops_per_token: float  # matmuls + causal attention
+    attention_flops_per_token: float  # the QKᵀ + PV part of the forward
+    train_flops_per_token: float  # 3 × forward, no-grad work 1 ×
+    kv_cache_bytes_per_token: float  # K and V of every cached attention call, dtype_bytes each
     seq_len: int
     dtype_bytes: int = 2
-    mode: str = "train"                  # routing accounted: "train" or "eval"
-    elastic: str = "full model"          # or a description of the sub-network
+    mode: str = "train"  # routing accounted: "train" or "eval"
+    elastic: str = "full model"  # or a description of the sub-network
     notes: tuple = field(default_factory=tuple)  # approximations made (unknown blocks …)
 
     @property
@@ -93,8 +94,11 @@ def account(
     usage = CostSetting.from_elastic(seq_len, setting, training=training, dtype_bytes=dtype_bytes)
     depth = model.depth
     cost = cost_of(depth, usage) + Cost(
-        {id(model.embed.weight): model.embed.weight.numel(), id(model.lm_head.weight): model.lm_head.weight.numel(),
-         id(model.norm): numel(model.norm)},
+        {
+            id(model.embed.weight): model.embed.weight.numel(),
+            id(model.lm_head.weight): model.lm_head.weight.numel(),
+            id(model.norm): numel(model.norm),
+        },
         matmul_flops=linear_flops(model.lm_head),
     )
     tied = model.lm_head.weight is model.embed.weight
@@ -201,7 +205,9 @@ def _bytes(value: float) -> str:
 
 def format_accounting(acc: ModelAccounting) -> str:
     """A few human-readable lines (printed at the start of a run)."""
-    attention_share = acc.attention_flops_per_token / acc.forward_flops_per_token if acc.forward_flops_per_token else 0.0
+    attention_share = (
+        acc.attention_flops_per_token / acc.forward_flops_per_token if acc.forward_flops_per_token else 0.0
+    )
     dtype = _DTYPE_NAMES.get(acc.dtype_bytes, f"{acc.dtype_bytes}-byte")
     lines = [
         f"accounting ({acc.elastic}, {acc.mode} mode, seq_len {acc.seq_len}), per token:",
@@ -233,7 +239,11 @@ def _vocab_size(root, given: int | None) -> int:
 def main(argv: list[str] | None = None) -> None:
     from training.tool_args import parse, tool_parser
 
-    parser = tool_parser("python -m training.accounting.account", __doc__.split("\n\n")[0], epilog="Other key=value words are Hydra overrides of the model config.")
+    parser = tool_parser(
+        "python -m training.accounting.account",
+        __doc__.split("\n\n")[0],
+        epilog="Other key=value words are Hydra overrides of the model config.",
+    )
     parser.add_argument("--seq-len", type=int, help="sequence length (default: data.seq_len)")
     parser.add_argument("--vocab-size", type=int, help="vocabulary size when model.vocab_size is null")
     parser.add_argument("--dtype-bytes", type=int, default=2, help="bytes per KV-cache element (2 = bf16)")
@@ -250,17 +260,26 @@ def main(argv: list[str] | None = None) -> None:
     try:
         root = validate(compose(overrides))
     except ConfigError as e:
-        raise SystemExit(f"config error: {e}")
+        raise SystemExit(f"config error: {e}") from None
     mask_E = None
     if args.experts is not None:
         _, n_experts, _ = elastic_dims(root.model)
         if n_experts is None:
-            raise SystemExit(f"--experts needs an FFN with elastic widths; model.ffn.name={root.model.ffn['name']!r} has none")
+            raise SystemExit(
+                f"--experts needs an FFN with elastic widths; model.ffn.name={root.model.ffn['name']!r} has none"
+            )
         mask_E = torch.arange(n_experts) < args.experts
     layers = tuple(int(i) for i in args.layers.split(",")) if args.layers else None
     setting = ElasticSetting(active_layers=layers, expert_mask_E=mask_E, top_k=args.top_k)
     vocab_size = _vocab_size(root, args.vocab_size)
-    acc = account_config(root, args.seq_len or root.data.seq_len, vocab_size, setting, training=not args.eval, dtype_bytes=args.dtype_bytes)
+    acc = account_config(
+        root,
+        args.seq_len or root.data.seq_len,
+        vocab_size,
+        setting,
+        training=not args.eval,
+        dtype_bytes=args.dtype_bytes,
+    )
     print(f"model: {root.model.name} (vocabulary {vocab_size})")
     print(format_accounting(acc))
 

@@ -5,6 +5,7 @@ Everything in the cache is built under a temp name (``.tmp-<final>-<host>-<pid>`
 place, so a killed writer leaves only a temp entry; the next start removes it when that pid is gone
 (same host) or when it is older than STALE_TEMP_SECONDS (another host sharing the cache).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,9 +33,11 @@ def writing(path: Path):
         yield
     except OSError as err:
         code = errno.errorcode.get(err.errno, err.errno) if err.errno is not None else type(err).__name__
-        raise DataError(f"cannot write {path}: {err.strerror or err} [{code}]. Nothing partial is kept: the "
-                        "temporary shard folder is removed and the cache holds only complete, checksummed folders; "
-                        "free space or point data.cache_dir elsewhere") from None
+        raise DataError(
+            f"cannot write {path}: {err.strerror or err} [{code}]. Nothing partial is kept: the "
+            "temporary shard folder is removed and the cache holds only complete, checksummed folders; "
+            "free space or point data.cache_dir elsewhere"
+        ) from None
 
 
 def temp_name(final_name: str, prefix: str = ".tmp-", suffix: str = "") -> str:
@@ -65,8 +68,11 @@ def sweep_stale_temp(cache_dir: Path) -> list[Path]:
         if not folder.is_dir():
             continue
         for entry in folder.iterdir():
-            if not (entry.name.startswith(".tmp-") or entry.name.startswith(".corrupt-")
-                    or (entry.name.startswith(".") and entry.name.endswith(".tmp"))):
+            if not (
+                entry.name.startswith(".tmp-")
+                or entry.name.startswith(".corrupt-")
+                or (entry.name.startswith(".") and entry.name.endswith(".tmp"))
+            ):
                 continue
             try:
                 old = time.time() - entry.lstat().st_mtime > STALE_TEMP_SECONDS

@@ -1,4 +1,5 @@
 """The error data preparation raises for the user to act on; the message names the file (and line)."""
+
 from __future__ import annotations
 
 

@@ -10,6 +10,7 @@ cache are gone, and never reach for a hub. Runs trained before this copy existed
 Legend: V validation tokens (at most ``MAX_VAL_TOKENS`` are kept: evaluation reads a few hundred
 thousand at most).
 """
+
 from __future__ import annotations
 
 import json
@@ -45,10 +46,18 @@ def save_run_data(run_dir: str | Path, data) -> Path:
     tokenizer_json = Path(data.cache_path) / "tokenizer.json" if data.cache_path is not None else None
     if tokenizer_json is not None and tokenizer_json.is_file():
         shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
-    meta = {"format": FORMAT, "tokenizer": data.tokenizer.spec(), "vocab_size": data.tokenizer.vocab_size,
-            "val_bytes_per_token": float(data.val_bytes_per_token), "description": data.description,
-            "window_align": int(data.window_align), "n_val": int(n_val), "n_val_source": int(len(data.val)),
-            "has_mask": data.val_mask is not None, "dtype": str(np.asarray(data.val[:1]).dtype)}
+    meta = {
+        "format": FORMAT,
+        "tokenizer": data.tokenizer.spec(),
+        "vocab_size": data.tokenizer.vocab_size,
+        "val_bytes_per_token": float(data.val_bytes_per_token),
+        "description": data.description,
+        "window_align": int(data.window_align),
+        "n_val": int(n_val),
+        "n_val_source": int(len(data.val)),
+        "has_mask": data.val_mask is not None,
+        "dtype": str(np.asarray(data.val[:1]).dtype),
+    }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     if folder.exists():  # a partial folder from an earlier crash (no meta.json): replace it
         shutil.rmtree(folder)
@@ -74,9 +83,18 @@ def open_run_data(run_dir: str | Path):
     except (OSError, ValueError, KeyError) as err:
         raise DataError(f"{folder}: the run folder's data copy is unreadable ({type(err).__name__}: {err})") from None
     if len(val) != meta["n_val"] or tokenizer.vocab_size != meta["vocab_size"]:
-        raise DataError(f"{folder}: val.npy holds {len(val)} tokens and the tokenizer {tokenizer.vocab_size} ids, "
-                        f"meta.json says {meta['n_val']} and {meta['vocab_size']}")
-    return TokenData(train=np.zeros(0, dtype=val.dtype), val=val, train_mask=None if mask is None else np.zeros(0, np.uint8),
-                     val_mask=mask, tokenizer=tokenizer, val_bytes_per_token=meta["val_bytes_per_token"],
-                     cache_path=folder, description=meta["description"] + " (the run folder's copy)",
-                     window_align=meta["window_align"])
+        raise DataError(
+            f"{folder}: val.npy holds {len(val)} tokens and the tokenizer {tokenizer.vocab_size} ids, "
+            f"meta.json says {meta['n_val']} and {meta['vocab_size']}"
+        )
+    return TokenData(
+        train=np.zeros(0, dtype=val.dtype),
+        val=val,
+        train_mask=None if mask is None else np.zeros(0, np.uint8),
+        val_mask=mask,
+        tokenizer=tokenizer,
+        val_bytes_per_token=meta["val_bytes_per_token"],
+        cache_path=folder,
+        description=meta["description"] + " (the run folder's copy)",
+        window_align=meta["window_align"],
+    )

@@ -6,6 +6,7 @@ inside a temporary folder that is then renamed: a folder with meta.json is alway
 records each file's sha256 and size and each split's id range; every open verifies them, and a
 folder that fails (truncated, zeroed, out-of-vocabulary ids, no meta.json) is rebuilt from the source.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,9 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -119,8 +120,9 @@ def prepare_data(data_cfg, *, progress: bool = True) -> TokenData:
         identity = source_identity(data_cfg)
         corpus_id = hash_identity(identity)
         tok_name = tokenizer_name(_cfg_get(data_cfg, "tokenizer", {}), corpus_id)
-    key = hash_identity({"format": FORMAT_VERSION, "identity": identity, "tokenizer": tok_name,
-                         "val_fraction": val_fraction})
+    key = hash_identity(
+        {"format": FORMAT_VERSION, "identity": identity, "tokenizer": tok_name, "val_fraction": val_fraction}
+    )
     folder = cache_dir / f"{_label(data_cfg, source)}-{key[:16]}"
     sweep_stale_temp(cache_dir)
     if folder.exists():
@@ -183,8 +185,10 @@ def _write_split(path: Path, docs: list[str], tok: Tokenizer, dtype: np.dtype, d
 def _check_written_range(id_range: dict, vocab_size: int, tmp: Path) -> None:
     for split, (lo, hi) in id_range.items():
         if hi is not None and (lo < 0 or hi >= vocab_size):
-            raise DataError(f"{tmp / (split + '.bin')}: the tokenizer produced ids in [{lo}, {hi}], outside its "
-                            f"vocabulary [0, {vocab_size})")
+            raise DataError(
+                f"{tmp / (split + '.bin')}: the tokenizer produced ids in [{lo}, {hi}], outside its "
+                f"vocabulary [0, {vocab_size})"
+            )
 
 
 def _write_text(tmp: Path, data_cfg, cache_dir: Path, corpus_id: str, val_fraction: float, progress: bool) -> dict:
@@ -193,7 +197,9 @@ def _write_text(tmp: Path, data_cfg, cache_dir: Path, corpus_id: str, val_fracti
     tok_cfg = _cfg_get(data_cfg, "tokenizer", {})
     tok = build_tokenizer(tok_cfg, lambda: docs, cache_dir, corpus_id=corpus_id, progress=progress)
     dtype = _token_dtype(tok.vocab_size)
-    n_train, train_file, train_range = _write_split(tmp / "train.bin", train_docs, tok, dtype, "tokenizing train", progress)
+    n_train, train_file, train_range = _write_split(
+        tmp / "train.bin", train_docs, tok, dtype, "tokenizing train", progress
+    )
     n_val, val_file, val_range = _write_split(tmp / "val.bin", val_docs, tok, dtype, "tokenizing val", progress)
     id_range = {"train": train_range, "val": val_range}
     _check_written_range(id_range, tok.vocab_size, tmp)
@@ -201,12 +207,21 @@ def _write_text(tmp: Path, data_cfg, cache_dir: Path, corpus_id: str, val_fracti
     if isinstance(tok, HFTokenizer):
         with writing(tmp / "tokenizer.json"):
             (tmp / "tokenizer.json").write_text(tok.to_json())
-        files["tokenizer.json"] = {"sha256": sha256_file(tmp / "tokenizer.json"), "bytes": (tmp / "tokenizer.json").stat().st_size}
+        files["tokenizer.json"] = {
+            "sha256": sha256_file(tmp / "tokenizer.json"),
+            "bytes": (tmp / "tokenizer.json").stat().st_size,
+        }
     val_bytes = sum(len(doc.encode("utf-8")) for doc in val_docs)
     kind = _cfg_get(tok_cfg, "kind", "bpe")
     return {
-        "n_train": n_train, "n_val": n_val, "dtype": dtype.name, "has_mask": False, "window_align": 1,
-        "tokenizer": tok.spec(), "vocab_size": tok.vocab_size, "id_range": id_range,
+        "n_train": n_train,
+        "n_val": n_val,
+        "dtype": dtype.name,
+        "has_mask": False,
+        "window_align": 1,
+        "tokenizer": tok.spec(),
+        "vocab_size": tok.vocab_size,
+        "id_range": id_range,
         "files": files,
         "val_bytes_per_token": val_bytes / max(n_val, 1),
         "documents": [len(train_docs), len(val_docs)],
@@ -232,11 +247,20 @@ def _write_synthetic(tmp: Path, params: dict, seq_len: int) -> dict:
         files[f"{name}.bin"] = _write_array(tmp / f"{name}.bin", array, dtype)
     files["train_mask.bin"] = _write_array(tmp / "train_mask.bin", train_mask, np.uint8)
     files["val_mask.bin"] = _write_array(tmp / "val_mask.bin", val_mask, np.uint8)
-    id_range = {name: [int(a.min()), int(a.max())] if len(a) else [None, None] for name, a in (("train", train), ("val", val))}
+    id_range = {
+        name: [int(a.min()), int(a.max())] if len(a) else [None, None] for name, a in (("train", train), ("val", val))
+    }
     _check_written_range(id_range, tok.vocab_size, tmp)
     return {
-        "n_train": len(train), "n_val": len(val), "dtype": dtype.name, "has_mask": True, "window_align": seq_len,
-        "tokenizer": tok.spec(), "vocab_size": tok.vocab_size, "id_range": id_range, "files": files,
+        "n_train": len(train),
+        "n_val": len(val),
+        "dtype": dtype.name,
+        "has_mask": True,
+        "window_align": seq_len,
+        "tokenizer": tok.spec(),
+        "vocab_size": tok.vocab_size,
+        "id_range": id_range,
+        "files": files,
         "val_bytes_per_token": 1.0,
         "description": f"{_count(len(train))} train / {_count(len(val))} val tokens "
         f"({params['num_train']}/{params['num_val']} examples, answers scored), vocab {tok.vocab_size}",
@@ -259,8 +283,7 @@ def _read_meta(folder: Path) -> dict:
         raise ShardError(f"{path}: unreadable ({type(err).__name__}: {err})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION or "files" not in meta:
         version = meta.get("format") if isinstance(meta, dict) else None
-        raise ShardError(f"{path}: shard format {version!r}, this code reads format {FORMAT_VERSION} "
-                         "(with checksums)")
+        raise ShardError(f"{path}: shard format {version!r}, this code reads format {FORMAT_VERSION} (with checksums)")
     return meta
 
 
@@ -275,7 +298,9 @@ def verify_shards(folder: Path) -> dict:
     meta = _read_meta(folder)
     files: dict = meta["files"]
     try:
-        stats = tuple((name, (folder / name).stat().st_size, (folder / name).stat().st_mtime_ns) for name in sorted(files))
+        stats = tuple(
+            (name, (folder / name).stat().st_size, (folder / name).stat().st_mtime_ns) for name in sorted(files)
+        )
     except FileNotFoundError as err:
         raise ShardError(f"{err.filename}: missing from the shard folder") from None
     cached = _verified.get((str(folder), stats))
@@ -292,8 +317,10 @@ def verify_shards(folder: Path) -> dict:
             hi = int(tokens.max())
             if hi >= vocab:
                 where = int(np.argmax(tokens >= vocab))
-                raise ShardError(f"{path}: token id {tokens[where]} at position {where} is outside the vocabulary "
-                                 f"[0, {vocab}) (max id {hi})")
+                raise ShardError(
+                    f"{path}: token id {tokens[where]} at position {where} is outside the vocabulary "
+                    f"[0, {vocab}) (max id {hi})"
+                )
             del tokens
         if sha256_file(path) != record["sha256"]:
             raise ShardError(f"{path}: sha256 does not match meta.json (corrupted: zeroed or changed bytes)")
@@ -319,10 +346,14 @@ def open_shards(folder: Path) -> TokenData:
     try:
         tokenizer = tokenizer_from_spec(meta["tokenizer"], folder / "tokenizer.json")
     except (OSError, ValueError, KeyError) as err:
-        raise ShardError(f"{folder / 'tokenizer.json'}: cannot rebuild the shards' tokenizer ({type(err).__name__}: {err})") from None
+        raise ShardError(
+            f"{folder / 'tokenizer.json'}: cannot rebuild the shards' tokenizer ({type(err).__name__}: {err})"
+        ) from None
     if tokenizer.vocab_size != int(meta["vocab_size"]):
-        raise ShardError(f"{folder / 'tokenizer.json'}: vocabulary of {tokenizer.vocab_size} tokens, the shards were "
-                         f"written with {meta['vocab_size']}")
+        raise ShardError(
+            f"{folder / 'tokenizer.json'}: vocabulary of {tokenizer.vocab_size} tokens, the shards were "
+            f"written with {meta['vocab_size']}"
+        )
     return TokenData(
         train=_memmap(folder / "train.bin", dtype, meta["n_train"]),
         val=_memmap(folder / "val.bin", dtype, meta["n_val"]),
@@ -372,8 +403,17 @@ class WindowSampler:
     one process would (and a run can be resumed on a different number of processes).
     """
 
-    def __init__(self, tokens: np.ndarray, mask: np.ndarray | None, seq_len: int, batch_size: int, seed: int,
-                 align: int = 1, rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        mask: np.ndarray | None,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        align: int = 1,
+        rank: int = 0,
+        world: int = 1,
+    ):
         if batch_size % world:
             raise ValueError(f"batch_size={batch_size} (global) must be divisible by the number of processes {world}")
         if mask is not None and len(mask) != len(tokens):
@@ -390,13 +430,18 @@ class WindowSampler:
         """x, y: (batch_size, seq_len) int64; y is x shifted by one, -100 where the mask says unscored."""
         rng = np.random.default_rng([self.seed, int(step), int(micro_step)])
         starts = rng.integers(0, self.num_starts, size=self.batch_size) * self.align
-        starts = starts[self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
+        starts = starts[self.rank * self.local_batch : (self.rank + 1) * self.local_batch]
         self.position = int(step)
         return _windows(self.tokens, self.mask, starts, self.seq_len)
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "seq_len": self.seq_len, "batch_size": self.batch_size,
-                "align": self.align, "position": self.position}
+        return {
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "align": self.align,
+            "position": self.position,
+        }
 
     def load_state_dict(self, d: dict) -> None:
         for key in ("seq_len", "batch_size"):
@@ -405,8 +450,9 @@ class WindowSampler:
         self.seed, self.position = int(d["seed"]), int(d.get("position", -1))
 
 
-def iter_eval_batches(tokens: np.ndarray, mask: np.ndarray | None, seq_len: int, batch_size: int,
-                      max_batches: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iter_eval_batches(
+    tokens: np.ndarray, mask: np.ndarray | None, seq_len: int, batch_size: int, max_batches: int | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Deterministic non-overlapping windows (stride seq_len) from the start of `tokens`.
 
     Yields x, y of shape (<= batch_size, seq_len); the last batch may be smaller.

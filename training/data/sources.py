@@ -3,6 +3,7 @@
 Each source gives a list of documents (strings) plus a JSON-able identity used in cache keys:
 the identity changes whenever the text could change (file list, sizes, mtimes; hf path/split/limits).
 """
+
 from __future__ import annotations
 
 import glob
@@ -39,6 +40,7 @@ def _file_stat(path: Path) -> list:
 
 # ------------------------------------------------------------------------------------ embedded
 
+
 def embedded_path(data_cfg) -> Path:
     """The embedded corpus file; a hidden `corpus_path` key overrides it (tests, custom corpora)."""
     override = _cfg_get(data_cfg, "corpus_path")
@@ -73,8 +75,10 @@ def decode_text(data: bytes, where: Path | str) -> str:
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
-        raise DataError(f"{where}:{line}: not UTF-8 (byte 0x{data[err.start]:02x} at column {column}, offset "
-                        f"{err.start}); re-encode the file as UTF-8 (e.g. iconv -t UTF-8)") from None
+        raise DataError(
+            f"{where}:{line}: not UTF-8 (byte 0x{data[err.start]:02x} at column {column}, offset "
+            f"{err.start}); re-encode the file as UTF-8 (e.g. iconv -t UTF-8)"
+        ) from None
 
 
 def _read_text(path: Path) -> str:
@@ -97,6 +101,7 @@ def embedded_documents(data_cfg) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------- files
+
 
 def expand_globs(patterns) -> list[Path]:
     """Sorted, de-duplicated files matched by `patterns`; ValueError naming a glob that matches nothing."""
@@ -137,8 +142,10 @@ def _jsonl_documents(path: Path, field: str) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno}); "
-                            "a .jsonl file holds one JSON object per line") from None
+            raise DataError(
+                f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno}); "
+                "a .jsonl file holds one JSON object per line"
+            ) from None
         if not isinstance(record, dict) or field not in record:
             present = list(record) if isinstance(record, dict) else [type(record).__name__]
             raise _missing_field(field, present, f"{path}:{line_no}")
@@ -182,6 +189,7 @@ def file_documents(data_cfg, progress: bool = True) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ hf
+
 
 def _hf_cfg(data_cfg) -> dict:
     hf = _cfg_get(data_cfg, "hf", {}) or {}
@@ -240,6 +248,7 @@ def hf_documents(data_cfg, progress: bool = True) -> list[str]:
 
 # ------------------------------------------------------------------------------------ identity
 
+
 def source_identity(data_cfg) -> dict:
     """What determines the text of a text source (never the text itself, so it is cheap)."""
     source = _cfg_get(data_cfg, "source", "embedded")
@@ -247,19 +256,30 @@ def source_identity(data_cfg) -> dict:
     if source == "embedded":
         # Content hash, not mtime: a fresh checkout of the same corpus reuses the cache.
         path = embedded_path(data_cfg)
-        return {"source": "embedded", "name": _cfg_get(data_cfg, "name"), "boundary": _embedded_boundary(data_cfg),
-                "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        return {
+            "source": "embedded",
+            "name": _cfg_get(data_cfg, "name"),
+            "boundary": _embedded_boundary(data_cfg),
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        }
     if source == "files":
-        return {"source": "files", "files": [_file_stat(p) for p in expand_globs(_cfg_get(data_cfg, "paths"))],
-                "text_field": field}
+        return {
+            "source": "files",
+            "files": [_file_stat(p) for p in expand_globs(_cfg_get(data_cfg, "paths"))],
+            "text_field": field,
+        }
     if source == "hf":
         hf = _hf_cfg(data_cfg)
         files = hf["data_files"]
         local = [files] if isinstance(files, str) else files if isinstance(files, list) else []
         stats = [_file_stat(Path(f)) for f in local if Path(f).is_file()]
         # streaming does not change the documents, so both modes share one cache entry.
-        return {"source": "hf", **{k: v for k, v in hf.items() if k != "streaming"}, "local_files": stats,
-                "text_field": field}
+        return {
+            "source": "hf",
+            **{k: v for k, v in hf.items() if k != "streaming"},
+            "local_files": stats,
+            "text_field": field,
+        }
     raise ValueError(f"unknown data.source={source!r}; expected one of {', '.join(SOURCES)}")
 
 
@@ -292,4 +312,4 @@ def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], li
             raise ValueError("the only document is too short to split into train and val")
         return [text[:cut]], [text[cut:]]
     n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
-    return docs[: len(docs) - n_val], docs[len(docs) - n_val:]
+    return docs[: len(docs) - n_val], docs[len(docs) - n_val :]

@@ -7,6 +7,7 @@ Examples of fixed length are packed into blocks of exactly seq_len tokens (padde
 window starting at a multiple of seq_len holds whole examples. The mask is 1 at the token *before*
 each answer (the position whose next-token target is the answer) and 0 everywhere else.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -88,8 +89,14 @@ def _mod_add(pairs: np.ndarray, params: dict, tok: FixedVocabTokenizer):
     a, b = pairs // p, pairs % p
     zero = tok.token_id("0")
     examples = np.stack(
-        [zero + a, np.full_like(a, tok.token_id("+")), zero + b, np.full_like(a, tok.token_id("=")),
-         zero + (a + b) % p, np.full_like(a, tok.eos_id)],
+        [
+            zero + a,
+            np.full_like(a, tok.token_id("+")),
+            zero + b,
+            np.full_like(a, tok.token_id("=")),
+            zero + (a + b) % p,
+            np.full_like(a, tok.eos_id),
+        ],
         axis=1,
     )
     return examples, 3

@@ -5,14 +5,15 @@ Every tokenizer has `vocab_size`, `eos_id` (the id placed between documents, or 
 `spec()` returns a plain dict from which `tokenizer_from_spec` rebuilds the same tokenizer (it is
 stored in each shard's meta.json, so a checkpoint sampler needs no training text).
 """
+
 from __future__ import annotations
 
 import errno
 import hashlib
 import os
 import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -159,7 +160,7 @@ def training_pieces(text: str) -> Iterator[str]:
     """`text` cut after every MAX_TRAIN_WORD_CHARS characters of an unbroken non-whitespace run."""
     start = 0
     for match in _LONG_RUN.finditer(text):
-        yield text[start:match.end()]
+        yield text[start : match.end()]
         start = match.end()
     if start < len(text):
         yield text[start:]

@@ -3,6 +3,7 @@
 torchrun sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. A SLURM job started by
 Hydra's submitit launcher (one task per GPU) has SLURM_* variables instead; they are translated.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,11 +31,19 @@ def _export_slurm_env() -> None:
     except ImportError:  # plain srun without submitit: derive the rendezvous ourselves
         import subprocess
 
-        nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
-                               capture_output=True, text=True, check=True).stdout.split()
-        os.environ.update(MASTER_ADDR=nodes[0], MASTER_PORT=os.environ.get("MASTER_PORT", "29500"),
-                          RANK=os.environ["SLURM_PROCID"], LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
-                          WORLD_SIZE=os.environ["SLURM_NTASKS"])
+        nodes = subprocess.run(
+            ["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        os.environ.update(
+            MASTER_ADDR=nodes[0],
+            MASTER_PORT=os.environ.get("MASTER_PORT", "29500"),
+            RANK=os.environ["SLURM_PROCID"],
+            LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
+            WORLD_SIZE=os.environ["SLURM_NTASKS"],
+        )
 
 
 def is_launched_distributed() -> bool:

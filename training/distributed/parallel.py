@@ -10,6 +10,7 @@ sharded (FSDP2) over the whole world; expert weights are split over "ep" (each r
 experts, tokens travel with ``all_to_all``, see ``arch/ffn/expert_parallel.py``) and replicated
 over "dp", where their gradients are summed by :func:`sync_expert_grads`.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -110,8 +111,10 @@ def setup_parallel(trainer_cfg, device: torch.device) -> Parallel:
     ep = int(trainer_cfg.expert_parallel)
     if world == 1:
         if ep > 1:
-            raise ValueError(f"trainer.expert_parallel={ep} needs {ep} or a multiple of {ep} processes "
-                             f"(torchrun --nproc_per_node={ep} train.py ...); this is a single process")
+            raise ValueError(
+                f"trainer.expert_parallel={ep} needs {ep} or a multiple of {ep} processes "
+                f"(torchrun --nproc_per_node={ep} train.py ...); this is a single process"
+            )
         return Parallel()
     if world % ep:
         raise ValueError(f"trainer.expert_parallel={ep} must divide the number of processes ({world})")
@@ -147,16 +150,20 @@ def shard_experts(model: nn.Module, parallel: Parallel) -> None:
                 continue
             n_experts = full.shape[0]
             if n_experts % parallel.ep:
-                raise ValueError(f"{type(module).__name__}.{name} has {n_experts} experts, not divisible by "
-                                 f"trainer.expert_parallel={parallel.ep}")
+                raise ValueError(
+                    f"{type(module).__name__}.{name} has {n_experts} experts, not divisible by "
+                    f"trainer.expert_parallel={parallel.ep}"
+                )
             per_rank = n_experts // parallel.ep
-            local = nn.Parameter(full.detach()[ep_rank * per_rank:(ep_rank + 1) * per_rank].clone())
+            local = nn.Parameter(full.detach()[ep_rank * per_rank : (ep_rank + 1) * per_rank].clone())
             setattr(module, name, local)
             parallel.expert_params.append(local)
         module.expert_shard = ExpertShard(parallel.ep_group, parallel.ep, ep_rank)
 
 
-def wrap_model(model: nn.Module, strategy: str, parallel: Parallel, device: torch.device, find_unused: bool = False) -> nn.Module:
+def wrap_model(
+    model: nn.Module, strategy: str, parallel: Parallel, device: torch.device, find_unused: bool = False
+) -> nn.Module:
     """DDP or FSDP2 (``strategy``) around ``model``, which stays the module the optimizer and checkpoints see.
 
     ``find_unused``: some parameters may get no gradient in a step (elastic sub-networks, looped depth).
@@ -171,11 +178,19 @@ def wrap_model(model: nn.Module, strategy: str, parallel: Parallel, device: torc
         DDP._set_params_and_buffers_to_ignore_for_model(model, names)
         # Buffers are identical on every rank by construction (same seed, all-reduced statistics);
         # broadcasting them from rank 0 would overwrite rank-local accumulators such as load counts.
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
-                   find_unused_parameters=find_unused)
+        return DDP(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+            find_unused_parameters=find_unused,
+        )
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if device.type == "cuda"
+        else MixedPrecisionPolicy()
+    )
     from arch.model import Block
 
     for block in [m for m in model.modules() if isinstance(m, Block)]:
@@ -202,7 +217,7 @@ def sync_expert_grads(parallel: Parallel) -> None:
     flat /= parallel.world
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 

@@ -7,6 +7,7 @@ the setting and against forward FLOPs per token, one point per setting). The tra
 always evaluated (it is the Δ reference). Defaults: iterations 1, 2, r̄/2, r̄, 2r̄, 4r̄ (recurrent) or 1 … 2n
 repeats (loop); ITT ratios follow METHODS.md §5(d) Table 2 plus the all-0 (vanilla compute) point.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,8 +36,15 @@ def _settings(model, root, cfg) -> list[tuple[str, str, object]]:
     if name == "itt":
         n = depth.steps - 1
         trained = list(depth.ratios)
-        grid = _sweep_value(cfg, "itt_ratios") or [trained, [0.5] * n, [0.7] * (n - 1) + [0.9], [0.9] * n,
-                                                    [0.9] * (n - 1) + [0.0], [1.0] * n, [0.0] * n]
+        grid = _sweep_value(cfg, "itt_ratios") or [
+            trained,
+            [0.5] * n,
+            [0.7] * (n - 1) + [0.9],
+            [0.9] * n,
+            [0.9] * (n - 1) + [0.0],
+            [1.0] * n,
+            [0.0] * n,
+        ]
         unique = list(dict.fromkeys(tuple(float(x) for x in ratios) for ratios in [trained, *grid]))
         return [("ratios", "/".join(f"{x:g}" for x in ratios), list(ratios)) for ratios in unique]
     return []
@@ -58,8 +66,11 @@ def depth_sweeps(model, data, root, cfg, out_dir: Path) -> dict[str, Path]:
         return {}
     device = next(model.parameters()).device
     depth = model.depth
-    saved = {"iterations": getattr(depth, "eval_iterations", None), "repeats": getattr(depth, "repeats", None),
-             "ratios": list(getattr(depth, "ratios", []))}
+    saved = {
+        "iterations": getattr(depth, "eval_iterations", None),
+        "repeats": getattr(depth, "repeats", None),
+        "ratios": list(getattr(depth, "ratios", [])),
+    }
     trained = {"iterations": saved["iterations"], "repeats": saved["repeats"], "ratios": saved["ratios"]}
     rows = []
     model.eval()
@@ -71,11 +82,17 @@ def depth_sweeps(model, data, root, cfg, out_dir: Path) -> dict[str, Path]:
                 raise ConfigError(f"sweep value {label!r} for {dimension}: {error}") from error
             result = evaluate_loss(model, data, root.data.seq_len, cfg.batch_size, cfg.eval_batches, device)
             cost = account(model, root.data.seq_len, training=False)  # reads the iteration count / ratios just set
-            rows.append({
-                "dimension": dimension, "setting": label, "trained": _same(value, trained[dimension]),
-                "active_params": cost.active_params, "forward_flops_per_token": cost.forward_flops_per_token,
-                "val_loss": result["val_loss"], "val_bpb": result["val_bpb"],
-            })
+            rows.append(
+                {
+                    "dimension": dimension,
+                    "setting": label,
+                    "trained": _same(value, trained[dimension]),
+                    "active_params": cost.active_params,
+                    "forward_flops_per_token": cost.forward_flops_per_token,
+                    "val_loss": result["val_loss"],
+                    "val_bpb": result["val_bpb"],
+                }
+            )
     finally:
         _apply(depth, points[0][0], saved[points[0][0]])
     rows = with_deltas(rows)
@@ -90,4 +107,3 @@ def _same(value, trained) -> bool:
     if isinstance(value, (list, tuple)):
         return [float(x) for x in value] == [float(x) for x in trained]
     return value == trained
-

@@ -7,6 +7,7 @@ the loss difference to the trained setting of the same dimension (Δ > 0: worse 
 The same rows are printed as a table, written as CSV and plotted against the setting and against
 active FLOPs (``training.eval.sweep_table``, shared with the depth sweeps).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -96,12 +97,17 @@ def elastic_sweep(model, data, root, cfg, out_dir: Path) -> dict[str, Path]:
             losses.append(evaluate_loss(model, data, root.data.seq_len, cfg.batch_size, cfg.eval_batches, device))
         model.set_elastic(FULL_MODEL)
         cost = account(model, root.data.seq_len, elastic=settings[0], training=False)  # masks of one size cost the same
-        rows.append({
-            "dimension": dimension, "setting": value, "trained": value == trained[dimension],
-            "active_params": cost.active_params, "forward_flops_per_token": cost.forward_flops_per_token,
-            "val_loss": sum(r["val_loss"] for r in losses) / len(losses),
-            "val_bpb": sum(r["val_bpb"] for r in losses) / len(losses),
-        })
+        rows.append(
+            {
+                "dimension": dimension,
+                "setting": value,
+                "trained": value == trained[dimension],
+                "active_params": cost.active_params,
+                "forward_flops_per_token": cost.forward_flops_per_token,
+                "val_loss": sum(r["val_loss"] for r in losses) / len(losses),
+                "val_bpb": sum(r["val_bpb"] for r in losses) / len(losses),
+            }
+        )
     rows = with_deltas(rows)
     print_table(rows, f"elastic sweep: {root.model.name} / {root.model.ffn['name']}")
     csv_path = write_csv(rows, out_dir / "elastic.csv")

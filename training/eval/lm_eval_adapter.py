@@ -14,6 +14,7 @@ windows of full context. Generation is greedy with the model's KV-cached ``gener
 
 Legend: B batch, T tokens, V vocab.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,11 +39,20 @@ class SparseArchLM(TemplateLM):
     with ``capacity_factor`` set drops tokens per batch, so its scores depend on ``batch_size``.
     """
 
-    def __init__(self, run: str | None = None, batch_size: int | str = 8, device: str | None = "auto",
-                 model=None, tokenizer=None, max_batch_size: int | None = None):
+    def __init__(
+        self,
+        run: str | None = None,
+        batch_size: int | str = 8,
+        device: str | None = "auto",
+        model=None,
+        tokenizer=None,
+        max_batch_size: int | None = None,
+    ):
         super().__init__()  # max_batch_size: lm-eval passes it to every model; unused (no batch-size search)
         if (run is None) == (model is None):
-            raise ValueError("sparse-arch needs exactly one of run=RUN_DIR_OR_CHECKPOINT or model=<LanguageModel> (+ tokenizer)")
+            raise ValueError(
+                "sparse-arch needs exactly one of run=RUN_DIR_OR_CHECKPOINT or model=<LanguageModel> (+ tokenizer)"
+            )
         if model is None:
             from training.eval.loss import load_trained
 
@@ -51,7 +61,9 @@ class SparseArchLM(TemplateLM):
         if tokenizer is None:
             raise ValueError("sparse-arch with an in-memory model also needs its tokenizer")
         if tokenizer.eos_id is None:
-            raise ValueError(f"{tokenizer!r} has no end-of-text token, which lm-eval needs as the prefix of empty contexts")
+            raise ValueError(
+                f"{tokenizer!r} has no end-of-text token, which lm-eval needs as the prefix of empty contexts"
+            )
         self.model, self.tokenizer = model.eval(), tokenizer
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)  # "auto" is not measured
         self.max_length = int(model.cfg.max_seq_len)
@@ -78,8 +90,10 @@ class SparseArchLM(TemplateLM):
         if not continuation_enc:
             raise ValueError("lm-eval asked to score an empty continuation")
         if len(continuation_enc) > self.max_length:
-            raise ValueError(f"a continuation of {len(continuation_enc)} tokens exceeds the model's max_seq_len={self.max_length}")
-        whole = (context_enc + continuation_enc)[-(self.max_length + 1):]
+            raise ValueError(
+                f"a continuation of {len(continuation_enc)} tokens exceeds the model's max_seq_len={self.max_length}"
+            )
+        whole = (context_enc + continuation_enc)[-(self.max_length + 1) :]
         return whole[:-1], len(continuation_enc)
 
     @torch.no_grad()
@@ -116,8 +130,10 @@ class SparseArchLM(TemplateLM):
         windows, owners = [], []
         for r, request in enumerate(requests):
             (text,) = request.args
-            for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
-                    self.tok_encode(text), self.prefix_token_id, self.max_length, context_len=1)):
+            for context, continuation in map(
+                make_disjoint_window,
+                get_rolling_token_windows(self.tok_encode(text), self.prefix_token_id, self.max_length, context_len=1),
+            ):
                 windows.append((None, context, continuation))
                 owners.append(r)
         totals = [0.0] * len(requests)
@@ -143,10 +159,11 @@ class SparseArchLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = min(int(gen_kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS)), self.max_length - 1)
             temperature = float(gen_kwargs.pop("temperature", 0.0)) if gen_kwargs.pop("do_sample", False) else 0.0
-            prompt = self.tok_encode(context)[-(self.max_length - max_new):] or [self.eot_token_id]
-            out_BT = self.model.generate(torch.tensor([prompt], device=self._device), max_new, temperature=temperature,
-                                         eos_id=self.eot_token_id)
-            new_ids = out_BT[0, len(prompt):].tolist()
+            prompt = self.tok_encode(context)[-(self.max_length - max_new) :] or [self.eot_token_id]
+            out_BT = self.model.generate(
+                torch.tensor([prompt], device=self._device), max_new, temperature=temperature, eos_id=self.eot_token_id
+            )
+            new_ids = out_BT[0, len(prompt) :].tolist()
             if self.eot_token_id in new_ids:
                 new_ids = new_ids[: new_ids.index(self.eot_token_id)]
             text = self.tok_decode(new_ids)
@@ -163,7 +180,9 @@ def _device_name(device: str | None) -> str:
     return "auto" if device in (None, "") else str(device)
 
 
-def evaluate(run: str, tasks: list[str], include_path: str | None = None, include_defaults: bool = True, **options) -> dict:
+def evaluate(
+    run: str, tasks: list[str], include_path: str | None = None, include_defaults: bool = True, **options
+) -> dict:
     """lm_eval.simple_evaluate on our model; ``options`` go to simple_evaluate (num_fewshot, limit …).
 
     ``include_defaults=False`` skips indexing lm-eval's ~15k built-in task configs (seconds) when
@@ -173,18 +192,23 @@ def evaluate(run: str, tasks: list[str], include_path: str | None = None, includ
     from lm_eval.tasks import TaskManager
 
     task_manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
-    return lm_eval.simple_evaluate(model="sparse-arch", model_args={"run": run}, tasks=tasks,
-                                   task_manager=task_manager, **options)
+    return lm_eval.simple_evaluate(
+        model="sparse-arch", model_args={"run": run}, tasks=tasks, task_manager=task_manager, **options
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     from training.tool_args import parse, tool_parser
 
     parser = tool_parser("python -m training.eval.lm_eval_adapter", __doc__.split("\n\n")[0])
-    parser.add_argument("--run", required=True, help="a run folder (uses its newest checkpoint) or a checkpoint .pt file")
+    parser.add_argument(
+        "--run", required=True, help="a run folder (uses its newest checkpoint) or a checkpoint .pt file"
+    )
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     parser.add_argument("--include_path", default=None, help="a folder of extra task YAMLs")
-    parser.add_argument("--no_default_tasks", action="store_true", help="only the tasks under --include_path (faster start)")
+    parser.add_argument(
+        "--no_default_tasks", action="store_true", help="only the tasks under --include_path (faster start)"
+    )
     parser.add_argument("--num_fewshot", type=int, default=None)
     parser.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1)")
     parser.add_argument("--batch_size", type=int, default=8)
@@ -193,13 +217,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(parser, argv)
     from lm_eval.utils import make_table
 
-    results = evaluate(args.run, [t for t in args.tasks.split(",") if t], args.include_path, not args.no_default_tasks,
-                       num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
-                       device=args.device, log_samples=False)
+    results = evaluate(
+        args.run,
+        [t for t in args.tasks.split(",") if t],
+        args.include_path,
+        not args.no_default_tasks,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        device=args.device,
+        log_samples=False,
+    )
     print(make_table(results))
     if args.output:
-        Path(args.output).write_text(json.dumps({k: results[k] for k in ("results", "versions", "n-shot", "configs") if k in results},
-                                                indent=2, default=str))
+        Path(args.output).write_text(
+            json.dumps(
+                {k: results[k] for k in ("results", "versions", "n-shot", "configs") if k in results},
+                indent=2,
+                default=str,
+            )
+        )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Evaluation shared by the trainer, the sampler and ``evaluate.py``: val loss and checkpoint loading."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,16 @@ import torch
 
 
 @torch.no_grad()
-def evaluate_loss(model, data, seq_len: int, batch_size: int, max_batches: int | None, device, autocast_dtype=None,
-                  split: tuple[int, int, Any] | None = None) -> dict[str, float]:
+def evaluate_loss(
+    model,
+    data,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int | None,
+    device,
+    autocast_dtype=None,
+    split: tuple[int, int, Any] | None = None,
+) -> dict[str, float]:
     """Mean next-token loss over deterministic val windows → val_loss, val_ppl, val_bpb.
 
     ``split=(rank, world, sum_over_ranks)``: this process scores batches rank, rank+world, …, and

@@ -1,4 +1,7 @@
-"""Turn run folders into a results table and plots: ``python -m training.eval.report <dirs…> [--out DIR] [--group-by k1,k2]``.
+"""Turn run folders into a results table and plots.
+
+    python -m training.eval.report <dirs…> [--out DIR] [--group-by k1,k2]
+
 
 Each argument is a run folder (``metrics.jsonl`` + ``config.yaml``) or any folder above run folders
 (a ``multirun/<date>`` sweep, ``runs/``); run folders are found recursively. Runs are grouped by
@@ -18,16 +21,18 @@ Training FLOPs are ``Σ flops_per_token × tokens`` over the logged train rows (
 steps since the previous one, so depth schemes whose FLOPs change during training are counted
 as they changed). Activated parameters come from a logged ``acct/active_params`` when present.
 """
+
 from __future__ import annotations
 
 import csv
 import json
 import math
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean, median, stdev
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import yaml
 
@@ -81,7 +86,8 @@ class Run:
         return int(t.get("batch_size", 0)) * int(t.get("grad_accum", 1)) * int(d.get("seq_len", 0))
 
     def cumulative_flops(self, step: float) -> float:
-        """Training FLOPs spent up to ``step``: each train row's flops_per_token covers the steps since the previous row."""
+        """Training FLOPs spent up to ``step``: each train row's flops_per_token covers the steps since the
+        previous row."""
         total, previous, rate = 0.0, 0, 0.0
         for row in self.train_rows:
             rate = row.get("flops_per_token", 0.0) * self.tokens_per_step
@@ -97,15 +103,22 @@ class Run:
         speeds = [r["tokens_per_s"] for r in self.train_rows if "tokens_per_s" in r]
         active = self.accounting.get(ACTIVE_PARAMS_KEY)
         return {
-            "run": str(self.path), "seed": self.config.get("seed"), "steps": steps,
-            "final_val_loss": final.get("val_loss"), "final_val_bpb": final.get("val_bpb"),
-            "tokens_seen": steps * self.tokens_per_step, "train_flops": self.cumulative_flops(steps),
-            "active_params": active, "total_params": self.accounting.get(TOTAL_PARAMS_KEY),
-            "tokens_per_s": median(speeds) if speeds else None, "incomplete": self.incomplete_reason or "",
+            "run": str(self.path),
+            "seed": self.config.get("seed"),
+            "steps": steps,
+            "final_val_loss": final.get("val_loss"),
+            "final_val_bpb": final.get("val_bpb"),
+            "tokens_seen": steps * self.tokens_per_step,
+            "train_flops": self.cumulative_flops(steps),
+            "active_params": active,
+            "total_params": self.accounting.get(TOTAL_PARAMS_KEY),
+            "tokens_per_s": median(speeds) if speeds else None,
+            "incomplete": self.incomplete_reason or "",
         }
 
 
 # ----------------------------------------------------------------------------- loading
+
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} → {"a.b": 1}; lists stay values."""
@@ -134,7 +147,7 @@ def load_run(path: Path) -> Run:
     by_step: dict[tuple[str, int], dict] = {}  # a resumed run re-logs steps: the last row wins
     accounting: dict = {}
     metrics = path / "metrics.jsonl"
-    for line in (metrics.read_text().splitlines() if metrics.exists() else []):
+    for line in metrics.read_text().splitlines() if metrics.exists() else []:
         if not line.strip():
             continue
         try:
@@ -146,11 +159,22 @@ def load_run(path: Path) -> Run:
         if kind and "step" in row:
             by_step[(kind, row["step"])] = row
     rows = sorted(by_step.items(), key=lambda item: item[0][1])
-    return Run(path, config, overrides, [r for (k, _), r in rows if k == "train"], [r for (k, _), r in rows if k == "eval"], accounting)
+    return Run(
+        path,
+        config,
+        overrides,
+        [r for (k, _), r in rows if k == "train"],
+        [r for (k, _), r in rows if k == "eval"],
+        accounting,
+    )
 
 
 def is_run_folder(path: Path) -> bool:
-    return (path / "metrics.jsonl").exists() or (path / "config.yaml").exists() or (path / ".hydra" / "config.yaml").exists()
+    return (
+        (path / "metrics.jsonl").exists()
+        or (path / "config.yaml").exists()
+        or (path / ".hydra" / "config.yaml").exists()
+    )
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Run]:
@@ -183,6 +207,7 @@ def _walk(root: Path) -> Iterable[Path]:
 
 # ----------------------------------------------------------------------------- grouping
 
+
 def never_groups(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") or key.startswith(k + "/") for k in NEVER_GROUP)
 
@@ -200,7 +225,8 @@ def key_value(run: Run, key: str) -> str:
 
 
 def grouping_keys(runs: list[Run]) -> list[str]:
-    """The keys whose values differ between runs: overridden keys when every run recorded its overrides, else config keys."""
+    """The keys whose values differ between runs: overridden keys when every run recorded its overrides, else
+    config keys."""
     if runs and all(r.overrides is not None for r in runs):
         candidates = list(dict.fromkeys(k for r in runs for k in r.overrides))
     else:
@@ -214,7 +240,9 @@ def group_runs(runs: list[Run], keys: list[str] | None = None) -> dict[str, list
     keys = grouping_keys(runs) if keys is None else keys
     for key in keys:
         if never_groups(key):
-            raise ReportError(f"--group-by {key!r}: seeds, run_dir and hydra keys are aggregated over, never grouped by")
+            raise ReportError(
+                f"--group-by {key!r}: seeds, run_dir and hydra keys are aggregated over, never grouped by"
+            )
     groups: dict[str, list[Run]] = {}
     for run in runs:
         label = ", ".join(f"{k}={key_value(run, k)}" for k in keys) or "all runs"
@@ -226,18 +254,28 @@ def _natural(text: str) -> list:
     """Sort key in which 'top_k=10' follows 'top_k=2'."""
     import re
 
-    return [(0, float(part), "") if re.fullmatch(r"-?\d+(\.\d+)?", part) else (1, 0.0, part) for part in re.split(r"([-\d.]+)", text) if part]
+    return [
+        (0, float(part), "") if re.fullmatch(r"-?\d+(\.\d+)?", part) else (1, 0.0, part)
+        for part in re.split(r"([-\d.]+)", text)
+        if part
+    ]
 
 
 # ----------------------------------------------------------------------------- statistics
+
 
 def spread(values: list[float]) -> dict[str, float | int | None]:
     """n, mean, sample std (None for n < 2), min, max of the finite values."""
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
-    return {"n": len(values), "mean": mean(values), "std": stdev(values) if len(values) > 1 else None,
-            "min": min(values), "max": max(values)}
+    return {
+        "n": len(values),
+        "mean": mean(values),
+        "std": stdev(values) if len(values) > 1 else None,
+        "min": min(values),
+        "max": max(values),
+    }
 
 
 def summarize_group(label: str, runs: list[Run]) -> dict[str, Any]:
@@ -250,12 +288,20 @@ def summarize_group(label: str, runs: list[Run]) -> dict[str, Any]:
         return mean(values) if values else None
 
     return {
-        "group": label, "n": loss["n"], "n_incomplete": len(runs) - len(done),
+        "group": label,
+        "n": loss["n"],
+        "n_incomplete": len(runs) - len(done),
         "seeds": " ".join(str(s["seed"]) for s in done),
-        "final_val_loss_mean": loss["mean"], "final_val_loss_std": loss["std"],
-        "final_val_loss_min": loss["min"], "final_val_loss_max": loss["max"],
-        "final_val_bpb_mean": avg("final_val_bpb"), "steps": avg("steps"), "tokens_seen": avg("tokens_seen"),
-        "train_flops": avg("train_flops"), "active_params": avg("active_params"), "total_params": avg("total_params"),
+        "final_val_loss_mean": loss["mean"],
+        "final_val_loss_std": loss["std"],
+        "final_val_loss_min": loss["min"],
+        "final_val_loss_max": loss["max"],
+        "final_val_bpb_mean": avg("final_val_bpb"),
+        "steps": avg("steps"),
+        "tokens_seen": avg("tokens_seen"),
+        "train_flops": avg("train_flops"),
+        "active_params": avg("active_params"),
+        "total_params": avg("total_params"),
         "tokens_per_s": avg("tokens_per_s"),
     }
 
@@ -274,6 +320,7 @@ def curve(runs: list[Run], x_of: Callable[[Run, int], float]) -> list[tuple[floa
 
 # ----------------------------------------------------------------------------- output
 
+
 def fmt(value: Any, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return ""
@@ -290,14 +337,19 @@ def loss_cell(row: dict) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    header = "| group | n | final val loss (mean ± std) | val bpb | steps | tokens seen | train FLOPs | active params | tokens/s |"
+    header = (
+        "| group | n | final val loss (mean ± std) | val bpb | steps | tokens seen | train FLOPs | active "
+        "params | tokens/s |"
+    )
     lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         n = f"{r['n']}" + (f" (+{r['n_incomplete']} incomplete)" if r["n_incomplete"] else "")
         lines.append(
-            f"| {r['group']} | {n} | {loss_cell(r)} | {fmt(r['final_val_bpb_mean'], 3)} | {fmt(r['steps'] and int(r['steps']))} "
+            f"| {r['group']} | {n} | {loss_cell(r)} | {fmt(r['final_val_bpb_mean'], 3)} | "
+            f"{fmt(r['steps'] and int(r['steps']))} "
             f"| {fmt(r['tokens_seen'] and int(r['tokens_seen']))} | {fmt(r['train_flops'])} "
-            f"| {fmt(r['active_params'] and int(r['active_params']))} | {fmt(r['tokens_per_s'] and round(r['tokens_per_s']))} |"
+            f"| {fmt(r['active_params'] and int(r['active_params']))} | "
+            f"{fmt(r['tokens_per_s'] and round(r['tokens_per_s']))} |"
         )
     return "\n".join(lines)
 
@@ -310,7 +362,9 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def plot_curves(groups: dict[str, list[Run]], path: Path, x_of: Callable[[Run, int], float], xlabel: str, title: str) -> Path:
+def plot_curves(
+    groups: dict[str, list[Run]], path: Path, x_of: Callable[[Run, int], float], xlabel: str, title: str
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -346,14 +400,30 @@ def write_report(groups: dict[str, list[Run]], out: Path, title: str = "Run repo
     band = "mean over seeds, shaded min..max"
     plots = {
         "steps": plot_curves(groups, out / "val_loss_vs_steps.png", lambda r, s: s, "step", f"val loss ({band})"),
-        "flops": plot_curves(groups, out / "val_loss_vs_flops.png", Run.cumulative_flops, "cumulative training FLOPs", f"val loss ({band})"),
+        "flops": plot_curves(
+            groups,
+            out / "val_loss_vs_flops.png",
+            Run.cumulative_flops,
+            "cumulative training FLOPs",
+            f"val loss ({band})",
+        ),
     }
     incomplete = [r for r in all_runs if r.incomplete_reason]
-    md = [f"# {title}", "", markdown_table(rows), "",
-          "Final val loss: mean ± sample std over the finished runs of each group (n). Tokens seen = steps × batch × "
-          "grad_accum × seq_len; train FLOPs = Σ flops_per_token × tokens over the logged steps; tokens/s = median of the "
-          "logged rows, averaged over runs.", "",
-          "![val loss vs steps](val_loss_vs_steps.png)", "", "![val loss vs FLOPs](val_loss_vs_flops.png)", ""]
+    md = [
+        f"# {title}",
+        "",
+        markdown_table(rows),
+        "",
+        "Final val loss: mean ± sample std over the finished runs of each group (n). Tokens seen = steps × batch × "
+        "grad_accum × seq_len; train FLOPs = Σ flops_per_token × tokens over the logged steps; tokens/s = median of "
+        "the "
+        "logged rows, averaged over runs.",
+        "",
+        "![val loss vs steps](val_loss_vs_steps.png)",
+        "",
+        "![val loss vs FLOPs](val_loss_vs_flops.png)",
+        "",
+    ]
     if incomplete:
         md += ["## Incomplete runs (not in the numbers above)", ""]
         md += [f"- `{r.path}`: {r.incomplete_reason}" for r in incomplete]
@@ -368,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = tool_parser("python -m training.eval.report", __doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="run folders, multirun folders or any folder above run folders")
     parser.add_argument("--out", help="output folder (default: the first path's folder, or ./report for a single run)")
-    parser.add_argument("--group-by", help="comma-separated keys to group by (default: the overridden keys that differ)")
+    parser.add_argument(
+        "--group-by", help="comma-separated keys to group by (default: the overridden keys that differ)"
+    )
     args = parse(parser, argv)
     try:
         runs = find_runs(args.paths)

@@ -20,6 +20,7 @@ times in one forward (loops, ITT steps) reports its last call.
 Legend: N routed rows (tokens, or sub-tokens for MH-MoE), K slots per row, L routed layers,
 C columns of a layer (E experts; MoUE: M pool + local experts).
 """
+
 from __future__ import annotations
 
 import csv
@@ -47,13 +48,18 @@ def _layout(module, block: str) -> dict:
     if isinstance(module, UniversalMoEFFN):
         reachable_C = torch.zeros(module.E, dtype=torch.bool)
         reachable_C[module.window()] = True
-        reachable_C[module.M:] = True
+        reachable_C[module.M :] = True
         kinds = ["pool"] * module.M + ["local"] * module.n_local
         experts = list(range(module.M)) + list(range(module.n_local))
         labels = [str(e) for e in range(module.M)] + [f"L{j}" for j in range(module.n_local)]
         return {"block": block, "kinds": kinds, "experts": experts, "labels": labels, "reachable_C": reachable_C}
-    return {"block": block, "kinds": ["routed"] * module.E, "experts": list(range(module.E)),
-            "labels": [str(e) for e in range(module.E)], "reachable_C": torch.ones(module.E, dtype=torch.bool)}
+    return {
+        "block": block,
+        "kinds": ["routed"] * module.E,
+        "experts": list(range(module.E)),
+        "labels": [str(e) for e in range(module.E)],
+        "reachable_C": torch.ones(module.E, dtype=torch.bool),
+    }
 
 
 @torch.no_grad()
@@ -63,8 +69,10 @@ def collect_routing(model, data, root, cfg) -> tuple[list, list[torch.Tensor], l
 
     layers = routed_layers(model)
     if not layers:
-        raise ConfigError(f"analysis=routing needs an MoE model (a routed FFN: one of {list(ROUTED_BLOCKS)}); "
-                          f"this checkpoint has model.ffn.name={root.model.ffn['name']!r}")
+        raise ConfigError(
+            f"analysis=routing needs an MoE model (a routed FFN: one of {list(ROUTED_BLOCKS)}); "
+            f"this checkpoint has model.ffn.name={root.model.ffn['name']!r}"
+        )
     counts = [torch.zeros(m.E) for m in layers]
     coact = [torch.zeros(m.E, m.E) for m in layers]
     device = next(model.parameters()).device
@@ -95,13 +103,24 @@ def routing_analysis(model, data, root, cfg, out_dir: Path) -> dict[str, Path]:
     csv_path = out_dir / "routing.csv"
     with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["layer", "block", "column", "expert", "kind", "reachable", "load_fraction",
-                         "uniform_reference"])
+        writer.writerow(
+            ["layer", "block", "column", "expert", "kind", "reachable", "load_fraction", "uniform_reference"]
+        )
         for module, layout, load_C in zip(layers, layouts, loads):
             uniform = 1 / int(layout["reachable_C"].sum())
             for c in range(module.E):
-                writer.writerow([module.layer_idx, layout["block"], c, layout["experts"][c], layout["kinds"][c],
-                                 bool(layout["reachable_C"][c]), round(float(load_C[c]), 6), round(uniform, 6)])
+                writer.writerow(
+                    [
+                        module.layer_idx,
+                        layout["block"],
+                        c,
+                        layout["experts"][c],
+                        layout["kinds"][c],
+                        bool(layout["reachable_C"][c]),
+                        round(float(load_C[c]), 6),
+                        round(uniform, 6),
+                    ]
+                )
     title = f"{root.model.name} / ffn={root.model.ffn['name']}"
     return {
         "routing csv": csv_path,
@@ -121,8 +140,16 @@ def _print_summary(names, loads, layouts) -> None:
         p = load_C[layout["reachable_C"]]
         n = p.numel()
         entropy = float(-(p[p > 0] * p[p > 0].log()).sum() / math.log(n)) if n > 1 else 1.0
-        body.append((name, str(n), f"{float(p.max()) * n:.2f}", f"{float(p.min()) * n:.2f}", str(int((p == 0).sum())),
-                     f"{entropy:.3f}"))
+        body.append(
+            (
+                name,
+                str(n),
+                f"{float(p.max()) * n:.2f}",
+                f"{float(p.min()) * n:.2f}",
+                str(int((p == 0).sum())),
+                f"{entropy:.3f}",
+            )
+        )
     print("\n".join(aligned(header, body)))
 
 
@@ -198,7 +225,7 @@ def _load_bars(names, loads, layouts, title, path: Path) -> Path:
         ax.set_ylabel("fraction of routed slots", fontsize=8)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, axis="y")
-    for ax in list(axes.flat)[len(loads):]:
+    for ax in list(axes.flat)[len(loads) :]:
         ax.axis("off")
     fig.suptitle(f"{title}: expert load", fontsize=10)
     fig.tight_layout()
@@ -222,7 +249,7 @@ def _coactivation(names, coact, layouts, title, path: Path) -> Path:
         _xticks(ax, layout)
         if len(layout["labels"]) <= 48:
             ax.set_yticks(range(len(layout["labels"])), layout["labels"], fontsize=7)
-    for ax in list(axes.flat)[len(coact):]:
+    for ax in list(axes.flat)[len(coact) :]:
         ax.axis("off")
     unit = "sub-token" if any(lay["block"] == "mhmoe" for lay in layouts) else "token"
     fig.suptitle(f"{title}: experts chosen by the same {unit}", fontsize=10)

@@ -1,4 +1,5 @@
 """Generate text from a checkpoint: ``python -m training.eval.sample RUN_DIR_OR_CHECKPOINT --prompt "..."``."""
+
 from __future__ import annotations
 
 import sys
@@ -9,18 +10,26 @@ from training.errors import NonFiniteOutputError
 from training.eval.loss import load_trained
 
 
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, seed: int = 0) -> str:
+def generate_text(
+    model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, seed: int = 0
+) -> str:
     """Prompt → prompt + continuation, sampled with the model's KV-cached ``generate``."""
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt) or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [0])
-    ids = ids[-(model.cfg.max_seq_len - 1):]
+    ids = ids[-(model.cfg.max_seq_len - 1) :]
     room = model.cfg.max_seq_len - len(ids)
     generator = torch.Generator(device=device).manual_seed(seed)
     idx_BT = torch.tensor([ids], device=device)
     _check_finite_logits(model, idx_BT)
     try:
-        out = model.generate(idx_BT, max_new_tokens=min(max_new_tokens, room), temperature=temperature, top_k=top_k,
-                             eos_id=tokenizer.eos_id, generator=generator)
+        out = model.generate(
+            idx_BT,
+            max_new_tokens=min(max_new_tokens, room),
+            temperature=temperature,
+            top_k=top_k,
+            eos_id=tokenizer.eos_id,
+            generator=generator,
+        )
     except RuntimeError as e:  # multinomial on NaN/inf probabilities later in the sequence
         if "inf" in str(e) or "nan" in str(e):
             raise NonFiniteOutputError(f"the model produced non-finite logits while sampling ({e})") from e

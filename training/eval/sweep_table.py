@@ -5,16 +5,31 @@ trained/evaluated at), ``active_params`` and ``forward_flops_per_token`` (from
 ``training.accounting.account`` for that setting, eval-mode routing), ``val_loss``,
 ``delta_val_loss`` (val_loss − the trained row's of the same dimension) and ``val_bpb``.
 """
+
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
 # Columns of every sweep CSV (and of the printed table, minus dimension/trained/val_bpb).
-SWEEP_COLUMNS = ("dimension", "setting", "trained", "active_params", "forward_flops_per_token",
-                 "val_loss", "delta_val_loss", "val_bpb")
-_LABELS = {"top_k": "experts per token k'", "experts": "routable experts", "depth": "layers kept",
-           "iterations": "test-time iterations", "repeats": "loop repeats", "ratios": "ITT selection ratios"}
+SWEEP_COLUMNS = (
+    "dimension",
+    "setting",
+    "trained",
+    "active_params",
+    "forward_flops_per_token",
+    "val_loss",
+    "delta_val_loss",
+    "val_bpb",
+)
+_LABELS = {
+    "top_k": "experts per token k'",
+    "experts": "routable experts",
+    "depth": "layers kept",
+    "iterations": "test-time iterations",
+    "repeats": "loop repeats",
+    "ratios": "ITT selection ratios",
+}
 
 
 def with_deltas(rows: list[dict]) -> list[dict]:
@@ -46,13 +61,21 @@ def format_table(rows: list[dict], title: str) -> str:
     header = ("setting", "active params", "fwd FLOPs/token", "val loss", "Δ vs trained")
     lines = [title]
     for dimension in dict.fromkeys(r["dimension"] for r in rows):
-        body = [(f"{_LABELS.get(dimension, dimension)} = {r['setting']}" + (" *" if r["trained"] else ""),
-                 _si(r["active_params"]), _si(r["forward_flops_per_token"]), f"{r['val_loss']:.4f}",
-                 "—" if r["delta_val_loss"] is None else f"{r['delta_val_loss']:+.4f}")
-                for r in rows if r["dimension"] == dimension]
+        body = [
+            (
+                f"{_LABELS.get(dimension, dimension)} = {r['setting']}" + (" *" if r["trained"] else ""),
+                _si(r["active_params"]),
+                _si(r["forward_flops_per_token"]),
+                f"{r['val_loss']:.4f}",
+                "—" if r["delta_val_loss"] is None else f"{r['delta_val_loss']:+.4f}",
+            )
+            for r in rows
+            if r["dimension"] == dimension
+        ]
         lines += ["", *aligned(header, body)]
-    lines.append("(* trained setting; Δ > 0: higher loss than trained; FLOPs: forward matmuls + attention, "
-                 "eval routing)")
+    lines.append(
+        "(* trained setting; Δ > 0: higher loss than trained; FLOPs: forward matmuls + attention, eval routing)"
+    )
     return "\n".join(lines)
 
 
@@ -93,8 +116,10 @@ def plot_sweep(rows: list[dict], path: Path, title: str) -> Path | None:
         flops = [r["forward_flops_per_token"] / 1e6 for r in points]
         losses = [r["val_loss"] for r in points]
         colours = ["tab:red" if r["trained"] else "tab:blue" for r in points]
-        for ax, x, xlabel in ((axes[0][column], xs, _LABELS.get(dimension, dimension)),
-                              (axes[1][column], flops, "active forward MFLOPs per token")):
+        for ax, x, xlabel in (
+            (axes[0][column], xs, _LABELS.get(dimension, dimension)),
+            (axes[1][column], flops, "active forward MFLOPs per token"),
+        ):
             if numeric or ax is axes[1][column]:
                 order = sorted(range(len(x)), key=lambda i: x[i])
                 ax.plot([x[i] for i in order], [losses[i] for i in order], "-", color="tab:blue", alpha=0.5)

@@ -26,6 +26,7 @@ Conventions checked against transformers' Llama/Mixtral code (and by tests/train
   our ``scoring=softmax, renormalize=true``. ``w_in_EDH`` (E, D, 2F) holds [gate | up] columns,
   ``w_out_EFD`` (E, F, D) the down projection; HF stores their transposes (w1 / w3 / w2).
 """
+
 from __future__ import annotations
 
 import json
@@ -48,14 +49,29 @@ class UnsupportedArchitectureError(ValueError):
 # training (losses, noise, sampling, schedules), or check_exportable checks its value. Each block
 # lists its own in ``capabilities.hf_export`` (arch/registry.py); an option added to a block later
 # is refused until someone decides how it exports and adds it there.
-KNOWN_MODEL_FIELDS = {"name", "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "tie_embeddings",
-                      "norm_eps", "rope_theta", "init_std", "attention", "ffn", "depth"}
+KNOWN_MODEL_FIELDS = {
+    "name",
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "max_seq_len",
+    "tie_embeddings",
+    "norm_eps",
+    "rope_theta",
+    "init_std",
+    "attention",
+    "ffn",
+    "depth",
+}
 
 
 # ----------------------------------------------------------------------------- what is exportable
 
+
 def check_exportable(model) -> str:
-    """'llama' or 'mixtral' for a model that exports exactly; else UnsupportedArchitectureError listing every problem."""
+    """'llama' or 'mixtral' for a model that exports exactly; else UnsupportedArchitectureError listing every
+    problem."""
     cfg = model.cfg
     attention, ffn, depth = dict(cfg.attention), dict(cfg.ffn), dict(cfg.depth)
     problems: list[str] = []
@@ -71,7 +87,9 @@ def check_exportable(model) -> str:
         kind = "mixtral"
         problems += _mixtral_problems(model, ffn)
         if attention.get("bias"):
-            problems.append("model.attention.bias=true with an MoE FFN (Mixtral's projections have no bias; only bias=false)")
+            problems.append(
+                "model.attention.bias=true with an MoE FFN (Mixtral's projections have no bias; only bias=false)"
+            )
     else:
         kind = "unsupported"
         problems.append(f"model.ffn.name={ffn['name']!r} (only 'swiglu' → Llama, or 'moe'/'emoe' → Mixtral)")
@@ -80,14 +98,19 @@ def check_exportable(model) -> str:
         unknown = sorted(set(node) - {"name"} - set(node if mapped is None else mapped))
         problems += [f"model.{group}.{key} (an option the exporter does not know how to map)" for key in unknown]
     fields = cfg.__dataclass_fields__ if hasattr(cfg, "__dataclass_fields__") else {}
-    problems += [f"model.{key} (a model setting the exporter does not know how to map)" for key in sorted(set(fields) - KNOWN_MODEL_FIELDS)]
+    problems += [
+        f"model.{key} (a model setting the exporter does not know how to map)"
+        for key in sorted(set(fields) - KNOWN_MODEL_FIELDS)
+    ]
     if not model.elastic.is_full:
         problems.append("an elastic sub-network is active (reset with model.set_elastic())")
     if problems:
         raise UnsupportedArchitectureError(
-            "cannot export to Hugging Face without changing the logits: " + "; ".join(problems)
+            "cannot export to Hugging Face without changing the logits: "
+            + "; ".join(problems)
             + ". Supported: attention=mha + ffn=swiglu + depth=plain (LlamaForCausalLM), or attention=mha (no bias) + "
-            "ffn=moe/emoe with scoring=softmax, renormalize=true, router=linear, n_shared_experts=0, capacity_factor=null, "
+            "ffn=moe/emoe with scoring=softmax, renormalize=true, router=linear, n_shared_experts=0, "
+            "capacity_factor=null, "
             "zero expert bias + depth=plain (MixtralForCausalLM)."
         )
     return kind
@@ -96,20 +119,31 @@ def check_exportable(model) -> str:
 def _mixtral_problems(model, ffn: dict) -> list[str]:
     """The settings of an MoE FFN that change inference away from Mixtral's routing."""
     problems = []
-    wanted = {"scoring": "softmax", "renormalize": True, "router": "linear", "n_shared_experts": 0, "capacity_factor": None,
-              "eval_capacity_fraction": None}
+    wanted = {
+        "scoring": "softmax",
+        "renormalize": True,
+        "router": "linear",
+        "n_shared_experts": 0,
+        "capacity_factor": None,
+        "eval_capacity_fraction": None,
+    }
     for key, value in wanted.items():
         if key in ffn and ffn[key] != value:
             problems.append(f"model.ffn.{key}={ffn[key]!r} (Mixtral needs {json.dumps(value)})")
     moe_layers = [m for m in model.modules() if hasattr(m, "w_in_EDH") and hasattr(m, "expert_bias_E")]
     if any(m.w_in_EDH.shape[0] != m.E for m in moe_layers):
-        problems.append("expert-parallel shards (each rank holds a slice of the experts; export from load_trained's full model)")
+        problems.append(
+            "expert-parallel shards (each rank holds a slice of the experts; export from load_trained's full model)"
+        )
     if any(bool(m.expert_bias_E.any()) for m in moe_layers):
-        problems.append("a nonzero expert selection bias from model.ffn.bias_update_rate > 0 (Mixtral selects by probability alone)")
+        problems.append(
+            "a nonzero expert selection bias from model.ffn.bias_update_rate > 0 (Mixtral selects by probability alone)"
+        )
     return problems
 
 
 # ----------------------------------------------------------------------------- config and weights
+
 
 def hf_config(model, kind: str, tokenizer=None):
     """The transformers LlamaConfig / MixtralConfig with our model's shapes and conventions."""
@@ -185,15 +219,24 @@ def hf_state_dict(model, kind: str, hf_keys: set[str]) -> dict[str, torch.Tensor
                 out[f"{dst}.mlp.down_proj.{suffix}"] = take(f"{src}.ffn.w_down.{suffix}")
         else:
             used.add(f"{src}.ffn.expert_bias_E")  # checked to be zero by check_exportable
-            out.update(_mixtral_experts(dst, take(f"{src}.ffn.router.proj.weight"),
-                                        take(f"{src}.ffn.w_in_EDH"), take(f"{src}.ffn.w_out_EFD"), hf_keys))
+            out.update(
+                _mixtral_experts(
+                    dst,
+                    take(f"{src}.ffn.router.proj.weight"),
+                    take(f"{src}.ffn.w_in_EDH"),
+                    take(f"{src}.ffn.w_out_EFD"),
+                    hf_keys,
+                )
+            )
     left = sorted(set(ours) - used)
     if left:  # a parameter we do not map would silently be dropped: refuse instead
         raise UnsupportedArchitectureError(f"the export does not map these model tensors: {left[:8]}")
     return out
 
 
-def _mixtral_experts(dst: str, router_ED: torch.Tensor, w_in_EDH: torch.Tensor, w_out_EFD: torch.Tensor, hf_keys: set[str]) -> dict:
+def _mixtral_experts(
+    dst: str, router_ED: torch.Tensor, w_in_EDH: torch.Tensor, w_out_EFD: torch.Tensor, hf_keys: set[str]
+) -> dict:
     """Router and experts under the installed transformers' names: fused (v5) or one Linear per expert (v4)."""
     F = w_out_EFD.shape[1]
     if f"{dst}.mlp.experts.gate_up_proj" in hf_keys:  # transformers >= 5: (E, 2F, D) and (E, D, F)
@@ -225,6 +268,7 @@ def to_hf_model(model, tokenizer=None):
 
 
 # ----------------------------------------------------------------------------- tokenizer
+
 
 def export_model(model, out_dir: str | Path, tokenizer=None, dtype: torch.dtype = torch.float32) -> Path:
     """Write ``model`` (and ``tokenizer`` when expressible) as a transformers folder at ``out_dir``.
@@ -266,8 +310,9 @@ def export_checkpoint(target: str | Path, out_dir: str | Path, dtype: str = "fp3
     model, data, root, path = load_trained(target, device="cpu")
     if format == "native" or (format == "auto" and _natively_exportable(model)):
         return export_model(model, out_dir, data.tokenizer, DTYPES[dtype])
-    return export_remote_code(model, out_dir, data.tokenizer, DTYPES[dtype], run_config=asdict(root),
-                              final_metrics=_final_metrics(Path(path)))
+    return export_remote_code(
+        model, out_dir, data.tokenizer, DTYPES[dtype], run_config=asdict(root), final_metrics=_final_metrics(Path(path))
+    )
 
 
 def _natively_exportable(model) -> bool:
@@ -285,7 +330,9 @@ def _final_metrics(checkpoint: Path) -> dict:
     for run_dir in (checkpoint.parent.parent, checkpoint.parent):
         if (run_dir / "metrics.jsonl").is_file():
             evals = [r for r in read_metrics(run_dir) if "val_loss" in r]
-            return {k: evals[-1][k] for k in ("step", "val_loss", "val_ppl", "val_bpb") if k in evals[-1]} if evals else {}
+            return (
+                {k: evals[-1][k] for k in ("step", "val_loss", "val_ppl", "val_bpb") if k in evals[-1]} if evals else {}
+            )
     return {}
 
 
@@ -296,8 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("target", help="a run folder (uses its newest checkpoint) or a checkpoint .pt file")
     parser.add_argument("out_dir", help="folder to write config.json, model.safetensors and the tokenizer into")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the saved weights")
-    parser.add_argument("--format", default="auto", choices=FORMATS,
-                        help="native: Llama/Mixtral classes; remote_code: our own modelling code (any block); auto: native if possible")
+    parser.add_argument(
+        "--format",
+        default="auto",
+        choices=FORMATS,
+        help="native: Llama/Mixtral classes; remote_code: our own modelling code (any block); auto: native if possible",
+    )
     args = parse(parser, argv)
     try:
         out = export_checkpoint(args.target, args.out_dir, args.dtype, args.format)

@@ -15,6 +15,7 @@ SGT depth, EMoE's k' at inference, …) are written as a folder that carries its
 logits exactly (the same code runs; tests/training/export/test_remote_code.py checks every
 registered block within 1e-5 in fp32).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,7 +30,7 @@ SOURCE_DIR = "sparse_arch_src"
 EXTRA_STATE = "sparse_arch_extra_state.json"  # non-tensor module state (get_extra_state), e.g. SGT's loop schedule
 PACKAGES = ("arch", "kernels")
 
-CONFIGURATION = '''"""SparseArchConfig: the model config of a sparse-arch run (written by training.export.remote_code)."""
+CONFIGURATION = '''"""SparseArchConfig: the model config of a sparse-arch run (training.export.remote_code wrote it)."""
 from transformers import PretrainedConfig
 
 
@@ -174,25 +175,41 @@ def model_card(model, run_config: dict | None, final_metrics: dict | None, folde
     cfg = vars(model.cfg) if not dataclasses.is_dataclass(model.cfg) else dataclasses.asdict(model.cfg)
     blocks = [cfg["attention"]["name"], cfg["ffn"]["name"], cfg["depth"]["name"]]
     params = sum(p.numel() for p in model.parameters())
-    model_text = (f"- blocks: attention `{blocks[0]}`, FFN `{blocks[1]}`, depth `{blocks[2]}`\n"
-                  f"- {cfg['n_layers']} layers, d_model {cfg['d_model']}, {cfg['n_heads']} heads, vocabulary {cfg['vocab_size']}, "
-                  f"context {cfg['max_seq_len']}\n- {params / 1e6:.2f}M parameters\n\n"
-                  f"```json\n{json.dumps(cfg, indent=1, default=str)}\n```")
+    model_text = (
+        f"- blocks: attention `{blocks[0]}`, FFN `{blocks[1]}`, depth `{blocks[2]}`\n"
+        f"- {cfg['n_layers']} layers, d_model {cfg['d_model']}, {cfg['n_heads']} heads, vocabulary "
+        f"{cfg['vocab_size']}, "
+        f"context {cfg['max_seq_len']}\n- {params / 1e6:.2f}M parameters\n\n"
+        f"```json\n{json.dumps(cfg, indent=1, default=str)}\n```"
+    )
     if run_config:
         trainer, data = run_config.get("trainer", {}), run_config.get("data", {})
         metrics = "\n".join(f"- {k}: {v}" for k, v in (final_metrics or {}).items()) or "- (no evaluation recorded)"
-        training = (f"- data: `{data.get('source', '?')}` (seq_len {data.get('seq_len', '?')}, tokenizer "
-                    f"{data.get('tokenizer', {}).get('kind', '?')})\n- steps: {trainer.get('max_steps', '?')}, batch size "
-                    f"{trainer.get('batch_size', '?')}, seed {run_config.get('seed', '?')}\n- optimizer: "
-                    f"{json.dumps(run_config.get('optim', {}))}\n\nFinal metrics:\n\n{metrics}")
+        training = (
+            f"- data: `{data.get('source', '?')}` (seq_len {data.get('seq_len', '?')}, tokenizer "
+            f"{data.get('tokenizer', {}).get('kind', '?')})\n- steps: {trainer.get('max_steps', '?')}, batch size "
+            f"{trainer.get('batch_size', '?')}, seed {run_config.get('seed', '?')}\n- optimizer: "
+            f"{json.dumps(run_config.get('optim', {}))}\n\nFinal metrics:\n\n{metrics}"
+        )
     else:
         training = "(no run config was available to the exporter)"
-    return CARD.format(tags=", ".join(blocks), name=cfg.get("name", "sparse-arch model"), folder=folder,
-                       model=model_text, training=training)
+    return CARD.format(
+        tags=", ".join(blocks),
+        name=cfg.get("name", "sparse-arch model"),
+        folder=folder,
+        model=model_text,
+        training=training,
+    )
 
 
-def export_remote_code(model, out_dir: str | Path, tokenizer=None, dtype: torch.dtype = torch.float32,
-                       run_config: dict | None = None, final_metrics: dict | None = None) -> Path:
+def export_remote_code(
+    model,
+    out_dir: str | Path,
+    tokenizer=None,
+    dtype: torch.dtype = torch.float32,
+    run_config: dict | None = None,
+    final_metrics: dict | None = None,
+) -> Path:
     """Write the trust_remote_code package of ``model`` (any registered blocks) into ``out_dir``."""
     from safetensors.torch import save_file
 
@@ -203,15 +220,21 @@ def export_remote_code(model, out_dir: str | Path, tokenizer=None, dtype: torch.
     cfg = model.cfg
     model_config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
     config = {
-        "model_type": "sparse_arch", "architectures": ["SparseArchForCausalLM"],
-        "auto_map": {"AutoConfig": "configuration_sparse_arch.SparseArchConfig",
-                     "AutoModelForCausalLM": "modeling_sparse_arch.SparseArchForCausalLM"},
-        "sparse_arch_model": model_config, "vocab_size": model_config["vocab_size"],
+        "model_type": "sparse_arch",
+        "architectures": ["SparseArchForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_sparse_arch.SparseArchConfig",
+            "AutoModelForCausalLM": "modeling_sparse_arch.SparseArchForCausalLM",
+        },
+        "sparse_arch_model": model_config,
+        "vocab_size": model_config["vocab_size"],
         "tie_word_embeddings": bool(model_config.get("tie_embeddings", True)),
         "torch_dtype": str(dtype).replace("torch.", ""),
         # read by transformers' generation utilities; the model keeps no transformers cache
-        "num_hidden_layers": model_config["n_layers"], "hidden_size": model_config["d_model"],
-        "num_attention_heads": model_config["n_heads"], "max_position_embeddings": model_config["max_seq_len"],
+        "num_hidden_layers": model_config["n_layers"],
+        "hidden_size": model_config["d_model"],
+        "num_attention_heads": model_config["n_heads"],
+        "max_position_embeddings": model_config["max_seq_len"],
         "use_cache": False,
     }
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")

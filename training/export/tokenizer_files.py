@@ -1,4 +1,5 @@
 """Our tokenizers as Hugging Face tokenizer files (tokenizer.json + tokenizer_config.json), for every export format."""
+
 from __future__ import annotations
 
 import json

@@ -72,7 +72,7 @@ def test_budget_is_respected_and_every_map_is_valid(budget):
             assert 1 <= g <= 8
             check_head_map(labels, 8, g, kind)  # H ints in [0, g), every shared head used
     dha = collapse(wrap_for_fusion(model, result))
-    for i, block in enumerate(dha.depth.blocks):
+    for block in dha.depth.blocks:
         check_head_map(block.attn.k_head_H.tolist(), 8, block.attn.n_k_heads, "k")
         check_head_map(block.attn.v_head_H.tolist(), 8, block.attn.n_v_heads, "v")
     assert kv_bytes_per_token(dha)["total"] <= budget * kv_bytes_per_token(model)["total"]

@@ -1,9 +1,8 @@
 """HARC router calibration: the CG solver against a direct solve, and layer-by-layer calibration of a model."""
+
 import pytest
 import torch
 
-from tests.helpers import tiny_config
-from training.config import validate
 from recipes.merge.harc import (
     HARCOptions,
     RouterCalibration,
@@ -15,7 +14,9 @@ from recipes.merge.harc import (
     routing_ids,
     solve_router,
 )
+from tests.helpers import tiny_config
 from training.build import build_model
+from training.config import validate
 
 
 def random_problem(seed=0, D=6, E=4, sizes=(50, 70)):
@@ -83,7 +84,9 @@ def test_undamped_solution_matches_the_direct_solve_up_to_softmax_invariance():
 
 def test_one_domain_recovers_its_source_router_and_cg_stops_on_zero_rhs():
     inputs, sources = random_problem(sizes=(80,))
-    W, _ = solve_router(RouterCalibration(inputs, sources, 1.2), torch.zeros(4, 6, dtype=torch.float64), HARCOptions(damping=1.2))
+    W, _ = solve_router(
+        RouterCalibration(inputs, sources, 1.2), torch.zeros(4, 6, dtype=torch.float64), HARCOptions(damping=1.2)
+    )
     torch.testing.assert_close(W, sources[0], rtol=1e-5, atol=1e-5)
     x0 = torch.ones(3, dtype=torch.float64)
     x, info = conjugate_gradient(lambda v: v, torch.zeros(3, dtype=torch.float64), x0)
@@ -112,13 +115,21 @@ def test_calibration_runs_layer_by_layer_and_restores_routing():
         for p in source.parameters():
             p.add_(0.5 * p.std() * torch.randn(p.shape, generator=g))
     merged = _tiny_moe(0)
-    merged.load_state_dict({k: (a + b) / 2 for (k, a), b in zip(sources[0].state_dict().items(), sources[1].state_dict().values())})
+    merged.load_state_dict(
+        {k: (a + b) / 2 for (k, a), b in zip(sources[0].state_dict().items(), sources[1].state_dict().values())}
+    )
     g = torch.Generator().manual_seed(1)
-    calib = [[torch.randint(0, 20, (4, 32), generator=g) for _ in range(3)], [torch.randint(20, 40, (4, 32), generator=g) for _ in range(3)]]
+    calib = [
+        [torch.randint(0, 20, (4, 32), generator=g) for _ in range(3)],
+        [torch.randint(20, 40, (4, 32), generator=g) for _ in range(3)],
+    ]
     held_out = [[torch.randint(0, 20, (4, 32), generator=g)], [torch.randint(20, 40, (4, 32), generator=g)]]
 
     def agreement():
-        return [sum(routing_agreement(routing_ids(merged, b, "cpu"), routing_ids(s, b, "cpu"))) / 3 for s, b in zip(sources, held_out)]
+        return [
+            sum(routing_agreement(routing_ids(merged, b, "cpu"), routing_ids(s, b, "cpu"))) / 3
+            for s, b in zip(sources, held_out)
+        ]
 
     before = agreement()
     options = HARCOptions(damping=1.1, init="average")

@@ -1,13 +1,14 @@
 """Checkpoint merging (task arithmetic, TIES) and the merge + HARC command end to end."""
+
 import json
 
 import pytest
 import torch
 
+from recipes.merge.merge import main, merge_state_dicts, ties_delta
 from tests.helpers import tiny_config
 from training.checkpoint import files as ckpt
 from training.eval.loss import load_trained
-from recipes.merge.merge import main, merge_state_dicts, ties_delta
 from training.trainer import train
 
 
@@ -39,7 +40,13 @@ def test_merges_apply_to_task_vectors_and_copy_integer_entries():
 def fine_tuned(tmp_path_factory):
     """A tiny MoE base (10 steps) and two fine-tunes of it (to step 20) with different learning rates."""
     root = tmp_path_factory.mktemp("merge")
-    common = ["model/ffn=moe", "model.n_layers=2", "trainer.sample_tokens=0", "trainer.eval_every=10", "trainer.checkpoint_every=10"]
+    common = [
+        "model/ffn=moe",
+        "model.n_layers=2",
+        "trainer.sample_tokens=0",
+        "trainer.eval_every=10",
+        "trainer.checkpoint_every=10",
+    ]
     train(tiny_config(root / "base", *common, "trainer.max_steps=10"))
     base_ckpt = root / "base" / "checkpoints" / "step_00000010.pt"
     for name, lr in (("a", "1e-2"), ("b", "3e-3")):
@@ -49,15 +56,29 @@ def fine_tuned(tmp_path_factory):
 
 def test_merge_command_reports_losses_and_routing_agreement_before_and_after_harc(fine_tuned, capsys):
     root, out = fine_tuned, fine_tuned / "merged"
-    main([f"base={root / 'base'}", f"sources={root / 'a'},{root / 'b'}", f"out={out}", "method=ties", "density=0.5",
-          "calib_batches=2", "batch_size=4", "eval_batches=2", "harc.damping=1.05", "harc.preconditioner=diagonal"])
+    main(
+        [
+            f"base={root / 'base'}",
+            f"sources={root / 'a'},{root / 'b'}",
+            f"out={out}",
+            "method=ties",
+            "density=0.5",
+            "calib_batches=2",
+            "batch_size=4",
+            "eval_batches=2",
+            "harc.damping=1.05",
+            "harc.preconditioner=diagonal",
+        ]
+    )
     report = json.loads((out / "merge_report.json").read_text())
     assert set(report["losses"]) == {"base", "source0", "source1", "plain_merge", "harc_merge"}
     assert all(len(v) == 2 and all(0 < x < 10 for x in v) for v in report["losses"].values())
     for name in ("plain_merge", "harc_merge"):
         per_task = report["routing_agreement"][name]
         assert len(per_task) == 2 and all(len(layers) == 2 and all(0 <= a <= 1 for a in layers) for layers in per_task)
-    assert [s["layer"] for s in report["harc_solver"]] == [0, 1] and all(s["relative_residual"] < 1e-4 for s in report["harc_solver"])
+    assert [s["layer"] for s in report["harc_solver"]] == [0, 1] and all(
+        s["relative_residual"] < 1e-4 for s in report["harc_solver"]
+    )
     assert "routing agreement" in capsys.readouterr().out
     # the calibrated model is a loadable run folder whose routers (only) differ from the plain merge
     harc_model, *_ = load_trained(out / "harc", "cpu")

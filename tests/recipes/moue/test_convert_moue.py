@@ -1,15 +1,16 @@
 """MoUE end to end: training with falling loss, exact resume of the widening state, presets, and
 MoE → MoUE conversion (identical outputs before widening, moved optimizer moments, continued training)."""
+
 from pathlib import Path
 
 import pytest
 import torch
 
 from arch.ffn.universal import POOL_NAME
+from recipes.moue.convert import convert, main
 from tests.helpers import tiny_config
 from training.checkpoint import files as ckpt
 from training.config import ConfigError, validate
-from recipes.moue.convert import convert, main
 from training.eval.loss import load_trained
 from training.metrics import read_metrics
 from training.trainer import train
@@ -17,15 +18,33 @@ from training.trainer import train
 MOUE = ["model/ffn=moue", "model.ffn.n_universal=8", "model.ffn.window_size=6", "model.ffn.trajectory_dim=8"]
 OPTIONS = {
     "default": [],
-    "per_layer_shared_router_locals": ["model.ffn.balance_loss=per_layer", "model.ffn.router_sharing=shared", "model.ffn.n_local=1"],
-    "full_no_trajectory_uncorrected": ["model.ffn.topology=full", "model.ffn.trajectory=false", "model.ffn.balance_loss=uncorrected"],
+    "per_layer_shared_router_locals": [
+        "model.ffn.balance_loss=per_layer",
+        "model.ffn.router_sharing=shared",
+        "model.ffn.n_local=1",
+    ],
+    "full_no_trajectory_uncorrected": [
+        "model.ffn.topology=full",
+        "model.ffn.trajectory=false",
+        "model.ffn.balance_loss=uncorrected",
+    ],
 }
 
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 def test_moue_trains_with_falling_loss(tmp_path, name):
     run = tmp_path / name
-    train(tiny_config(run, *MOUE, *OPTIONS[name], "trainer.max_steps=30", "trainer.eval_every=30", "optim.lr=1e-2", "trainer.sample_tokens=0"))
+    train(
+        tiny_config(
+            run,
+            *MOUE,
+            *OPTIONS[name],
+            "trainer.max_steps=30",
+            "trainer.eval_every=30",
+            "optim.lr=1e-2",
+            "trainer.sample_tokens=0",
+        )
+    )
     rows = read_metrics(run)
     evals = [r["val_loss"] for r in rows if "val_loss" in r]
     assert evals[-1] < evals[0] - 1.0, evals
@@ -33,8 +52,16 @@ def test_moue_trains_with_falling_loss(tmp_path, name):
 
 
 def test_resume_restores_the_widening_state_exactly(tmp_path):
-    widen = [*MOUE, "model.ffn.window_size=4", "model.ffn.widen_to=8", "model.ffn.widen_steps=8", "trainer.sample_tokens=0",
-             "trainer.checkpoint_every=5", "trainer.max_steps=10", "schedule=constant"]  # lr independent of max_steps
+    widen = [
+        *MOUE,
+        "model.ffn.window_size=4",
+        "model.ffn.widen_to=8",
+        "model.ffn.widen_steps=8",
+        "trainer.sample_tokens=0",
+        "trainer.checkpoint_every=5",
+        "trainer.max_steps=10",
+        "schedule=constant",
+    ]  # lr independent of max_steps
     train(tiny_config(tmp_path / "full", *widen))
     train(tiny_config(tmp_path / "cut", *widen, "trainer.max_steps=5"))
     _, state = ckpt.find_resume_checkpoint(tmp_path / "cut")
@@ -56,7 +83,16 @@ def test_presets_validate_and_accept_overrides(experiment):
 @pytest.fixture(scope="module")
 def moe_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("moe") / "run"
-    train(tiny_config(run, "model/ffn=moe", "model.ffn.n_experts=4", "trainer.max_steps=10", "trainer.sample_tokens=0", "optim.lr=1e-2"))
+    train(
+        tiny_config(
+            run,
+            "model/ffn=moe",
+            "model.ffn.n_experts=4",
+            "trainer.max_steps=10",
+            "trainer.sample_tokens=0",
+            "optim.lr=1e-2",
+        )
+    )
     return run
 
 
@@ -69,7 +105,9 @@ def test_converted_model_equals_its_source_moe_before_widening(moe_run, tmp_path
     assert path.name == "step_00000010.pt" and root.model.ffn["name"] == "moue"
     assert (root.model.ffn["n_universal"], root.model.ffn["window_size"], root.model.ffn["widen_start"]) == (8, 4, 10)
     pool = dst.shared.modules_by_name[POOL_NAME]
-    assert torch.equal(pool.w_in_MDH, torch.cat([b.ffn.w_in_EDH for b in src.depth.blocks]))  # pool = union of the layers' experts
+    assert torch.equal(
+        pool.w_in_MDH, torch.cat([b.ffn.w_in_EDH for b in src.depth.blocks])
+    )  # pool = union of the layers' experts
     assert [b.ffn.window() for b in dst.depth.blocks] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     idx = torch.randint(0, 257, (3, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -83,7 +121,16 @@ def test_converted_model_equals_its_source_moe_before_widening(moe_run, tmp_path
 
 def test_conversion_moves_adam_moments_and_continued_training_widens(moe_run, tmp_path, capsys):
     out = tmp_path / "moue"
-    main([f"ckpt={moe_run}", f"out={out}", "model.ffn.widen_to=8", "model.ffn.widen_steps=4", "trainer.max_steps=16", "train=true"])
+    main(
+        [
+            f"ckpt={moe_run}",
+            f"out={out}",
+            "model.ffn.widen_to=8",
+            "model.ffn.widen_steps=4",
+            "trainer.max_steps=16",
+            "train=true",
+        ]
+    )
     src_state = ckpt.load_checkpoint(moe_run / "checkpoints" / "step_00000010.pt")
     converted = ckpt.load_checkpoint(out / "checkpoints" / "step_00000010.pt")
     assert converted["sampler"] == src_state["sampler"] and converted["step"] == 10
@@ -99,7 +146,9 @@ def test_conversion_moves_adam_moments_and_continued_training_widens(moe_run, tm
     layer_moments = [moment(src_state, names, f"depth.blocks.{i}.ffn.w_in_EDH") for i in range(2)]
     assert torch.equal(pool_moment, torch.cat(layer_moments))
     rows = [r for r in read_metrics(out) if "loss" in r]
-    assert [r["step"] for r in rows] == list(range(11, 17)) and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert [r["step"] for r in rows] == list(range(11, 17)) and all(
+        torch.isfinite(torch.tensor(r["loss"])) for r in rows
+    )
     assert [r["moue/window_size"] for r in rows] == [4, 5, 6, 7, 8, 8]  # the ramp, seen by each step's forward
     with pytest.raises(SystemExit):
         main([f"out={out}", "train=true"])  # nothing left to train: a clear one-line error

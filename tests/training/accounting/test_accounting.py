@@ -4,6 +4,7 @@ Every expected number is written out as arithmetic from the config, independentl
 Shared shapes: D = 32, vocab V = 100 (tied), T = 16, two layers unless stated; H = 2 heads of
 d = 16 (four of d = 8 where stated, same H·d). Dense SwiGLU width F = 96 (8/3·32 rounded up to 32).
 """
+
 import time
 from types import SimpleNamespace
 
@@ -13,20 +14,20 @@ import torch
 from arch.depth.loop import expected_iterations
 from arch.layers import ElasticSetting, KVCache
 from arch.model import LanguageModel
-from training.cli import compose
 from training.accounting.account import account, account_config, format_accounting, main
+from training.cli import compose
 from training.config import ModelConfig
 
 D, V, T = 32, 100, 16
-ATTN = D * D + D * 2 * D + D * D          # wq, wkv, wo = 4096
-MLP = D * 2 * 96 + 96 * D                 # w_gate_up, w_down = 9216
-NORMS = 2 * D                             # attn_norm, ffn_norm
-LAYER = ATTN + MLP + NORMS                # 13376
-OUTSIDE = V * D + D                       # tied embedding/LM head + final norm = 3232
-SCORES = 2 * 2 * 32 * (T + 1) / 2         # QKᵀ + PV, H·d = 32: 1088
-LAYER_FLOPS = 2 * (ATTN + MLP) + SCORES   # 27712
-HEAD_FLOPS = 2 * D * V                    # 6400
-KV_LAYER = 2 * 32 * 2                     # K and V, H·d = 32 each, bf16: 128 bytes
+ATTN = D * D + D * 2 * D + D * D  # wq, wkv, wo = 4096
+MLP = D * 2 * 96 + 96 * D  # w_gate_up, w_down = 9216
+NORMS = 2 * D  # attn_norm, ffn_norm
+LAYER = ATTN + MLP + NORMS  # 13376
+OUTSIDE = V * D + D  # tied embedding/LM head + final norm = 3232
+SCORES = 2 * 2 * 32 * (T + 1) / 2  # QKᵀ + PV, H·d = 32: 1088
+LAYER_FLOPS = 2 * (ATTN + MLP) + SCORES  # 27712
+HEAD_FLOPS = 2 * D * V  # 6400
+KV_LAYER = 2 * 32 * 2  # K and V, H·d = 32 each, bf16: 128 bytes
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,12 +55,14 @@ def test_dense():
     assert acc.mode == "train" and acc.elastic == "full model" and not acc.notes
     untied = account(build(tie_embeddings=False), T)  # a separate V×D LM head
     assert untied.total_params == untied.active_params == 29984 + V * D
-    assert untied.embedding_params == 2 * V * D and untied.active_non_embedding_params == acc.active_non_embedding_params
+    assert (
+        untied.embedding_params == 2 * V * D and untied.active_non_embedding_params == acc.active_non_embedding_params
+    )
 
 
 MOE = {"name": "moe", "n_experts": 4, "top_k": 2, "expert_hidden": 16, "n_shared_experts": 1}
-EXPERT = 3 * D * 16                       # one routed expert: D×2F in, F×D out = 1536
-MOE_FIXED = D * 4 + EXPERT                # router D×E + one shared expert of the same width
+EXPERT = 3 * D * 16  # one routed expert: D×2F in, F×D out = 1536
+MOE_FIXED = D * 4 + EXPERT  # router D×E + one shared expert of the same width
 
 
 def test_moe_counts_router_shared_and_k_experts():
@@ -68,7 +71,10 @@ def test_moe_counts_router_shared_and_k_experts():
     assert acc.active_params == 2 * (ATTN + MOE_FIXED + 2 * EXPERT + NORMS) + OUTSIDE == 21024
     ffn_flops = 2 * MOE_FIXED + 2 * 2 * EXPERT
     assert acc.forward_flops_per_token == 2 * (2 * ATTN + SCORES + ffn_flops) + HEAD_FLOPS == 43904
-    assert account(build(ffn={**MOE, "name": "emoe", "coactivation_prob": 0.5, "k_ideal": 4}), T).to_dict() == acc.to_dict()
+    assert (
+        account(build(ffn={**MOE, "name": "emoe", "coactivation_prob": 0.5, "k_ideal": 4}), T).to_dict()
+        == acc.to_dict()
+    )
 
 
 def test_moe_eval_top_k_and_elastic_sub_networks():
@@ -103,8 +109,8 @@ def test_expert_banks_sharded_over_ranks_are_counted_whole():
 
 def test_multi_head_moe_counts_sub_token_routing():
     acc = account(build(ffn={"name": "mhmoe", "n_heads": 2, "n_experts": 4, "top_k": 1, "expert_hidden": 16}), T)
-    projections = 2 * (D * D + D)         # W_mh and W_merge with biases
-    sub_expert = 3 * (D // 2) * 16        # experts on width D/h = 16: 768
+    projections = 2 * (D * D + D)  # W_mh and W_merge with biases
+    sub_expert = 3 * (D // 2) * 16  # experts on width D/h = 16: 768
     router = (D // 2) * 4
     assert acc.total_params == 2 * (ATTN + projections + router + 4 * sub_expert + NORMS) + OUTSIDE
     # two sub-tokens × k = 1: at most two distinct experts per token
@@ -116,8 +122,8 @@ def test_multi_head_moe_counts_sub_token_routing():
 def test_universal_experts_pool_is_stored_once_and_routed_per_layer():
     moue = {"name": "moue", "n_universal": 4, "window_size": 2, "top_k": 1, "expert_hidden": 16, "trajectory_dim": 4}
     acc = account(build(ffn=moue), T)
-    pool = 4 * EXPERT + 4 * 4             # 4 experts + their 4-dim trajectory embeddings, shared by both layers
-    router = (D + 4) * 4                  # per-layer router over [x ; z]
+    pool = 4 * EXPERT + 4 * 4  # 4 experts + their 4-dim trajectory embeddings, shared by both layers
+    router = (D + 4) * 4  # per-layer router over [x ; z]
     assert acc.total_params == 2 * (ATTN + router + NORMS) + pool + OUTSIDE == 18000
     # one expert per layer (weights + its embedding), two layers
     assert acc.active_params == 2 * (ATTN + router + NORMS) + 2 * (EXPERT + 4) + OUTSIDE == 14920
@@ -163,7 +169,9 @@ def test_kv_cache_mha_gqa_and_dha_with_a_fused_map():
     assert acc.total_params == 2 * (D * D + D * 3 * 8 + D * D + MLP + NORMS) + OUTSIDE
     assert acc.attention_flops_per_token == 2 * SCORES  # every query head still attends
     assert account(build(n_heads=4), T).kv_cache_bytes_per_token == 2 * (2 * 4 * 8 * 2) == 256
-    assert account(build(n_heads=4, attention={"name": "mha", "n_kv_heads": 1}), T).kv_cache_bytes_per_token == 2 * (2 * 8 * 2)
+    assert account(build(n_heads=4, attention={"name": "mha", "n_kv_heads": 1}), T).kv_cache_bytes_per_token == 2 * (
+        2 * 8 * 2
+    )
     assert account(model, T, dtype_bytes=4).kv_cache_bytes_per_token == measured_kv_bytes(model)
 
 
@@ -176,12 +184,22 @@ def test_loop_counts_flops_per_repeat_and_parameters_once():
     assert account(model, T, dtype_bytes=4).kv_cache_bytes_per_token == measured_kv_bytes(model)
     moe_loop = account(build(ffn=MOE, depth={"name": "loop", "looped_layers": [1], "repeats": 4}), T)
     # the looped MoE layer may pick other experts at each repeat: k per call, capped at its 4 experts
-    assert moe_loop.active_params == (ATTN + MOE_FIXED + 2 * EXPERT + NORMS) + (ATTN + MOE_FIXED + 4 * EXPERT + NORMS) + OUTSIDE
+    assert (
+        moe_loop.active_params
+        == (ATTN + MOE_FIXED + 2 * EXPERT + NORMS) + (ATTN + MOE_FIXED + 4 * EXPERT + NORMS) + OUTSIDE
+    )
 
 
-RECURRENT = {"name": "recurrent", "prelude_layers": 1, "core_layers": 1, "coda_layers": 1,
-             "mean_recurrence": 4, "mean_backprop_depth": 2, "sampler": "fixed"}
-ADAPTER = 2 * D * D                       # Linear(2D → D), no bias
+RECURRENT = {
+    "name": "recurrent",
+    "prelude_layers": 1,
+    "core_layers": 1,
+    "coda_layers": 1,
+    "mean_recurrence": 4,
+    "mean_backprop_depth": 2,
+    "sampler": "fixed",
+}
+ADAPTER = 2 * D * D  # Linear(2D → D), no bias
 
 
 def test_recurrent_no_grad_iterations_cost_forward_only():
@@ -215,7 +233,7 @@ def test_expected_iterations_of_the_lognormal_poisson_sampler_match_its_draws():
 
 
 ITT = {"name": "itt", "layers": [1], "steps": 4, "ratios": [0.5, 0.25, 1.0]}
-THINKING = 4 * D + 3 * (D + 1)            # step scales φ (steps × D) + three Linear(D, 1) routers
+THINKING = 4 * D + 3 * (D + 1)  # step scales φ (steps × D) + three Linear(D, 1) routers
 
 
 def test_itt_counts_selected_tokens_per_step():
@@ -223,7 +241,11 @@ def test_itt_counts_selected_tokens_per_step():
     acc = account(model, T)
     assert acc.total_params == acc.active_params == 2 * LAYER + THINKING + OUTSIDE
     routers = 3 * 2 * D
-    assert acc.forward_flops_per_token == LAYER_FLOPS + (1 + 0.5 + 0.25 + 1.0) * LAYER_FLOPS + routers + HEAD_FLOPS == 110512
+    assert (
+        acc.forward_flops_per_token
+        == LAYER_FLOPS + (1 + 0.5 + 0.25 + 1.0) * LAYER_FLOPS + routers + HEAD_FLOPS
+        == 110512
+    )
     assert acc.kv_cache_bytes_per_token == KV_LAYER + 4 * KV_LAYER  # every step keeps a cache slot
     # kv=recompute: each partial step (ρ = 0.5, 0.25) runs wq (D×D) and wkv (D×2D) on every token again
     recompute = account(build(depth={**ITT, "kv": "recompute"}), T)
@@ -252,18 +274,24 @@ def test_sgt_loops_the_kept_heads_of_selected_layers():
     model.train()
     model.depth.decay_windows[2] = (0, 10)  # decay window open in training: every head runs
     assert account(model, T).forward_flops_per_token == base + 2 * ATTN + SCORES
-    block = build(n_layers=3, n_heads=4, depth={"name": "sgt", "exclude_layers": [0], "top_k_layers": 2, "loop_mode": "block"})
+    block = build(
+        n_layers=3, n_heads=4, depth={"name": "sgt", "exclude_layers": [0], "top_k_layers": 2, "loop_mode": "block"}
+    )
     block.depth.loop_depth[2] = 1
     assert account(block, T).forward_flops_per_token == base + LAYER_FLOPS
 
 
 CONFIGS = {
-    "dense": {}, "moe": {"ffn": MOE}, "mhmoe": {"ffn": {"name": "mhmoe", "n_heads": 2, "n_experts": 4}},
+    "dense": {},
+    "moe": {"ffn": MOE},
+    "mhmoe": {"ffn": {"name": "mhmoe", "n_heads": 2, "n_experts": 4}},
     "moue": {"ffn": {"name": "moue", "n_universal": 4, "window_size": 2}},
     "mohd": {"attention": {"name": "mohd_mha", "n_groups": 4, "n_active": 2, "n_shared": 1}, "ffn": {"name": "mohd"}},
     "dha": {"attention": {"name": "dha", "k_heads": 1, "v_heads": 2}},
-    "loop": {"depth": {"name": "loop"}}, "recurrent": {"n_layers": 3, "depth": RECURRENT},
-    "itt": {"depth": ITT}, "sgt": {"depth": {"name": "sgt", "exclude_layers": [0], "top_k_layers": 1}},
+    "loop": {"depth": {"name": "loop"}},
+    "recurrent": {"n_layers": 3, "depth": RECURRENT},
+    "itt": {"depth": ITT},
+    "sgt": {"depth": {"name": "sgt", "exclude_layers": [0], "top_k_layers": 1}},
 }
 
 
@@ -287,7 +315,7 @@ def test_dense_124m_is_accounted_quickly_on_meta():
     start = time.perf_counter()
     acc = account_config(cfg, 1024, vocab_size=50304)
     assert time.perf_counter() - start < 5
-    d, f, layers = 768, 2048, 12          # SwiGLU width 8/3·768 = 2048
+    d, f, layers = 768, 2048, 12  # SwiGLU width 8/3·768 = 2048
     layer = 4 * d * d + 3 * d * f + 2 * d
     assert acc.total_params == acc.active_params == layers * layer + 50304 * d + d == 123_587_328
     per_layer = 2 * (4 * d * d + 3 * d * f) + 2 * 2 * d * (1024 + 1) / 2

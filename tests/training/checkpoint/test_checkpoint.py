@@ -1,4 +1,5 @@
 """Checkpoints: atomic keep-last-K, corrupt files rejected by name, resume falls back, config checks."""
+
 import random
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Data preparation (all sources), shard caching, window sampling and eval batches."""
+
 import copy
 import json
 import time
@@ -26,8 +27,15 @@ BASE = {
     "tokenizer": {"kind": "bytes", "vocab_size": 300, "name": None},
     "paths": [],
     "text_field": "text",
-    "hf": {"path": None, "name": None, "split": "train", "data_files": None, "streaming": True,
-           "max_docs": None, "max_bytes": 20000000},
+    "hf": {
+        "path": None,
+        "name": None,
+        "split": "train",
+        "data_files": None,
+        "streaming": True,
+        "max_docs": None,
+        "max_bytes": 20000000,
+    },
     "synthetic": {"task": "assoc_recall", "num_train": 400, "num_val": 50, "n_keys": 4, "modulus": 13},
 }
 DOCS = [f"Document {i}: " + " ".join(f"word{i}_{j}" for j in range(40)) + "\n" for i in range(8)]
@@ -55,6 +63,7 @@ def decode(data: TokenData, ids) -> str:
 
 
 # ----------------------------------------------------------------------------- text sources
+
 
 @pytest.mark.parametrize("kind", ["bytes", "bpe"])
 def test_embedded_override_split_and_cache(tmp_path, kind):
@@ -121,15 +130,27 @@ def test_files_txt_jsonl_parquet(tmp_path):
     folder = tmp_path / "files"
     folder.mkdir()
     (folder / "a.txt").write_text("plain text file\nsecond line")
-    (folder / "b.jsonl").write_text("\n".join(json.dumps({"text": f"json record {i}", "id": i}) for i in range(3)) + "\n")
+    (folder / "b.jsonl").write_text(
+        "\n".join(json.dumps({"text": f"json record {i}", "id": i}) for i in range(3)) + "\n"
+    )
     table = pa.table({"text": ["parquet row 0", "parquet row 1"], "n": [0, 1]})
     pq.write_table(table, folder / "c.parquet")
-    cfg = make_cfg(tmp_path, source="files", paths=[str(folder / "*.txt"), str(folder / "*.jsonl"),
-                                                  str(folder / "*.parquet")], val_fraction=0.3)
+    cfg = make_cfg(
+        tmp_path,
+        source="files",
+        paths=[str(folder / "*.txt"), str(folder / "*.jsonl"), str(folder / "*.parquet")],
+        val_fraction=0.3,
+    )
     data = prepare_data(cfg, progress=False)
     everything = decode(data, data.train) + "<|endoftext|>" + decode(data, data.val)
-    expected = ["plain text file\nsecond line", "json record 0", "json record 1", "json record 2",
-                "parquet row 0", "parquet row 1"]
+    expected = [
+        "plain text file\nsecond line",
+        "json record 0",
+        "json record 1",
+        "json record 2",
+        "parquet row 0",
+        "parquet row 1",
+    ]
     assert everything.split("<|endoftext|>") == expected
     assert decode(data, data.val).split("<|endoftext|>") == expected[-2:]  # last 30% of 6 documents
 
@@ -159,12 +180,14 @@ def test_hf_local_text_loader(tmp_path, streaming):
     data = prepare_data(make_cfg(tmp_path, source="hf", hf=hf, val_fraction=0.2), progress=False)
     docs = (decode(data, data.train) + "<|endoftext|>" + decode(data, data.val)).split("<|endoftext|>")
     assert docs == [f"hf line number {i}" for i in range(10)]  # max_docs stops after 10
-    limited = prepare_data(make_cfg(tmp_path, source="hf", hf={**hf, "max_docs": None, "max_bytes": 50}),
-                           progress=False)
+    limited = prepare_data(
+        make_cfg(tmp_path, source="hf", hf={**hf, "max_docs": None, "max_bytes": 50}), progress=False
+    )
     assert 50 <= len(limited.train) + len(limited.val) < 80  # stops once 50 bytes are read
 
 
 # -------------------------------------------------------------------------------- synthetic
+
 
 def test_assoc_recall_masks_only_answers(tmp_path):
     cfg = make_cfg(tmp_path, source="synthetic")
@@ -176,7 +199,7 @@ def test_assoc_recall_masks_only_answers(tmp_path):
         assert words[position] == "->"
         query, answer = words[position - 1], words[position + 1]
         start = position - 2 - 2 * 4  # the 4 key/value pairs of this example
-        pairs = dict(zip(words[start:position - 2:2], words[start + 1:position - 2:2]))
+        pairs = dict(zip(words[start : position - 2 : 2], words[start + 1 : position - 2 : 2]))
         assert len(pairs) == 4 and pairs[query] == answer
     assert not np.array_equal(data.train[: len(data.val)], data.val)
     again = prepare_data(cfg, progress=False)
@@ -210,6 +233,7 @@ def test_synthetic_windows_hold_whole_examples(tmp_path):
 
 
 # ------------------------------------------------------------------------- sampling and eval
+
 
 def test_window_sampler():
     tokens = np.arange(1000, dtype=np.uint16)
@@ -254,14 +278,17 @@ def test_check_seq_len(tmp_path):
     data = prepare_data(make_cfg(tmp_path, corpus_path=str(write_corpus(tmp_path))), progress=False)
     n_val = len(data.val)
     check_seq_len(data, n_val - 1)
-    message = (f"data.seq_len={n_val} is longer than the validation split ({n_val} tokens); "
-               f"use data.seq_len <= {n_val - 1} or a larger data.val_fraction")
+    message = (
+        f"data.seq_len={n_val} is longer than the validation split ({n_val} tokens); "
+        f"use data.seq_len <= {n_val - 1} or a larger data.val_fraction"
+    )
     with pytest.raises(ValueError) as info:
         check_seq_len(data, n_val)
     assert str(info.value) == message
 
 
 # ---------------------------------------------------------------------------- real corpus
+
 
 def test_embedded_shakespeare_bytes(tmp_path):
     start = time.perf_counter()

@@ -5,6 +5,7 @@ Shards: meta.json records each file's sha256 / size and the id range; a truncate
 out-of-vocabulary or meta-less folder is rebuilt from the source, or refused by name when opened
 without one. A killed writer's temp folder is swept; a full disk names the path.
 """
+
 import errno
 import json
 import os
@@ -32,6 +33,7 @@ def _files_cfg(tmp_path, *paths, **overrides):
 
 
 # --------------------------------------------------------------------------------- sources
+
 
 def test_binary_file_is_named_with_its_line(tmp_path):
     path = tmp_path / "image.txt"
@@ -84,6 +86,7 @@ def test_missing_glob_is_named(tmp_path):
 
 # ------------------------------------------------------------------------------ tokenizer
 
+
 def test_training_pieces_cut_only_long_runs():
     text = "short words " + "x" * (2 * MAX_TRAIN_WORD_CHARS + 5) + " tail"
     pieces = list(training_pieces(text))
@@ -108,6 +111,7 @@ def test_bpe_training_shows_progress(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------- shards
+
 
 def _prepared(tmp_path, **overrides):
     cfg = make_cfg(tmp_path, corpus_path=str(write_corpus(tmp_path)), **overrides)
@@ -179,7 +183,9 @@ def test_a_bpe_shard_folder_with_a_damaged_tokenizer_is_rebuilt(tmp_path, capsys
 def test_stale_temp_folders_of_killed_writers_are_swept(tmp_path):
     cfg, data = _prepared(tmp_path)
     cache = data.cache_path.parent
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     dead_pid = int(dead.stdout)  # a process that has exited
     stale = cache / f".tmp-files-0123-{cache_mod._HOST}-{dead_pid}"
     (stale / "sub").mkdir(parents=True)
@@ -201,8 +207,10 @@ def test_sigkill_during_tokenisation_leaves_no_temp_folder_after_the_next_start(
     big = tmp_path / "big.txt"
     big.write_text("some words to tokenize slowly\n" * 200_000)
     cfg = _files_cfg(tmp_path, big, tokenizer={"kind": "bpe", "vocab_size": 300})  # BPE: seconds to kill it in
-    code = ("from omegaconf import OmegaConf; from training.data.shards import prepare_data; "
-            f"prepare_data(OmegaConf.create({OmegaConf.to_container(cfg)!r}), progress=False)")
+    code = (
+        "from omegaconf import OmegaConf; from training.data.shards import prepare_data; "
+        f"prepare_data(OmegaConf.create({OmegaConf.to_container(cfg)!r}), progress=False)"
+    )
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)
     cache = tmp_path / "cache"

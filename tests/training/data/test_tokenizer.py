@@ -1,4 +1,5 @@
 """Tokenizers: exact round trips, the BPE cache, and clear errors."""
+
 import pytest
 
 from training.data import tokenizer as tokmod

@@ -3,6 +3,7 @@
 Each test launches ``torchrun --standalone --nproc_per_node=2 train.py ...`` (or a check script) as
 a subprocess and compares against single-process runs of the same global batch.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,14 @@ from tests.helpers import DATA_CACHE, TINY
 REPO = Path(__file__).resolve().parents[3]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 STEPS = ["trainer.max_steps=5", "trainer.eval_every=5", "trainer.checkpoint_every=5", "trainer.sample_tokens=0"]
-MOE = ["model=moe_tiny", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.ffn.n_experts=4",
-       "model.ffn.balance_loss_coef=0"]  # the balance loss is per-rank by design; without it the objective is the same
+MOE = [
+    "model=moe_tiny",
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.ffn.n_experts=4",
+    "model.ffn.balance_loss_coef=0",
+]  # the balance loss is per-rank by design; without it the objective is the same
 
 pytestmark = pytest.mark.slow
 
@@ -63,8 +70,11 @@ def single_dense(tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("overrides", [["trainer.parallel=ddp"], ["trainer.parallel=fsdp", "trainer.checkpoint_async=true"]],
-                         ids=["ddp", "fsdp-async-checkpoint"])
+@pytest.mark.parametrize(
+    "overrides",
+    [["trainer.parallel=ddp"], ["trainer.parallel=fsdp", "trainer.checkpoint_async=true"]],
+    ids=["ddp", "fsdp-async-checkpoint"],
+)
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path, single_dense, overrides):
     run_dir = tmp_path / "run"
     launch(train_args(run_dir, *overrides), 2, tmp_path)
@@ -79,11 +89,19 @@ def test_expert_parallel_layer_matches_the_unsharded_layer(tmp_path):
     """Outputs and gradients, incl. a step where one rank's experts receive no tokens, elastic top-k,
     an expert-subset mask and universal experts (see the script's cases)."""
     result = launch([str(SCRIPTS / "expert_parallel_check.py")], 2, tmp_path)
-    for case in ("moe top-2", "one rank's experts get no tokens", "elastic top-1", "expert subset", "universal experts"):
+    for case in (
+        "moe top-2",
+        "one rank's experts get no tokens",
+        "elastic top-1",
+        "expert subset",
+        "universal experts",
+    ):
         assert case in result.stdout, result.stdout
 
 
-@pytest.mark.parametrize("strategy, nproc", [("ddp", 2), ("fsdp", 2), ("ddp", 4)], ids=["ddp-ep2", "fsdp-ep2", "dp2xep2"])
+@pytest.mark.parametrize(
+    "strategy, nproc", [("ddp", 2), ("fsdp", 2), ("ddp", 4)], ids=["ddp-ep2", "fsdp-ep2", "dp2xep2"]
+)
 def test_expert_parallel_training_matches_one_process(tmp_path, strategy, nproc):
     """With the auxiliary-loss-free bias on: its load counts must be reduced over all ranks to match.
     4 processes = a (dp 2, ep 2) mesh: expert gradients are also summed over the dp replicas."""
@@ -115,7 +133,9 @@ def test_resume_on_a_different_number_of_processes(tmp_path, first, second, extr
     first_extra = extra if first == 2 else extra_single
     launch(train_args(run_dir, *first_extra), first, tmp_path)  # stops after the step-5 checkpoint
     second_extra = extra if second == 2 else extra_single
-    result = launch(train_args(run_dir, *second_extra, "trainer.max_steps=10", "trainer.eval_every=10"), second, tmp_path)
+    result = launch(
+        train_args(run_dir, *second_extra, "trainer.max_steps=10", "trainer.eval_every=10"), second, tmp_path
+    )
     assert "resumed from" in result.stdout + result.stderr
     assert_same_losses(losses(run_dir), losses(straight), range(1, 11))
 
@@ -126,8 +146,19 @@ def test_consolidated_checkpoint_equals_the_exported_weights(tmp_path):
     run_dir = tmp_path / "run"
     launch(train_args(run_dir, "trainer.parallel=fsdp"), 2, tmp_path)
     out = tmp_path / "consolidated.safetensors"
-    subprocess.run([sys.executable, "-m", "training.checkpoint.sharded", "consolidate",
-                    str(run_dir / "checkpoints" / "step_00000005"), str(out)], cwd=REPO, env=_env(), check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.checkpoint.sharded",
+            "consolidate",
+            str(run_dir / "checkpoints" / "step_00000005"),
+            str(out),
+        ],
+        cwd=REPO,
+        env=_env(),
+        check=True,
+    )
     consolidated, exported = load_file(str(out)), load_file(str(run_dir / "model.safetensors"))
     for name, tensor in exported.items():
         torch.testing.assert_close(consolidated[name], tensor, rtol=0, atol=0)
@@ -174,9 +205,16 @@ def test_slurm_launcher_preset_composes_without_a_cluster():
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", return_hydra_config=True,
-                      overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4",
-                                 "hydra.launcher.partition=gpu"])
+        cfg = compose(
+            config_name="config",
+            return_hydra_config=True,
+            overrides=[
+                "hydra/launcher=slurm",
+                "hydra.launcher.nodes=2",
+                "hydra.launcher.gpus_per_node=4",
+                "hydra.launcher.partition=gpu",
+            ],
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node, launcher.partition) == (2, 4, 4, "gpu")

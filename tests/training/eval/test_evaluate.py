@@ -1,5 +1,6 @@
 """evaluate.py as a researcher's tool: sweep tables/CSVs with active params and FLOPs from the
 accounting, depth sweeps with every iteration count, routing analysis for MoUE and MH-MoE, --help."""
+
 import csv
 import subprocess
 import sys
@@ -17,8 +18,16 @@ D, LAYERS = 32, 2  # tests.helpers.TINY: d_model, n_layers
 
 
 def _train(run: Path, *overrides: str) -> Path:
-    train(tiny_config(run, "trainer.max_steps=4", "trainer.eval_every=4", "trainer.checkpoint_every=4",
-                      "trainer.sample_tokens=0", *overrides))
+    train(
+        tiny_config(
+            run,
+            "trainer.max_steps=4",
+            "trainer.eval_every=4",
+            "trainer.checkpoint_every=4",
+            "trainer.sample_tokens=0",
+            *overrides,
+        )
+    )
     return run
 
 
@@ -42,8 +51,16 @@ def test_elastic_sweep_prints_table_and_csv_with_costs_from_the_accounting(tmp_p
     out = tmp_path / "out"
     outputs = run_evaluation(_evaluate_cfg(f"ckpt={run}", f"out_dir={out}", "sweep.top_k=[1,3]"))
     printed = capsys.readouterr().out
-    for text in ("active params", "fwd FLOPs/token", "val loss", "Δ vs trained", "experts per token k' = 2 *",
-                 "experts per token k' = 3", "routable experts = 4", "layers kept = 1"):
+    for text in (
+        "active params",
+        "fwd FLOPs/token",
+        "val loss",
+        "Δ vs trained",
+        "experts per token k' = 2 *",
+        "experts per token k' = 3",
+        "routable experts = 4",
+        "layers kept = 1",
+    ):
         assert text in printed, text
     assert outputs["elastic plot"].stat().st_size > 10_000
     rows = _rows(out / "elastic.csv")
@@ -102,7 +119,8 @@ def test_routing_analysis_covers_moue_and_mhmoe(tmp_path, capsys, monkeypatch, n
     heatmap, bars, coactivation = (plt.figure(n) for n in plt.get_fignums())
     assert "fraction of routed slots" in [ax.get_ylabel() for ax in heatmap.axes]  # the colour bar's label
     assert [ax.get_title() for ax in coactivation.axes if ax.get_title()] == [
-        f"layer {i} ({name}): co-activation" for i in range(LAYERS)]
+        f"layer {i} ({name}): co-activation" for i in range(LAYERS)
+    ]
     n_reachable = 5 if name == "moue" else 8
     for ax in bars.axes[:LAYERS]:
         lines = [line for line in ax.get_lines() if line.get_label().startswith("uniform")]
@@ -124,11 +142,21 @@ def test_routing_analysis_covers_moue_and_mhmoe(tmp_path, capsys, monkeypatch, n
 
 
 def test_help_lists_evaluate_options_not_trainings():
-    result = subprocess.run([sys.executable, "evaluate.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "evaluate.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
-    for text in ("ckpt=???", "analysis=elastic", "sweep.top_k=null", "sweep.depths=null", "sweep.iterations=null",
-                 "eval_batches=20", "out_dir=null", "device=auto", "routable-expert counts"):
+    for text in (
+        "ckpt=???",
+        "analysis=elastic",
+        "sweep.top_k=null",
+        "sweep.depths=null",
+        "sweep.iterations=null",
+        "eval_batches=20",
+        "out_dir=null",
+        "device=auto",
+        "routable-expert counts",
+    ):
         assert text in result.stdout, text
     for training_group in ("optim", "trainer", "model/ffn", "schedule"):
         assert training_group not in result.stdout, training_group

@@ -1,4 +1,5 @@
 """training.eval.report on run folders fabricated here: grouping, seed statistics, FLOPs, incomplete runs, plots."""
+
 import csv
 import json
 import math
@@ -13,22 +14,54 @@ BATCH, ACCUM, SEQ = 4, 2, 16
 TOKENS_PER_STEP = BATCH * ACCUM * SEQ
 
 
-def fake_run(folder, *, top_k, seed, final_loss, max_steps=20, flops=(100.0, 300.0), eval_steps=(0, 10, 20), overrides=True,
-             active_params=None):
+def fake_run(
+    folder,
+    *,
+    top_k,
+    seed,
+    final_loss,
+    max_steps=20,
+    flops=(100.0, 300.0),
+    eval_steps=(0, 10, 20),
+    overrides=True,
+    active_params=None,
+):
     """A run folder as train.py leaves it: config.yaml, .hydra/overrides.yaml, metrics.jsonl (log every 5 steps)."""
     folder.mkdir(parents=True)
-    config = {"seed": seed, "run_dir": str(folder), "experiment": "moe_vs_dense",
-              "model": {"name": "moe_tiny", "ffn": {"name": "moe", "top_k": top_k}},
-              "data": {"seq_len": SEQ}, "trainer": {"max_steps": max_steps, "batch_size": BATCH, "grad_accum": ACCUM}}
+    config = {
+        "seed": seed,
+        "run_dir": str(folder),
+        "experiment": "moe_vs_dense",
+        "model": {"name": "moe_tiny", "ffn": {"name": "moe", "top_k": top_k}},
+        "data": {"seq_len": SEQ},
+        "trainer": {"max_steps": max_steps, "batch_size": BATCH, "grad_accum": ACCUM},
+    }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     if overrides:
         (folder / ".hydra").mkdir()
-        lines = ["+sweep=moe_topk", "experiment=moe_vs_dense", f"model.ffn.top_k={top_k}", f"seed={seed}", "trainer.max_steps=20"]
+        lines = [
+            "+sweep=moe_topk",
+            "experiment=moe_vs_dense",
+            f"model.ffn.top_k={top_k}",
+            f"seed={seed}",
+            "trainer.max_steps=20",
+        ]
         (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(lines))
-    rows = [{"step": 0, "acct/active_params": active_params, "acct/total_params": 3 * active_params}] if active_params else []
+    rows = (
+        [{"step": 0, "acct/active_params": active_params, "acct/total_params": 3 * active_params}]
+        if active_params
+        else []
+    )
     for step in range(5, 21, 5):  # flops_per_token changes at step 10 (a growing depth scheme)
-        rows.append({"step": step, "loss": 5.0, "lr": 1e-3, "tokens_per_s": 1000.0 + seed,
-                     "flops_per_token": flops[0] if step <= 10 else flops[1]})
+        rows.append(
+            {
+                "step": step,
+                "loss": 5.0,
+                "lr": 1e-3,
+                "tokens_per_s": 1000.0 + seed,
+                "flops_per_token": flops[0] if step <= 10 else flops[1],
+            }
+        )
     for step in eval_steps:
         rows.append({"step": step, "val_loss": final_loss + (20 - step) * 0.1, "val_bpb": 1.0})
     rows.sort(key=lambda r: (r["step"], "val_loss" in r))
@@ -89,7 +122,9 @@ def test_training_flops_sum_each_logged_rows_rate_over_its_steps(tmp_path):
 def test_without_overrides_groups_by_diffing_configs_and_explicit_group_by(tmp_path):
     for top_k in (1, 4):
         for seed in (0, 1):
-            fake_run(tmp_path / "runs" / f"k{top_k}_s{seed}", top_k=top_k, seed=seed, final_loss=3.0 + top_k, overrides=False)
+            fake_run(
+                tmp_path / "runs" / f"k{top_k}_s{seed}", top_k=top_k, seed=seed, final_loss=3.0 + top_k, overrides=False
+            )
     runs = report.find_runs([tmp_path / "runs"])
     assert report.grouping_keys(runs) == ["model.ffn.top_k"]
     assert list(report.group_runs(runs)) == ["model.ffn.top_k=1", "model.ffn.top_k=4"]

@@ -1,4 +1,5 @@
 """Hugging Face export: trained dense → Llama and MoE → Mixtral give our logits; anything else is refused."""
+
 import json
 
 import pytest
@@ -13,7 +14,13 @@ from training.eval.loss import load_trained  # noqa: E402
 from training.export.hf import UnsupportedArchitectureError, export_model, main  # noqa: E402
 from training.trainer import build_model, train  # noqa: E402
 
-TRAIN_BRIEFLY = ["trainer.max_steps=2", "trainer.eval_every=2", "trainer.checkpoint_every=2", "trainer.sample_tokens=0", "optim.lr=1e-2"]
+TRAIN_BRIEFLY = [
+    "trainer.max_steps=2",
+    "trainer.eval_every=2",
+    "trainer.checkpoint_every=2",
+    "trainer.sample_tokens=0",
+    "optim.lr=1e-2",
+]
 
 
 def ours_and_hf_logits(model, hf_dir, vocab_size: int, T: int):
@@ -23,7 +30,9 @@ def ours_and_hf_logits(model, hf_dir, vocab_size: int, T: int):
         return model(idx_BT, idx_BT).logits, hf_model(idx_BT).logits, hf_model
 
 
-@pytest.mark.parametrize("ffn, hf_class", [([], "LlamaForCausalLM"), (["model/ffn=moe", "model.ffn.n_experts=4"], "MixtralForCausalLM")])
+@pytest.mark.parametrize(
+    "ffn, hf_class", [([], "LlamaForCausalLM"), (["model/ffn=moe", "model.ffn.n_experts=4"], "MixtralForCausalLM")]
+)
 def test_trained_checkpoint_exports_with_equal_logits_and_tokenizer(tmp_path, ffn, hf_class):
     run, out = tmp_path / "run", tmp_path / "hf"
     train(tiny_config(run, *TRAIN_BRIEFLY, *ffn))
@@ -51,18 +60,37 @@ def randomized(model: LanguageModel) -> LanguageModel:
 
 
 CONVENTIONS = {
-    "llama_gqa_bias_untied": dict(attention={"name": "mha", "n_kv_heads": 2, "bias": True}, ffn={"name": "swiglu", "bias": True, "hidden_dim": 40},
-                                  tie_embeddings=False),
+    "llama_gqa_bias_untied": dict(
+        attention={"name": "mha", "n_kv_heads": 2, "bias": True},
+        ffn={"name": "swiglu", "bias": True, "hidden_dim": 40},
+        tie_embeddings=False,
+    ),
     "llama_mqa_tied": dict(attention={"name": "mha", "n_kv_heads": 1}, ffn={"name": "swiglu"}, tie_embeddings=True),
-    "mixtral_gqa_untied": dict(attention={"name": "mha", "n_kv_heads": 2}, ffn={"name": "moe", "n_experts": 4, "top_k": 2}, tie_embeddings=False),
-    "mixtral_eval_top_k": dict(attention={"name": "mha"}, ffn={"name": "emoe", "n_experts": 6, "top_k": 2, "eval_top_k": 3,
-                                                                "coactivation_prob": 0.5, "k_ideal": 4}, tie_embeddings=True),
+    "mixtral_gqa_untied": dict(
+        attention={"name": "mha", "n_kv_heads": 2},
+        ffn={"name": "moe", "n_experts": 4, "top_k": 2},
+        tie_embeddings=False,
+    ),
+    "mixtral_eval_top_k": dict(
+        attention={"name": "mha"},
+        ffn={"name": "emoe", "n_experts": 6, "top_k": 2, "eval_top_k": 3, "coactivation_prob": 0.5, "k_ideal": 4},
+        tie_embeddings=True,
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CONVENTIONS))
 def test_rope_norm_gqa_bias_tying_and_expert_layout_match_transformers(tmp_path, case):
-    cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, max_seq_len=48, rope_theta=5e5, norm_eps=1e-6, **CONVENTIONS[case])
+    cfg = ModelConfig(
+        vocab_size=97,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        max_seq_len=48,
+        rope_theta=5e5,
+        norm_eps=1e-6,
+        **CONVENTIONS[case],
+    )
     model = randomized(LanguageModel(cfg))
     export_model(model, tmp_path)
     ours, theirs, hf_model = ours_and_hf_logits(model, tmp_path, 97, T=48)
@@ -85,7 +113,10 @@ def test_bf16_export_is_stored_and_loaded_as_bf16(tmp_path):
 UNSUPPORTED = {
     "loop depth": (["model/depth=loop"], "model.depth.name='loop'"),
     "itt depth with moe": (["model/depth=itt", "model/ffn=moe"], "model.depth.name='itt'"),
-    "sgt depth": (["model/depth=sgt", "model.depth.top_k_layers=1", "model.depth.max_selected_layers=1"], "model.depth.name='sgt'"),
+    "sgt depth": (
+        ["model/depth=sgt", "model.depth.top_k_layers=1", "model.depth.max_selected_layers=1"],
+        "model.depth.name='sgt'",
+    ),
     "moue": (["model/ffn=moue"], "model.ffn.name='moue'"),
     "mhmoe": (["model/ffn=mhmoe"], "model.ffn.name='mhmoe'"),
     "dha": (["model/attention=dha"], "model.attention.name='dha'"),
@@ -96,7 +127,10 @@ UNSUPPORTED = {
     "shared experts": (["model/ffn=moe", "model.ffn.n_shared_experts=1"], "model.ffn.n_shared_experts=1"),
     "cosine router": (["model/ffn=moe", "model.ffn.router=xmoe"], "model.ffn.router='xmoe'"),
     "capacity": (["model/ffn=moe", "model.ffn.capacity_factor=1.0"], "model.ffn.capacity_factor=1.0"),
-    "moe with attention bias": (["model/ffn=moe", "model.attention.bias=true"], "model.attention.bias=true with an MoE FFN"),
+    "moe with attention bias": (
+        ["model/ffn=moe", "model.attention.bias=true"],
+        "model.attention.bias=true with an MoE FFN",
+    ),
 }
 
 

@@ -1,4 +1,5 @@
 """Every registered block exports as a trust_remote_code package whose logits equal ours (fp32, 1e-5)."""
+
 import json
 import os
 from pathlib import Path
@@ -40,8 +41,12 @@ def test_every_registered_block_is_covered():
     """Every block the framework ships (registered, with its YAML in conf/model/<group>/); tests may register
     test-only blocks of their own, which have no YAML there."""
     conf = Path(__file__).resolve().parents[3] / "conf" / "model"
-    shipped = {(group, name) for group, registry in REGISTRIES.items() for name in registry.names()
-               if (conf / group / f"{name}.yaml").exists()}
+    shipped = {
+        (group, name)
+        for group, registry in REGISTRIES.items()
+        for name in registry.names()
+        if (conf / group / f"{name}.yaml").exists()
+    }
     assert shipped == set(BLOCKS)
 
 
@@ -77,8 +82,16 @@ def test_a_trained_dha_run_exports_automatically_with_its_tokenizer_and_a_model_
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / "run"
-    train(tiny_config(run, "model/attention=dha", "trainer.max_steps=6", "trainer.eval_every=6",
-                      "trainer.checkpoint_every=6", "trainer.sample_tokens=0"))
+    train(
+        tiny_config(
+            run,
+            "model/attention=dha",
+            "trainer.max_steps=6",
+            "trainer.eval_every=6",
+            "trainer.checkpoint_every=6",
+            "trainer.sample_tokens=0",
+        )
+    )
     out = tmp_path / "hf"
     assert main([str(run), str(out)]) == 0  # --format auto: DHA has no stock class → remote code
     assert (out / "modeling_sparse_arch.py").exists() and (out / "sparse_arch_src" / "arch" / "model.py").exists()

@@ -6,6 +6,7 @@ runs its own half of the batch. Checked: each rank's outputs equal the reference
 gradients equal the reference's, router gradients (reduced like DDP would) and each rank's expert
 weight gradients equal the reference's slice. Exits non-zero with a message on any mismatch.
 """
+
 from __future__ import annotations
 
 import sys
@@ -25,8 +26,17 @@ def build(kind: str, d_model: int):
     if kind == "moue":
         from arch.ffn.universal import UniversalMoEFFN
 
-        layer = UniversalMoEFFN(d_model, 0, shared, n_universal=4, n_local=2, top_k=2, topology="full",
-                                balance_loss_coef=0.0, backend="torch")
+        layer = UniversalMoEFFN(
+            d_model,
+            0,
+            shared,
+            n_universal=4,
+            n_local=2,
+            top_k=2,
+            topology="full",
+            balance_loss_coef=0.0,
+            backend="torch",
+        )
         return layer, shared
     from arch.ffn.moe import MoEFFN
 
@@ -70,18 +80,24 @@ def check_case(name: str, kind: str, elastic: ElasticSetting, skew_to_rank0: boo
     expert_ids = {id(p) for p in parallel.expert_params}
 
     torch.testing.assert_close(y_local, y_ref[rows], **TOL, msg=lambda m: f"[{name}] outputs differ: {m}")
-    torch.testing.assert_close(x_local.grad, x_ref.grad[rows] * world, **TOL, msg=lambda m: f"[{name}] input grads differ: {m}")
+    torch.testing.assert_close(
+        x_local.grad, x_ref.grad[rows] * world, **TOL, msg=lambda m: f"[{name}] input grads differ: {m}"
+    )
     for pname, p in layer.named_parameters():
         if p.grad is None or pname not in ref_grads:
             continue
         if id(p) in expert_ids:  # already the world-mean gradient of this rank's slice
             per_rank = p.shape[0]
-            expected = ref_grads[pname][rank * per_rank:(rank + 1) * per_rank]
-            torch.testing.assert_close(p.grad, expected, **TOL, msg=lambda m: f"[{name}] expert grad {pname} differs: {m}")
+            expected = ref_grads[pname][rank * per_rank : (rank + 1) * per_rank]
+            torch.testing.assert_close(
+                p.grad, expected, **TOL, msg=lambda m, pname=pname: f"[{name}] expert grad {pname} differs: {m}"
+            )
         else:  # replicated: DDP would average the ranks' gradients
             g = p.grad.clone()
             dist.all_reduce(g)
-            torch.testing.assert_close(g / world, ref_grads[pname], **TOL, msg=lambda m: f"[{name}] grad {pname} differs: {m}")
+            torch.testing.assert_close(
+                g / world, ref_grads[pname], **TOL, msg=lambda m, pname=pname: f"[{name}] grad {pname} differs: {m}"
+            )
     parallel.expert_params.clear()
     if rank == 0:
         print(f"ok {name}", flush=True)
@@ -99,7 +115,12 @@ def main() -> int:
         ("moe top-2", "moe", full, False),
         ("moe, one rank's experts get no tokens", "moe", full, True),
         ("moe, elastic top-1", "moe", ElasticSetting(top_k=1), False),
-        ("moe, expert subset {0, 3}", "moe", ElasticSetting(expert_mask_E=torch.tensor([True, False, False, True])), False),
+        (
+            "moe, expert subset {0, 3}",
+            "moe",
+            ElasticSetting(expert_mask_E=torch.tensor([True, False, False, True])),
+            False,
+        ),
         ("universal experts (pool + local)", "moue", full, False),
     ]
     for case in cases:

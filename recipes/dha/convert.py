@@ -134,7 +134,7 @@ def mha_to_dha(o: ConvertOptions) -> dict:
     from training.eval.loss import load_trained
 
     _require_paths(o)
-    model, data, root, path = load_trained(o.ckpt, o.device)
+    model, data, root, path = load_trained(o.ckpt, o.device, with_train=True)
     calib = None
     if o.similarity == "activations":
         from training.data.shards import WindowSampler
@@ -187,7 +187,7 @@ def mha_to_gqa(o: ConvertOptions) -> dict:
     from training.eval.loss import load_trained
 
     _require_paths(o)
-    model, data, root, path = load_trained(o.ckpt, o.device)
+    model, data, root, path = load_trained(o.ckpt, o.device, with_train=True)
     L, H = root.model.n_layers, root.model.n_heads
     n_kv = budget_heads(o.budget, L, H) // (2 * L)
     gqa = mean_pool_gqa(model, n_kv)

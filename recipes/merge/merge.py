@@ -91,7 +91,7 @@ def merge_state_dicts(
 def _load_model(target: str | Path, device):
     from training.eval.loss import load_trained
 
-    model, data, root, path = load_trained(target, device)
+    model, data, root, path = load_trained(target, device, with_train=True)
     state = ckpt.load_checkpoint(path)  # the one verified loader (again: config, step and, for .pt files, weights)
     if "model" not in state:  # a sharded folder: its weights are those load_trained just read into the model
         state["model"] = model.state_dict()

@@ -52,12 +52,14 @@ def evaluate_loss(
     }
 
 
-def load_trained(target: str | Path, device: str = "auto") -> tuple[Any, Any, Any, Path]:
+def load_trained(target: str | Path, device: str = "auto", with_train: bool = False) -> tuple[Any, Any, Any, Path]:
     """(model in eval mode, prepared data, validated config, checkpoint path) from a run folder or checkpoint.
 
     Reads through training/checkpoint/load.py, the one verified, code-free loader. The data comes from the
     run folder's own copy (tokenizer and validation tokens, ``training/data/run_copy.py``) when it has one, so
-    a run folder is self-contained; runs without a copy prepare their data as in training.
+    a run folder is self-contained; runs without a copy prepare their data as in training. ``with_train``: the
+    training split is needed too (conversions, merges and calibration sample training batches), so the data
+    is prepared from its source as in training.
     """
     from training.build import build_model, resolve_device
     from training.checkpoint.load import load_model_weights, resolve_target
@@ -68,7 +70,7 @@ def load_trained(target: str | Path, device: str = "auto") -> tuple[Any, Any, An
     path, state = resolve_target(target)
     root = validate(state["config"])
     run_dir = Path(path).parent.parent if Path(path).parent.name == "checkpoints" else None
-    data = open_run_data(run_dir) if run_dir is not None else None
+    data = open_run_data(run_dir) if run_dir is not None and not with_train else None
     if data is None:
         data = prepare_data(root.data, progress=False)
     model = build_model(root, data.tokenizer.vocab_size)

@@ -43,7 +43,7 @@ def _as_option_words(argv: list[str], options: dict[str, argparse.Action]) -> li
             continue
         option, value = max(action.option_strings, key=len), match.group(2)
         if action.nargs == 0:  # a switch (store_true): key=true turns it on, key=false leaves it off
-            if _parse_bool(value):
+            if parse_bool(value):
                 out.append(option)
         else:
             out.append(f"{option}={value}")
@@ -81,7 +81,7 @@ def _refuse_unknown_keys(parser: argparse.ArgumentParser, words: list[str], decl
             raise ConfigError(f"{parser.prog}: unknown option {key!r}; options are {choices}." + suggest(key, choices))
 
 
-def _parse_bool(raw: str) -> bool:
+def parse_bool(raw: str) -> bool:
     """true/false (also 1/0, yes/no) → bool; anything else is an argparse error naming the value."""
     if raw.lower() in ("true", "1", "yes"):
         return True
@@ -98,7 +98,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, schema: type, require
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
         text = f.metadata.get("help") or helps.get(f.name) or f.name.replace("_", " ")
-        convert = _parse_bool if kind is bool else kind
+        convert = parse_bool if kind is bool else kind
         parser.add_argument(
             f"--{f.name}",
             type=convert,
@@ -114,4 +114,4 @@ def dataclass_from(args: argparse.Namespace, schema: type) -> Any:
     return schema(**{f.name: getattr(args, f.name) for f in dataclasses.fields(schema)})
 
 
-__all__ = ["ConfigError", "add_dataclass_options", "dataclass_from", "parse", "tool_parser"]
+__all__ = ["ConfigError", "add_dataclass_options", "dataclass_from", "parse", "parse_bool", "tool_parser"]

@@ -210,7 +210,7 @@ def _print_report(report: dict) -> None:
 
 
 def build_parser():
-    from training.tool_args import tool_parser
+    from training.tool_args import parse_bool, tool_parser
 
     parser = tool_parser("python -m recipes.merge.merge", __doc__.split("\n\n")[0])
     parser.add_argument(
@@ -225,7 +225,7 @@ def build_parser():
         "--scale", type=float, default=None, help="λ (default: 1/n_sources for task_arithmetic, 1 for ties)"
     )
     parser.add_argument("--density", type=float, default=0.2, help="ties: fraction of each task vector kept")
-    parser.add_argument("--harc", type=_bool, default=True, help="calibrate the routers with HARC after merging")
+    parser.add_argument("--harc", type=parse_bool, default=True, help="calibrate the routers with HARC after merging")
     parser.add_argument("--calib_batches", type=int, default=8, help="HARC calibration batches per source")
     parser.add_argument("--batch_size", type=int, default=8, help="batch size of calibration and evaluation")
     parser.add_argument("--eval_batches", type=int, default=20, help="validation batches per task")
@@ -237,12 +237,6 @@ def build_parser():
             f"--harc.{name}", dest=f"harc.{name}", type=type(value), default=value, help=f"HARC option {name}"
         )
     return parser
-
-
-def _bool(raw: str) -> bool:
-    from training.tool_args import _parse_bool
-
-    return _parse_bool(raw)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -270,7 +270,7 @@ def continue_training(out: str | Path, overrides: dict[str, str] | None = None) 
 
 
 def build_parser():
-    from training.tool_args import _parse_bool, tool_parser
+    from training.tool_args import parse_bool, tool_parser
 
     parser = tool_parser(
         "python -m recipes.moue.convert",
@@ -290,10 +290,10 @@ def build_parser():
         help="move AdamW moments with their weights, or start empty",
     )
     parser.add_argument(
-        "--train", type=_parse_bool, default=False, help="train the converted run to trainer.max_steps right away"
+        "--train", type=parse_bool, default=False, help="train the converted run to trainer.max_steps right away"
     )
     parser.add_argument(
-        "--check", type=_parse_bool, default=True, help="check that the converted model computes the MoE's function"
+        "--check", type=parse_bool, default=True, help="check that the converted model computes the MoE's function"
     )
     return parser
 

@@ -3,7 +3,6 @@ sampled, evaluated, exported and scored by the lm-eval adapter (training/data/ru
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -65,33 +64,7 @@ def test_the_run_folder_alone_samples_evaluates_exports_and_runs_lm_eval(tmp_pat
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
 
     pytest.importorskip("lm_eval")
-    from tests.training.eval.test_lm_eval_adapter import EXAMPLES, TASK_YAML
-    from training.eval.lm_eval_adapter import main as lm_eval_main
+    from tests.training.eval.test_lm_eval_adapter import run_local_task
 
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "tiny_mc.jsonl").write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
-    (tasks / "tiny_mc.yaml").write_text(TASK_YAML.format(data=tasks / "tiny_mc.jsonl", cache=tmp_path / "hf-datasets"))
-    out = tmp_path / "results.json"
-    assert (
-        lm_eval_main(
-            [
-                "--run",
-                str(run),
-                "--tasks",
-                "sparse_arch_tiny_mc",
-                "--include_path",
-                str(tasks),
-                "--no_default_tasks",
-                "--device",
-                "cpu",
-                "--batch_size",
-                "4",
-                "--output",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    assert "sparse_arch_tiny_mc" in json.loads(out.read_text())["results"]
+    assert "sparse_arch_tiny_mc" in run_local_task(run, tmp_path)["results"]
     assert not corpus.exists() and not cache.exists()  # nothing rebuilt them

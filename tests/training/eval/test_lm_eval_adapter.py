@@ -128,33 +128,34 @@ EXAMPLES = [
 ]
 
 
-def test_simple_evaluate_runs_a_local_multiple_choice_task_offline(run_dir, tmp_path, capsys):
+def run_local_task(run_dir, tmp_path) -> dict:
+    """The adapter's CLI on a run folder with the local multiple-choice task above; returns results.json."""
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     data = tasks / "tiny_mc.jsonl"
     data.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
     (tasks / "tiny_mc.yaml").write_text(TASK_YAML.format(data=data, cache=tmp_path / "hf-datasets"))
     out = tmp_path / "results.json"
-    assert (
-        main(
-            [
-                "--run",
-                str(run_dir),
-                "--tasks",
-                "sparse_arch_tiny_mc",
-                "--include_path",
-                str(tasks),
-                "--no_default_tasks",
-                "--device",
-                "cpu",
-                "--batch_size",
-                "4",
-                "--output",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    metrics = json.loads(out.read_text())["results"]["sparse_arch_tiny_mc"]
+    argv = [
+        "--run",
+        str(run_dir),
+        "--tasks",
+        "sparse_arch_tiny_mc",
+        "--include_path",
+        str(tasks),
+        "--no_default_tasks",
+        "--device",
+        "cpu",
+        "--batch_size",
+        "4",
+        "--output",
+        str(out),
+    ]
+    assert main(argv) == 0
+    return json.loads(out.read_text())
+
+
+def test_simple_evaluate_runs_a_local_multiple_choice_task_offline(run_dir, tmp_path, capsys):
+    metrics = run_local_task(run_dir, tmp_path)["results"]["sparse_arch_tiny_mc"]
     assert 0.0 <= metrics["acc,none"] <= 1.0
     assert "sparse_arch_tiny_mc" in capsys.readouterr().out  # the results table

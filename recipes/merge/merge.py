@@ -19,7 +19,9 @@ data (the ``data`` config saved in its checkpoint). Options: ``harc.damping`` (Î
 Report (printed and written to ``<out>/merge_report.json``): each task's validation loss for the
 base, every source, the plain merge and the calibrated merge, and per-layer routing agreement
 (mean shared fraction of a token's top-k experts) between the merged model and each source model
-on that source's validation data, before and after calibration. ``<out>/plain`` and ``<out>/harc``
+on that source's validation data, before and after calibration, and each model's budget
+(``merge_budget``: training steps, tokens and FLOPs behind it, plus HARC's calibration forward passes).
+``<out>/plain`` and ``<out>/harc``
 are run folders holding the merged weights (``python -m training.eval.sample <out>/harc`` reads them).
 Other options: ``batch_size`` (8), ``eval_batches`` (20), ``seed`` (0), ``device`` (cpu).
 
@@ -34,7 +36,7 @@ from typing import Literal
 
 import torch
 
-from recipes.merge.harc import HARCOptions, calibrate_routers, routing_agreement, routing_ids
+from recipes.merge.harc import HARCOptions, calibrate_routers, moe_layers, routing_agreement, routing_ids
 from training.checkpoint import files as ckpt
 
 METHODS = ("task_arithmetic", "ties")
@@ -96,6 +98,55 @@ def _load_model(target: str | Path, device):
     if "model" not in state:  # a sharded folder: its weights are those load_trained just read into the model
         state["model"] = model.state_dict()
     return model, data, root, state
+
+
+def _run_folder(target: str | Path) -> Path | None:
+    """The run folder behind a checkpoint argument (a folder, or a file in its ``checkpoints/``), if it logged."""
+    path = Path(target)
+    folder = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else None
+    return folder if folder is not None and (folder / "metrics.jsonl").exists() else None
+
+
+def _trained_budget(target: str | Path, step: int) -> dict:
+    """Steps, tokens and training FLOPs up to checkpoint ``step`` of a run (its metrics.jsonl), or unknown.
+
+    A fine-tune resumed from the base checkpoint logs from there on; its FLOPs up to ``step`` count the base
+    steps at its first logged rate (training.eval.report.Run.cumulative_flops), i.e. base + fine-tune.
+    """
+    from training.eval.report import load_run
+
+    folder = _run_folder(target)
+    if folder is None:
+        return {"steps": step, "tokens": None, "train_flops": None, "source": "no metrics.jsonl"}
+    run = load_run(folder)
+    return {"steps": step, "tokens": step * run.tokens_per_step, "train_flops": run.cumulative_flops(step)}
+
+
+def merge_budget(base: dict, sources: list[dict], calibration_tokens: int, calibration_flops: float) -> dict:
+    """Each model's budget: the base, every source (base + its fine-tune), the plain merge (the base plus every
+    fine-tune; the merge itself is elementwise and not counted) and the HARC merge (that + its calibration).
+
+    ``base``/``sources``: ``_trained_budget`` rows. Calibration: forward passes only (no optimizer step);
+    the conjugate-gradient solves are not counted.
+    """
+
+    def plus(a, b):
+        return None if a is None or b is None else a + b
+
+    merged = dict(base)
+    for source in sources:
+        for key in ("steps", "tokens", "train_flops"):  # add each fine-tune's part beyond the base
+            extra = None if source[key] is None or base[key] is None else source[key] - base[key]
+            merged[key] = plus(merged[key], extra)
+    budget = {"base": base, **{f"source{i}": s for i, s in enumerate(sources)}}
+    budget["plain_merge"] = {**merged, "calibration_tokens": 0, "calibration_flops": 0.0}
+    budget["harc_merge"] = {
+        **merged,
+        "calibration_tokens": calibration_tokens,
+        "calibration_flops": calibration_flops,
+        "total_flops": plus(merged["train_flops"], calibration_flops),
+    }
+    return budget
 
 
 def _task_eval(model, tasks, batch_size: int, eval_batches: int, device) -> list[float]:
@@ -175,6 +226,7 @@ def run(
     _save(out_dir / "plain", merged, config, step, note)
 
     report = {**note, "tasks": [root.data.name for _, root in tasks]}
+    calibration_tokens, calibration_flops = 0, 0.0
     if harc:
         options = harc_options or HARCOptions()
         calibration = []
@@ -183,6 +235,12 @@ def run(
                 data.train, data.train_mask, root.data.seq_len, batch_size, seed, align=data.window_align
             )
             calibration.append([sampler.get_batch(i)[0] for i in range(calib_batches)])
+        from training.accounting.account import account
+
+        calibration_tokens = sum(x.numel() for batches in calibration for x in batches)
+        # router_inputs runs the whole merged model once per MoE layer it calibrates
+        forward_per_token = account(merged, base_root.data.seq_len).forward_flops_per_token
+        calibration_flops = len(moe_layers(merged)) * calibration_tokens * forward_per_token
         report["harc_options"] = vars(options)
         report["harc_solver"] = calibrate_routers(merged, source_models, calibration, options, device)
         losses["harc_merge"] = _task_eval(merged, tasks, batch_size, eval_batches, device)
@@ -190,7 +248,16 @@ def run(
             routing_agreement(routing_ids(merged, b, device), ids) for b, ids in zip(val, source_ids)
         ]
         _save(out_dir / "harc", merged, config, step, {**note, "harc": vars(options)})
-    report.update(losses=losses, routing_agreement=agreement)
+    base_budget = _trained_budget(base, base_state["step"])
+    budget = merge_budget(
+        base_budget,
+        [_trained_budget(s, st["step"]) for s, (*_, st) in zip(sources, loaded)],
+        calibration_tokens,
+        calibration_flops,
+    )
+    if not harc:
+        budget.pop("harc_merge")
+    report.update(losses=losses, routing_agreement=agreement, budget=budget)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "merge_report.json").write_text(json.dumps(report, indent=1))
     _print_report(report)
@@ -203,6 +270,16 @@ def _print_report(report: dict) -> None:
     print(f"{'model':<14}" + "".join(f"{t:>16}" for t in tasks))
     for name, values in report["losses"].items():
         print(f"{name:<14}" + "".join(f"{v:>16.4f}" for v in values))
+    print("\nbudget: training steps, tokens and FLOPs behind each model (HARC: + calibration forward passes)")
+    for name, b in report.get("budget", {}).items():
+        tokens = "?" if b["tokens"] is None else f"{b['tokens']:,}"
+        flops = "?" if b["train_flops"] is None else f"{b['train_flops']:.3e}"
+        extra = (
+            f", calibration {b['calibration_tokens']:,} tokens {b['calibration_flops']:.3e} FLOPs"
+            if (b.get("calibration_tokens"))
+            else ""
+        )
+        print(f"{name:<14}{b['steps']:>8} steps  {tokens:>12} tokens  {flops} train FLOPs{extra}")
     print("\nrouting agreement with each source on its own task, per layer")
     for name, per_task in report["routing_agreement"].items():
         for task, layers in zip(tasks, per_task):

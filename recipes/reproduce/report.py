@@ -218,6 +218,10 @@ def _budget(runs: Path, arm: str, seeds: int) -> str:
                     rows.append((fusion, fusion * per_step_tokens, fusion * per_step_flops))
                 else:
                     rows.append((arm["steps"], arm["tokens"], arm["train_flops"]))
+            elif variant in ("plain_merge", "harc_merge"):  # merge_report.json: base + fine-tunes (+ calibration)
+                merge = _merge_report(runs, seed)["budget"][variant]
+                if merge["train_flops"] is not None:
+                    rows.append((merge["steps"], merge["tokens"], merge.get("total_flops", merge["train_flops"])))
             elif variant in VARIANTS:
                 run = report.load_run(run_folder(runs, variant, seed))
                 if run.incomplete_reason is None:

@@ -79,7 +79,30 @@ def test_merge_command_reports_losses_and_routing_agreement_before_and_after_har
     assert [s["layer"] for s in report["harc_solver"]] == [0, 1] and all(
         s["relative_residual"] < 1e-4 for s in report["harc_solver"]
     )
-    assert "routing agreement" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "routing agreement" in printed and "budget: training steps" in printed
+    # budgets: base 10 steps, each fine-tune 10 more; the merges stand on all three; HARC adds forward passes only
+    budget = report["budget"]
+    tokens_per_step = budget["base"]["tokens"] // 10
+    assert [budget[k]["steps"] for k in ("base", "source0", "source1", "plain_merge", "harc_merge")] == [
+        10,
+        20,
+        20,
+        30,
+        30,
+    ]
+    assert budget["plain_merge"]["tokens"] == 30 * tokens_per_step
+    base_flops = budget["base"]["train_flops"]
+    fine_tune_flops = sum(budget[f"source{i}"]["train_flops"] - base_flops for i in (0, 1))
+    assert budget["plain_merge"]["train_flops"] == pytest.approx(base_flops + fine_tune_flops)
+    assert budget["plain_merge"]["calibration_tokens"] == 0
+    harc_budget = budget["harc_merge"]
+    seq_len = tokens_per_step // 4  # tiny_config: batch size 4, no grad accumulation
+    assert harc_budget["calibration_tokens"] == 2 * 2 * 4 * seq_len  # tasks × calib_batches × batch_size × T
+    # one whole forward per calibrated layer (2); the logged train FLOPs/token are 3 × forward
+    forward_per_token = base_flops / (3 * budget["base"]["tokens"])
+    assert harc_budget["calibration_flops"] == pytest.approx(2 * harc_budget["calibration_tokens"] * forward_per_token)
+    assert harc_budget["total_flops"] == pytest.approx(harc_budget["train_flops"] + harc_budget["calibration_flops"])
     # the calibrated model is a loadable run folder whose routers (only) differ from the plain merge
     harc_model, *_ = load_trained(out / "harc", "cpu")
     plain = ckpt.find_resume_checkpoint(out / "plain")[1]["model"]

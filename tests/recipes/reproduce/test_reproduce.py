@@ -197,3 +197,24 @@ def test_equal_flop_comparisons_are_flop_matched(tmp_path, baseline, method):
         return account(build_model(root, 256), root.data.seq_len, training=True).train_flops_per_token
 
     assert flops(method) == pytest.approx(flops(baseline), rel=0.01)
+
+
+def test_merge_arms_report_the_budget_of_their_merge_report(tmp_path):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    method = next(m for m in METHODS if m.name == "harc_merge")
+    for seed in range(2):
+        folder = runs / "harc_merge" / f"seed{seed}" / "ties"
+        folder.mkdir(parents=True)
+        arm = {"steps": 30, "tokens": 3_000_000, "train_flops": 6e12, "calibration_tokens": 0, "calibration_flops": 0}
+        report = {
+            "losses": {"plain_merge": [3.6, 3.5 + seed * 0.01], "harc_merge": [3.5, 3.4]},
+            "routing_agreement": {"plain_merge": [[0.5]], "harc_merge": [[0.6]]},
+            "budget": {
+                "plain_merge": arm,
+                "harc_merge": {**arm, "calibration_tokens": 1000, "calibration_flops": 1e12, "total_flops": 7e12},
+            },
+        }
+        (folder / "merge_report.json").write_text(json.dumps(report))
+    text = write_suite_report([method], 2, 20, [], runs, results).read_text()
+    # plain merge: the base and fine-tunes' training; HARC: the same plus its calibration forward passes
+    assert "30 steps, 3.00M tok, 6.00e+12 FLOPs" in text and "30 steps, 3.00M tok, 7.00e+12 FLOPs" in text

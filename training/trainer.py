@@ -116,6 +116,9 @@ class Trainer:
         tokens_per_step = t.batch_size * t.grad_accum * root.data.seq_len  # global: all ranks together
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = self.accounting.train_flops_per_token
+        # Elastic training: training FLOPs/token of the sub-networks trained since the last log row (sum, steps)
+        self._trained_flops = [0.0, 0]
+        self._flops_cache: dict[tuple, float] = {}
         self.peak_flops = peak_flops(self.device)
 
     def _check_parallel(self) -> None:
@@ -206,6 +209,11 @@ class Trainer:
         aux_sums: dict[str, torch.Tensor] = {}
         sub_model = self._elastic_setting()
         also_full = sub_model is not FULL_MODEL and self.root.elastic.mode == "full_plus_sub"
+        if self.root.elastic.enabled:  # what this step trains costs: the sub-network (+ the full model)
+            self._trained_flops[0] += self._train_flops_per_token(sub_model) + (
+                self._train_flops_per_token(FULL_MODEL) if also_full else 0.0
+            )
+            self._trained_flops[1] += 1
         # Block diagnostics (router loads, entropy …) only on steps that are logged: on the others
         # the model does not even compute them. Everything stays on the device until fit() logs.
         collect = self._logs_step(self.step + 1)
@@ -243,6 +251,17 @@ class Trainer:
         self.model.after_optimizer_step(self.step)
         self.step += 1
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **aux_sums}
+
+    def _train_flops_per_token(self, setting: ElasticSetting) -> float:
+        """Training FLOPs/token of one sub-network, cached until the next log row (which clears it, so that
+        depth schemes whose cost changes during training are re-read). Settings come from the host sampler."""
+        mask = setting.expert_mask_E
+        key = (setting.active_layers, None if mask is None else tuple(mask.tolist()), setting.top_k)
+        if key not in self._flops_cache:
+            self._flops_cache[key] = account(
+                self.model, self.root.data.seq_len, setting, training=True
+            ).train_flops_per_token
+        return self._flops_cache[key]
 
     def _logs_step(self, step: int) -> bool:
         """Whether fit() logs the train metrics after optimizer step ``step`` (1-based count)."""
@@ -344,8 +363,16 @@ class Trainer:
             self.dcp_writer.wait()
 
     def _throughput(self, metrics: dict, tokens_per_s: float, step_time: float) -> dict[str, Any]:
-        # Recomputed each log row: growing/looped depth schemes change their FLOPs during training.
-        self.flops_per_token = account(self.model, self.root.data.seq_len, training=True).train_flops_per_token
+        # Recomputed each log row: growing/looped depth schemes change their FLOPs during training. Under elastic
+        # training the row's number is the mean over the steps since the last row of what each step trained (its
+        # sub-network, plus the full model with mode=full_plus_sub), so Σ rows × tokens is the FLOPs spent.
+        trained_sum, trained_steps = self._trained_flops
+        self._flops_cache.clear()
+        if trained_steps:
+            self.flops_per_token = trained_sum / trained_steps
+            self._trained_flops = [0.0, 0]
+        else:
+            self.flops_per_token = self._train_flops_per_token(FULL_MODEL)
         # tokens_per_s counts all ranks together; MFU is per GPU (achieved per device / its peak).
         world = self.parallel.world
         row = {

@@ -144,7 +144,7 @@ METHODS = [
         "ERNIE 5.0 elastic sparsity (§7(d) ablation: top-k sampled per step, p(sub) = 0.2): the full "
         "model stays within ~0.02 of the baseline, and sub-models at reduced top-k degrade far less than an "
         "un-elastic model run at reduced k. Elastic arm: mode=full_plus_sub (the full model trains every step; "
-        "20% of steps add a lower-k sub-model pass, up to +20% compute that the logged FLOPs do not count).",
+        "20% of steps add a lower-k sub-model pass, up to +20% compute, counted in the arm's training FLOPs).",
         ("ernie_plain", "ernie_elastic"),
         (
             C(

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.helpers import tiny_config
 from training.config import ConfigError, ElasticConfig, validate
@@ -151,3 +152,60 @@ def test_evaluate_py_writes_elastic_curve_and_routing_heatmaps(tmp_path):
         timeout=300,
     )
     assert bad.returncode == 2 and "needs an MoE model" in bad.stderr
+
+
+ALWAYS_TOP1 = [  # top-2 MoE whose elastic draw is always "k = 1" (k ~ U{1..k-1}, never the full k)
+    "model/ffn=moe",
+    "model.ffn.top_k=2",
+    "model.ffn.expert_hidden=64",  # fixed: left null it is sized from top_k (equal FLOPs for any k)
+    "elastic=ernie",
+    "elastic.depth_full_prob=1.0",
+    "elastic.width_full_prob=1.0",
+    "elastic.topk_full_prob=0.0",
+    "trainer.max_steps=6",
+    "trainer.log_every=3",
+    "trainer.eval_every=6",
+    "trainer.sample_tokens=0",
+]
+
+
+@pytest.mark.parametrize("mode", ["single", "full_plus_sub"])
+def test_logged_flops_count_what_elastic_training_trained(tmp_path, mode):
+    """flops_per_token under elastic training is the cost of the trained sub-networks (+ the full model with
+    full_plus_sub), not the full model's: checked against models configured with k = 2 and k = 1."""
+    from training.accounting.account import account_config
+
+    cfg = tiny_config(tmp_path / mode, *ALWAYS_TOP1, f"elastic.mode={mode}")
+    train(cfg)
+    vocab = yaml.safe_load((tmp_path / mode / "config.yaml").read_text())["model"]["vocab_size"]  # as trained
+
+    def train_flops(top_k: int) -> float:
+        model = tiny_config(tmp_path / "x", *ALWAYS_TOP1, f"model.ffn.top_k={top_k}").model
+        return account_config(model, 32, vocab).train_flops_per_token
+
+    full, top1 = train_flops(2), train_flops(1)
+    assert top1 < full
+    expected = top1 if mode == "single" else full + top1
+    logged = [r["flops_per_token"] for r in read_metrics(tmp_path / mode) if "loss" in r]
+    assert len(logged) == 2 and logged == pytest.approx([expected, expected])
+
+
+def test_logged_elastic_flops_are_the_mean_over_the_rows_steps(tmp_path):
+    """Mixed draws: each row's flops_per_token is the mean cost of the steps since the previous row."""
+    from training.accounting.account import account
+
+    cfg = tiny_config(tmp_path / "mixed", *ALWAYS_TOP1, "elastic.topk_full_prob=0.5", "trainer.max_steps=8")
+    train(cfg)
+    root = validate(cfg)
+    root.model.vocab_size = yaml.safe_load((tmp_path / "mixed" / "config.yaml").read_text())["model"]["vocab_size"]
+    from training.build import build_model
+
+    model = build_model(root, 0)
+    per_step = [
+        account(model, 32, sample_setting(root.elastic, step, root.seed, 2, 8, 2), training=True).train_flops_per_token
+        for step in range(8)
+    ]
+    assert len(set(per_step)) == 2  # both k = 1 and k = 2 were drawn
+    logged = [r["flops_per_token"] for r in read_metrics(tmp_path / "mixed") if "loss" in r]
+    means = [sum(per_step[0:3]) / 3, sum(per_step[3:6]) / 3, sum(per_step[6:8]) / 2]  # rows at steps 3, 6, 8
+    assert logged == pytest.approx(means)

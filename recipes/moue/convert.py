@@ -41,7 +41,10 @@ from arch.ffn.moe import MoEFFN
 from arch.ffn.universal import POOL_NAME, UniversalMoEFFN
 from arch.model import LanguageModel
 from training.checkpoint import files as ckpt
+from training.checkpoint.load import load_model_weights
+from training.checkpoint.sharded import load_model_and_optimizer
 from training.config import ConfigError, validate
+from training.distributed.parallel import Parallel
 from training.optim import build_optimizer
 
 MOUE_YAML = Path(__file__).resolve().parents[2] / "conf" / "model" / "ffn" / "moue.yaml"
@@ -192,7 +195,11 @@ def convert(
             f"{list(SUPPORTED_SOURCES)}"
         )
     src = LanguageModel(src_root.model)
-    src.load_state_dict(state["model"])
+    src_opt = build_optimizer(src, src_root.optim, "cpu")
+    if optimizer == "carry":  # a .pt file or a sharded (DCP) folder, read by the verified loaders
+        load_model_and_optimizer(state, src, src_opt, Parallel())
+    else:
+        load_model_weights(state, src)
     moe = next(m for _, m in layer_modules(src, MoEFFN).values())
 
     config = copy.deepcopy(state["config"])
@@ -206,10 +213,8 @@ def convert(
     if check:
         _check_identical(src, dst, dst_root)
 
-    src_opt = build_optimizer(src, src_root.optim, "cpu")
     dst_opt = build_optimizer(dst, dst_root.optim, "cpu")
     if optimizer == "carry":
-        src_opt.load_state_dict(state["optimizer"])
         convert_optimizer(src, dst, src_opt, dst_opt)
     payload = {
         "model": dst.state_dict(),

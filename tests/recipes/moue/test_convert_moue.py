@@ -169,3 +169,22 @@ def test_conversion_refuses_unsupported_sources_and_existing_outputs(moe_run, tm
         convert(dense, tmp_path / "x")
     with pytest.raises(ckpt.CheckpointError, match="already holds checkpoints"):
         convert(moe_run, dense)
+
+
+def test_conversion_reads_a_sharded_checkpoint_like_a_single_file(tmp_path):
+    """A MoE saved as a DCP folder converts to the same weights and moved moments as the same run saved as .pt."""
+    common = ["model/ffn=moe", "model.ffn.n_experts=4", "trainer.max_steps=6", "trainer.sample_tokens=0"]
+    for fmt in ("torch", "dcp"):
+        train(tiny_config(tmp_path / fmt, *common, f"trainer.checkpoint_format={fmt}", "trainer.checkpoint_every=6"))
+        main([f"ckpt={tmp_path / fmt}", f"out={tmp_path / f'moue_{fmt}'}"])
+    assert (tmp_path / "dcp" / "checkpoints" / "step_00000006").is_dir()  # the source really is sharded
+    from_pt = ckpt.load_checkpoint(tmp_path / "moue_torch" / "checkpoints" / "step_00000006.pt")
+    from_dcp = ckpt.load_checkpoint(tmp_path / "moue_dcp" / "checkpoints" / "step_00000006.pt")
+    assert from_pt["model"].keys() == from_dcp["model"].keys()
+    for name, tensor in from_pt["model"].items():
+        torch.testing.assert_close(from_dcp["model"][name], tensor, rtol=0, atol=0, msg=name)
+    moments = [s["optimizer"]["state"] for s in (from_pt, from_dcp)]
+    assert moments[0].keys() == moments[1].keys() and moments[0]
+    for index, per_param in moments[0].items():
+        for key, value in per_param.items():
+            torch.testing.assert_close(moments[1][index][key], value, rtol=0, atol=0)

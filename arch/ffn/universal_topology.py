@@ -115,11 +115,11 @@ class PooledRoutingStats:
         self, columns_X: torch.Tensor, routable_X: torch.Tensor, probs_NX: torch.Tensor, ids_NK: torch.Tensor
     ) -> None:
         """One layer's statistics; ``columns_X`` maps the layer's columns to global expert indices."""
-        valid = ids_NK >= 0
+        valid_NK = ids_NK >= 0  # dropped slots (-1) count nothing; weights, not a boolean index: no device sync
         counts_X = torch.zeros(probs_NX.shape[-1], device=probs_NX.device).index_add_(
-            0, ids_NK[valid], torch.ones_like(ids_NK[valid], dtype=torch.float)
+            0, ids_NK.clamp(min=0).flatten(), valid_NK.flatten().float()
         )
-        self.f_G = self.f_G.index_add(0, columns_X, counts_X / valid.sum().clamp(min=1))
+        self.f_G = self.f_G.index_add(0, columns_X, counts_X / valid_NK.sum().clamp(min=1))
         self.P_G = self.P_G.index_add(0, columns_X, probs_NX.float().mean(0))
         self.c_G = self.c_G.index_add(0, columns_X, routable_X.float())
         self.layers += 1

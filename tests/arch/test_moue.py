@@ -246,3 +246,12 @@ def test_moue_preset_matches_its_moe_baseline_in_activated_flops_and_total_param
     assert extra < 0.02 * flops_e
     n_u, n_e = moue.num_parameters(), moe.num_parameters()
     assert abs(n_u - n_e) / n_e < 0.01, (n_u, n_e)  # pool 32 experts = 4 layers × 8 experts
+
+
+def test_pooled_stats_skip_dropped_slots():
+    """f counts only kept slots (ids ≥ 0) and divides by their number: a dropped slot (-1) adds nothing."""
+    stats = PooledRoutingStats(4, torch.device("cpu"))
+    probs_NX = torch.full((3, 4), 0.25)
+    ids_NK = torch.tensor([[0, 1], [1, -1], [-1, -1]])  # 3 kept slots: expert 0 once, expert 1 twice
+    stats.add(torch.arange(4), torch.ones(4, dtype=torch.bool), probs_NX, ids_NK)
+    assert stats.f_G.tolist() == pytest.approx([1 / 3, 2 / 3, 0.0, 0.0])

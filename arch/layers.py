@@ -26,6 +26,20 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
 
+def autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The floating tensors cast to the autocast dtype when autocast is on for their device, else unchanged.
+
+    Autocast casts only the ops on its lists (F.linear, matmul …); our custom kernels (expert MLPs, MoHD's
+    group GEMMs) are not on them, so under bf16 autocast their fp32 weights would keep them in fp32. The cast
+    is differentiable: gradients reach the fp32 master weights, as autocast's own casts do.
+    """
+    device_type = tensors[0].device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+
+
 class RotaryEmbedding(nn.Module):
     """RoPE (Su et al. 2021) tables for positions [0, max_seq_len). Buffers are not saved in checkpoints."""
 

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from arch.layers import autocast_operands
 from kernels.moe import expert_mlp
 
 
@@ -46,7 +47,10 @@ def expert_compute(
     backend: str,
     shard: ExpertShard | None = None,
 ) -> torch.Tensor:
-    """Σ_k gate[n,k] · expert_{ids[n,k]}(x[n]) → (N, D). ``w_*`` hold only the local experts when sharded."""
+    """Σ_k gate[n,k] · expert_{ids[n,k]}(x[n]) → (N, D). ``w_*`` hold only the local experts when sharded.
+
+    Under autocast the operands run in the autocast dtype (``arch.layers.autocast_operands``)."""
+    x_ND, gates_NK, w_in_EDH, w_out_EFD = autocast_operands(x_ND, gates_NK, w_in_EDH, w_out_EFD)
     if shard is None or shard.size == 1:
         return expert_mlp(x_ND, ids_NK, gates_NK, w_in_EDH, w_out_EFD, activation, backend)
     from torch.distributed import all_to_all_single as all_to_all_counts

@@ -35,7 +35,7 @@ import torch.nn.functional as Fn
 
 from arch.cost import Cost, CostSetting, linear_flops, numel
 from arch.ffn.router import LinearRouter, routing_metrics, switch_balance_loss
-from arch.layers import ForwardContext, ModelShared
+from arch.layers import ForwardContext, ModelShared, autocast_operands
 from kernels.mohd import dense_gates, group_in_matmul, group_out_matmul
 
 Scaling = Literal["n_gate_sum", "renormalize", "inverse_density", "gate"]
@@ -229,20 +229,20 @@ class MoHDFFN(nn.Module):
 
     def _ffn_scope(self, x_ND, r: GroupRouting):
         N, G = x_ND.shape[0], self.G
+        x_ND, w_in_DH, w_out_FD = autocast_operands(x_ND, self.w_in_DH, self.w_out_FD)  # kernels outside autocast
         ones_NA = torch.ones_like(r.coef_NA, dtype=x_ND.dtype)
-        h_NGc = group_out_matmul(x_ND, r.ids_NA, ones_NA, self.w_in_DH, G, self.backend).view(N, G, 2, self.g)
-        a_NGg = self.fusion(Fn.silu(h_NGc[:, :, 0]) * h_NGc[:, :, 1], r.active_NG)
-        return group_in_matmul(
-            a_NGg.reshape(N, self.F), r.ids_NA, r.coef_NA.to(x_ND.dtype), self.w_out_FD, G, self.backend
-        )
+        h_NGc = group_out_matmul(x_ND, r.ids_NA, ones_NA, w_in_DH, G, self.backend).view(N, G, 2, self.g)
+        a_NGg = self.fusion(Fn.silu(h_NGc[:, :, 0]) * h_NGc[:, :, 1], r.active_NG).to(x_ND.dtype)
+        return group_in_matmul(a_NGg.reshape(N, self.F), r.ids_NA, r.coef_NA.to(x_ND.dtype), w_out_FD, G, self.backend)
 
     def _hidden_scope(self, x_ND, r: GroupRouting):
         N, G = x_ND.shape[0], self.G
-        h_NH = group_in_matmul(x_ND, r.ids_NA, r.coef_NA.to(x_ND.dtype), self.w_in_DH, G, self.backend)
+        x_ND, w_in_DH, w_out_FD = autocast_operands(x_ND, self.w_in_DH, self.w_out_FD)  # kernels outside autocast
+        h_NH = group_in_matmul(x_ND, r.ids_NA, r.coef_NA.to(x_ND.dtype), w_in_DH, G, self.backend)
         gate_NF, up_NF = h_NH.chunk(2, dim=-1)
         a_NF = (Fn.silu(gate_NF) * up_NF).contiguous()
         ones_NA = torch.ones_like(r.coef_NA, dtype=x_ND.dtype)
-        o_NGg = group_out_matmul(a_NF, r.ids_NA, ones_NA, self.w_out_FD, G, self.backend).view(N, G, self.g)
+        o_NGg = group_out_matmul(a_NF, r.ids_NA, ones_NA, w_out_FD, G, self.backend).view(N, G, self.g)
         return self.fusion(o_NGg, r.active_NG).reshape(N, self.D)
 
     def cost(self, setting: CostSetting) -> Cost:

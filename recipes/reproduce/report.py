@@ -74,9 +74,10 @@ def _final(runs: Path, variant: str, seed: int) -> float | None:
 
 
 def _csv_loss(path: Path, dimension: str, value: str) -> float:
+    """val_loss of one point of an evaluate.py sweep CSV (training.eval.sweep_table.SWEEP_COLUMNS)."""
     with open(path) as f:
         return next(
-            float(r["val_loss"]) for r in csv.DictReader(f) if r["dimension"] == dimension and r["value"] == value
+            float(r["val_loss"]) for r in csv.DictReader(f) if r["dimension"] == dimension and r["setting"] == value
         )
 
 
@@ -446,6 +447,13 @@ def write_suite_report(
         else f"{steps} optimizer steps per training run"
     )
     total = sum(counts.values())
+    all_steps = sorted(set(steps_by_method.values())) if steps_by_method else [steps]
+    low, high = all_steps[0], all_steps[-1]
+    tokens_text = (
+        f"≈{steps * 4096 / 1e6:.2f}M in {steps} steps"
+        if low == high
+        else f"≈{low * 4096 / 1e6:.2f}–{high * 4096 / 1e6:.2f}M in {low}–{high} steps"
+    )
     header = [
         f"# Reproduction report ({scale} tier)",
         "",
@@ -453,14 +461,14 @@ def write_suite_report(
         f"{steps_text} "
         f"(presets: 300–1000), {seeds} seeds (0..{seeds - 1}), {device}, one thread per run, two runs at a time. "
         f"{wall_text}{estimate_text} Tiny scale (Shakespeare runs see 16 × 256 = 4096 training tokens per step, "
-        f"≈{steps * 4096 / 1e6:.2f}M in {steps} steps): a verdict says whether the claim shows up at this scale, not "
+        f"{tokens_text}): a verdict says whether the claim shows up at this scale, not "
         "whether the paper is right.",
         "",
         f"Verdicts: {counts['held']} held, {counts['not held']} not held, {counts['inconclusive']} inconclusive of "
         f"{total} checks.",
         "",
-        f"Common overrides (at {steps} steps; `trainer.max_steps` etc. scale with each method's steps): "
-        f"`{' '.join(common_overrides(steps))}`.",
+        f"Common overrides (at {high} steps; `trainer.max_steps` etc. scale with each method's steps): "
+        f"`{' '.join(common_overrides(high))}`.",
         "",
         "## Verdict rule",
         "",

@@ -218,3 +218,29 @@ def test_merge_arms_report_the_budget_of_their_merge_report(tmp_path):
     text = write_suite_report([method], 2, 20, [], runs, results).read_text()
     # plain merge: the base and fine-tunes' training; HARC: the same plus its calibration forward passes
     assert "30 steps, 3.00M tok, 6.00e+12 FLOPs" in text and "30 steps, 3.00M tok, 7.00e+12 FLOPs" in text
+
+
+def test_sweep_metrics_read_the_csv_evaluate_py_writes(tmp_path):
+    """topk / topk_drop / depth arms read the sweep CSV through its real columns (training.eval.sweep_table)."""
+    from recipes.reproduce.report import metric, run_folder
+    from training.eval.sweep_table import write_csv
+
+    def row(dimension, setting, loss, trained=False):
+        return {
+            "dimension": dimension,
+            "setting": setting,
+            "trained": trained,
+            "active_params": 1,
+            "forward_flops_per_token": 1.0,
+            "val_loss": loss,
+            "delta_val_loss": None,
+            "val_bpb": 1.0,
+        }
+
+    eval_dir = run_folder(tmp_path, "moe", 0) / "eval"
+    eval_dir.mkdir(parents=True)
+    write_csv([row("top_k", 1, 5.5), row("top_k", 2, 5.0, True), row("top_k", 4, 4.9)], eval_dir / "elastic.csv")
+    write_csv([row("iterations", 4, 4.7, True), row("iterations", 8, 4.65)], eval_dir / "depth.csv")
+    assert metric(tmp_path, "moe:topk:1", 0) == pytest.approx(5.5)
+    assert metric(tmp_path, "moe:topk_drop:2:4", 0) == pytest.approx(-0.1)
+    assert metric(tmp_path, "moe:depth:8", 0) == pytest.approx(4.65)

@@ -559,10 +559,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     methods = [m for m in tier if m.name in chosen]
     steps_by_method = None
+    # The full tier's budget is planned over the whole tier, so --methods runs (or resumes) part of the
+    # same plan: the same seeds and steps per method as the full run, not a re-plan of the subset.
     if full and args.seeds is None:  # seeds and steps from the power calculation
-        seeds, steps_by_method = choose_full_tier(FULL_BUDGET_S, args.parallel, methods)
+        seeds, steps_by_method = choose_full_tier(FULL_BUDGET_S, args.parallel, tier)
     elif full:
-        steps_by_method = full_tier_steps(seeds, FULL_BUDGET_S, args.parallel, methods)
+        steps_by_method = full_tier_steps(seeds, FULL_BUDGET_S, args.parallel, tier)
+    if steps_by_method is not None:
+        steps_by_method = {k: v for k, v in steps_by_method.items() if k in chosen}
     jobs = plan(methods, seeds, args.steps, runs, steps_by_method)
     todo = jobs_to_run(jobs)
     estimate = estimate_wall(todo, args.parallel)

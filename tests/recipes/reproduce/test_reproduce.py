@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 
@@ -177,6 +178,20 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("full tier:") and "steps" in out and "dha_vs_gqa/seed2" in out
     assert not (tmp_path / "runs").exists()
+
+
+def test_full_tier_methods_subset_runs_part_of_the_whole_tiers_plan(tmp_path, capsys):
+    """--methods on the full tier keeps the whole tier's seeds and steps (so a subset resumes the same runs)."""
+
+    def header(*extra):
+        assert reproduce.main(["--dry-run", "--scale", "full", "--runs-dir", str(tmp_path / "runs"), *extra]) == 0
+        return capsys.readouterr().out.splitlines()[0]
+
+    whole, subset = header(), header("--methods", "itt,sgt")
+    for name in ("itt", "sgt", "seeds"):
+        pattern = rf"\b{name} (\d+)" if name != "seeds" else r"(\d+) seeds"
+        assert re.search(pattern, subset).group(1) == re.search(pattern, whole).group(1), (name, whole, subset)
+    assert "moe_vs_dense" in whole and "moe_vs_dense" not in subset
 
 
 @pytest.mark.parametrize(

@@ -169,7 +169,7 @@ def dense_ffn(x_ND, w1_DH, w2_FD):
 
 WINNER_MODULES = {
     "expert_mlp": ("kernels.moe.grouped_gemm", "kernels.moe.grouped_gemm_bwd"),
-    "attention": ("kernels.attention.flash", "kernels.attention.flash_bwd"),
+    "attention": ("kernels.attention.flash", "kernels.attention.flash_bwd_dq", "kernels.attention.flash_bwd_dkdv"),
 }
 
 

@@ -40,7 +40,10 @@ def aot_specs() -> list[KernelSpec]:
     fit only on the smallest pickable config: the autotuner skips fp32 configs that exceed shared
     memory)."""
     from kernels.attention import flash as fw
-    from kernels.attention import flash_bwd as bw
+    from kernels.attention.flash_bwd import DELTA_BLOCK_M, _attn_bwd_delta
+    from kernels.attention.flash_bwd_configs import DKDV_TABLE, DQ_TABLE, FP32_DKDV_CONFIG, FP32_DQ_CONFIG
+    from kernels.attention.flash_bwd_dkdv import _attn_bwd_dkdv
+    from kernels.attention.flash_bwd_dq import _attn_bwd_dq
 
     out = []
     both = {"DO_DK": True, "DO_DV": True, "ATOMIC_DQ": False}
@@ -49,12 +52,12 @@ def aot_specs() -> list[KernelSpec]:
     single_pass = [dict(both, ATOMIC_DQ=True), dict(dk_only, ATOMIC_DQ=True)]
     kernels = [
         ("fwd", fw._attn_fwd.fn, fw.FWD_TABLE, None, [{}], ("T", "S", "H"), ("lse_ptr",)),
-        ("dq", bw._attn_bwd_dq.fn, bw.DQ_TABLE, bw.FP32_DQ_CONFIG, [{}], ("T", "S", "H"), ("lse_ptr", "delta_ptr")),
+        ("dq", _attn_bwd_dq.fn, DQ_TABLE, FP32_DQ_CONFIG, [{}], ("T", "S", "H"), ("lse_ptr", "delta_ptr")),
         (
             "dkdv",
-            bw._attn_bwd_dkdv.fn,
-            bw.DKDV_TABLE,
-            bw.FP32_DKDV_CONFIG,
+            _attn_bwd_dkdv.fn,
+            DKDV_TABLE,
+            FP32_DKDV_CONFIG,
             [both, dk_only, dv_only, *single_pass],
             ("T", "S", "H", "G"),
             ("lse_ptr", "delta_ptr", "dq_ptr"),
@@ -97,12 +100,12 @@ def aot_specs() -> list[KernelSpec]:
                 must_fit = dt != "fp32" or cfg is fp32_cfg or cfg is pick[-1]
                 out.append((f"{kname}[cfg{i},{dt},d={d}{tag}]", fn, _sig(fn, dt, ints, f32), consts, opts, must_fit))
     for d in DIMS:
-        delta_consts = {"DV": d, "BLOCK_DV": d, "BLOCK_M": bw.DELTA_BLOCK_M}
+        delta_consts = {"DV": d, "BLOCK_DV": d, "BLOCK_M": DELTA_BLOCK_M}
         out.append(
             (
                 f"delta[bf16,d={d}]",
-                bw._attn_bwd_delta,
-                _sig(bw._attn_bwd_delta, "bf16", ("T", "H"), ("delta_ptr",)),
+                _attn_bwd_delta,
+                _sig(_attn_bwd_delta, "bf16", ("T", "H"), ("delta_ptr",)),
                 delta_consts,
                 {},
                 True,

@@ -22,7 +22,8 @@ from training.accounting.account import account, format_accounting
 from training.accounting.hardware import peak_flops
 from training.build import build_model, check_model_builds, resolve_device, seed_everything
 from training.checkpoint import files as ckpt
-from training.config import RootConfig, elastic_dims, validate
+from training.config import elastic_dims, validate
+from training.config_schema import RootConfig
 from training.data.run_copy import save_run_data
 from training.distributed import parallel as dist_utils
 from training.elastic import describe as describe_elastic

@@ -306,7 +306,7 @@ def build_moe_lm(m: dict, device, backend="auto"):
     """The LM of conf/model/dense_124m.yaml with the default MoE FFN (conf/model/ffn/moe.yaml) in every layer:
     built from the plain ModelConfig dataclass, no Hydra. E experts top-k, expert width (8/3·d)/k."""
     from arch.model import LanguageModel
-    from training.config import ModelConfig
+    from training.config_schema import ModelConfig
 
     cfg = ModelConfig(
         name="moe_124m",

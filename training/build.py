@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from arch.model import LanguageModel
-from training.config import ConfigError, RootConfig
+from training.config import ConfigError
+from training.config_schema import RootConfig
 
 
 def resolve_device(name: str, key: str = "trainer.device") -> torch.device:

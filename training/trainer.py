@@ -8,7 +8,6 @@ reproduces the losses of an uninterrupted one bit-for-bit on CPU: batches depend
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -19,10 +18,11 @@ from tqdm.auto import tqdm
 
 from arch.layers import FULL_MODEL, ElasticSetting
 from training.accounting.account import account, format_accounting
-from training.accounting.hardware import peak_flops
+from training.accounting.throughput import Throughput
 from training.build import build_model, check_model_builds, resolve_device, seed_everything
 from training.checkpoint import files as ckpt
-from training.config import RootConfig, elastic_dims, validate
+from training.config import elastic_dims, validate
+from training.config_schema import RootConfig
 from training.data.run_copy import save_run_data
 from training.distributed import parallel as dist_utils
 from training.elastic import describe as describe_elastic
@@ -113,13 +113,9 @@ class Trainer:
         )
         if t.compile:
             self.train_model = torch.compile(self.train_model)
-        tokens_per_step = t.batch_size * t.grad_accum * root.data.seq_len  # global: all ranks together
-        self.tokens_per_step = tokens_per_step
-        self.flops_per_token = self.accounting.train_flops_per_token
-        # Elastic training: training FLOPs/token of the sub-networks trained since the last log row (sum, steps)
-        self._trained_flops = [0.0, 0]
-        self._flops_cache: dict[tuple, float] = {}
-        self.peak_flops = peak_flops(self.device)
+        self.throughput = Throughput(
+            self.model, root, self.accounting.train_flops_per_token, self.device, self.parallel.world
+        )
 
     def _check_parallel(self) -> None:
         t, world = self.root.trainer, self.parallel.world
@@ -210,10 +206,7 @@ class Trainer:
         sub_model = self._elastic_setting()
         also_full = sub_model is not FULL_MODEL and self.root.elastic.mode == "full_plus_sub"
         if self.root.elastic.enabled:  # what this step trains costs: the sub-network (+ the full model)
-            self._trained_flops[0] += self._train_flops_per_token(sub_model) + (
-                self._train_flops_per_token(FULL_MODEL) if also_full else 0.0
-            )
-            self._trained_flops[1] += 1
+            self.throughput.count_trained(sub_model, also_full)
         # Block diagnostics (router loads, entropy …) only on steps that are logged: on the others
         # the model does not even compute them. Everything stays on the device until fit() logs.
         collect = self._logs_step(self.step + 1)
@@ -251,17 +244,6 @@ class Trainer:
         self.model.after_optimizer_step(self.step)
         self.step += 1
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **aux_sums}
-
-    def _train_flops_per_token(self, setting: ElasticSetting) -> float:
-        """Training FLOPs/token of one sub-network, cached until the next log row (which clears it, so that
-        depth schemes whose cost changes during training are re-read). Settings come from the host sampler."""
-        mask = setting.expert_mask_E
-        key = (setting.active_layers, None if mask is None else tuple(mask.tolist()), setting.top_k)
-        if key not in self._flops_cache:
-            self._flops_cache[key] = account(
-                self.model, self.root.data.seq_len, setting, training=True
-            ).train_flops_per_token
-        return self._flops_cache[key]
 
     def _logs_step(self, step: int) -> bool:
         """Whether fit() logs the train metrics after optimizer step ``step`` (1-based count)."""
@@ -325,26 +307,15 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
-        # Throughput counts time spent in train steps only (not eval, checkpoints or logging).
-        window_time, window_steps, tokens_per_s = 0.0, 0, 0.0
         while self.step < t.max_steps:
-            step_start = time.perf_counter()
-            metrics = self.train_step()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            window_time += time.perf_counter() - step_start
+            metrics = self.throughput.time_step(self.train_step)  # throughput counts train steps only
             bar.update(1)
             if metrics is None:  # a skipped non-finite step: logged, and its eval and checkpoint still happen
                 self.logger.log({"step": self.step, "nonfinite_skipped": self.nonfinite_skipped})
-            else:
-                window_steps += 1
             if metrics is not None and self._logs_step(self.step):
-                tokens_per_s = window_steps * self.tokens_per_step / window_time
-                self.logger.log(
-                    {"step": self.step, **self._throughput(metrics, tokens_per_s, window_time / window_steps)}
-                )
-                bar.set_postfix(loss=f"{metrics['loss'].item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
-                window_time, window_steps = 0.0, 0
+                row = self.throughput.row(metrics, self.nonfinite_skipped)
+                self.logger.log({"step": self.step, **row})
+                bar.set_postfix(loss=f"{metrics['loss'].item():.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
             if self.step % t.eval_every == 0 or self.step == t.max_steps:
                 last_eval = self._log_eval()
                 if self.is_main:
@@ -356,42 +327,11 @@ class Trainer:
         if last_eval is None:  # resumed at max_steps: the run had finished; its final eval row is already logged
             last_eval = self.evaluate()
         self._wait_for_checkpoint()
-        return self._finish(first_eval, last_eval, tokens_per_s)
+        return self._finish(first_eval, last_eval, self.throughput.tokens_per_s)
 
     def _wait_for_checkpoint(self) -> None:
         if self.dcp_writer is not None:
             self.dcp_writer.wait()
-
-    def _throughput(self, metrics: dict, tokens_per_s: float, step_time: float) -> dict[str, Any]:
-        # Recomputed each log row: growing/looped depth schemes change their FLOPs during training. Under elastic
-        # training the row's number is the mean over the steps since the last row of what each step trained (its
-        # sub-network, plus the full model with mode=full_plus_sub), so Σ rows × tokens is the FLOPs spent.
-        trained_sum, trained_steps = self._trained_flops
-        self._flops_cache.clear()
-        if trained_steps:
-            self.flops_per_token = trained_sum / trained_steps
-            self._trained_flops = [0.0, 0]
-        else:
-            self.flops_per_token = self._train_flops_per_token(FULL_MODEL)
-        # tokens_per_s counts all ranks together; MFU is per GPU (achieved per device / its peak).
-        world = self.parallel.world
-        row = {
-            **metrics,
-            "tokens_per_s": tokens_per_s,
-            "tokens_per_s_per_device": tokens_per_s / world,
-            "step_time_s": step_time,
-            "flops_per_token": self.flops_per_token,
-        }
-        achieved_per_device = tokens_per_s / world * self.flops_per_token
-        if self.peak_flops:
-            row["mfu"] = achieved_per_device / self.peak_flops
-        else:
-            row["gflops_per_s_per_device"] = achieved_per_device / 1e9
-        if self.device.type == "cuda":
-            row["cuda_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        if self.nonfinite_skipped:
-            row["nonfinite_skipped"] = self.nonfinite_skipped
-        return row
 
     def _print_header(self) -> None:
         if not self.is_main:
@@ -404,9 +344,9 @@ class Trainer:
             f"data: {self.data.description}\n"
             f"model: {self.root.model.name} — {n_params / 1e6:.2f}M parameters "
             f"({self.model.num_parameters(exclude_embeddings=True) / 1e6:.2f}M without embeddings), "
-            f"{self.flops_per_token / 1e6:.1f} MFLOP/token (train)\n"
+            f"{self.throughput.flops_per_token / 1e6:.1f} MFLOP/token (train)\n"
             f"device: {self.device}{layout}, precision: {'bf16 autocast' if self.autocast_dtype else 'fp32'}, "
-            f"{self.tokens_per_step} tokens/step, steps {self.step} → {self.root.trainer.max_steps}"
+            f"{self.throughput.tokens_per_step} tokens/step, steps {self.step} → {self.root.trainer.max_steps}"
         )
         tqdm.write(format_accounting(self.accounting))
         warning = warmup_warning(self.root.schedule, self.root.trainer.max_steps)

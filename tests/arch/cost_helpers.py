@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from arch.cost import Cost, CostSetting
 from arch.layers import KVCache
 from arch.model import LanguageModel
-from training.config import ModelConfig
+from training.config_schema import ModelConfig
 
 D, H, V, L = 32, 4, 64, 2
 BASE = dict(

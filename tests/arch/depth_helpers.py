@@ -3,7 +3,7 @@
 import torch
 
 from arch.model import LanguageModel
-from training.config import ModelConfig
+from training.config_schema import ModelConfig
 
 
 def model(depth: dict, seed: int = 0, **overrides) -> LanguageModel:

@@ -14,7 +14,8 @@ import pytest
 
 from arch.registry import ATTENTION, DEPTH, FFN, REGISTRIES, Capabilities, ConfigError, Registry
 from tests.helpers import tiny_config
-from training.config import ModelConfig, elastic_dims, validate
+from training.config import elastic_dims, validate
+from training.config_schema import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,8 @@ from arch.layers import KVCache
 from arch.model import LanguageModel
 from arch.registry import ConfigError
 from tests.helpers import tiny_config
-from training.config import ModelConfig, validate
+from training.config import validate
+from training.config_schema import ModelConfig
 from training.metrics import read_metrics
 from training.trainer import train
 

@@ -8,7 +8,7 @@ import torch
 from arch.layers import apply_rope
 from arch.model import LanguageModel
 from arch.registry import ATTENTION, FFN, ConfigError
-from training.config import ModelConfig
+from training.config_schema import ModelConfig
 
 
 def tiny_model(**overrides) -> LanguageModel:

@@ -22,7 +22,8 @@ from arch.model import LanguageModel
 from kernels.moe import expert_mlp_reference
 from training.accounting.account import account
 from training.cli import compose
-from training.config import ModelConfig, validate
+from training.config import validate
+from training.config_schema import ModelConfig
 
 D = 16
 MOUE = {

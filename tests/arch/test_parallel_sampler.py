@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from arch.model import LanguageModel
-from training.config import ModelConfig
+from training.config_schema import ModelConfig
 
 
 def recurrent_model(seed: int = 0, **depth) -> LanguageModel:

@@ -7,7 +7,7 @@ from arch.depth.sgt import SGTDepth
 from arch.model import LanguageModel
 from kernels.attention import attention_reference
 from tests.helpers import tiny_config
-from training.config import ModelConfig
+from training.config_schema import ModelConfig
 from training.metrics import read_metrics
 from training.trainer import Trainer, train
 

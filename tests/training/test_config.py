@@ -137,7 +137,7 @@ def _numeric_fields(schema, prefix=""):
 
 def test_every_numeric_option_of_the_schema_has_a_range_check():
     """-1 is out of range for every numeric option we have; each must be refused, naming its key."""
-    from training.config import RootConfig
+    from training.config_schema import RootConfig
 
     keys = list(_numeric_fields(RootConfig))
     assert len(keys) > 40

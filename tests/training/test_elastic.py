@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from tests.helpers import tiny_config
-from training.config import ConfigError, ElasticConfig, validate
+from training.config import ConfigError, validate
+from training.config_schema import ElasticConfig
 from training.elastic import sample_setting
 from training.metrics import read_metrics
 from training.trainer import train

@@ -164,7 +164,8 @@ def account_config(
 
 def _model_config(cfg):
     """A private ModelConfig copy from any of the forms ``account_config`` accepts."""
-    from training.config import ModelConfig, RootConfig, _to_plain, validate
+    from training.config import _to_plain, validate
+    from training.config_schema import ModelConfig, RootConfig
 
     if isinstance(cfg, RootConfig):
         return copy.deepcopy(cfg.model)

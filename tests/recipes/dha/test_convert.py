@@ -13,7 +13,7 @@ from recipes.dha import convert
 from recipes.dha.fusion import FusionConfig, collapse, disagreement, fuse, fusion_layers, mean_pool_gqa, wrap_for_fusion
 from recipes.dha.search import allocate, budget_heads, search
 from tests.helpers import DATA_CACHE, TINY
-from training.config import ModelConfig
+from training.config_schema import ModelConfig
 from training.metrics import read_metrics
 
 

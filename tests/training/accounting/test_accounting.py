@@ -16,7 +16,7 @@ from arch.layers import ElasticSetting, KVCache
 from arch.model import LanguageModel
 from training.accounting.account import account, account_config, format_accounting, main
 from training.cli import compose
-from training.config import ModelConfig
+from training.config_schema import ModelConfig
 
 D, V, T = 32, 100, 16
 ATTN = D * D + D * 2 * D + D * D  # wq, wkv, wo = 4096

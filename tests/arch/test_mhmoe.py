@@ -12,9 +12,10 @@ from arch.ffn.router import cluster_dropout_mask, cluster_variance_loss, switch_
 from arch.layers import ForwardContext
 from kernels.moe import expert_mlp_reference
 from tests.helpers import tiny_config
+from training.build import build_model
 from training.config import validate
 from training.metrics import read_metrics
-from training.trainer import build_model, train
+from training.trainer import train
 
 
 def ctx() -> ForwardContext:

@@ -9,11 +9,12 @@ transformers = pytest.importorskip("transformers")
 
 from arch.model import LanguageModel  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
+from training.build import build_model  # noqa: E402
 from training.config import validate  # noqa: E402
 from training.config_schema import ModelConfig  # noqa: E402
 from training.eval.loss import load_trained  # noqa: E402
 from training.export.hf import UnsupportedArchitectureError, export_model, main  # noqa: E402
-from training.trainer import build_model, train  # noqa: E402
+from training.trainer import train  # noqa: E402
 
 TRAIN_BRIEFLY = [
     "trainer.max_steps=2",

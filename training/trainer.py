@@ -44,7 +44,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: Any, callbacks: tuple[Callable, ...] = (), console: ConsoleLog | None = None):
-        from training.data.shards import WindowSampler, check_seq_len, prepare_data
+        from training.data.shards import check_seq_len, prepare_data
+        from training.data.windows import WindowSampler
 
         self.root = cfg if isinstance(cfg, RootConfig) else validate(cfg)  # fails before any work
         root, t = self.root, self.root.trainer

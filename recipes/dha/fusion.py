@@ -89,7 +89,7 @@ def fuse(model: LanguageModel, data, seq_len: int, cfg: FusionConfig, log=None) 
 
     Returns one row per step: step, lm_loss, disagreement (h), lambda, rho; the last row is where it stopped.
     """
-    from training.data.shards import WindowSampler
+    from training.data.windows import WindowSampler
 
     cfg.check()
     omegas = [p for n, p in model.named_parameters() if ".omega_" in n]

@@ -111,9 +111,9 @@ def _trained_budget(target: str | Path, step: int) -> dict:
     """Steps, tokens and training FLOPs up to checkpoint ``step`` of a run (its metrics.jsonl), or unknown.
 
     A fine-tune resumed from the base checkpoint logs from there on; its FLOPs up to ``step`` count the base
-    steps at its first logged rate (training.eval.report.Run.cumulative_flops), i.e. base + fine-tune.
+    steps at its first logged rate (training.eval.run_folders.Run.cumulative_flops), i.e. base + fine-tune.
     """
-    from training.eval.report import load_run
+    from training.eval.run_folders import load_run
 
     folder = _run_folder(target)
     if folder is None:
@@ -159,7 +159,7 @@ def _task_eval(model, tasks, batch_size: int, eval_batches: int, device) -> list
 
 
 def _val_batches(data, seq_len: int, batch_size: int, eval_batches: int) -> list[torch.Tensor]:
-    from training.data.shards import iter_eval_batches
+    from training.data.windows import iter_eval_batches
 
     return [x for x, _ in iter_eval_batches(data.val, data.val_mask, seq_len, batch_size, eval_batches)]
 
@@ -190,7 +190,7 @@ def run(
     """Merge, evaluate, calibrate, evaluate again; returns (and writes) the report."""
     from training.build import build_model
     from training.config import validate
-    from training.data.shards import WindowSampler
+    from training.data.windows import WindowSampler
 
     out_dir = Path(out)
     base_model, _, base_root, base_state = _load_model(base, device)

@@ -35,6 +35,7 @@ from recipes.reproduce.methods import (
     common_overrides,
 )
 from training.eval import report
+from training.eval.run_folders import Run, load_run
 
 METRIC_LEGEND = (
     "`final` = the run's final val loss; `topk:K` = val loss at inference top-k' = K and `topk_drop:K0:K1` = "
@@ -69,7 +70,7 @@ def run_folder(runs: Path, variant: str, seed: int) -> Path:
 
 
 def _final(runs: Path, variant: str, seed: int) -> float | None:
-    run = report.load_run(run_folder(runs, variant, seed))
+    run = load_run(run_folder(runs, variant, seed))
     return run.eval_rows[-1]["val_loss"] if run.incomplete_reason is None else None
 
 
@@ -82,7 +83,7 @@ def _csv_loss(path: Path, dimension: str, value: str) -> float:
 
 
 def _iso_flops(runs: Path, variant: str, seed: int, reference: str) -> float | None:
-    run, ref = report.load_run(run_folder(runs, variant, seed)), report.load_run(run_folder(runs, reference, seed))
+    run, ref = load_run(run_folder(runs, variant, seed)), load_run(run_folder(runs, reference, seed))
     if run.incomplete_reason or ref.incomplete_reason:
         return None
     target = ref.cumulative_flops(ref.eval_rows[-1]["step"])
@@ -224,11 +225,11 @@ def _budget(runs: Path, arm: str, seeds: int) -> str:
                 if merge["train_flops"] is not None:
                     rows.append((merge["steps"], merge["tokens"], merge.get("total_flops", merge["train_flops"])))
             elif variant in VARIANTS:
-                run = report.load_run(run_folder(runs, variant, seed))
+                run = load_run(run_folder(runs, variant, seed))
                 if run.incomplete_reason is None:
                     summary = run.summary()
                     if name == "iso_flops":  # the arm is read at the reference run's FLOPs
-                        ref = report.load_run(run_folder(runs, args[0], seed)).summary()
+                        ref = load_run(run_folder(runs, args[0], seed)).summary()
                         rows.append((None, None, ref["train_flops"]))
                     else:
                         rows.append((summary["steps"], summary["tokens_seen"], summary["train_flops"]))
@@ -298,7 +299,7 @@ POWER_TEXT = (
 )
 
 
-def method_groups(runs: Path, method: Method, seeds: int) -> dict[str, list[report.Run]]:
+def method_groups(runs: Path, method: Method, seeds: int) -> dict[str, list[Run]]:
     """The run folders behind a method, grouped by variant, for training.eval.report's table and plots."""
     if method.pipeline == "dha_vs_gqa":
         names = {"mha (source)": "mha", "dha (CPT after conversion)": "dha", "gqa (CPT after conversion)": "gqa"}
@@ -314,7 +315,7 @@ def method_groups(runs: Path, method: Method, seeds: int) -> dict[str, list[repo
         }
     else:
         folders = {v: [run_folder(runs, v, s) for s in range(seeds)] for v in method.variants}
-    return {label: [report.load_run(f) for f in paths if f.exists()] for label, paths in folders.items()}
+    return {label: [load_run(f) for f in paths if f.exists()] for label, paths in folders.items()}
 
 
 def pipeline_recipe(pipeline: str, steps: int) -> str:

@@ -93,7 +93,7 @@ class Job:
 
 def trained_steps(folder: Path) -> int | None:
     """The run's configured trainer.max_steps, if it finished training to it."""
-    from training.eval.report import load_run
+    from training.eval.run_folders import load_run
 
     if not (folder / "metrics.jsonl").exists():
         return None

@@ -26,7 +26,7 @@ def evaluate_loss(
     ``sum_over_ranks`` (a float64 tensor in, summed tensor out) combines the totals. Only for
     models whose forward has no collectives (DDP replicas); sharded ones evaluate every batch.
     """
-    from training.data.shards import iter_eval_batches
+    from training.data.windows import iter_eval_batches
 
     rank, world, sum_over_ranks = split or (0, 1, None)
     was_training = model.training

@@ -65,7 +65,7 @@ def _layout(module, block: str) -> dict:
 @torch.no_grad()
 def collect_routing(model, data, root, cfg) -> tuple[list, list[torch.Tensor], list[torch.Tensor]]:
     """Run the val batches; → (layers, load counts per layer (C,), co-activation counts per layer (C, C))."""
-    from training.data.shards import iter_eval_batches
+    from training.data.windows import iter_eval_batches
 
     layers = routed_layers(model)
     if not layers:

@@ -11,12 +11,11 @@ from omegaconf import OmegaConf
 
 from training.data.shards import (
     TokenData,
-    WindowSampler,
     check_seq_len,
-    iter_eval_batches,
     load_shard_tokenizer,
     prepare_data,
 )
+from training.data.windows import WindowSampler, iter_eval_batches
 
 BASE = {
     "source": "embedded",

@@ -175,7 +175,7 @@ def test_every_rank_agrees_on_the_stamped_run_dir(tmp_path):
 # ----------------------------------------------------------------------------- without processes
 @pytest.mark.parametrize("world", [2, 4])
 def test_ranks_read_disjoint_rows_that_make_up_the_global_batch(world):
-    from training.data.shards import WindowSampler
+    from training.data.windows import WindowSampler
 
     tokens = np.arange(10_000, dtype=np.int64)
     whole_x, _ = WindowSampler(tokens, None, 16, 8, seed=3).get_batch(7, 1)

@@ -1,4 +1,5 @@
-"""training.eval.report on run folders fabricated here: grouping, seed statistics, FLOPs, incomplete runs, plots."""
+"""training.eval.run_folders and .report on fabricated run folders: grouping, seed statistics, FLOPs,
+incomplete runs, plots."""
 
 import csv
 import json
@@ -8,7 +9,7 @@ import statistics
 import pytest
 import yaml
 
-from training.eval import report
+from training.eval import report, run_folders
 
 BATCH, ACCUM, SEQ = 4, 2, 16
 TOKENS_PER_STEP = BATCH * ACCUM * SEQ
@@ -112,7 +113,7 @@ def test_groups_by_the_varying_override_and_aggregates_seeds(sweep, tmp_path):
 
 
 def test_training_flops_sum_each_logged_rows_rate_over_its_steps(tmp_path):
-    run = report.load_run(fake_run(tmp_path / "run", top_k=2, seed=0, final_loss=3.0, flops=(100.0, 300.0)))
+    run = run_folders.load_run(fake_run(tmp_path / "run", top_k=2, seed=0, final_loss=3.0, flops=(100.0, 300.0)))
     expected = (10 * 100.0 + 10 * 300.0) * TOKENS_PER_STEP  # steps 1–10 at 100 FLOP/token, 11–20 at 300
     assert run.summary()["train_flops"] == pytest.approx(expected)
     assert run.cumulative_flops(10) == pytest.approx(10 * 100.0 * TOKENS_PER_STEP)
@@ -125,16 +126,16 @@ def test_without_overrides_groups_by_diffing_configs_and_explicit_group_by(tmp_p
             fake_run(
                 tmp_path / "runs" / f"k{top_k}_s{seed}", top_k=top_k, seed=seed, final_loss=3.0 + top_k, overrides=False
             )
-    runs = report.find_runs([tmp_path / "runs"])
-    assert report.grouping_keys(runs) == ["model.ffn.top_k"]
-    assert list(report.group_runs(runs)) == ["model.ffn.top_k=1", "model.ffn.top_k=4"]
-    assert list(report.group_runs(runs, ["experiment"])) == ["experiment=moe_vs_dense"]
-    with pytest.raises(report.ReportError, match="never grouped"):
-        report.group_runs(runs, ["seed"])
+    runs = run_folders.find_runs([tmp_path / "runs"])
+    assert run_folders.grouping_keys(runs) == ["model.ffn.top_k"]
+    assert list(run_folders.group_runs(runs)) == ["model.ffn.top_k=1", "model.ffn.top_k=4"]
+    assert list(run_folders.group_runs(runs, ["experiment"])) == ["experiment=moe_vs_dense"]
+    with pytest.raises(run_folders.ReportError, match="never grouped"):
+        run_folders.group_runs(runs, ["seed"])
 
 
 def test_a_run_stopped_before_its_last_eval_is_incomplete(tmp_path):
-    run = report.load_run(fake_run(tmp_path / "run", top_k=2, seed=0, final_loss=3.0, eval_steps=(0, 10)))
+    run = run_folders.load_run(fake_run(tmp_path / "run", top_k=2, seed=0, final_loss=3.0, eval_steps=(0, 10)))
     assert "step 10 of 20" in run.incomplete_reason
     summary = report.summarize_group("g", [run])
     assert summary["n"] == 0 and summary["n_incomplete"] == 1 and summary["final_val_loss_mean"] is None

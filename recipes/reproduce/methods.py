@@ -1,7 +1,8 @@
 """The reproduction suite's definition: every method's variants (training overrides), its claim and its checks.
 
-``recipes.reproduce.suite`` plans and runs the jobs these imply; ``recipes.reproduce.report`` reads
-their run folders and writes REPORT.md. Neither keeps state here: paths are passed explicitly.
+``recipes.reproduce.plan`` plans the jobs these imply and ``recipes.reproduce.suite`` runs them;
+``recipes.reproduce.metrics`` reads their run folders and ``recipes.reproduce.report`` writes REPORT.md.
+None keeps state here: paths are passed explicitly.
 """
 
 from __future__ import annotations

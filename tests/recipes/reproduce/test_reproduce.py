@@ -6,10 +6,11 @@ import re
 
 import pytest
 
-from recipes.reproduce import power
-from recipes.reproduce import suite as reproduce
-from recipes.reproduce.methods import METHODS, VARIANTS, Check
-from recipes.reproduce.report import verdict, write_suite_report
+from recipes.reproduce import plan as reproduce
+from recipes.reproduce import power, suite
+from recipes.reproduce.methods import METHOD_NAMES, METHODS, VARIANTS, Check
+from recipes.reproduce.metrics import verdict
+from recipes.reproduce.report import write_suite_report
 
 
 def test_paired_verdict_uses_the_per_seed_differences_and_a_one_sided_t():
@@ -49,20 +50,20 @@ def test_power_calculation_by_hand():
 
 
 def test_small_plan_covers_every_method_and_trains_shared_baselines_once(tmp_path):
-    jobs = reproduce.plan(reproduce.METHODS, seeds=3, steps=40, runs=tmp_path / "runs")
+    jobs = reproduce.plan(METHODS, seeds=3, steps=40, runs=tmp_path / "runs")
     names = [j.name for j in jobs]
     assert len(names) == len(set(names))
     assert sum(n.startswith("baselines/dense/") for n in names) == 3  # used by moe_vs_dense, mohd, itt, recurrent
     assert (
         sum(n.startswith("baselines/moe/seed") and n.count("/") == 2 for n in names) == 3
     )  # moe: emoe, moue, mhmoe, xmoe, moec
-    for method in reproduce.METHODS:
+    for method in METHODS:
         for variant in method.variants:
-            assert any(n.startswith(reproduce.VARIANTS[variant].folder + "/seed") for n in names), variant
+            assert any(n.startswith(VARIANTS[variant].folder + "/seed") for n in names), variant
         for check in method.checks:
             assert check.baseline.split(":")[0] in (*method.variants, "dha", "gqa", "plain_merge", "harc_merge")
     for new in ("mhmoe", "xmoe", "moec", "parallel_sampler"):  # issue 21 item 7
-        assert new in reproduce.METHOD_NAMES
+        assert new in METHOD_NAMES
     assert {"routing/mhmoe/seed2", "routing/xmoe/seed0", "routing/moec/seed1", "looped/recurrent/seed0/sampler"} <= set(
         names
     )
@@ -75,7 +76,7 @@ def test_small_plan_covers_every_method_and_trains_shared_baselines_once(tmp_pat
     assert all(dep in names for j in jobs for dep in j.after)
     assert all(not j.done() for j in jobs)
     assert 0 < reproduce.estimate_wall(jobs, 2) < sum(j.estimate_s for j in jobs)
-    small = reproduce.plan(reproduce.METHODS, 3, reproduce.DEFAULT_STEPS, tmp_path / "runs")
+    small = reproduce.plan(METHODS, 3, reproduce.DEFAULT_STEPS, tmp_path / "runs")
     assert reproduce.estimate_wall(small, 2) <= reproduce.SMALL_BUDGET_S  # make reproduce: ≤ 45 min
 
 
@@ -155,7 +156,7 @@ def test_report_states_budgets_and_the_power_calculation(tmp_path):
 
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
     assert (
-        reproduce.main(
+        suite.main(
             [
                 "--dry-run",
                 "--methods",
@@ -174,7 +175,7 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "min on an idle 2-core CPU" in out and "emoe/emoe/seed1" in out and "baselines/moe/seed0/eval" in out
-    assert reproduce.main(["--dry-run", "--scale", "full", "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert suite.main(["--dry-run", "--scale", "full", "--runs-dir", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("full tier:") and "steps" in out and "dha_vs_gqa/seed2" in out
     assert not (tmp_path / "runs").exists()
@@ -184,7 +185,7 @@ def test_full_tier_methods_subset_runs_part_of_the_whole_tiers_plan(tmp_path, ca
     """--methods on the full tier keeps the whole tier's seeds and steps (so a subset resumes the same runs)."""
 
     def header(*extra):
-        assert reproduce.main(["--dry-run", "--scale", "full", "--runs-dir", str(tmp_path / "runs"), *extra]) == 0
+        assert suite.main(["--dry-run", "--scale", "full", "--runs-dir", str(tmp_path / "runs"), *extra]) == 0
         return capsys.readouterr().out.splitlines()[0]
 
     whole, subset = header(), header("--methods", "itt,sgt")
@@ -237,7 +238,7 @@ def test_merge_arms_report_the_budget_of_their_merge_report(tmp_path):
 
 def test_sweep_metrics_read_the_csv_evaluate_py_writes(tmp_path):
     """topk / topk_drop / depth arms read the sweep CSV through its real columns (training.eval.sweep_table)."""
-    from recipes.reproduce.report import metric, run_folder
+    from recipes.reproduce.metrics import metric, run_folder
     from training.eval.sweep_table import write_csv
 
     def row(dimension, setting, loss, trained=False):
